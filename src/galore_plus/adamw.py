@@ -1,0 +1,84 @@
+"""``GaLoreAdamW``: AdamW on low-rank projected gradients (GaLore, arXiv 2403.03507; SPEC 1)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .functional import adam_direction
+from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer, _is_real
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    r"""AdamW whose moments live in a low-rank subspace of each matrix's gradient.
+
+    For a group with ``rank``, each 2-D parameter's gradient ``G`` is projected, ``R = Pᵀ G`` (or
+    ``G Q``, ``Pᵀ G Q``, by ``proj_type``), Adam runs on ``R`` and the normalised update is projected
+    back and multiplied by ``scale``::
+
+        W ← W (1 − lr·λ)                                  (decoupled weight decay, full weight)
+        M ← β1 M + (1−β1) R;   V ← β2 V + (1−β2) R²
+        W ← W − lr · scale · P [ M̂ / (sqrt(V̂) + ε) ]
+
+    The projector holds the top-``rank`` singular vectors of the gradient, recomputed at the first
+    step and then every ``update_proj_gap`` steps (exact SVD, as galore-torch 1.0 computes it); the
+    moments are kept as they are when it changes (the paper's behaviour). Groups without ``rank``
+    are plain ``torch.optim.AdamW``.
+
+    The group keys are galore-torch's (``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` in
+    ``std``, ``reverse_std``, ``left``, ``right``, ``full``): switching is a change of import. Where
+    galore-torch copied the old Hugging Face AdamW, this follows ``torch.optim.AdamW``: ε is added
+    after the bias correction of ``sqrt(V)``, weight decay is applied before the update, and the
+    defaults are torch's (ε = 1e-8 and weight_decay = 1e-2, where galore-torch has 1e-6 and 0).
+
+    Low-rank math, moments and projectors are at least float32 (float32 for bf16/fp16 parameters,
+    float64 for float64 ones; they are ``r``-sized); plain groups keep torch's moments in the
+    parameter's dtype. Unknown group keys raise
+    ``TypeError`` (a typo such as ``rnak`` must not silently train full-rank); bad values raise
+    ``ValueError``. See ``LowRankOptimizer.step`` for sparse and non-finite gradients, and
+    ``LowRankOptimizer._refresh`` for what happens when the SVD falls over.
+
+    Args:
+        params: parameters or groups; give the matrices to project a group with ``rank``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        update_proj_gap, scale, proj_type: defaults for the low-rank groups.
+        seed: seeds every random draw (fallback projectors; GaLore+ sketches).
+    """
+
+    inner_keys = ("betas", "eps")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        update_proj_gap: int = LOW_RANK_DEFAULTS["update_proj_gap"],
+        scale: float = LOW_RANK_DEFAULTS["scale"],
+        proj_type: str = LOW_RANK_DEFAULTS["proj_type"],
+        seed: int = 0,
+    ):
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+        super().__init__(params, defaults, low_rank, seed=seed)
+
+    def _validate_inner(self, group: dict[str, Any], where: str) -> None:
+        betas = group["betas"]
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"{where}: invalid betas={betas!r}; want two numbers in [0, 1)")
+        if not _is_real(group["eps"]) or not group["eps"] >= 0.0:
+            raise ValueError(f"{where}: invalid eps={group['eps']!r}; it must be a number ≥ 0")
+
+    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        return adam_direction(
+            grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
+        )
