@@ -105,6 +105,125 @@ def random_projector(
     return left, right
 
 
+def randomized_svd(
+    matrix: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    oversample: int = 8,
+    power_iters: int = 2,
+    start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Approximate top-``rank`` singular vectors ``(U_r, Vh_r)`` by randomized subspace iteration.
+
+    Halko, Martinsson & Tropp 2011, Algorithm 4.4 (SPEC 2.1), for ``A = matrix`` (``m×n``)::
+
+        Ω ~ N(0, 1)^{n×k}, k = rank + oversample     (first columns = ``start`` when warm-starting)
+        Y = A Ω;  Y = qr(Y)
+        repeat power_iters:  Z = qr(Aᵀ Y);  Y = qr(A Z)
+        B = Yᵀ A  (k×n);  B = Ũ Σ Vh  (small SVD);  U_r = Y Ũ[:, :r],  Vh_r = Vh[:r]
+
+    Re-orthonormalising after every product keeps the small singular values from drowning in
+    rounding (4.4 rather than 4.3). Ω is drawn on the CPU from ``generator`` and moved, so every
+    device and every rank gets the same numbers. ``start`` (``n×j``, j ≤ k) replaces the first
+    columns of Ω: passing the previous right basis starts the iteration from the old subspace.
+    Computed in ``matrix``'s dtype (callers pass float32 or float64). ``k`` is capped at min(m, n).
+    """
+    m, n = matrix.shape
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(n, k, generator=generator, dtype=torch.float32).to(device=matrix.device, dtype=matrix.dtype)
+    if start is not None:
+        j = min(start.shape[1], k)
+        omega[:, :j] = start[:, :j].to(omega.dtype)
+    Y = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(matrix.T @ Y).Q
+        Y = torch.linalg.qr(matrix @ Z).Q
+    small = _svd(Y.T @ matrix)
+    if small is None:
+        raise torch.linalg.LinAlgError("SVD of the sketched matrix failed")
+    U_small, Vh = small
+    return (Y @ U_small[:, :rank]).contiguous(), Vh[:rank].contiguous()
+
+
+def randomized_projector(
+    grad: Tensor,
+    rank: int,
+    side: int,
+    generator: torch.Generator,
+    oversample: int = 8,
+    power_iters: int = 2,
+    warm: tuple[Tensor | None, Tensor | None] | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The projector of ``side`` from ``randomized_svd`` (GaLore+, SPEC 2.1).
+
+    ``warm`` is the previous ``(left, right)`` projector: its right basis seeds Ω directly, a left
+    basis ``P`` through ``Gᵀ P`` (its image in the row space).
+    """
+    start = None
+    if warm is not None:
+        left, right = warm
+        if right is not None:
+            start = right.T
+        elif left is not None:
+            start = grad.T @ left.to(grad.dtype)
+    U, Vh = randomized_svd(grad, rank, generator, oversample, power_iters, start)
+    return (U if side in (LEFT, FULL) else None), (Vh if side in (RIGHT, FULL) else None)
+
+
+def heads_needed(rank: int, head_dim: int) -> int:
+    """One head's row block has rank ≤ head_dim, so a rank-r projector needs ⌈r / head_dim⌉ heads."""
+    return -(-rank // head_dim)
+
+
+def choose_heads(num_heads: int, rank: int, head_dim: int, generator: torch.Generator) -> list[int]:
+    """⌈r/d_k⌉ distinct heads drawn uniformly at random from ``generator`` (SPEC 2.2), sorted."""
+    count = heads_needed(rank, head_dim)
+    if count > num_heads:
+        raise ValueError(f"rank={rank} needs {count} heads of {head_dim} rows but the matrix has {num_heads}")
+    return sorted(torch.randperm(num_heads, generator=generator)[:count].tolist())
+
+
+def head_rows(grad: Tensor, num_heads: int, heads: list[int]) -> Tensor:
+    """The row blocks of ``heads`` stacked: head ``i`` owns rows ``[i·d_k, (i+1)·d_k)``."""
+    head_dim = grad.shape[0] // num_heads
+    return torch.cat([grad[i * head_dim:(i + 1) * head_dim] for i in heads], dim=0)
+
+
+def cross_head_projector(
+    grad: Tensor,
+    rank: int,
+    num_heads: int,
+    generator: torch.Generator,
+    randomized: bool = False,
+    oversample: int = 8,
+    power_iters: int = 2,
+    warm: Tensor | None = None,
+) -> tuple[None, Tensor]:
+    """A right projector shared by all heads, from randomly chosen heads' rows (GaLore+, SPEC 2.2).
+
+    The paper's ``P_i`` spans the ``d_model`` side of head ``i``'s gradient: in PyTorch layout the
+    top-``rank`` right singular vectors of the head's ``d_k × d_model`` row block. With ``rank > d_k``
+    the blocks of ⌈r/d_k⌉ distinct heads are stacked. The SVD then works on a ``d_k × d_model``
+    block instead of the whole ``h·d_k × d_model`` matrix. Always a right projection:
+    ``R = G Q`` (``h·d_k × r``). ``warm`` is the previous right basis (``r×n``).
+    """
+    m, n = grad.shape
+    if m % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide the {m} rows of the matrix")
+    heads = choose_heads(num_heads, rank, m // num_heads, generator)
+    block = head_rows(grad, num_heads, heads)
+    if rank > min(block.shape):
+        raise ValueError(f"rank={rank} exceeds the rank {min(block.shape)} of the stacked head rows "
+                         f"{tuple(block.shape)}")
+    if randomized:
+        start = warm.T if warm is not None else None
+        return None, randomized_svd(block, rank, generator, oversample, power_iters, start)[1]
+    factors = _svd(block)
+    if factors is None:
+        raise torch.linalg.LinAlgError(f"SVD of the {tuple(block.shape)} head block failed")
+    return None, factors[1][:rank].contiguous()
+
+
 def project(grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
     """``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``: the low-rank gradient."""
     out = grad
