@@ -44,7 +44,10 @@ class GaLoreAdamW(LowRankOptimizer):
         params: parameters or groups; give the matrices to project a group with ``rank``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         update_proj_gap, scale, proj_type: defaults for the low-rank groups.
-        seed: seeds every random draw (fallback projectors; GaLore+ sketches).
+        seed: seeds every random draw (fallback projectors; GaLore+ sketches and head choices).
+        **low_rank_options: defaults for the other low-rank keys of ``LOW_RANK_DEFAULTS`` (the GaLore+
+            options ``svd``, ``oversample``, ``power_iters``, ``warm_start``, ``num_heads``,
+            ``residual_ratio``, ``residual_warmup``, ``residual_mode``, ``residual_reselect``).
     """
 
     inner_keys = ("betas", "eps")
@@ -61,9 +64,14 @@ class GaLoreAdamW(LowRankOptimizer):
         scale: float = LOW_RANK_DEFAULTS["scale"],
         proj_type: str = LOW_RANK_DEFAULTS["proj_type"],
         seed: int = 0,
+        **low_rank_options: Any,
     ):
+        unknown = sorted(set(low_rank_options) - set(LOW_RANK_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; low-rank options are "
+                            f"{sorted(LOW_RANK_DEFAULTS)}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+        low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type, **low_rank_options}
         super().__init__(params, defaults, low_rank, seed=seed)
 
     def _validate_inner(self, group: dict[str, Any], where: str) -> None:
@@ -82,3 +90,16 @@ class GaLoreAdamW(LowRankOptimizer):
         return adam_direction(
             grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
         )
+
+
+class GaLorePlusAdamW(GaLoreAdamW):
+    """GaLoreAdamW with the GaLore+ defaults (arXiv 2412.19820; SPEC 2.4).
+
+    Every low-rank group uses randomized subspace iteration (``svd="randomized"``) unless it says
+    otherwise. Cross-head projection and the sparse residual are per-group (``num_heads``,
+    ``residual_ratio``): build the paper's groups with ``galore_plus_param_groups``.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *args: Any, **kwargs: Any):
+        kwargs.setdefault("svd", "randomized")
+        super().__init__(params, *args, **kwargs)

@@ -13,6 +13,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
 - ``proj_side``: 0 left, 1 right, 2 full (``projection.py``); ``proj_left`` (``m×r``) and/or
   ``proj_right`` (``r×n``): the basis.
 - the inner rule's low-rank moments.
+- with a residual (``residual_ratio > 0``, after warm-up): ``residual_index`` (flat int32),
+  ``residual_m``, ``residual_v`` (one value per index) and ``residual_start`` (``residual.py``).
 
 Low-rank math runs in ``compute_dtype``: float32 for bf16/fp16 parameters, the parameter's own
 dtype for float32/float64 ones; projector and low-rank moments are stored in it.
@@ -29,13 +31,31 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import projection
+from . import projection, residual
 from .rng import generator_for
 
 #: Low-rank group keys and their defaults, defined once. T=200 and α=0.25 are GaLore's pre-training
 #: settings (galore-torch README); fine-tuning usually wants a larger α (the GaLore+ paper uses 16–128
-#: at lr 1e-6).
-LOW_RANK_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+#: at lr 1e-6). The GaLore+ keys default to plain GaLore: exact SVD, no cross-head, no residual.
+LOW_RANK_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    # SPEC 2.1: "exact" (galore-torch's SVD) or "randomized" subspace iteration.
+    "svd": "exact",
+    "oversample": 8,
+    "power_iters": 2,
+    "warm_start": False,
+    # SPEC 2.2: heads stacked along the rows (q_proj: attention heads, k_proj: key/value heads).
+    "num_heads": None,
+    # SPEC 2.3: fraction of entries with a sparse residual (0 = off); the paper uses 0.012.
+    "residual_ratio": 0.0,
+    "residual_warmup": 20,
+    "residual_mode": "exact",
+    "residual_reselect": False,
+}
+
+SVD_METHODS = ("exact", "randomized")
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
@@ -50,7 +70,7 @@ class LowRankOptimizer(Optimizer):
     Args:
         params: parameters or parameter groups (dicts). A group with ``rank`` is low-rank.
         defaults: the optimizer-level defaults of every group (``lr``, ``weight_decay``, inner keys).
-        low_rank_defaults: defaults filled into low-rank groups only.
+        low_rank_defaults: overrides of ``LOW_RANK_DEFAULTS``, filled into low-rank groups only.
         seed: seeds every random draw (SPEC 2.1); a group may override it.
     """
 
@@ -63,7 +83,7 @@ class LowRankOptimizer(Optimizer):
         low_rank_defaults: dict[str, Any],
         seed: int = 0,
     ):
-        self._low_rank_defaults = dict(low_rank_defaults)
+        self._low_rank_defaults = {**LOW_RANK_DEFAULTS, **low_rank_defaults}
         self._param_index: dict[int, int] = {}
         defaults = dict(defaults, seed=seed)
         self._validate_common(defaults, where="optimizer defaults")
@@ -127,6 +147,27 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(
                 f"{where}: proj_type={group['proj_type']!r} is not one of {projection.PROJ_TYPES}"
             )
+        if group["svd"] not in SVD_METHODS:
+            raise ValueError(f"{where}: svd={group['svd']!r} is not one of {SVD_METHODS}")
+        for key in ("oversample", "power_iters"):
+            if not _is_int(group[key]) or group[key] < 0:
+                raise ValueError(f"{where}: {key}={group[key]!r} must be an int ≥ 0")
+        if not isinstance(group["warm_start"], bool) or not isinstance(group["residual_reselect"], bool):
+            raise ValueError(f"{where}: warm_start and residual_reselect must be bools")
+        heads = group["num_heads"]
+        if heads is not None and (not _is_int(heads) or heads < 1):
+            raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
+        ratio = group["residual_ratio"]
+        if not _is_real(ratio) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
+        if not _is_int(group["residual_warmup"]) or group["residual_warmup"] < 1:
+            raise ValueError(f"{where}: residual_warmup={group['residual_warmup']!r} must be an int ≥ 1")
+        if group["residual_mode"] not in residual.RESIDUAL_MODES:
+            raise ValueError(
+                f"{where}: residual_mode={group['residual_mode']!r} is not one of {residual.RESIDUAL_MODES}")
+        if ratio > 0 and not {"betas", "eps"} <= set(group):
+            raise ValueError(f"{where}: residual_ratio={ratio} needs Adam moments; "
+                             f"{type(self).__name__} has none")
         for i, p in enumerate(group["params"]):
             name = _param_name(group, i, p)
             if p.dim() != 2:
@@ -139,6 +180,14 @@ class LowRankOptimizer(Optimizer):
                     f"{where}: rank={rank} is larger than {name} (shape {tuple(p.shape)}) allows "
                     f"(at most min(m, n) = {projection.max_rank(p.shape)})"
                 )
+            if heads is not None:
+                rows = p.shape[0]
+                if rows % heads:
+                    raise ValueError(f"{where}: num_heads={heads} does not divide the {rows} rows of "
+                                     f"{name} (shape {tuple(p.shape)})")
+                if projection.heads_needed(rank, rows // heads) > heads:
+                    raise ValueError(f"{where}: rank={rank} is more than the {heads} heads of {rows // heads} "
+                                     f"rows of {name} can reach")
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -192,10 +241,46 @@ class LowRankOptimizer(Optimizer):
         if refresh:
             self._refresh(group, p, grad, state, steps_before)
         left, right = state.get("proj_left"), state.get("proj_right")
-        low = projection.project(grad.to(left.dtype if left is not None else right.dtype), left, right)
+        grad = grad.to(compute_dtype(p))
+        low = projection.project(grad, left, right)
         direction, factor = self._inner_step(low, state, group)
         update = projection.project_back(direction, left, right)
+        if group["residual_ratio"] > 0:
+            update.mul_(factor)
+            factor = 1.0
+            self._residual(group, state, grad, low, update, refresh)
         p.add_(update.to(p.dtype), alpha=-lr * factor * group["scale"])
+
+    def _residual(
+        self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, low: Tensor, update: Tensor,
+        refreshed: bool,
+    ) -> None:
+        """Correct ``update`` (the full normalised low-rank update, in place) at the residual index set,
+        and fix that set at the end of warm-up (and at each later refresh with ``residual_reselect``)."""
+        step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
+        left, right = state.get("proj_left"), state.get("proj_right")
+        flat_update = update.view(-1)
+        if "residual_index" in state:
+            index = state["residual_index"].long()
+            grad_s = grad.reshape(-1)[index]
+            if group["residual_mode"] == "exact":
+                since = step - state["residual_start"]
+                flat_update[index] = residual.exact_residual(
+                    grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps)
+            else:
+                ghat_s = projection.project_back(low, left, right).view(-1)[index]
+                back_v_s = projection.project_back(state["exp_avg_sq"], left, right).view(-1)[index]
+                flat_update.index_add_(0, index, residual.paper_residual(
+                    grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps))
+        fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
+            "residual_index" in state and refreshed and group["residual_reselect"])
+        if fix_now:
+            reconstructed = projection.project_back(state["exp_avg"], left, right)
+            index = residual.select_indices(reconstructed, group["residual_ratio"])
+            state["residual_index"] = index
+            state["residual_m"] = torch.zeros(index.numel(), dtype=update.dtype, device=update.device)
+            state["residual_v"] = torch.zeros_like(state["residual_m"])
+            state["residual_start"] = step
 
     def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
         raise NotImplementedError
@@ -218,7 +303,8 @@ class LowRankOptimizer(Optimizer):
         scheduled refresh; at the very first refresh, where there is none, a seeded random
         orthonormal basis is used instead. Either way training goes on, with a warning.
         """
-        side = projection.projection_side(p.shape, group["proj_type"])
+        side = projection.RIGHT if group["num_heads"] is not None else projection.projection_side(
+            p.shape, group["proj_type"])
         basis = self._compute_projector(group, p, grad, state, side)
         if basis is None:
             if "proj_side" in state:
@@ -246,8 +332,29 @@ class LowRankOptimizer(Optimizer):
     def _compute_projector(
         self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], side: int
     ) -> tuple[Tensor | None, Tensor | None] | None:
-        """The new ``(left, right)`` basis, or None when it cannot be computed."""
-        return projection.svd_projector(grad.to(compute_dtype(p)), group["rank"], side)
+        """The new ``(left, right)`` basis, or None when it cannot be computed.
+
+        Random draws (the heads of a cross-head projector, the sketch of a randomized one) come from
+        a generator that is a pure function of (seed, parameter index, refresh count).
+        """
+        grad = grad.to(compute_dtype(p))
+        rank = group["rank"]
+        randomized = group["svd"] == "randomized"
+        gen = generator_for(group["seed"], self._param_index[id(p)], state.get("refresh_count", 0))
+        warm = None
+        if group["warm_start"] and state.get("proj_side") == side:
+            warm = (state.get("proj_left"), state.get("proj_right"))
+        try:
+            if group["num_heads"] is not None:
+                return projection.cross_head_projector(
+                    grad, rank, group["num_heads"], gen, randomized, group["oversample"], group["power_iters"],
+                    warm=warm[1] if warm is not None else None)
+            if randomized:
+                return projection.randomized_projector(
+                    grad, rank, side, gen, group["oversample"], group["power_iters"], warm)
+        except torch.linalg.LinAlgError:
+            return None
+        return projection.svd_projector(grad, rank, side)
 
     # ------------------------------------------------------------------ state loading
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -270,6 +377,10 @@ class LowRankOptimizer(Optimizer):
 def compute_dtype(p: Tensor) -> torch.dtype:
     """float32 for low-precision parameters, their own dtype for float32/float64 (SPEC 2.1)."""
     return torch.promote_types(p.dtype, torch.float32)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_real(x: Any) -> bool:
