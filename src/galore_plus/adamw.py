@@ -82,14 +82,18 @@ class GaLoreAdamW(LowRankOptimizer):
         if not _is_real(group["eps"]) or not group["eps"] >= 0.0:
             raise ValueError(f"{where}: invalid eps={group['eps']!r}; it must be a number ≥ 0")
 
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
+    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        return adam_direction(
+        direction, factor = adam_direction(
             grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
         )
+        return direction.mul_(lr * factor)
+
+    def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return state["exp_avg"], state["exp_avg_sq"]
 
 
 class GaLorePlusAdamW(GaLoreAdamW):

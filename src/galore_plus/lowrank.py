@@ -65,7 +65,8 @@ class LowRankOptimizer(Optimizer):
     """Base class: gradient low-rank projection around an inner update rule.
 
     Subclasses set ``inner_keys`` (their group keys, e.g. ``betas`` and ``eps``), validate them in
-    ``_validate_inner``, and implement ``_inner_step(grad, state, group) -> (direction, factor)``.
+    ``_validate_inner``, and implement ``_inner_step(grad, state, group, lr) -> step`` (and
+    ``_low_rank_moments`` if they support residuals, ``_step_lr`` for relative step sizes).
 
     Args:
         params: parameters or parameter groups (dicts). A group with ``rank`` is low-rank.
@@ -231,32 +232,31 @@ class LowRankOptimizer(Optimizer):
         steps_before = state.get("step", 0)
         refresh = "rank" in group and self._refresh_due(group, state)
         state["step"] = steps_before + 1
-        lr = _as_float(group["lr"])
+        lr = self._step_lr(group, state, p)
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])  # decoupled, on the full weight (SPEC 1)
         if "rank" not in group:
-            direction, factor = self._inner_step(grad, state, group)
-            p.add_(direction, alpha=-lr * factor)
+            p.sub_(self._inner_step(grad, state, group, lr))
             return
         if refresh:
             self._refresh(group, p, grad, state, steps_before)
         left, right = state.get("proj_left"), state.get("proj_right")
         grad = grad.to(compute_dtype(p))
         low = projection.project(grad, left, right)
-        direction, factor = self._inner_step(low, state, group)
-        update = projection.project_back(direction, left, right)
+        update = projection.project_back(self._inner_step(low, state, group, lr), left, right)
         if group["residual_ratio"] > 0:
-            update.mul_(factor)
-            factor = 1.0
-            self._residual(group, state, grad, low, update, refresh)
-        p.add_(update.to(p.dtype), alpha=-lr * factor * group["scale"])
+            self._residual(group, state, grad, low, update, refresh, lr)
+        p.add_(update.to(p.dtype), alpha=-group["scale"])
 
     def _residual(
         self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, low: Tensor, update: Tensor,
-        refreshed: bool,
+        refreshed: bool, lr: float,
     ) -> None:
-        """Correct ``update`` (the full normalised low-rank update, in place) at the residual index set,
-        and fix that set at the end of warm-up (and at each later refresh with ``residual_reselect``)."""
+        """Correct ``update`` (the projected-back step, in place) at the residual index set, and fix
+        that set at the end of warm-up (and at each later refresh with ``residual_reselect``).
+
+        The residual moments are kept in the compute dtype whatever the inner rule stores (they are
+        ρ-sized); the low-rank moments come from ``_low_rank_moments``."""
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
         left, right = state.get("proj_left"), state.get("proj_right")
         flat_update = update.view(-1)
@@ -266,24 +266,35 @@ class LowRankOptimizer(Optimizer):
             if group["residual_mode"] == "exact":
                 since = step - state["residual_start"]
                 flat_update[index] = residual.exact_residual(
-                    grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps)
+                    grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
             else:
                 ghat_s = projection.project_back(low, left, right).view(-1)[index]
-                back_v_s = projection.project_back(state["exp_avg_sq"], left, right).view(-1)[index]
-                flat_update.index_add_(0, index, residual.paper_residual(
-                    grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps))
+                back_v_s = projection.project_back(self._low_rank_moments(state)[1], left, right).view(-1)[index]
+                delta = residual.paper_residual(
+                    grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
+                flat_update.index_add_(0, index, delta.mul_(lr))
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = projection.project_back(state["exp_avg"], left, right)
+            reconstructed = projection.project_back(self._low_rank_moments(state)[0], left, right)
             index = residual.select_indices(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
             state["residual_m"] = torch.zeros(index.numel(), dtype=update.dtype, device=update.device)
             state["residual_v"] = torch.zeros_like(state["residual_m"])
             state["residual_start"] = step
 
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
+    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        """Update the inner rule's state from ``grad`` and return the step: the parameter (or, for a
+        low-rank group, its projection) moves by minus this, before projection back and ``scale``."""
         raise NotImplementedError
+
+    def _step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        """The learning rate of this update (the group's; relative-step rules compute their own)."""
+        return _as_float(group["lr"])
+
+    def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The first and second low-rank moments ``(M', V')`` in the compute dtype (for residuals)."""
+        raise NotImplementedError(f"{type(self).__name__} has no moments for a sparse residual")
 
     # ------------------------------------------------------------------ projector refresh
     @staticmethod
