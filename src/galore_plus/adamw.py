@@ -66,10 +66,6 @@ class GaLoreAdamW(LowRankOptimizer):
         seed: int = 0,
         **low_rank_options: Any,
     ):
-        unknown = sorted(set(low_rank_options) - set(LOW_RANK_DEFAULTS))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; low-rank options are "
-                            f"{sorted(LOW_RANK_DEFAULTS)}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type, **low_rank_options}
         super().__init__(params, defaults, low_rank, seed=seed)

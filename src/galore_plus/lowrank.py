@@ -76,6 +76,8 @@ class LowRankOptimizer(Optimizer):
     """
 
     inner_keys: tuple[str, ...] = ()
+    #: rules with a relative step size (Adafactor) accept ``lr=None``
+    lr_may_be_none = False
 
     def __init__(
         self,
@@ -84,6 +86,10 @@ class LowRankOptimizer(Optimizer):
         low_rank_defaults: dict[str, Any],
         seed: int = 0,
     ):
+        unknown = sorted(set(low_rank_defaults) - set(LOW_RANK_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; low-rank options are "
+                            f"{sorted(LOW_RANK_DEFAULTS)}")
         self._low_rank_defaults = {**LOW_RANK_DEFAULTS, **low_rank_defaults}
         self._param_index: dict[int, int] = {}
         defaults = dict(defaults, seed=seed)
@@ -118,6 +124,8 @@ class LowRankOptimizer(Optimizer):
 
     def _validate_common(self, group: dict[str, Any], where: str) -> None:
         lr = group["lr"]
+        if lr is None and self.lr_may_be_none:
+            lr = 0.0
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"{where}: lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
@@ -228,28 +236,60 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        """One step of ``p`` from its full gradient (the ``step()`` path)."""
+        if "rank" not in group:
+            self._apply_full(group, p, grad)
+            return
+        self._refresh_if_due(group, p, grad)
+        low, grad_s = self._project(p, grad)
+        self._apply_low_rank(group, p, low, grad_s)
+
+    # The three pieces below are also driven separately by ``layerwise.LayerwiseOptimizer``: refresh
+    # from one micro-batch's full gradient, project every micro-batch and sum, then apply the sum.
+
+    def _refresh_if_due(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> bool:
+        """Refresh ``p``'s projector from ``grad`` if the schedule says so; True if it did."""
         state = self.state[p]
-        steps_before = state.get("step", 0)
-        refresh = "rank" in group and self._refresh_due(group, state)
-        state["step"] = steps_before + 1
+        if not self._refresh_due(group, state):
+            return False
+        self._refresh(group, p, grad, state, state.get("step", 0))
+        return True
+
+    def _project(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The low-rank gradient, and the gradient's entries at the residual index set (if any)."""
+        state = self.state[p]
+        grad = grad.to(compute_dtype(p))
+        low = projection.project(grad, state.get("proj_left"), state.get("proj_right"))
+        grad_s = grad.reshape(-1)[state["residual_index"].long()] if "residual_index" in state else None
+        return low, grad_s
+
+    def _begin_step(self, group: dict[str, Any], p: Tensor) -> float:
+        """Count the step, apply decoupled weight decay (on the full weight, SPEC 1), return the lr."""
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
         lr = self._step_lr(group, state, p)
         if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])  # decoupled, on the full weight (SPEC 1)
-        if "rank" not in group:
-            p.sub_(self._inner_step(grad, state, group, lr))
-            return
-        if refresh:
-            self._refresh(group, p, grad, state, steps_before)
+            p.mul_(1 - lr * group["weight_decay"])
+        return lr
+
+    def _apply_full(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        """A group without ``rank``: the inner rule on the full gradient."""
+        lr = self._begin_step(group, p)
+        p.sub_(self._inner_step(grad, self.state[p], group, lr))
+
+    def _apply_low_rank(self, group: dict[str, Any], p: Tensor, low: Tensor, grad_s: Tensor | None) -> None:
+        """The inner rule on the low-rank gradient, projected back, residual-corrected, times ``scale``."""
+        state = self.state[p]
+        refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
+        lr = self._begin_step(group, p)
         left, right = state.get("proj_left"), state.get("proj_right")
-        grad = grad.to(compute_dtype(p))
-        low = projection.project(grad, left, right)
         update = projection.project_back(self._inner_step(low, state, group, lr), left, right)
         if group["residual_ratio"] > 0:
-            self._residual(group, state, grad, low, update, refresh, lr)
+            self._residual(group, state, low, grad_s, update, refreshed, lr)
         p.add_(update.to(p.dtype), alpha=-group["scale"])
 
     def _residual(
-        self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, low: Tensor, update: Tensor,
+        self, group: dict[str, Any], state: dict[str, Any], low: Tensor, grad_s: Tensor | None, update: Tensor,
         refreshed: bool, lr: float,
     ) -> None:
         """Correct ``update`` (the projected-back step, in place) at the residual index set, and fix
@@ -262,7 +302,6 @@ class LowRankOptimizer(Optimizer):
         flat_update = update.view(-1)
         if "residual_index" in state:
             index = state["residual_index"].long()
-            grad_s = grad.reshape(-1)[index]
             if group["residual_mode"] == "exact":
                 since = step - state["residual_start"]
                 flat_update[index] = residual.exact_residual(

@@ -1,0 +1,108 @@
+"""``GaLoreAdafactor``: Adafactor on low-rank projected gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .functional import adafactor_update
+from .lowrank import LowRankOptimizer, _is_real
+
+
+class GaLoreAdafactor(LowRankOptimizer):
+    """Adafactor (Shazeer & Stern 2018) whose statistics live in the low-rank subspace.
+
+    The inner rule is ``transformers.Adafactor``'s, applied to the projected gradient ``R``: the
+    second moment of a 2-D ``R`` is factored into row and column statistics (``r + n`` numbers for an
+    ``r×n`` ``R``), the update is clipped to RMS ``clip_threshold``, and with ``relative_step`` the
+    step size is ``min(1e-2, 1/sqrt(t))`` (or ``1e-6·t`` with ``warmup_init``), times the RMS of the
+    full weight with ``scale_parameter``. ``beta1`` adds a first moment. The projected-back update is
+    multiplied by ``scale``; weight decay is decoupled, with the step's learning rate. Groups
+    without ``rank`` are plain Adafactor (numerically ``transformers.Adafactor``).
+
+    Args mirror ``transformers.Adafactor``: ``lr`` (None with ``relative_step``), ``eps`` (the pair
+    ``(ε₁, ε₂)``: added to ``G²`` and the floor of the parameter RMS), ``clip_threshold``,
+    ``decay_rate``, ``beta1``, ``weight_decay``, ``scale_parameter``, ``relative_step``,
+    ``warmup_init``; plus the low-rank options and ``seed`` of ``GaLoreAdamW``.
+    """
+
+    inner_keys = ("eps", "clip_threshold", "decay_rate", "beta1", "scale_parameter", "relative_step",
+                  "warmup_init")
+    lr_may_be_none = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        seed: int = 0,
+        **low_rank_options: Any,
+    ):
+        defaults = {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
+                    "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
+                    "relative_step": relative_step, "warmup_init": warmup_init}
+        super().__init__(params, defaults, low_rank_options, seed=seed)
+
+    def _validate_inner(self, group: dict[str, Any], where: str) -> None:
+        if group["lr"] is not None and group["relative_step"]:
+            raise ValueError(f"{where}: lr={group['lr']!r} cannot be combined with relative_step=True "
+                             "(set relative_step=False to use a fixed lr)")
+        if group["lr"] is None and not group["relative_step"]:
+            raise ValueError(f"{where}: lr=None needs relative_step=True")
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
+        eps = group["eps"]
+        if (not isinstance(eps, (tuple, list)) or len(eps) != 2
+                or not all(_is_real(e) and e >= 0 for e in eps)):
+            raise ValueError(f"{where}: invalid eps={eps!r}; want two numbers ≥ 0")
+        if not _is_real(group["clip_threshold"]) or not group["clip_threshold"] > 0:
+            raise ValueError(f"{where}: clip_threshold={group['clip_threshold']!r} must be > 0")
+        if not _is_real(group["decay_rate"]) or not group["decay_rate"] < 0:
+            raise ValueError(f"{where}: decay_rate={group['decay_rate']!r} must be < 0")
+        beta1 = group["beta1"]
+        if beta1 is not None and (not _is_real(beta1) or not 0 <= beta1 < 1):
+            raise ValueError(f"{where}: beta1={beta1!r} must be None or in [0, 1)")
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
+
+    def _step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        step = state["step"]
+        rel_step = group["lr"]
+        if group["relative_step"]:
+            rel_step = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        param_scale = 1.0
+        if group["scale_parameter"]:
+            rms = (p.float().norm(2) / math.sqrt(p.numel())).item()
+            param_scale = max(group["eps"][1], rms)
+        return param_scale * float(rel_step)
+
+    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        grad32 = grad.float()
+        factored = grad.dim() >= 2
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            if factored:
+                state["exp_avg_sq_row"] = grad32.new_zeros(grad.shape[:-1])
+                state["exp_avg_sq_col"] = grad32.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad32)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(grad32)
+        update = adafactor_update(
+            grad32, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
+            state["step"], group["decay_rate"], group["eps"][0], group["clip_threshold"])
+        update.mul_(lr)
+        if group["beta1"] is not None:
+            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        return update.to(grad.dtype)
