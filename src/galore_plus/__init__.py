@@ -1,17 +1,27 @@
 """galore-plus: memory-efficient full-parameter training by gradient low-rank projection.
 
 Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) and ``functional``
-(inner-rule kernels) ← ``lowrank`` (optimizer state machinery) ← ``adamw`` (the optimizers users
-import) and ``groups`` (the GaLore+ parameter-group recipe).
+(inner-rule kernels) ← ``lowrank`` (optimizer state machinery) ← the optimizers users import
+(``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
+``layerwise`` (updates inside backward) and ``memory`` (state-size estimates).
 """
 
+from .adafactor import GaLoreAdafactor
 from .adamw import GaLoreAdamW, GaLorePlusAdamW
+from .adamw8bit import GaLoreAdamW8bit
 from .groups import PAPER_RESIDUAL_RATIO, galore_plus_param_groups
+from .layerwise import LayerwiseOptimizer
 from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer
+from .memory import estimate_state_bytes, state_bytes
 
 __all__ = [
     "GaLoreAdamW",
     "GaLorePlusAdamW",
+    "GaLoreAdamW8bit",
+    "GaLoreAdafactor",
+    "LayerwiseOptimizer",
+    "estimate_state_bytes",
+    "state_bytes",
     "galore_plus_param_groups",
     "LowRankOptimizer",
     "LOW_RANK_DEFAULTS",
