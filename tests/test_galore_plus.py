@@ -47,6 +47,19 @@ def test_randomized_projector_captures_energy_of_exact_top_r(shape, decay):
     assert torch.allclose(basis(rand_l, rand_r).T @ basis(rand_l, rand_r), torch.eye(rank), atol=1e-5)
 
 
+@pytest.mark.parametrize("condition", [1e1, 1e3, 1e8])
+def test_orthonormalize_spans_the_columns_and_is_orthonormal(condition):
+    """CholeskyQR2 where it is accurate, Householder QR where the Gram matrix is not positive definite."""
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(500, 40, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64)).Q
+    Y = ((U * torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 40, dtype=torch.float64)) @ V.T).float()
+    Q = projection.orthonormalize(Y)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(40), atol=1e-4, rtol=0)
+    residual = (Y - Q @ (Q.T @ Y)).norm() / Y.norm()
+    assert residual < 1e-5
+
+
 def test_randomized_projector_is_a_function_of_the_seed():
     G = torch.randn(64, 48)
     one = projection.randomized_projector(G, 8, projection.RIGHT, generator_for(3, 1, 2))[1]

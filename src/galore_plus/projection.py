@@ -105,6 +105,24 @@ def random_projector(
     return left, right
 
 
+def orthonormalize(Y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of a tall ``Y`` (``m×k``, ``k ≤ m``).
+
+    CholeskyQR2: ``Y ← Y L⁻ᵀ`` with ``L Lᵀ = Yᵀ Y``, twice (the second pass restores orthogonality
+    lost to the squared condition number of the first). Only matrix products and a triangular
+    solve, so it runs at BLAS-3 speed; LAPACK's Householder QR of the same 4096×136 block is several
+    times slower on CPU. Falls back to Householder QR when ``Yᵀ Y`` is not numerically positive
+    definite (a rank-deficient or very ill-conditioned ``Y``).
+    """
+    Q = Y
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        if info.item() != 0:
+            return torch.linalg.qr(Y).Q
+        Q = torch.linalg.solve_triangular(L.T, Q, upper=True, left=False)
+    return Q
+
+
 def randomized_svd(
     matrix: Tensor,
     rank: int,
@@ -118,15 +136,15 @@ def randomized_svd(
     Halko, Martinsson & Tropp 2011, Algorithm 4.4 (SPEC 2.1), for ``A = matrix`` (``m×n``)::
 
         Ω ~ N(0, 1)^{n×k}, k = rank + oversample     (first columns = ``start`` when warm-starting)
-        Y = A Ω;  Y = qr(Y)
-        repeat power_iters:  Z = qr(Aᵀ Y);  Y = qr(A Z)
+        Y = orth(A Ω)
+        repeat power_iters:  Z = orth(Aᵀ Y);  Y = orth(A Z)
         B = Yᵀ A  (k×n);  B = Ũ Σ Vh  (small SVD);  U_r = Y Ũ[:, :r],  Vh_r = Vh[:r]
 
     Re-orthonormalising after every product keeps the small singular values from drowning in
-    rounding (4.4 rather than 4.3). Ω is drawn on the CPU from ``generator`` and moved, so every
-    device and every rank gets the same numbers. ``start`` (``n×j``, j ≤ k) replaces the first
-    columns of Ω: passing the previous right basis starts the iteration from the old subspace.
-    Computed in ``matrix``'s dtype (callers pass float32 or float64). ``k`` is capped at min(m, n).
+    rounding (4.4 rather than 4.3); ``2q + 2`` products of ``A`` in all. Ω is drawn on the CPU from ``generator`` and moved, so every device and every rank gets the same numbers.
+    ``start`` (``n×j``, j ≤ k) replaces the first columns of Ω: passing the previous right basis
+    starts the iteration from the old subspace. Computed in ``matrix``'s dtype (float32 or
+    float64). ``k`` is capped at min(m, n).
     """
     m, n = matrix.shape
     k = min(rank + oversample, m, n)
@@ -134,10 +152,10 @@ def randomized_svd(
     if start is not None:
         j = min(start.shape[1], k)
         omega[:, :j] = start[:, :j].to(omega.dtype)
-    Y = torch.linalg.qr(matrix @ omega).Q
+    Y = orthonormalize(matrix @ omega)
     for _ in range(power_iters):
-        Z = torch.linalg.qr(matrix.T @ Y).Q
-        Y = torch.linalg.qr(matrix @ Z).Q
+        Z = orthonormalize(matrix.T @ Y)
+        Y = orthonormalize(matrix @ Z)
     small = _svd(Y.T @ matrix)
     if small is None:
         raise torch.linalg.LinAlgError("SVD of the sketched matrix failed")
@@ -206,6 +224,10 @@ def cross_head_projector(
     the blocks of ⌈r/d_k⌉ distinct heads are stacked. The SVD then works on a ``d_k × d_model``
     block instead of the whole ``h·d_k × d_model`` matrix. Always a right projection:
     ``R = G Q`` (``h·d_k × r``). ``warm`` is the previous right basis (``r×n``).
+
+    With ``randomized`` the block is sketched only when the sketch is at most half the block's
+    smaller side; otherwise (the usual case: a ``d_k``-row block with ``r`` near ``d_k``) the exact
+    SVD of the small block is both cheaper and exact (measured: 0.05 s vs 0.5 s for 128×4096, r=128).
     """
     m, n = grad.shape
     if m % num_heads:
@@ -215,7 +237,7 @@ def cross_head_projector(
     if rank > min(block.shape):
         raise ValueError(f"rank={rank} exceeds the rank {min(block.shape)} of the stacked head rows "
                          f"{tuple(block.shape)}")
-    if randomized:
+    if randomized and rank + oversample <= min(block.shape) // 2:
         start = warm.T if warm is not None else None
         return None, randomized_svd(block, rank, generator, oversample, power_iters, start)[1]
     factors = _svd(block)
