@@ -396,3 +396,12 @@ def test_estimate_on_a_llama_shaped_layer():
     opt = GaLorePlusAdamW(galore_plus_param_groups([("q", q, 32)], rank=128))
     k = round(0.012 * 4096 * 4096)
     assert estimate_state_bytes(opt) == 128 * 4096 * 4 + 2 * 4096 * 128 * 4 + k * 12
+
+
+def test_layerwise_nonfinite_gradient_at_refresh_raises_from_backward():
+    model = TinyNet()
+    LayerwiseOptimizer(make_optimizer("adamw", model), model.named_parameters())
+    x, y = batches(1, 1)[0][0]
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'(q|mlp)\.weight'.*NaN or Inf at a projector refresh"):
+        loss_of(model, x, y, 1).backward()

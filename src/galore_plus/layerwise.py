@@ -105,20 +105,16 @@ class LayerwiseOptimizer:
         name = self._names[id(p)]
         group = self._group_of[id(p)]
         opt = self.optimizer
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients ({name})")
         first = self._received[name] == 0
+        if first:
+            opt._check_gradient(group, p, f"parameter {name!r}")
         if first and self.clip == "previous_global" and name in self._applied_since_end:
             raise RuntimeError("clip='previous_global' needs end_step() after each optimizer step's last "
                                "backward(); it was not called, so the clipping norm would be stale")
         self._received[name] += 1
         last = self._received[name] == self.accumulation_steps
         if "rank" in group:
-            if first and opt._refresh_due(group, opt.state.get(p, {})):
-                if not torch.isfinite(p.grad).all():
-                    self._received[name] -= 1
-                    raise FloatingPointError(
-                        f"the gradient of {name!r} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh")
+            if first:
                 opt._refresh_if_due(group, p, p.grad)
             low, grad_s = opt._project(p, p.grad)
             p.grad = None  # the full gradient is freed here: this is the point of layer-wise mode

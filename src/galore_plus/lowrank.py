@@ -214,26 +214,24 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"({_param_name(group, i, p)})")
-                work.append((group, i, p))
+        work = [(group, i, p) for group in self.param_groups for i, p in enumerate(group["params"])
+                if p.grad is not None]
         for group, i, p in work:
-            if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
-                if not torch.isfinite(p.grad).all():
-                    raise FloatingPointError(
-                        f"the gradient of {_param_name(group, i, p)} (shape {tuple(p.shape)}) has NaN "
-                        f"or Inf at a projector refresh (step {self.state.get(p, {}).get('step', 0) + 1}); "
-                        "nothing was updated"
-                    )
+            self._check_gradient(group, p, _param_name(group, i, p))
         for group, _, p in work:
             self._update(group, p, p.grad)
         return loss
+
+    def _check_gradient(self, group: dict[str, Any], p: Tensor, name: str) -> None:
+        """Sparse gradients raise ``RuntimeError``; at a projector refresh, a gradient with NaN/Inf
+        raises ``FloatingPointError`` (the check costs one sync per refresh, not per step)."""
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+        if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
+            if not torch.isfinite(p.grad).all():
+                raise FloatingPointError(
+                    f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
+                    f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
 
     def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         """One step of ``p`` from its full gradient (the ``step()`` path)."""
