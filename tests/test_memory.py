@@ -239,7 +239,7 @@ def train_layerwise(kind, data, accumulation, split_at=None, **layerwise_options
             lw.load_state_dict(ckpt["lw"])
         for x, y in micro_batches:
             loss_of(model, x, y, accumulation).backward()
-        lw.end_step()
+        lw.step()
         assert all(p.grad is None for p in model.parameters())
     return model, lw
 
@@ -301,16 +301,18 @@ def test_layerwise_load_is_strict():
         lw2.load_state_dict(dropped)
 
 
-def test_layerwise_scheduler_steps_once_per_optimizer_step():
+@pytest.mark.parametrize("attach_to", ["inner", "layerwise"])
+def test_layerwise_scheduler_steps_once_per_optimizer_step(attach_to):
     model = TinyNet()
     opt = make_optimizer("adamw", model)
     lw = LayerwiseOptimizer(opt, model.named_parameters(), accumulation_steps=3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt if attach_to == "inner" else lw, lambda s: 1.0 / (s + 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
         for micro_batches in batches(4, 3):
             for x, y in micro_batches:
                 loss_of(model, x, y, 3).backward()
+            lw.step()
             sched.step()
     assert sched.last_epoch == 4 and opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     assert all(s["step"] == 4 for s in opt.state.values())
@@ -354,7 +356,7 @@ def test_layerwise_clipping_errors():
         lw.clip_grad_norm_(1.0)
     (x, y), = batches(1, 1)[0]
     loss_of(model, x, y, 1).backward()
-    with pytest.raises(RuntimeError, match="needs end_step"):
+    with pytest.raises(RuntimeError, match=r"needs step\(\)"):
         loss_of(model, x, y, 1).backward()
 
 
@@ -365,7 +367,8 @@ def test_layerwise_previous_global_clipping_uses_last_steps_norm():
     norms = []
     for (x, y), in batches(3, 1):
         loss_of(model, x, y, 1).backward()
-        norms.append(lw.end_step())
+        lw.step()
+        norms.append(lw.last_global_norm)
     assert all(n is not None and n > 0.01 for n in norms)
 
 

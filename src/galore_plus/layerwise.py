@@ -18,14 +18,17 @@ gradient except that the projector of a refresh step comes from the first micro-
 
 What ``step()`` users rely on, and how it works here:
 
-- **LR schedulers** attach to ``layerwise.optimizer`` and step once per optimizer step, after the
-  last micro-batch's ``backward()`` (each parameter steps exactly once per ``accumulation_steps``
-  backward passes: no doubled counts).
+- ``LayerwiseOptimizer`` is itself a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state``
+  are the wrapped optimizer's: call ``step()`` once per optimizer step as usual (after the last
+  micro-batch's ``backward()``; it closes the step, the updates already happened), so
+  ``transformers.Trainer``, accelerate and **LR schedulers** drive it like any optimizer. A
+  scheduler steps once per optimizer step (each parameter steps exactly once per
+  ``accumulation_steps`` backward passes: no doubled counts).
 - **Gradient clipping** cannot see a global norm before the first parameter has already stepped.
   ``clip="parameter"`` clips each parameter's (accumulated, low-rank for low-rank groups) gradient
   to ``max_grad_norm``; ``clip="previous_global"`` scales every gradient of a step by
   ``min(1, max_grad_norm / N)`` with ``N`` the global norm of the previous step's gradients (the first
-  step is not clipped; ``end_step()`` closes each step, and forgetting it raises).
+  step is not clipped; ``step()`` closes each step, and forgetting it raises).
   ``torch.nn.utils.clip_grad_norm_`` after ``backward()`` would see no gradients
   and silently do nothing: ``LayerwiseOptimizer.clip_grad_norm_`` raises to say so.
 - **Checkpoints**: ``state_dict()`` is one dict keyed by parameter names (optimizer state, group
@@ -48,7 +51,7 @@ from .lowrank import LowRankOptimizer
 CLIP_MODES = (None, "parameter", "previous_global")
 
 
-class LayerwiseOptimizer:
+class LayerwiseOptimizer(torch.optim.Optimizer):
     """Drive ``optimizer``'s per-parameter updates from post-accumulate-grad hooks.
 
     Args:
@@ -76,6 +79,11 @@ class LayerwiseOptimizer:
             raise ValueError(f"clip={clip!r} is not one of {CLIP_MODES}")
         if clip is not None and (max_grad_norm is None or not max_grad_norm > 0):
             raise ValueError(f"clip={clip!r} needs max_grad_norm > 0, got {max_grad_norm!r}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        super().__init__(params, dict(optimizer.defaults))
+        # share the wrapped optimizer's groups and state: schedulers and loggers see the real ones
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.clip, self.max_grad_norm = clip, max_grad_norm
@@ -109,7 +117,7 @@ class LayerwiseOptimizer:
         if first:
             opt._check_gradient(group, p, f"parameter {name!r}")
         if first and self.clip == "previous_global" and name in self._applied_since_end:
-            raise RuntimeError("clip='previous_global' needs end_step() after each optimizer step's last "
+            raise RuntimeError("clip='previous_global' needs step() after each optimizer step's last "
                                "backward(); it was not called, so the clipping norm would be stale")
         self._received[name] += 1
         last = self._received[name] == self.accumulation_steps
@@ -158,14 +166,22 @@ class LayerwiseOptimizer:
             return 1.0
         return min(1.0, self.max_grad_norm / (self._previous_norm + 1e-6))
 
-    def end_step(self) -> float | None:
-        """Close a step for ``clip="previous_global"``: its global norm becomes the next step's
-        clipping norm. Returns that norm (None in other modes). Call once per optimizer step, after
-        the last micro-batch's ``backward()``."""
+    def step(self, closure: Any = None) -> Any:
+        """Close an optimizer step (call it after the last micro-batch's ``backward()``): the
+        parameters were already updated by the hooks. With ``clip="previous_global"`` this step's
+        global gradient norm becomes the next step's clipping norm (``last_global_norm``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self._applied_since_end.clear()
-        if self.clip != "previous_global":
-            return None
-        self._previous_norm, self._sq_norm = math.sqrt(self._sq_norm), 0.0
+        if self.clip == "previous_global":
+            self._previous_norm, self._sq_norm = math.sqrt(self._sq_norm), 0.0
+        return loss
+
+    @property
+    def last_global_norm(self) -> float | None:
+        """The global norm of the last closed step's gradients (``clip="previous_global"`` only)."""
         return self._previous_norm
 
     def clip_grad_norm_(self, *args: Any, **kwargs: Any) -> None:
