@@ -3,13 +3,17 @@
 Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) and ``functional``
 (inner-rule kernels) ← ``lowrank`` (optimizer state machinery) ← the optimizers users import
 (``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
-``layerwise`` (updates inside backward) and ``memory`` (state-size estimates).
+``layerwise`` (updates inside backward) and ``memory`` (state-size estimates) ← ``integration``
+(targets and head counts of a Hugging Face model, one-call optimizer) ← ``trainer`` (Trainer glue),
+``models``, ``data``, ``evaluate``, ``cli`` (the ``galore-plus finetune`` harness; these import
+transformers).
 """
 
 from .adafactor import GaLoreAdafactor
 from .adamw import GaLoreAdamW, GaLorePlusAdamW
 from .adamw8bit import GaLoreAdamW8bit
 from .groups import PAPER_RESIDUAL_RATIO, galore_plus_param_groups
+from .integration import Target, build_optimizer, find_targets, optimizer_summary
 from .layerwise import LayerwiseOptimizer
 from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer
 from .memory import estimate_state_bytes, state_bytes
@@ -23,6 +27,10 @@ __all__ = [
     "estimate_state_bytes",
     "state_bytes",
     "galore_plus_param_groups",
+    "build_optimizer",
+    "find_targets",
+    "optimizer_summary",
+    "Target",
     "LowRankOptimizer",
     "LOW_RANK_DEFAULTS",
     "PAPER_RESIDUAL_RATIO",

@@ -81,13 +81,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip={clip!r} needs max_grad_norm > 0, got {max_grad_norm!r}")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, dict(optimizer.defaults))
-        # share the wrapped optimizer's groups and state: schedulers and loggers see the real ones
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # from here on param_groups and state are the wrapped optimizer's
         self.accumulation_steps = accumulation_steps
         self.clip, self.max_grad_norm = clip, max_grad_norm
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._group_of = group_of
         self._names: dict[int, str] = {}
         self._params: dict[str, Tensor] = {}
         for name, p in named_parameters:
@@ -98,7 +96,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"named_parameters does not name {len(missing)} parameter(s) of the optimizer "
                              f"(in groups {sorted(set(missing))})")
-        self._group_of = group_of
         self._received: dict[str, int] = {name: 0 for name in self._params}
         self._low: dict[str, Tensor] = {}
         self._grad_s: dict[str, Tensor] = {}
@@ -107,11 +104,46 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._applied_since_end: set[str] = set()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params.values()]
 
+    # The wrapped optimizer's groups and state, live: its load_state_dict replaces both objects, and an
+    # LR scheduler attached to this wrapper must change the groups the updates actually read.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        inner = self.__dict__.get("optimizer")
+        return inner.param_groups if inner is not None else self.__dict__["_initial_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is None:  # torch.optim.Optimizer.__init__ sets it before the wrapped optimizer is known
+            self.__dict__["_initial_groups"] = value
+        else:
+            inner.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        inner = self.__dict__.get("optimizer")
+        return inner.state if inner is not None else self.__dict__["_initial_state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            self.__dict__["_initial_state"] = value
+        else:
+            inner.state = value
+
+    def _group_for(self, p: Tensor) -> dict[str, Any]:
+        group = self._group_of[id(p)]
+        if not any(g is group for g in self.optimizer.param_groups):  # replaced by a load_state_dict
+            self._group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
+            group = self._group_of[id(p)]
+        return group
+
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
         name = self._names[id(p)]
-        group = self._group_of[id(p)]
+        group = self._group_for(p)
         opt = self.optimizer
         first = self._received[name] == 0
         if first:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -92,6 +93,8 @@ class LowRankOptimizer(Optimizer):
                             f"{sorted(LOW_RANK_DEFAULTS)}")
         self._low_rank_defaults = {**LOW_RANK_DEFAULTS, **low_rank_defaults}
         self._param_index: dict[int, int] = {}
+        #: wall seconds spent computing projectors since construction (for progress reports; not state)
+        self.refresh_seconds = 0.0
         defaults = dict(defaults, seed=seed)
         self._validate_common(defaults, where="optimizer defaults")
         super().__init__(params, defaults)
@@ -353,7 +356,9 @@ class LowRankOptimizer(Optimizer):
         """
         side = projection.RIGHT if group["num_heads"] is not None else projection.projection_side(
             p.shape, group["proj_type"])
+        start = time.perf_counter()
         basis = self._compute_projector(group, p, grad, state, side)
+        self.refresh_seconds += time.perf_counter() - start
         if basis is None:
             if "proj_side" in state:
                 warnings.warn(

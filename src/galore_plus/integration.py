@@ -1,0 +1,393 @@
+"""Model integration: which matrices of a Hugging Face causal LM train low-rank, and the optimizer for them.
+
+``find_targets`` picks the matrices (every linear weight of the decoder layers by default, or the
+modules named by full-match patterns) and labels each with its role and, for the query/key
+projections, its head count from the config. ``build_optimizer`` turns them into parameter groups
+(plain GaLore, or the GaLore+ recipe of ``groups.galore_plus_param_groups``) and the optimizer.
+``optimizer_summary`` prints what was built. This is the only library module that knows model
+layouts. It reads a Hugging Face model's modules and ``config`` attributes without importing
+``transformers`` (the optimizers need torch alone).
+
+Covered layouts (tested on tiny random configs): LLaMA, Mistral, Qwen2 (``q/k/v/o_proj``,
+``gate/up/down_proj``; Qwen2's q/k/v biases go to the plain group, as every bias does) and
+GPT-NeoX (fused ``attention.query_key_value``, ``attention.dense``, ``mlp.dense_h_to_4h``,
+``mlp.dense_4h_to_h``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .adafactor import GaLoreAdafactor
+from .adamw import GaLoreAdamW, GaLorePlusAdamW
+from .adamw8bit import GaLoreAdamW8bit
+from .groups import PAPER_RESIDUAL_RATIO, galore_plus_param_groups
+from .layerwise import LayerwiseOptimizer
+from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer
+from .memory import estimate_state_bytes
+
+METHODS = ("galore", "galore+")
+KINDS = ("q", "k", "v", "o", "qkv", "mlp", "other")
+
+#: The inner rules ``build_optimizer`` can put under GaLore / GaLore+ (for the error of a bad combination).
+_COMBOS = "AdamW (default), 8-bit AdamW (eightbit=True), Adafactor (adafactor=True)"
+
+#: Module names (the last component) and their role. ``dense`` is the attention output only under an
+#: attention module (GPT-NeoX ``attention.dense``); elsewhere it is left to the parent rule below.
+_KIND_OF_NAME = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "query_key_value": "qkv", "qkv_proj": "qkv",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "gate_up_proj": "mlp",
+    "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp", "fc1": "mlp", "fc2": "mlp",
+}
+_ATTENTION_PARENTS = ("attention", "self_attn", "attn")
+_MLP_PARENTS = ("mlp", "feed_forward", "ffn")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One matrix to train through a low-rank projection.
+
+    ``name`` is the parameter's name in ``model.named_parameters()`` (e.g.
+    ``"model.layers.0.self_attn.q_proj.weight"``); ``kind`` one of ``"q"``, ``"k"``, ``"v"``, ``"o"``,
+    ``"qkv"`` (a fused query/key/value matrix), ``"mlp"``, or ``"other"`` (a linear whose role the
+    name does not tell); ``num_heads`` the head count stacked along the rows, for ``"q"`` (attention
+    heads) and ``"k"`` (key/value heads under grouped-query attention), else None.
+    """
+
+    name: str
+    param: Tensor = field(repr=False, compare=False)
+    kind: str
+    num_heads: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+
+# ---------------------------------------------------------------------- targets
+
+def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Target]:
+    """The matrices of ``model`` to train low-rank, in ``model.named_modules()`` order.
+
+    Without ``patterns``: the weight of every ``nn.Linear`` inside the decoder layers (the
+    ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks), i.e. "all-linear" minus ``lm_head``
+    and the embeddings: the attention q/k/v/o (or fused qkv) and the MLP linears. Biases are never
+    targets (they are 1-D; they train in the plain group).
+
+    With ``patterns``: regular expressions that must match a module's whole name
+    (``re.fullmatch``), e.g. ``[r".*\\.(q_proj|v_proj)"]``. A pattern that matches no module raises
+    ``ValueError`` naming it, and so does a matched module that is not a linear with a 2-D weight
+    (an embedding, a norm, an attention block); a module matched by several patterns is one target.
+
+    Head counts come from the model's (text) config: ``q_proj`` gets ``num_attention_heads``,
+    ``k_proj`` ``num_key_value_heads`` (default ``num_attention_heads``), with ``head_dim`` (default
+    ``hidden_size // num_attention_heads``); ``num_heads · head_dim`` must equal the matrix's rows, or
+    ``ValueError`` says which matrix and which config values disagree.
+
+    GPT-NeoX's fused ``query_key_value`` (rows laid out per head as ``[q_i; k_i; v_i]``, ``3·h·d_k``
+    rows) is kind ``"qkv"`` with ``num_heads=None``: an ordinary low-rank matrix, with neither
+    cross-head projection nor the sparse residual. Why not cross-head over its ``3·h`` blocks of
+    ``d_k`` rows: cross-head projection (SPEC 2.2) shares one right projector among heads on the
+    premise that every head's block plays the same role, so a few random heads stand for all; here
+    the random block could be a value block standing in for the queries and keys, and the paper's
+    recipe (cross-head and the residual for q/k only) would need the matrix split into its q, k and v
+    rows, i.e. separate parameters. So the fused matrix gets what v/o/MLP matrices get: plain
+    GaLore (exact SVD) or GaLore+'s randomized SVD, per ``build_optimizer``'s ``method``.
+
+    Frozen weights (``requires_grad=False``) are listed here too; ``build_optimizer`` leaves them out.
+    """
+    config = _text_config(model)
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    if patterns is None:
+        found = _decoder_layer_linears(model, config)
+        chosen = [name for name in modules if name in found]
+    else:
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"patterns must be a list of regular-expression strings, got {patterns!r}")
+        compiled = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as err:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}") from err
+        chosen = []
+        for pattern, regex in zip(patterns, compiled):
+            hits = [name for name in modules if name and regex.fullmatch(name)]
+            if not hits:
+                raise ValueError(f"pattern {pattern!r} matched no module of {type(model).__name__} (patterns "
+                                 f"must match a module's whole name, e.g. r'.*\\.q_proj')")
+            for name in hits:
+                if not _is_linear(modules[name]):
+                    raise ValueError(f"pattern {pattern!r} matched module {name!r} "
+                                     f"({type(modules[name]).__name__}), which is not a linear layer with a "
+                                     "2-D weight; only linear weights can be trained low-rank")
+            chosen.extend(hits)
+        order = {name: i for i, name in enumerate(modules)}
+        chosen = sorted(set(chosen), key=order.__getitem__)
+    targets, seen = [], set()
+    for module_name in chosen:
+        weight = modules[module_name].weight
+        if id(weight) in seen:  # a tied weight reached through two modules
+            continue
+        seen.add(id(weight))
+        kind = _kind(module_name)
+        name = param_names.get(id(weight), f"{module_name}.weight")
+        targets.append(Target(name, weight, kind, _num_heads(kind, name, weight, config)))
+    return targets
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and isinstance(module.weight, Tensor) and module.weight.dim() == 2
+
+
+def _decoder_layer_linears(model: nn.Module, config: Any) -> set[str]:
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no config.num_hidden_layers, so its decoder layers "
+                         "cannot be found; pass patterns (full-match regexes on module names)")
+    stacks = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
+    if not stacks:
+        raise ValueError(f"found no nn.ModuleList of config.num_hidden_layers={layers} decoder layers in "
+                         f"{type(model).__name__}; pass patterns (full-match regexes on module names)")
+    found = {
+        name for name, m in model.named_modules()
+        if _is_linear(m) and any(name.startswith(stack + ".") for stack in stacks)
+    }
+    if not found:
+        raise ValueError(f"the decoder layers of {type(model).__name__} ({', '.join(stacks)}) hold no nn.Linear; "
+                         "pass patterns (full-match regexes on module names)")
+    return found
+
+
+def _kind(module_name: str) -> str:
+    parts = module_name.split(".")
+    leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+    if leaf in _KIND_OF_NAME:
+        return _KIND_OF_NAME[leaf]
+    if leaf == "dense" and parent in _ATTENTION_PARENTS:
+        return "o"
+    if parent in _MLP_PARENTS:
+        return "mlp"
+    return "other"
+
+
+def _num_heads(kind: str, name: str, weight: Tensor, config: Any) -> int | None:
+    if kind not in ("q", "k"):
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{name} is a {'query' if kind == 'q' else 'key'} projection, but the model has no "
+                         f"config.num_attention_heads (got {heads!r}) to give its head count")
+    if kind == "k":
+        kv = getattr(config, "num_key_value_heads", None)
+        heads = heads if kv is None else kv
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        hidden = getattr(config, "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ValueError(f"{name}: the config has neither head_dim nor hidden_size to give its head size")
+        head_dim = hidden // config.num_attention_heads
+    rows = weight.shape[0]
+    if heads * head_dim != rows:
+        key = "num_attention_heads" if kind == "q" else "num_key_value_heads"
+        raise ValueError(f"{name} has {rows} rows (shape {tuple(weight.shape)}) but the config says "
+                         f"{key}={heads} × head_dim={head_dim} = {heads * head_dim}; the config does not "
+                         "describe this model")
+    return heads
+
+
+# ---------------------------------------------------------------------- optimizer
+
+def build_optimizer(
+    model: nn.Module,
+    method: str,
+    rank: int,
+    *,
+    lr: float | None,
+    weight_decay: float = 0.0,
+    patterns: list[str] | None = None,
+    eightbit: bool = False,
+    adafactor: bool = False,
+    layerwise: bool = False,
+    accumulation_steps: int = 1,
+    clip: str | None = None,
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    **low_rank_options: Any,
+) -> LowRankOptimizer | LayerwiseOptimizer:
+    """A GaLore or GaLore+ optimizer for ``model``'s trainable parameters.
+
+    ``find_targets(model, patterns)`` chooses the matrices trained through a rank-``rank``
+    projection; every other trainable parameter (embeddings, ``lm_head``, norms, biases, untargeted
+    matrices) is in one plain group (full AdamW / 8-bit AdamW / Adafactor). Parameters with
+    ``requires_grad=False`` are left out. Every group carries ``param_names``, so the optimizer's
+    errors name parameters.
+
+    - ``method="galore"``: GaLore as published: all targets in one low-rank group, exact SVD.
+    - ``method="galore+"``: the GaLore+ recipe (``galore_plus_param_groups``): q/k matrices with a head
+      count get cross-head projection and the sparse residual (ρ = ``PAPER_RESIDUAL_RATIO`` unless
+      ``residual_ratio`` is given), one group per head count; every low-rank group uses the
+      randomized SVD (``svd="randomized"`` unless given).
+
+    The optimizer: ``GaLoreAdamW`` / ``GaLorePlusAdamW`` by default, ``GaLoreAdamW8bit`` with
+    ``eightbit``, ``GaLoreAdafactor`` with ``adafactor`` (fixed ``lr``, ``relative_step=False`` and
+    ``scale_parameter=False``; ``lr=None`` gives Adafactor's relative step instead). 8-bit Adafactor
+    does not exist, and the sparse residual needs Adam moments, so ``galore+`` with ``adafactor``
+    needs ``residual_ratio=0``. ``weight_decay`` applies to every group.
+
+    ``layerwise=True`` wraps it in ``LayerwiseOptimizer`` (updates inside ``backward()``), which is
+    where ``accumulation_steps``, ``clip`` and ``max_grad_norm`` belong; without it they must stay at
+    their defaults (accumulate and clip yourself around ``step()``).
+
+    ``low_rank_options``: keys of ``LOW_RANK_DEFAULTS`` (``update_proj_gap``, ``scale``,
+    ``proj_type``, ``svd``, ``residual_ratio``, ``residual_warmup``, ``residual_mode``, ...) go to the
+    low-rank groups; the chosen optimizer's own keys (AdamW: ``betas``, ``eps``; Adafactor:
+    ``clip_threshold``, ``beta1``, ...) go to its constructor; anything else raises ``TypeError``, and
+    so does ``num_heads`` (each q/k matrix's head count comes from the config).
+
+    A ``rank`` larger than a matrix allows (``min(m, n)``, or what a cross-head matrix's heads can
+    reach) raises ``ValueError`` from the optimizer, naming the matrix.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if eightbit and adafactor:
+        raise ValueError(f"eightbit=True and adafactor=True cannot be combined; the optimizers are {_COMBOS}")
+    if not layerwise:
+        given = {"accumulation_steps": accumulation_steps, "clip": clip, "max_grad_norm": max_grad_norm}
+        defaults = {"accumulation_steps": 1, "clip": None, "max_grad_norm": None}
+        extra = {k: v for k, v in given.items() if v != defaults[k]}
+        if extra:
+            raise ValueError(f"{extra} are options of layer-wise mode (layerwise=True); with step() accumulate "
+                             "gradients and clip (torch.nn.utils.clip_grad_norm_) around it yourself")
+    cls = (GaLoreAdamW8bit if eightbit else GaLoreAdafactor if adafactor
+           else GaLorePlusAdamW if method == "galore+" else GaLoreAdamW)
+    group_options = {k: v for k, v in low_rank_options.items() if k in LOW_RANK_DEFAULTS}
+    inner_options = {k: v for k, v in low_rank_options.items() if k in cls.inner_keys}
+    unknown = sorted(set(low_rank_options) - set(group_options) - set(inner_options))
+    if "num_heads" in group_options:
+        raise TypeError("build_optimizer: num_heads is not an option here: each q/k matrix gets its own head count "
+                        "from the model's config (find_targets), the other matrices none")
+    if unknown:
+        raise TypeError(f"build_optimizer: unknown option(s) {unknown}; low-rank options are "
+                        f"{sorted(LOW_RANK_DEFAULTS)} and {cls.__name__}'s own are {sorted(cls.inner_keys)}")
+    if method == "galore+":
+        group_options.setdefault("svd", "randomized")
+        if adafactor and group_options.get("residual_ratio", PAPER_RESIDUAL_RATIO) > 0:
+            raise ValueError("method='galore+' with adafactor=True: GaLore+'s sparse residual needs Adam moments "
+                             "and GaLoreAdafactor has none; pass residual_ratio=0 (GaLore+ without the residual) "
+                             "or use AdamW / 8-bit AdamW")
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    targets = [t for t in find_targets(model, patterns) if t.param.requires_grad]
+    if not targets:
+        raise ValueError(f"every matrix chosen for low-rank training in {type(model).__name__} is frozen "
+                         "(requires_grad=False): there is nothing to train low-rank")
+    target_ids = {id(t.param) for t in targets}
+    plain = [(n, p) for n, p in trainable if id(p) not in target_ids]
+
+    if method == "galore":
+        groups: list[dict[str, Any]] = [
+            {"params": [t.param for t in targets], "param_names": [t.name for t in targets], "rank": rank,
+             **group_options}]
+        if plain:
+            groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
+    else:
+        groups = galore_plus_param_groups(
+            [(t.name, t.param, t.num_heads) for t in targets], rank, plain=plain, **group_options)
+    _check_assignment(groups, trainable)
+
+    kwargs: dict[str, Any] = dict(inner_options, lr=lr, weight_decay=weight_decay, seed=seed)
+    if adafactor:
+        kwargs.setdefault("relative_step", lr is None)
+        kwargs.setdefault("scale_parameter", lr is None)
+    optimizer = cls(groups, **kwargs)
+    if not layerwise:
+        return optimizer
+    return LayerwiseOptimizer(optimizer, model.named_parameters(), accumulation_steps=accumulation_steps,
+                              clip=clip, max_grad_norm=max_grad_norm)
+
+
+def _check_assignment(groups: list[dict[str, Any]], trainable: list[tuple[str, Tensor]]) -> None:
+    """Every trainable parameter in exactly one group: unassigned or doubly assigned ones raise."""
+    count = Counter(id(p) for g in groups for p in g["params"])
+    unassigned = [n for n, p in trainable if count[id(p)] == 0]
+    twice = [n for n, p in trainable if count[id(p)] > 1]
+    if unassigned or twice:
+        raise ValueError(f"parameter groups are inconsistent: left unassigned {unassigned}, "
+                         f"in more than one group {twice}")
+
+
+# ---------------------------------------------------------------------- summary
+
+def optimizer_summary(optimizer: LowRankOptimizer | LayerwiseOptimizer) -> str:
+    """A table of ``optimizer``'s groups (index, tensors, distinct shapes, rank, mode, elements) and
+    its estimated state bytes (``estimate_state_bytes``) against full 32-bit AdamW's
+    (2 moments × 4 bytes × trainable elements)."""
+    if isinstance(optimizer, LayerwiseOptimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, LowRankOptimizer):
+        raise TypeError(f"optimizer_summary needs a galore_plus optimizer, got {type(optimizer).__name__}")
+    inner = ("8-bit AdamW" if isinstance(optimizer, GaLoreAdamW8bit)
+             else "Adafactor" if isinstance(optimizer, GaLoreAdafactor) else "AdamW")
+    header = ("group", "tensors", "shapes", "rank", "mode", "elements")
+    rows = []
+    total = 0
+    for i, group in enumerate(optimizer.param_groups):
+        params = group["params"]
+        numel = sum(p.numel() for p in params)
+        total += numel
+        rank = str(group["rank"]) if "rank" in group else "—"
+        rows.append((str(i), str(len(params)), _shapes(params), rank, _mode(group, inner), f"{numel:,}"))
+    count = sum(len(g["params"]) for g in optimizer.param_groups)
+    rows.append(("all", str(count), "", "", "", f"{total:,}"))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    right = {1, 5}
+    fmt = lambda r: "  ".join(s.rjust(w) if c in right else s.ljust(w) for c, (s, w) in enumerate(zip(r, widths))).rstrip()
+    lines = [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    estimate, full = estimate_state_bytes(optimizer), 2 * 4 * total
+    ratio = f" ({estimate / full:.1%})" if full else ""
+    lines.append(f"optimizer state: estimated {_bytes(estimate)}{ratio} vs full AdamW {_bytes(full)} "
+                 f"(2 × 4 bytes × {total:,} trainable elements)")
+    return "\n".join(lines)
+
+
+def _shapes(params: list[Tensor]) -> str:
+    counts = Counter("×".join(map(str, p.shape)) or "scalar" for p in params)
+    return ", ".join(f"{n}× {shape}" for shape, n in counts.items())
+
+
+def _mode(group: dict[str, Any], inner: str) -> str:
+    if "rank" not in group:
+        return f"full {inner}"
+    heads, ratio = group["num_heads"], group["residual_ratio"]
+    plus = heads is not None or ratio > 0 or group["svd"] == "randomized"
+    parts = ["GaLore+" if plus else "GaLore"]
+    parts.append(f"cross-head ({heads} heads)" if heads is not None else None)
+    parts.append(group["svd"])
+    parts.append(group["proj_type"] if heads is None else None)
+    if ratio > 0:
+        parts.append(f"+ residual {ratio:.1%} {group['residual_mode']}")
+    mode = " ".join(p for p in parts if p)
+    mode += f", T={group['update_proj_gap']} α={group['scale']:g}"
+    return mode if inner == "AdamW" else f"{mode}, {inner}"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

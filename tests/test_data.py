@@ -1,0 +1,302 @@
+"""Fine-tuning data: reasoning-gym sources and their splits, JSONL files and their errors, prompts,
+encodings, batches. No real model or tokenizer: a byte-level BPE trained here on a few sentences."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("reasoning_gym")
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from galore_plus.data import (  # noqa: E402
+    ARITHMETIC_CONFIG,
+    DataError,
+    Example,
+    _exact_value,
+    _gsm_example,
+    build_prompt,
+    collate,
+    encode,
+    load_task,
+    normalize_number,
+    prompt_ids,
+)
+
+CORPUS = [
+    "Question: Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "Answer: 3 + 4 = 7 apples.\n#### 7",
+    "The cat sat on the mat. The dog ran in the park.",
+    "Calculate 12 * 3 - 5. A train travels 60 miles per hour for 2 hours.",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (exact decode round trip), EOS and pad, optionally a chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                                      clean_up_tokenization_spaces=False)
+    if chat:
+        wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "chat"])
+def tokenizer(request):
+    return tiny_tokenizer(chat=request.param)
+
+
+# ---------------------------------------------------------------------- reasoning-gym sources
+
+def test_gsm_symbolic_question_split_is_disjoint_and_gsm8k_shaped():
+    task = load_task("gsm_symbolic", n_train=40, n_test=12, seed=0)
+    assert (task.name, task.kind) == ("gsm_symbolic", "math")
+    assert len(task.train) == 40 and len(task.test) == 12
+    train_q = [ex.prompt for ex in task.train]
+    test_q = [ex.prompt for ex in task.test]
+    assert len(set(train_q)) == 40 and len(set(test_q)) == 12
+    assert not set(train_q) & set(test_q)
+    for ex in task.train + task.test:
+        assert ex.answer.endswith(f"#### {ex.final}")
+        assert ex.answer.count("####") == 1
+        assert normalize_number(ex.final) == ex.final
+    # the test set does not depend on n_train; the seed changes everything
+    again = load_task("gsm_symbolic", n_train=5, n_test=12, seed=0)
+    assert again.test == task.test
+    other = load_task("gsm_symbolic", n_train=5, n_test=12, seed=1)
+    assert not {ex.prompt for ex in other.test} & set(test_q)
+
+
+def test_gsm_symbolic_template_split_holds_out_whole_templates():
+    task = load_task("gsm_symbolic", n_train=60, n_test=20, seed=3, split="template")
+    assert len(task.train) == 60 and len(task.test) == 20
+    train_t = {ex.template for ex in task.train}
+    test_t = {ex.template for ex in task.test}
+    assert None not in train_t | test_t
+    assert not train_t & test_t
+    assert test_t <= set(task.info["test_templates"])
+    assert not set(task.info["test_templates"]) & set(task.info["train_templates"])
+    assert not {ex.prompt for ex in task.train} & {ex.prompt for ex in task.test}
+    # a different seed holds out different templates
+    other = load_task("gsm_symbolic", n_train=60, n_test=20, seed=4, split="template")
+    assert other.info["test_templates"] != task.info["test_templates"]
+
+
+def test_gsm_symbolic_float_final_line_is_rewritten_to_the_answer():
+    item = {"question": "How many? ", "answer": "8",
+            "metadata": {"answer_cot": "I eat 4 * 2 = 8 grams\n#### 8.0"}}
+    ex = _gsm_example(item, template=25)
+    assert ex == Example(prompt="How many?", answer="I eat 4 * 2 = 8 grams\n#### 8", final="8", template=25)
+    bad = {"question": "q", "answer": "9", "metadata": {"answer_cot": "no\n#### 8"}}
+    assert _gsm_example(bad, template=1) is None
+
+
+def test_arithmetic_is_small_exact_and_disjoint():
+    task = load_task("arithmetic", n_train=50, n_test=15, seed=0)
+    assert (task.name, task.kind) == ("arithmetic", "math")
+    assert len(task.train) == 50 and len(task.test) == 15
+    assert not {ex.prompt for ex in task.train} & {ex.prompt for ex in task.test}
+    assert len({ex.prompt for ex in task.train}) == 50
+    for ex in task.train + task.test:
+        expression = re.fullmatch(r"Calculate (.+)\.", ex.prompt).group(1)
+        numbers = re.findall(r"\d+", expression)
+        # reasoning-gym may add a correction term to make a division exact: one more number
+        assert ARITHMETIC_CONFIG["min_terms"] <= len(numbers) <= ARITHMETIC_CONFIG["max_terms"] + 1
+        assert all(len(n) <= ARITHMETIC_CONFIG["max_digits"] for n in numbers)
+        assert ex.answer == ex.final == str(_exact_value(expression))
+
+
+@pytest.mark.parametrize("expression, value", [("2 + 3 * 4", 14), ("( 2 + 3 ) * 4", 20), ("-6 / 3", -2),
+                                               ("7 / 2", 3.5), ("1 / 0", None), ("__import__('os')", None)])
+def test_exact_value(expression, value):
+    result = _exact_value(expression)
+    assert (result is None and value is None) or result == value
+
+
+def test_load_task_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="gsm_symbolic, arithmetic, a path to a .jsonl file"):
+        load_task("gsm8k", n_train=1, n_test=1)
+    with pytest.raises(FileNotFoundError, match="data file not found: .*missing.jsonl"):
+        load_task(str(tmp_path / "missing.jsonl"), n_train=1, n_test=1)
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a .jsonl file"):
+        load_task(str(tmp_path / "data.txt"), n_train=1, n_test=1)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_task("gsm_symbolic", n_train=1, n_test=1, split="random")
+    with pytest.raises(ValueError, match="split='template' needs data='gsm_symbolic'"):
+        load_task("arithmetic", n_train=1, n_test=1, split="template")
+    with pytest.raises(ValueError, match="n_test must be an integer >= 0"):
+        load_task("arithmetic", n_train=1, n_test=-1)
+
+
+# ---------------------------------------------------------------------- JSONL files
+
+def write_jsonl(path, lines):
+    path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
+    return str(path)
+
+
+def gsm_line(i):
+    return json.dumps({"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"})
+
+
+def test_jsonl_gsm8k_form(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [gsm_line(i) for i in range(995, 1005)] + ["", "  "])
+    task = load_task(path, n_train=5, n_test=3, seed=0)
+    assert (task.name, task.kind) == ("mine", "math")
+    assert len(task.test) == 3 and len(task.train) == 5
+    assert not {ex.prompt for ex in task.train} & {ex.prompt for ex in task.test}
+    for ex in task.train + task.test:
+        i = int(re.search(r"\d+", ex.prompt).group())
+        assert ex.final == str(i + 1)  # "1,000" → "1000"
+        assert ex.answer.endswith(f"#### {i + 1:,}")
+    assert load_task(path, n_train=5, n_test=3, seed=0) == task
+    assert load_task(path, n_train=5, n_test=3, seed=1).test != task.test
+    full = load_task(path, n_train=100, n_test=3, seed=0)
+    assert len(full.train) == 7
+
+
+def test_jsonl_text_form_keeps_an_input_on_one_side(tmp_path):
+    lines = [json.dumps({"input": f"name {i}", "output": f"text {i}\n"}) for i in range(6)]
+    lines += [json.dumps({"input": "name 0", "output": "another reference"})]
+    path = write_jsonl(tmp_path / "e2e.jsonl", lines)
+    for seed in range(5):
+        task = load_task(path, n_train=10, n_test=2, seed=seed)
+        assert task.kind == "text" and len(task.test) == 2
+        assert all(ex.final is None for ex in task.train + task.test)
+        assert not {ex.prompt for ex in task.train} & {ex.prompt for ex in task.test}
+        assert all(ex.answer == ex.answer.strip() for ex in task.train)
+
+
+GOOD = gsm_line(1)
+TEXT = json.dumps({"input": "a", "output": "b"})
+MALFORMED = [
+    ("not json", "not valid JSON (Expecting value at column 1)"),
+    ('{"question": "q", "answer": "#### 1"', "not valid JSON (Expecting ',' delimiter at column 37)"),
+    ("[1, 2]", "expected a JSON object, got array"),
+    ('"text"', "expected a JSON object, got string"),
+    ('{"question": "q"}', "missing key 'answer'"),
+    ('{"output": "o"}', "missing key 'input'"),
+    ('{"q": 1}', "expected keys 'question' and 'answer' (GSM8K form) or 'input' and 'output' "
+                 "(text-to-text form); got 'q'"),
+    ('{"question": "q", "answer": "#### 1", "input": "i"}',
+     "has keys of both forms ('question'/'answer' and 'input'/'output'); use one"),
+    ('{"question": 3, "answer": "#### 1"}', "'question' must be a string, got number"),
+    ('{"question": "q", "answer": null}', "'answer' must be a string, got null"),
+    ('{"question": "q", "answer": ["#### 1"]}', "'answer' must be a string, got array"),
+    ('{"question": "  ", "answer": "#### 1"}', "'question' is empty"),
+    ('{"question": "q", "answer": ""}', "'answer' is empty"),
+    ('{"question": "q", "answer": "it is 42"}', "'answer' has no final '#### N' line"),
+    ('{"question": "q", "answer": "so #### many"}',
+     "'answer' must end with '#### N', N a number; it ends with '#### many'"),
+    ('{"question": "q", "answer": "#### 4\\nthen more"}',
+     "'answer' must end with '#### N', N a number; it ends with '#### 4\\nthen more'"),
+    (TEXT, "text-to-text ('input', 'output') line in a file of GSM8K-form ('question', 'answer') lines "
+           "(see line 1); use one form per file"),
+    (b'{"question": "caf\xe9", "answer": "#### 1"}', "not valid UTF-8 (invalid continuation byte at byte 17)"),
+]
+
+
+@pytest.mark.parametrize("line, message", MALFORMED, ids=[m for _, m in MALFORMED])
+def test_jsonl_malformed_line(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", line, GOOD])
+    with pytest.raises(DataError) as info:
+        load_task(path, n_train=1, n_test=1)
+    assert str(info.value) == f"{path}:3: {message}"
+    assert isinstance(info.value, ValueError)
+
+
+def test_jsonl_reports_every_bad_line_before_splitting(tmp_path):
+    lines = [TEXT, '{"input": "x", "output": 5}', TEXT, GOOD, "{"]
+    path = write_jsonl(tmp_path / "many.jsonl", lines)
+    with pytest.raises(DataError) as info:
+        load_task(path, n_train=100, n_test=100)  # the sizes would fail too; the lines come first
+    assert info.value.errors == [
+        f"{path}:2: 'output' must be a string, got number",
+        f"{path}:4: GSM8K-form ('question', 'answer') line in a file of text-to-text ('input', 'output') lines "
+        "(see line 1); use one form per file",
+        f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
+    assert str(info.value) == "\n".join(info.value.errors)
+
+
+def test_jsonl_size_errors(tmp_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", " "])
+    with pytest.raises(DataError, match="no examples"):
+        load_task(empty, n_train=1, n_test=1)
+    small = write_jsonl(tmp_path / "small.jsonl", [gsm_line(i) for i in range(3)])
+    with pytest.raises(DataError, match="3 examples, fewer than n_test=4"):
+        load_task(small, n_train=1, n_test=4)
+    with pytest.raises(DataError, match="leave none for training"):
+        load_task(small, n_train=1, n_test=3)
+    assert len(load_task(small, n_train=0, n_test=3).test) == 3
+
+
+# ---------------------------------------------------------------------- prompts, encodings, batches
+
+def test_build_prompt_uses_the_chat_template_when_there_is_one():
+    assert build_prompt(tiny_tokenizer(chat=False), "2+2?") == "Question: 2+2?\nAnswer: "
+    assert build_prompt(tiny_tokenizer(chat=True), "2+2?") == "<|user|>2+2?\n<|assistant|>"
+
+
+def test_labels_cover_the_answer_and_eos_only(tokenizer):
+    ex = Example(prompt="Tom has 3 apples and buys 4 more.", answer="3 + 4 = 7 apples.\n#### 7", final="7")
+    enc = encode(tokenizer, ex, max_length=512)
+    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
+    assert all(m == 1 for m in enc["attention_mask"])
+    n_prompt = len(prompt_ids(tokenizer, ex.prompt))
+    assert enc["labels"][:n_prompt] == [-100] * n_prompt
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert tokenizer.decode(enc["labels"][n_prompt:]) == ex.answer + tokenizer.eos_token
+    assert tokenizer.decode(enc["input_ids"][:n_prompt]) == build_prompt(tokenizer, ex.prompt)
+
+
+def test_encode_truncates_the_prompt_from_the_left_never_the_answer(tokenizer):
+    ex = Example(prompt="The cat sat on the mat. The dog ran in the park. " * 4, answer="#### 7")
+    full = encode(tokenizer, ex, max_length=512)
+    n_answer = sum(label != -100 for label in full["labels"])
+    cut = encode(tokenizer, ex, max_length=n_answer + 5)
+    assert len(cut["input_ids"]) == n_answer + 5
+    assert cut["input_ids"] == full["input_ids"][-(n_answer + 5):]  # left part of the prompt gone
+    assert cut["labels"][5:] == full["labels"][-n_answer:]
+    assert cut["labels"][:5] == [-100] * 5
+
+
+def test_encode_cuts_an_answer_that_cannot_fit(tokenizer):
+    ex = Example(prompt="q", answer="The cat sat on the mat. The dog ran in the park.")
+    full = encode(tokenizer, ex, max_length=512)
+    cut = encode(tokenizer, ex, max_length=6)
+    n_prompt = full["labels"].count(-100)
+    assert cut["labels"][0] == -100 and -100 not in cut["labels"][1:]
+    assert cut["input_ids"] == [full["input_ids"][n_prompt - 1]] + full["input_ids"][n_prompt:n_prompt + 5]
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        encode(tokenizer, ex, max_length=1)
+
+
+def test_collate_right_pads():
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},
+                {"input_ids": torch.tensor([5, 6, 7, 8, 9]), "labels": torch.tensor([-100, -100, 7, 8, 9]),
+                 "attention_mask": torch.ones(5, dtype=torch.long)}]
+    batch = collate(features, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 7, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+@pytest.mark.parametrize("text, expected", [("1,000", "1000"), ("3.0", "3"), ("2.50", "2.5"), ("-2", "-2"),
+                                            ("-0", "0"), ("007", "7"), ("abc", None), ("", None), ("nan", None)])
+def test_normalize_number(text, expected):
+    assert normalize_number(text) == expected
