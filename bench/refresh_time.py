@@ -20,9 +20,10 @@ exact top-r one of the same matrix: ``‖G Q‖_F / ‖G Q_exact‖_F`` (right) 
     python bench/refresh_time.py --threads 1   # full, one thread: ~15 min
     python bench/refresh_time.py --quick       # every dimension / 4, rank 32: ~20 s
 
-Ratios depend on threading on a shared 2-core box: with 2 threads the many small QRs of the
-randomized methods (4096×136) run ~15× slower than with 1 (OpenMP wake-ups), so the randomized
-speed-ups come out ~3× lower; run both when it matters.
+Run it alone: on a shared 2-core box OpenMP thread wake-ups make small factorizations erratic
+(``OMP_WAIT_POLICY=PASSIVE`` is set below for that reason). The randomized methods orthonormalize
+with CholeskyQR2 (``projection.orthonormalize``), which sidesteps LAPACK's slow 4096×136
+Householder QR at 2 threads (0.3–0.45 s each, measured before the change).
 
 Writes ``refresh_time.json`` and ``refresh_time.md`` to ``--out`` (default ``bench/results``).
 """
