@@ -8,36 +8,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from _tokenizers import tiny_tokenizer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from galore_plus import evaluate as ev  # noqa: E402
 from galore_plus.data import Example, encode, prompt_ids  # noqa: E402
 from galore_plus.evaluate import answer_loss, evaluate, extract_final, generate, text_metrics  # noqa: E402
-
-CORPUS = [
-    "Question: Tom has 3 apples and buys 4 more. How many apples does he have?",
-    "Answer: 3 + 4 = 7 apples.\n#### 7",
-    "The cat sat on the mat. The dog ran in the park.",
-    "Calculate 12 * 3 - 5. A train travels 60 miles per hour for 2 hours.",
-]
-CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
-                                      clean_up_tokenization_spaces=False)
-    if chat:
-        wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
-
 
 def tiny_llama(tokenizer, seed=0) -> LlamaForCausalLM:
     torch.manual_seed(seed)

@@ -299,7 +299,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     def run_eval(label: str) -> dict[str, Any]:
         print(f"evaluating {label} on {len(task.test)} held-out examples...", file=sys.stderr)
         return evaluate(model, tokenizer, task.test, task.kind, max_new_tokens=max_new_tokens,
-                        batch_size=config.eval_batch_size)
+                        batch_size=config.eval_batch_size, max_length=config.max_length)
 
     start_step, history = 0, {"train_seconds": 0.0, "tokens": 0, "refresh_seconds": 0.0}
     if resume:
