@@ -265,7 +265,7 @@ def test_layerwise_accumulates_in_low_rank_space_like_step_driven(kind):
     assert not torch.allclose(plain.q.weight, lw_model.q.weight, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["adamw", "galore+", "8bit"])
+@pytest.mark.parametrize("kind", ["adamw", "galore+", "8bit", "adafactor"])
 def test_layerwise_resume_is_bitwise(kind):
     data = batches(8, 2)
     a, _ = train_layerwise(kind, data, 2)
