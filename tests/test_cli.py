@@ -98,3 +98,12 @@ def test_batch_order_is_a_function_of_seed_and_index():
     seen = [i for u in range(6) for i in cli.batch_indices(u, 4, 10, seed=3)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs are permutations
     assert cli.batch_indices(4, 4, 10, seed=3) == cli.batch_indices(4, 4, 10, seed=3)
+
+
+def test_command_reports_bad_data_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2 #### 2"}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"galore-plus: .*bad.jsonl:2:"):
+        cli.main(["finetune", "--model", "tiny", "--data", str(bad), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"galore-plus: .*not found"):
+        cli.main(["finetune", "--model", "tiny", "--data", str(tmp_path / "missing.jsonl")])

@@ -366,10 +366,15 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .data import DataError
+
     config, resume = parse_config(argv)
     if resume:
         config = saved_config(Path(resume))
-    finetune(config, resume)
+    try:
+        finetune(config, resume)
+    except (DataError, FileNotFoundError) as err:  # bad input: the message says what and where
+        raise SystemExit(f"galore-plus: {err}") from None
 
 
 if __name__ == "__main__":
