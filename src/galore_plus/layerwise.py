@@ -46,7 +46,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .lowrank import LowRankOptimizer
+from .lowrank import LowRankOptimizer, _is_int
 
 CLIP_MODES = (None, "parameter", "previous_global")
 
@@ -73,7 +73,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"LayerwiseOptimizer needs a galore_plus LowRankOptimizer, got {type(optimizer).__name__}")
-        if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+        if not _is_int(accumulation_steps) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an int ≥ 1")
         if clip not in CLIP_MODES:
             raise ValueError(f"clip={clip!r} is not one of {CLIP_MODES}")

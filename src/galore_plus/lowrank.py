@@ -138,7 +138,7 @@ class LowRankOptimizer(Optimizer):
         wd = group["weight_decay"]
         if not _is_real(wd) or not wd >= 0.0:
             raise ValueError(f"{where}: invalid weight_decay={wd!r}; it must be a number ≥ 0")
-        if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
+        if not _is_int(group["seed"]):
             raise ValueError(f"{where}: seed={group['seed']!r} must be an int")
         self._validate_inner(group, where)
 
@@ -147,10 +147,10 @@ class LowRankOptimizer(Optimizer):
 
     def _validate_low_rank(self, group: dict[str, Any], where: str) -> None:
         rank = group["rank"]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        if not _is_int(rank) or rank < 1:
             raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1")
         gap = group["update_proj_gap"]
-        if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+        if not _is_int(gap) or gap < 1:
             raise ValueError(f"{where}: update_proj_gap={gap!r} must be an int ≥ 1")
         scale = group["scale"]
         if not _is_real(scale) or not math.isfinite(scale) or scale <= 0:
