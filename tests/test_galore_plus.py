@@ -294,7 +294,7 @@ def test_residual_reselect_changes_the_index_set_at_refresh():
 
 # ---------------------------------------------------------------- resume, presets, bad input
 
-def galore_plus_run(steps, split_at=None, dtype=torch.float32, mode="exact"):
+def galore_plus_run(steps, split_at=None, dtype=torch.float32, mode="exact", proj_dtype=None):
     gen = torch.Generator().manual_seed(0)
     shapes = {"q": (6 * 8, 32), "k": (2 * 8, 32), "v": (16, 32), "norm": (32,)}
     init = {k: torch.randn(*s, generator=gen).to(dtype) for k, s in shapes.items()}
@@ -305,7 +305,7 @@ def galore_plus_run(steps, split_at=None, dtype=torch.float32, mode="exact"):
         groups = galore_plus_param_groups(
             [("q", params["q"], 6), ("k", params["k"], 2), ("v", params["v"], None)], rank=4,
             plain=[("norm", params["norm"])], update_proj_gap=5, residual_warmup=3, residual_mode=mode,
-            residual_ratio=0.2, warm_start=True, residual_reselect=True)
+            residual_ratio=0.2, warm_start=True, residual_reselect=True, proj_dtype=proj_dtype)
         return params, GaLorePlusAdamW(groups, lr=1e-2, seed=11)
 
     params, opt = build(init)
@@ -340,6 +340,41 @@ def test_galore_plus_resume_is_bitwise(dtype, mode):
     assert o2.state[p2["q"]]["residual_index"].dtype == torch.int32  # survives the load cast
 
 
+def test_bf16_projector_storage_resumes_bitwise():
+    p1, o1 = galore_plus_run(17, proj_dtype=torch.bfloat16)
+    p2, o2 = galore_plus_run(17, split_at=7, proj_dtype="bfloat16")
+    assert o2.state[p2["q"]]["proj_right"].dtype == torch.bfloat16
+    assert o2.param_groups[0]["proj_dtype"] is torch.bfloat16  # the name is normalised, survives weights_only
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+
+
+@pytest.mark.parametrize("side_shape", [(24, 16), (16, 24)])
+def test_bf16_projector_is_the_rounded_basis_used_in_the_compute_dtype(side_shape):
+    """Storing the projector in bf16 = computing with the float32 basis rounded to bf16: the float32
+    run below rounds each new basis (its projector function is wrapped) and must agree bitwise."""
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(*side_shape, generator=gen)
+    grads = [torch.randn(*side_shape, generator=gen) for _ in range(7)]
+    runs = []
+    for proj_dtype in (torch.bfloat16, None):
+        w = torch.nn.Parameter(init.clone())
+        opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 3, "proj_dtype": proj_dtype}], lr=1e-2)
+        if proj_dtype is None:
+            compute = opt._compute_projector
+            opt._compute_projector = lambda *args: tuple(
+                None if b is None else b.bfloat16().float() for b in compute(*args))
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        state = opt.state[w]
+        assert state["refresh_count"] == 3
+        key = "proj_right" if "proj_right" in state else "proj_left"
+        assert state[key].dtype == (proj_dtype or torch.float32)
+        runs.append(w.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_preset_groups():
     q, k, v, n = (torch.nn.Parameter(torch.zeros(s)) for s in [(18, 12), (6, 12), (6, 12), (12,)])
     groups = galore_plus_param_groups([("q", q, 3), ("k", k, 1), ("v", v, None)], rank=4, plain=[("n", n)])
@@ -364,6 +399,8 @@ def _g(**kw):
     (_g(residual_ratio=1.5), {}, ValueError, r"residual_ratio=1.5"),
     (_g(residual_mode="literal"), {}, ValueError, r"residual_mode='literal'"),
     (_g(residual_warmup=0), {}, ValueError, r"residual_warmup=0"),
+    (_g(proj_dtype="int8"), {}, ValueError, r"proj_dtype=.*int8.* must be None or one of"),
+    (_g(proj_dtype="half precision"), {}, ValueError, r"proj_dtype='half precision'"),
     (_g(), {"residual": 0.01}, TypeError, r"unknown option\(s\) \['residual'\]"),
     (_g(oversampling=4), {}, TypeError, r"unknown parameter-group key\(s\) \['oversampling'\]"),
 ])

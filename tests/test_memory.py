@@ -393,6 +393,22 @@ def test_estimated_state_bytes_match_allocated(kind):
     assert state_bytes(opt) == estimate
 
 
+def test_estimated_state_bytes_with_bf16_projectors():
+    model = TinyNet()
+    groups = galore_plus_param_groups(
+        [("q.weight", model.q.weight, 4), ("mlp.weight", model.mlp.weight, None)], rank=4, residual_ratio=0.1,
+        residual_warmup=2, proj_dtype=torch.bfloat16,
+        plain=[(n, p) for n, p in model.named_parameters() if n not in ("q.weight", "mlp.weight")])
+    opt = GaLorePlusAdamW(groups, lr=1e-2)
+    estimate = estimate_state_bytes(opt)
+    for (x, y), in batches(4, 1):
+        loss_of(model, x, y, 1).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.state[model.q.weight]["proj_right"].dtype == torch.bfloat16
+    assert state_bytes(opt) == estimate
+
+
 def test_estimate_on_a_llama_shaped_layer():
     """4096×4096 q at rank 128 with the residual: projector 128·4096·4 + moments 2·4096·128·4 + residual."""
     q = torch.nn.Parameter(torch.empty(4096, 4096, device="meta"))

@@ -17,7 +17,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
   ``residual_m``, ``residual_v`` (one value per index) and ``residual_start`` (``residual.py``).
 
 Low-rank math runs in ``compute_dtype``: float32 for bf16/fp16 parameters, the parameter's own
-dtype for float32/float64 ones; projector and low-rank moments are stored in it.
+dtype for float32/float64 ones; low-rank moments are stored in it, and so is the projector unless
+the group's ``proj_dtype`` says otherwise (e.g. ``torch.bfloat16``, half the bytes).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "residual_warmup": 20,
     "residual_mode": "exact",
     "residual_reselect": False,
+    # storage dtype of the projector (None: the compute dtype). torch.bfloat16 halves its memory;
+    # it is cast back to the compute dtype for each use (the math stays in the compute dtype).
+    "proj_dtype": None,
 }
+
+#: projector storage dtypes accepted by ``proj_dtype`` (names are accepted too: "bfloat16")
+PROJ_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 SVD_METHODS = ("exact", "randomized")
 
@@ -174,6 +181,12 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
         if not _is_int(group["residual_warmup"]) or group["residual_warmup"] < 1:
             raise ValueError(f"{where}: residual_warmup={group['residual_warmup']!r} must be an int ≥ 1")
+        proj_dtype = group["proj_dtype"]
+        if isinstance(proj_dtype, str):
+            proj_dtype = group["proj_dtype"] = getattr(torch, proj_dtype, proj_dtype)
+        if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
+            raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
+                             f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
         if group["residual_mode"] not in residual.RESIDUAL_MODES:
             raise ValueError(
                 f"{where}: residual_mode={group['residual_mode']!r} is not one of {residual.RESIDUAL_MODES}")
@@ -260,7 +273,7 @@ class LowRankOptimizer(Optimizer):
         """The low-rank gradient, and the gradient's entries at the residual index set (if any)."""
         state = self.state[p]
         grad = grad.to(compute_dtype(p))
-        low = projection.project(grad, state.get("proj_left"), state.get("proj_right"))
+        low = projection.project(grad, *_basis(state, p))
         grad_s = grad.reshape(-1)[state["residual_index"].long()] if "residual_index" in state else None
         return low, grad_s
 
@@ -283,7 +296,7 @@ class LowRankOptimizer(Optimizer):
         state = self.state[p]
         refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
         lr = self._begin_step(group, p)
-        left, right = state.get("proj_left"), state.get("proj_right")
+        left, right = _basis(state, p)
         update = projection.project_back(self._inner_step(low, state, group, lr), left, right)
         if group["residual_ratio"] > 0:
             self._residual(group, state, low, grad_s, update, refreshed, lr)
@@ -299,7 +312,7 @@ class LowRankOptimizer(Optimizer):
         The residual moments are kept in the compute dtype whatever the inner rule stores (they are
         ρ-sized); the low-rank moments come from ``_low_rank_moments``."""
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
-        left, right = state.get("proj_left"), state.get("proj_right")
+        left, right = _basis(state, update)
         flat_update = update.view(-1)
         if "residual_index" in state:
             index = state["residual_index"].long()
@@ -378,7 +391,7 @@ class LowRankOptimizer(Optimizer):
             if tensor is None:
                 state.pop(key, None)
             else:
-                state[key] = tensor.to(device=p.device, dtype=compute_dtype(p))
+                state[key] = tensor.to(device=p.device, dtype=group["proj_dtype"] or compute_dtype(p))
         state["last_refresh"] = steps_before
         state["refresh_count"] = state.get("refresh_count", 0) + 1
 
@@ -396,7 +409,7 @@ class LowRankOptimizer(Optimizer):
         gen = generator_for(group["seed"], self._param_index[id(p)], state.get("refresh_count", 0))
         warm = None
         if group["warm_start"] and state.get("proj_side") == side:
-            warm = (state.get("proj_left"), state.get("proj_right"))
+            warm = _basis(state, p)
         try:
             if group["num_heads"] is not None:
                 return projection.cross_head_projector(
@@ -425,6 +438,13 @@ class LowRankOptimizer(Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _basis(state: dict[str, Any], like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The stored ``(left, right)`` projector in the compute dtype of ``like`` (a copy only when it
+    is stored in another dtype, see ``proj_dtype``)."""
+    dtype = compute_dtype(like)
+    return tuple(None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

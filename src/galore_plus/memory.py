@@ -28,7 +28,8 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
     """Optimizer-state bytes once every parameter has stepped past the residual warm-up, computed
     from the groups' shapes and options alone (before any step).
 
-    Low-rank parameter: projector (``m·r``, ``r·n`` or both, in the compute dtype) + the inner rule's
+    Low-rank parameter: projector (``m·r``, ``r·n`` or both, in ``proj_dtype`` or else the compute
+    dtype) + the inner rule's
     state on the low-rank shape (compute dtype; 8-bit: one byte per entry plus a float32 absmax per
     256) + the residual ``round(ρ·m·n)·(4 + 2·4)`` bytes (int64 indices past 2³¹ entries). Other
     parameters: the inner rule's state on the full shape. Python numbers (step counters) are free.
@@ -47,7 +48,7 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
                 p.shape, group["proj_type"])
             low_shape = {projection.LEFT: (r, n), projection.RIGHT: (m, r), projection.FULL: (r, r)}[side]
             basis = {projection.LEFT: m * r, projection.RIGHT: r * n, projection.FULL: (m + n) * r}[side]
-            total += basis * dtype.itemsize + _moment_bytes(optimizer, low_shape, dtype, beta1)
+            total += basis * (group["proj_dtype"] or dtype).itemsize + _moment_bytes(optimizer, low_shape, dtype, beta1)
             if group["residual_ratio"] > 0:
                 k = residual.residual_size(m * n, group["residual_ratio"])
                 total += k * ((4 if m * n < 2**31 else 8) + 2 * dtype.itemsize)
