@@ -93,6 +93,34 @@ def test_8bit_small_tensors_stay_32bit_and_state_loads_weights_only_bitwise():
     assert "exp_avg" in o2.state[b2] and "exp_avg_q" not in o2.state[b2]  # 96 < 4096 elements
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_chunked_update_is_the_whole_tensor_update(monkeypatch, dtype):
+    """Chunks of whole quantization blocks change no bit: a plain 8-bit tensor (updated in place) and
+    a low-rank one, both with a partial last block, against one chunk per tensor."""
+    import galore_plus.adamw8bit as adamw8bit
+
+    def run():
+        gen = torch.Generator().manual_seed(4)
+        W = torch.nn.Parameter(torch.randn(96, 70, generator=gen).to(dtype))  # low-rank: 96×40 moments
+        E = torch.nn.Parameter(torch.randn(77, 61, generator=gen).to(dtype))  # 4697 elements, plain
+        opt = GaLoreAdamW8bit([{"params": [W], "rank": 40, "update_proj_gap": 3}, {"params": [E]}], lr=1e-2)
+        for _ in range(5):
+            W.grad, E.grad = torch.randn(W.shape, generator=gen).to(dtype), torch.randn(E.shape, generator=gen).to(dtype)
+            opt.step()
+        return W.detach().clone(), E.detach().clone(), opt.state[W], opt.state[E]
+
+    whole = run()
+    monkeypatch.setattr(adamw8bit, "CHUNK_SIZE", 512)
+    chunked = run()
+    assert chunked[3]["exp_avg_q"].dtype == torch.uint8 and chunked[3]["exp_avg_q"].shape == (77, 61)
+    for a, b in zip(whole[:2], chunked[:2]):
+        assert torch.equal(a, b)
+    for sa, sb in zip(whole[2:], chunked[2:]):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]) if torch.is_tensor(sa[key]) else sa[key] == sb[key], key
+
+
 def test_8bit_with_every_galore_plus_option_runs_and_resumes():
     gen = torch.Generator().manual_seed(0)
     q = torch.nn.Parameter(torch.randn(8 * 32, 96, generator=gen))  # low-rank moments 256×24 ≥ 4096

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -14,6 +14,10 @@ from .functional import adam_direction
 #: tensor's state stays 32-bit (``min_8bit_size``): tiny tensors gain nothing from quantization.
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
+#: elements per chunk of a quantized update (a multiple of BLOCK_SIZE): the float32 temporaries of a
+#: step (dequantized moments, Adam's intermediates) are chunk-sized, not tensor-sized. Blocks are
+#: quantized independently, so chunking changes no bit of the result.
+CHUNK_SIZE = 2**20
 
 _CODES: dict[tuple[bool, torch.device], Tensor] = {}
 
@@ -54,8 +58,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     bitsandbytes' dynamic map, one float32 absmax per block of 256 (signed map for ``M``, unsigned
     for ``V``, as ``bitsandbytes.optim.AdamW8bit``); tensors under 4096 elements keep 32-bit moments.
     Each step dequantizes to float32, runs the same Adam kernel as ``GaLoreAdamW`` and quantizes
-    again, so the math is float32 whatever is stored. Projectors and residual state stay in the
-    compute dtype (they are small).
+    again, so the math is float32 whatever is stored. It does so in chunks of ``CHUNK_SIZE``
+    elements (whole quantization blocks, so the result is the same), and a group without ``rank``
+    subtracts each chunk's step from the parameter in place: a step of an embedding-sized matrix
+    needs a few MiB of temporaries, not four float32 copies of it. Projectors and residual state
+    stay in the compute dtype (or ``proj_dtype``).
 
     Why bitsandbytes' blockwise functions (not torchao's 8-bit state), measured by
     ``bench/quantizer_choice.py`` on 4096×128 Adam moments on this 2-core CPU: the same round-trip
@@ -72,21 +79,61 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     """
 
     def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
-        if "exp_avg" not in state and "exp_avg_q" not in state:
-            if grad.numel() < MIN_8BIT_SIZE:
-                return super()._inner_step(grad, state, group, lr)
-            zeros = torch.zeros_like(grad, dtype=torch.float32)
-            state["exp_avg_q"], state["exp_avg_absmax"] = quantize(zeros, signed=True)
-            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize(zeros, signed=False)
-        if "exp_avg" in state:
+        if not self._quantized(grad, state):
             return super()._inner_step(grad, state, group, lr)
-        exp_avg, exp_avg_sq = self._low_rank_moments(state)
+        out = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
+
+        def sink(a: int, b: int, step: Tensor) -> None:
+            out[a:b] = step
+
+        self._quantized_adam(grad, state, group, lr, sink)
+        return out.view(grad.shape).to(grad.dtype)
+
+    def _apply_full(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+        """A group without ``rank``: quantized moments update ``p`` chunk by chunk, in place."""
+        if not (self._quantized(grad, self.state[p]) and p.is_contiguous()):
+            return super()._apply_full(group, p, grad)
+        lr = self._begin_step(group, p)
+        flat = p.view(-1)
+
+        def sink(a: int, b: int, step: Tensor) -> None:
+            flat[a:b].sub_(step.to(p.dtype))
+
+        self._quantized_adam(grad, self.state[p], group, lr, sink)
+
+    @staticmethod
+    def _quantized(grad: Tensor, state: dict[str, Any]) -> bool:
+        """Whether this tensor's moments are (or, at its first step, will be) 8-bit."""
+        if "exp_avg" in state:
+            return False
+        return "exp_avg_q" in state or grad.numel() >= MIN_8BIT_SIZE
+
+    def _quantized_adam(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
+                        sink: Callable[[int, int, Tensor], None]) -> None:
+        """Adam on 8-bit moments, ``CHUNK_SIZE`` elements at a time: dequantize a chunk, update it,
+        quantize it back into the state, hand ``sink(start, end, step)`` the chunk's step."""
+        numel = grad.numel()
+        if "exp_avg_q" not in state:
+            zeros = quantize(torch.zeros(min(numel, CHUNK_SIZE), device=grad.device), signed=True)
+            zeros_sq = quantize(torch.zeros(min(numel, CHUNK_SIZE), device=grad.device), signed=False)
+            blocks = -(-numel // BLOCK_SIZE)
+            for key, (codes, absmax) in (("exp_avg", zeros), ("exp_avg_sq", zeros_sq)):
+                state[f"{key}_q"] = codes[:1].expand(numel).reshape(grad.shape).clone()
+                state[f"{key}_absmax"] = absmax[:1].expand(blocks).clone()
         beta1, beta2 = group["betas"]
-        direction, factor = adam_direction(
-            grad.float(), exp_avg, exp_avg_sq, state["step"], beta1, beta2, group["eps"])
-        state["exp_avg_q"], state["exp_avg_absmax"] = quantize(exp_avg, signed=True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize(exp_avg_sq, signed=False)
-        return direction.mul_(lr * factor).to(grad.dtype)
+        flat_grad = grad.reshape(-1)
+        codes_m, codes_v = state["exp_avg_q"].view(-1), state["exp_avg_sq_q"].view(-1)
+        absmax_m, absmax_v = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+        for a in range(0, numel, CHUNK_SIZE):
+            b = min(a + CHUNK_SIZE, numel)
+            blocks = slice(a // BLOCK_SIZE, -(-b // BLOCK_SIZE))
+            exp_avg = dequantize(codes_m[a:b], absmax_m[blocks], signed=True)
+            exp_avg_sq = dequantize(codes_v[a:b], absmax_v[blocks], signed=False)
+            direction, factor = adam_direction(
+                flat_grad[a:b].float(), exp_avg, exp_avg_sq, state["step"], beta1, beta2, group["eps"])
+            codes_m[a:b], absmax_m[blocks] = quantize(exp_avg, signed=True)
+            codes_v[a:b], absmax_v[blocks] = quantize(exp_avg_sq, signed=False)
+            sink(a, b, direction.mul_(lr * factor))
 
     def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if "exp_avg" in state:
