@@ -23,6 +23,8 @@ layer-wise peak ≤ 0.6× galore-torch's and ≤ 0.35× AdamW's.
                                             # ours_galore); adamw needs ~22 GB of RAM (weights,
                                             # grads, 2 moments at 5.4 GB each) or it is killed
     python bench/peak_memory.py --configs baseline,adamw --out /tmp/pm
+    python bench/peak_memory.py --smoke --configs adamw,ours_galore_plus_8bit_layerwise --out /tmp/pm
+                                            # tiny LLaMA (hidden 64, 2 layers), rank 8: CI smoke test
 
 Writes ``peak_memory.json`` and ``peak_memory.md`` to ``--out`` (default ``bench/results``). A child
 that fails (exception, killed for memory) is recorded with its error instead of a number. Children
@@ -47,6 +49,8 @@ FULL = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_
             intermediate_size=5461, vocab_size=32000, rank=512, seq=256)
 QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=688, vocab_size=4096, rank=64, seq=64)
+SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             intermediate_size=172, vocab_size=256, rank=8, seq=16)
 LOW_RANK = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GIB = 2**30
 
@@ -122,7 +126,7 @@ def child(config, shape):
 
 
 def run_child(config, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", config] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", config] + (["--quick"] if args.quick else []) + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_WAIT_POLICY="PASSIVE")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -179,11 +183,12 @@ def targets(by):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small LLaMA, rank 64, seq 64")
+    ap.add_argument("--smoke", action="store_true", help="tiny LLaMA, rank 8, seq 16 (CI smoke test)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    shape = QUICK if args.quick else FULL
+    shape = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.child:
         try:
             result = child(args.child, shape)
@@ -201,7 +206,7 @@ def main():
         r = results[-1]
         print(f"{c}: " + (r["error"] if "error" in r else f"peak {gib(r['peak'])} GiB, before {gib(r['rss_before'])} GiB, "
                           f"step {r['seconds']:.1f} s"), flush=True)
-    meta = {"mode": "quick" if args.quick else "full", "shape": shape, "cpus": os.cpu_count(),
+    meta = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "shape": shape, "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "total_seconds": time.perf_counter() - t0,
             "malloc_mmap_threshold": 65536, "peak_definition": "ru_maxrss of the child (bytes here)"}
     os.makedirs(args.out, exist_ok=True)

@@ -19,6 +19,7 @@ exact top-r one of the same matrix: ``‖G Q‖_F / ‖G Q_exact‖_F`` (right) 
     python bench/refresh_time.py               # full: ~11 min on 2 CPU cores (two exact SVD passes)
     python bench/refresh_time.py --threads 1   # full, one thread: ~15 min
     python bench/refresh_time.py --quick       # every dimension / 4, rank 32: ~20 s
+    python bench/refresh_time.py --smoke       # every dimension / 32, rank 4: a few seconds (CI)
 
 Run it alone: on a shared 2-core box OpenMP thread wake-ups make small factorizations erratic
 (``OMP_WAIT_POLICY=PASSIVE`` is set below for that reason). The randomized methods orthonormalize
@@ -81,11 +82,13 @@ def run_method(method, G, name, rank, heads, gen):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="every dimension / 4, rank 32")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="every dimension / 4, rank 32")
+    mode.add_argument("--smoke", action="store_true", help="every dimension / 32, rank 4 (CI)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    scale = 4 if args.quick else 1
+    scale = 32 if args.smoke else 4 if args.quick else 1
     d, f, rank, heads = 4096 // scale, 11008 // scale, 128 // scale, 32
     torch.set_num_threads(args.threads)
     gens = {m: torch.Generator().manual_seed(0) for m in METHODS}
@@ -122,7 +125,7 @@ def main():
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "load_avg_start": load_start,
-                    "mode": "quick" if args.quick else "full", "rank": rank, "heads": heads,
+                    "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "rank": rank, "heads": heads,
                     "head_dim": d // heads, "wall_seconds": wall,
                     "load_avg_end": os.getloadavg()},
         "seconds": seconds, "layer_total_seconds": totals, "energy_vs_exact": energy,
