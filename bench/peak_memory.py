@@ -14,8 +14,10 @@ Configs: ``baseline`` (forward + backward, no optimizer), ``adamw`` (torch.optim
 defaults: for CPU tensors torch picks the single-tensor loop, not foreach, so no foreach
 temporaries), ``bnb_adamw8bit``, ``galore_torch`` (galore_torch.GaLoreAdamW), ``ours_galore`` (galore_plus.GaLoreAdamW), ``ours_galore_plus_8bit``
 (GaLoreAdamW8bit, svd="randomized", galore_plus_param_groups) and
-``ours_galore_plus_8bit_layerwise`` (the same driven by LayerwiseOptimizer). Targets: the
-layer-wise peak ≤ 0.6× galore-torch's and ≤ 0.35× AdamW's.
+``ours_galore_plus_8bit_layerwise`` (the same driven by LayerwiseOptimizer), and
+``ours_galore_plus_8bit_layerwise_bf16proj`` (the same with projectors stored in bf16,
+``proj_dtype=torch.bfloat16``). Targets: the layer-wise peak ≤ 0.6× galore-torch's and ≤ 0.35×
+AdamW's.
 
     python bench/peak_memory.py --quick     # small LLaMA (hidden 256, 4 layers), rank 64, seq 64: ~1-2 min
     python bench/peak_memory.py             # full: ~30-40 min on 2 cores (the first GaLore step does an
@@ -44,7 +46,7 @@ import traceback
 import warnings
 
 CONFIGS = ["baseline", "adamw", "bnb_adamw8bit", "galore_torch", "ours_galore",
-           "ours_galore_plus_8bit", "ours_galore_plus_8bit_layerwise"]
+           "ours_galore_plus_8bit", "ours_galore_plus_8bit_layerwise", "ours_galore_plus_8bit_layerwise_bf16proj"]
 FULL = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
             intermediate_size=5461, vocab_size=32000, rank=512, seq=256)
 QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
@@ -103,8 +105,9 @@ def child(config, shape):
         heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
         matrices = [(n, p, heads.get(n.split(".")[-2])) for n, p in low]
         groups = galore_plus.galore_plus_param_groups(matrices, rank=rank, plain=others, update_proj_gap=200)
-        opt = galore_plus.GaLoreAdamW8bit(groups, svd="randomized")
-        if config.endswith("_layerwise"):
+        opt = galore_plus.GaLoreAdamW8bit(groups, svd="randomized",
+                                          proj_dtype=torch.bfloat16 if config.endswith("_bf16proj") else None)
+        if "_layerwise" in config:
             layerwise = galore_plus.LayerwiseOptimizer(opt, model.named_parameters())
     elif config != "baseline":
         raise ValueError(f"unknown config {config!r}")
@@ -163,20 +166,22 @@ def table(results, meta):
                      f"{gib(r['peak'] - base) if base else '—'} | {r['seconds']:.1f} | {ratio('galore_torch')} | "
                      f"{ratio('adamw')} |")
     lines += ["", f"torch.optim.AdamW with torch's defaults (foreach={by.get('adamw', {}).get('adamw_foreach')}: "
-              "torch picks the single-tensor loop for CPU tensors). Targets for ours_galore_plus_8bit_layerwise:", ""] + [f"- {t}" for t in targets(by)]
+              "torch picks the single-tensor loop for CPU tensors). Targets for the layer-wise configs:", ""] + [f"- {t}" for t in targets(by)]
     return "\n".join(lines) + "\n"
 
 
 def targets(by):
-    lw, out = by.get("ours_galore_plus_8bit_layerwise"), []
-    for ref, limit in (("galore_torch", 0.6), ("adamw", 0.35)):
-        if lw is None or ref not in by:
-            out.append(f"peak ≤ {limit}× {ref}: not measured")
-        else:
-            ratio = lw["peak"] / by[ref]["peak"]
-            net = (lw["peak"] - lw["rss_import"]) / (by[ref]["peak"] - by[ref]["rss_import"])
-            out.append(f"peak ≤ {limit}× {ref}: {'met' if ratio <= limit else 'NOT met'} ({ratio:.3f}×; "
-                       f"{net:.3f}× with each child's RSS after imports subtracted)")
+    out = []
+    for config in ("ours_galore_plus_8bit_layerwise", "ours_galore_plus_8bit_layerwise_bf16proj"):
+        lw = by.get(config)
+        for ref, limit in (("galore_torch", 0.6), ("adamw", 0.35)):
+            if lw is None or ref not in by:
+                out.append(f"{config}: peak ≤ {limit}× {ref}: not measured")
+            else:
+                ratio = lw["peak"] / by[ref]["peak"]
+                net = (lw["peak"] - lw["rss_import"]) / (by[ref]["peak"] - by[ref]["rss_import"])
+                out.append(f"{config}: peak ≤ {limit}× {ref}: {'met' if ratio <= limit else 'NOT met'} "
+                           f"({ratio:.3f}×; {net:.3f}× with each child's RSS after imports subtracted)")
     return out
 
 
