@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora")
+DISTRIBUTED = ("none", "ddp", "fsdp")
 CHECKPOINT = "checkpoint"
 
 
@@ -61,6 +62,7 @@ class FinetuneConfig:
     device: str = "auto"
     output_dir: str = "runs/finetune"
     save_every: int = 0  # also checkpoint every N steps (0: only at the end)
+    distributed: str = "none"  # none, ddp, fsdp (launch with torchrun; --batch-size is the global batch)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, ...")
     p.add_argument("--output-dir", default=defaults.output_dir)
     p.add_argument("--save-every", type=int, default=defaults.save_every)
+    p.add_argument("--distributed", default=defaults.distributed, choices=DISTRIBUTED,
+                   help="under torchrun: ddp or fsdp (FSDP2); --batch-size is the global batch, split across ranks")
     p.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run saved in DIR (its saved options are used)")
     return parser
@@ -133,6 +137,15 @@ def _validate(c: FinetuneConfig) -> None:
                              f"not {c.method}")
     if c.eightbit and c.method not in ("galore", "galore+"):
         raise SystemExit(f"galore-plus: --8bit applies to galore/galore+; use --method adamw8bit for 8-bit AdamW")
+    if c.distributed not in DISTRIBUTED:
+        raise SystemExit(f"galore-plus: --distributed must be one of {DISTRIBUTED}, got {c.distributed!r}")
+    if c.distributed != "none" and c.layerwise:
+        from .distributed import layerwise_unsupported_reason
+
+        raise SystemExit(f"galore-plus: --layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
+    if c.distributed == "fsdp" and (c.method not in ("galore", "galore+", "adamw") or c.eightbit):
+        raise SystemExit("galore-plus: --distributed fsdp runs galore, galore+ (without --8bit) and adamw; "
+                         f"{c.method}{' --8bit' if c.eightbit else ''} keeps state that is not sharded with its parameter")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -195,14 +208,29 @@ def refresh_seconds(optimizer: torch.optim.Optimizer) -> float:
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig,
                     history: dict[str, Any]) -> None:
-    """Write ``out/checkpoint`` atomically: a crash while saving leaves the previous one intact."""
+    """Write ``out/checkpoint`` atomically: a crash while saving leaves the previous one intact.
+
+    Distributed runs call it on every rank: model and optimizer go to ``distributed/`` through
+    ``torch.distributed.checkpoint`` (each rank writes its shards), rank 0 writes the rest."""
     from safetensors.torch import save_model
 
+    rank0 = _rank() == 0
     tmp = out / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if config.distributed != "none":
+        from . import distributed
+
+        distributed.barrier()
+        distributed.save_checkpoint(str(tmp / "distributed"), model, optimizer)
+        distributed.barrier()
+        if not rank0:
+            distributed.barrier()  # rank 0 moves the directory into place
+            return
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps(
         {"step": step, "config": dataclasses.asdict(config), "history": history}, indent=1))
@@ -213,14 +241,29 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: F
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    if config.distributed != "none":
+        from . import distributed
+
+        distributed.barrier()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     from safetensors.torch import load_model
 
     ckpt = directory / CHECKPOINT
-    load_model(model, str(ckpt / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if (ckpt / "distributed").exists():
+        from . import distributed
+
+        distributed.load_checkpoint(str(ckpt / "distributed"), model, optimizer)
+    else:
+        load_model(model, str(ckpt / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state = json.loads((ckpt / "state.json").read_text())
     return state["step"], state["history"]
@@ -280,6 +323,17 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     torch.manual_seed(config.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                           else config.device)
+    rank, world = 0, 1
+    if config.distributed != "none":  # under torchrun: rank 0 alone writes logs, metrics and the plot
+        from . import distributed
+
+        rank, world, local_rank = distributed.init_from_env(device.type)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if config.batch_size % world:
+            raise SystemExit(f"galore-plus: --batch-size {config.batch_size} (the global batch) must be a multiple "
+                             f"of the {world} ranks")
     # the data first: a malformed file stops the run before anything slow happens
     task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed, split=config.split)
     model, tokenizer = load_model(config.model, seed=config.seed)
@@ -289,9 +343,17 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     total_steps = config.max_steps if config.max_steps is not None else math.ceil(config.epochs * steps_per_epoch)
 
     model.to(device)
+    train_model = model
+    if config.distributed == "fsdp":  # shard first: the optimizer must see the DTensor parameters
+        train_model = distributed.wrap_model(model, "fsdp", device)
     model, optimizer = build_method(config, model)
+    if config.distributed != "none":
+        if config.distributed == "ddp":
+            train_model = distributed.wrap_model(model, "ddp", device)
+        if config.method in ("galore", "galore+"):
+            optimizer = distributed.distribute(optimizer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    if config.method in ("galore", "galore+"):
+    if config.method in ("galore", "galore+") and rank == 0:
         from .integration import optimizer_summary
 
         print(optimizer_summary(optimizer), file=sys.stderr)
@@ -308,13 +370,13 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     elif config.eval_before:
         history["eval_before"] = run_eval("before training")
     log_path = out / "log.jsonl"
-    if not resume:
+    if not resume and rank == 0:
         log_path.write_text("")
 
     model.train()
     refresh_base = refresh_seconds(optimizer) - history["refresh_seconds"]
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="fine-tuning",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         began = time.perf_counter()
         loss_sum, tokens = 0.0, 0
@@ -322,15 +384,20 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
                          for j in range(config.grad_accum)]
         answer_tokens = sum(sum(1 for t in features[i]["labels"] if t != -100) for ids in micro_batches for i in ids)
         for ids in micro_batches:
+            ids = ids[rank::world]  # this rank's share of the global batch
             batch = {k: v.to(device) for k, v in collate([features[i] for i in ids], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # token-level mean over the whole step's answer tokens, so accumulation equals a bigger batch
+            # (times the world size: DDP and FSDP2 average the ranks' gradients, we want their sum)
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                reduction="sum") / answer_tokens
+                reduction="sum") * world / answer_tokens
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.item() / world
             tokens += int(batch["attention_mask"].sum())
+        if world > 1:
+            loss_sum, tokens = distributed.sum_across_ranks(loss_sum, tokens)
+            tokens = int(tokens)
         optimizer.step()  # layer-wise: closes the step, the parameters were updated inside backward()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -340,8 +407,9 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
         history["refresh_seconds"] = refresh_seconds(optimizer) - refresh_base
         record = {"step": step + 1, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                   "seconds": round(seconds, 4), "refresh_seconds": round(history["refresh_seconds"], 4)}
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / seconds:.0f}",
                         refresh_s=f"{history['refresh_seconds']:.1f}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
@@ -349,19 +417,23 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     bar.close()
     save_checkpoint(out, model, optimizer, scheduler, total_steps, config, history)
 
-    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    plot_losses(log, out / "loss.png", f"{config.method} rank {config.rank} on {task.name}")
+    eval_after = run_eval("after training")  # on every rank: an FSDP2 forward is collective
     metrics = {
         "method": config.method, "rank": config.rank, "model": config.model, "data": task.name,
         "steps": total_steps, "train_seconds": round(history["train_seconds"], 2),
         "tokens_per_second": round(history["tokens"] / max(history["train_seconds"], 1e-9), 1),
         "peak_memory_bytes": peak_memory_bytes(device), "refresh_seconds": round(history["refresh_seconds"], 3),
-        "eval_before": history.get("eval_before"), "eval_after": run_eval("after training"),
+        "eval_before": history.get("eval_before"), "eval_after": eval_after,
         "config": dataclasses.asdict(config),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after")},
-                     indent=1))
+    if rank == 0:
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        plot_losses(log, out / "loss.png", f"{config.method} rank {config.rank} on {task.name}")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after")},
+                         indent=1))
+    if config.distributed != "none":
+        distributed.shutdown()
     return metrics
 
 

@@ -79,6 +79,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip={clip!r} is not one of {CLIP_MODES}")
         if clip is not None and (max_grad_norm is None or not max_grad_norm > 0):
             raise ValueError(f"clip={clip!r} needs max_grad_norm > 0, got {max_grad_norm!r}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            from .distributed import layerwise_unsupported_reason
+
+            raise ValueError(layerwise_unsupported_reason())
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, dict(optimizer.defaults))
         self.optimizer = optimizer  # from here on param_groups and state are the wrapped optimizer's

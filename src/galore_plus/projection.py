@@ -105,7 +105,7 @@ def random_projector(
     return left, right
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
+def orthonormalize(Y: Tensor, rows: RowSharding | None = None) -> Tensor:
     """An orthonormal basis of the columns of a tall ``Y`` (``m×k``, ``k ≤ m``).
 
     CholeskyQR2: ``Y ← Y L⁻ᵀ`` with ``L Lᵀ = Yᵀ Y``, twice (the second pass restores orthogonality
@@ -113,11 +113,18 @@ def orthonormalize(Y: Tensor) -> Tensor:
     solve, so it runs at BLAS-3 speed; LAPACK's Householder QR of the same 4096×136 block is several
     times slower on CPU. Falls back to Householder QR when ``Yᵀ Y`` is not numerically positive
     definite (a rank-deficient or very ill-conditioned ``Y``).
+
+    ``rows``: ``Y``'s rows are sharded across ranks (FSDP2, SPEC 3); ``Yᵀ Y`` is then the all-reduced
+    sum of the shards' ``k×k`` Gram matrices and the result is this rank's rows of the basis. The
+    Householder fallback gathers the thin ``m×k`` ``Y`` (never a gradient).
     """
     Q = Y
     for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        gram = Q.T @ Q
+        L, info = torch.linalg.cholesky_ex(gram if rows is None else rows.sum(gram))
         if info.item() != 0:
+            if rows is not None:
+                return rows.local(torch.linalg.qr(rows.gather(Y)).Q)
             return torch.linalg.qr(Y).Q
         Q = torch.linalg.solve_triangular(L.T, Q, upper=True, left=False)
     return Q
@@ -130,6 +137,7 @@ def randomized_svd(
     oversample: int = 8,
     power_iters: int = 2,
     start: Tensor | None = None,
+    rows: RowSharding | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Approximate top-``rank`` singular vectors ``(U_r, Vh_r)`` by randomized subspace iteration.
 
@@ -145,18 +153,24 @@ def randomized_svd(
     ``start`` (``n×j``, j ≤ k) replaces the first columns of Ω: passing the previous right basis
     starts the iteration from the old subspace. Computed in ``matrix``'s dtype (float32 or
     float64). ``k`` is capped at min(m, n).
+
+    ``rows``: ``matrix`` is this rank's row shard of ``A`` (FSDP2, SPEC 3). Every product with ``A``
+    on the left is local (``A Ω``, ``A Z`` are row-sharded like ``A``), every product with ``Aᵀ`` is a
+    sum over shards, all-reduced: ``Aᵀ Y`` (``n×k``), ``Yᵀ A`` (``k×n``) and the ``k×k`` Gram matrices
+    of the orthonormalisations. ``U_r`` is then this rank's rows; ``Vh_r`` is the same on every rank.
     """
-    m, n = matrix.shape
+    m, n = matrix.shape if rows is None else (rows.global_rows, matrix.shape[1])
     k = min(rank + oversample, m, n)
+    total = (lambda x: x) if rows is None else rows.sum
     omega = torch.randn(n, k, generator=generator, dtype=torch.float32).to(device=matrix.device, dtype=matrix.dtype)
     if start is not None:
         j = min(start.shape[1], k)
         omega[:, :j] = start[:, :j].to(omega.dtype)
-    Y = orthonormalize(matrix @ omega)
+    Y = orthonormalize(matrix @ omega, rows)
     for _ in range(power_iters):
-        Z = orthonormalize(matrix.T @ Y)
-        Y = orthonormalize(matrix @ Z)
-    small = _svd(Y.T @ matrix)
+        Z = orthonormalize(total(matrix.T @ Y))
+        Y = orthonormalize(matrix @ Z, rows)
+    small = _svd(total(Y.T @ matrix))
     if small is None:
         raise torch.linalg.LinAlgError("SVD of the sketched matrix failed")
     U_small, Vh = small
@@ -171,11 +185,13 @@ def randomized_projector(
     oversample: int = 8,
     power_iters: int = 2,
     warm: tuple[Tensor | None, Tensor | None] | None = None,
+    rows: RowSharding | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """The projector of ``side`` from ``randomized_svd`` (GaLore+, SPEC 2.1).
 
     ``warm`` is the previous ``(left, right)`` projector: its right basis seeds Ω directly, a left
-    basis ``P`` through ``Gᵀ P`` (its image in the row space).
+    basis ``P`` through ``Gᵀ P`` (its image in the row space). With ``rows`` (``grad`` and a left
+    basis are this rank's row shards) the left basis returned is this rank's rows.
     """
     start = None
     if warm is not None:
@@ -184,7 +200,8 @@ def randomized_projector(
             start = right.T
         elif left is not None:
             start = grad.T @ left.to(grad.dtype)
-    U, Vh = randomized_svd(grad, rank, generator, oversample, power_iters, start)
+            start = start if rows is None else rows.sum(start)
+    U, Vh = randomized_svd(grad, rank, generator, oversample, power_iters, start, rows)
     return (U if side in (LEFT, FULL) else None), (Vh if side in (RIGHT, FULL) else None)
 
 
@@ -234,6 +251,20 @@ def cross_head_projector(
         raise ValueError(f"num_heads={num_heads} does not divide the {m} rows of the matrix")
     heads = choose_heads(num_heads, rank, m // num_heads, generator)
     block = head_rows(grad, num_heads, heads)
+    return head_block_projector(block, rank, generator, randomized, oversample, power_iters, warm)
+
+
+def head_block_projector(
+    block: Tensor,
+    rank: int,
+    generator: torch.Generator,
+    randomized: bool = False,
+    oversample: int = 8,
+    power_iters: int = 2,
+    warm: Tensor | None = None,
+) -> tuple[None, Tensor]:
+    """The cross-head right projector from the chosen heads' stacked rows (``cross_head_projector``
+    after the heads are drawn from ``generator``; the distributed code gathers the block itself)."""
     if rank > min(block.shape):
         raise ValueError(f"rank={rank} exceeds the rank {min(block.shape)} of the stacked head rows "
                          f"{tuple(block.shape)}")
@@ -244,6 +275,26 @@ def cross_head_projector(
     if factors is None:
         raise torch.linalg.LinAlgError(f"SVD of the {tuple(block.shape)} head block failed")
     return None, factors[1][:rank].contiguous()
+
+
+class RowSharding:
+    """How a row-sharded matrix's collectives are done (FSDP2 ``Shard(0)``; ``distributed.py``).
+
+    ``global_rows``: rows of the whole matrix; ``sum(t)``: the all-reduced sum over ranks of a small
+    replicated-shape tensor; ``gather(t)``: all ranks' row shards stacked (used only for thin
+    ``m×k`` bases); ``local(t)``: this rank's rows of a whole ``m×…`` tensor.
+    """
+
+    global_rows: int
+
+    def sum(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def gather(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def local(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 def project(grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
