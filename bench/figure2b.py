@@ -21,6 +21,7 @@ power_iters=q)``, o in {0,4,8,16}, q in {0,1,2,3}, and its time (fastest of 5 ca
 
     HF_HUB_OFFLINE=1 python bench/figure2b.py           # 30 layers, 5 seeds: 5-8 min on 2 busy cores
     HF_HUB_OFFLINE=1 python bench/figure2b.py --quick   # 4 layers, 2 seeds: ~2.5 min (mostly loading)
+    python bench/figure2b.py --smoke --out /tmp/f2b     # a random tiny LLaMA, seconds: CI smoke only
 
 Writes figure2b.{md,json,png} and randomized_defaults.{md,json} to ``--out`` (default bench/results).
 """
@@ -76,6 +77,24 @@ def real_gradients(layers, batch_size=4, items=8):
             "num_kv_heads": cfg.num_key_value_heads,
             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
             "texts": items, "tokens": tokens, "data": "reasoning_gym gsm_symbolic, size 8, seed 0"}
+    return grads, info
+
+
+def smoke_gradients(layers):
+    """The same structure from a random 2-layer LLaMA (head_dim 64) on random tokens: for CI only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=512, vocab_size=512)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {i: {name: getattr(mod, name).weight.grad.detach().clone()
+                 for mod, names in ((model.model.layers[i].self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                    (model.model.layers[i].mlp, ("up_proj",))) for name in names}
+             for i in layers}
+    info = {"model": "random tiny LLaMA (smoke run, not a result)", "file": None, "num_layers": 2,
+            "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "texts": 2, "tokens": int(ids.numel()),
+            "data": "random tokens"}
     return grads, info
 
 
@@ -241,20 +260,26 @@ def plot(out, info, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 layers, 2 seeds, 1 layer for the defaults")
+    parser.add_argument("--smoke", action="store_true", help="random tiny LLaMA, 1 seed: checks the script runs")
     parser.add_argument("--seeds", type=int, default=None, help="cross-head seeds (default 5, quick 2)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    args.seeds = args.seeds or (2 if args.quick else 5)
+    args.seeds = args.seeds or (1 if args.smoke else 2 if args.quick else 5)
     start = time.perf_counter()
-    layers = [0, 10, 20, 29] if args.quick else list(range(30))
-    default_layers = [15] if args.quick else [0, 15, 29]
+    layers = [0, 1] if args.smoke else [0, 10, 20, 29] if args.quick else list(range(30))
+    default_layers = [1] if args.smoke else [15] if args.quick else [0, 15, 29]
     torch.manual_seed(0)
-    grads, info = real_gradients(sorted(set(layers) | set(default_layers)))
+    if args.smoke:  # a 128-row k_proj has no rank-128 error to measure
+        global RANKS, DEFAULT_RANKS
+        RANKS, DEFAULT_RANKS = (8, 32), (8, 32)
+    load = smoke_gradients if args.smoke else real_gradients
+    grads, info = load(sorted(set(layers) | set(default_layers)))
     info["layers"] = args.layers_used = layers
     os.makedirs(args.out, exist_ok=True)
     out = figure2b({i: grads[i] for i in layers}, info, args.seeds)
     torch.set_num_threads(1)  # timings: one thread is far less disturbed by other processes on the machine
-    rows = randomized_defaults({i: grads[i] for i in default_layers}, seeds=1 if args.quick else 3, repeats=5)
+    rows = randomized_defaults({i: grads[i] for i in default_layers}, seeds=1 if args.quick or args.smoke else 3,
+                               repeats=1 if args.smoke else 5)
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     commit = subprocess.run(git + ["describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     info.update(timing_threads=torch.get_num_threads(), torch=torch.__version__, commit=commit,
