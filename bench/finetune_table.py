@@ -106,18 +106,26 @@ def mode_settings(mode):
         seeds = [0]
         main = [c for c in main if c[0] in ("adamw", "lora r32", "galore+ r32")]
         ablation, ab_tasks = [], []
-    # the order: per task, its evals before, the main grid seed by seed, then the ablation (which
-    # reuses the main grid's GaLore+ run at the same ρ); arithmetic and its ablation before gsm_symbolic
+    display = {"main": [c[0] for c in main], "ablation": [c[0] for c in ablation]}
+    # the order of execution: per task, the main grid seed by seed (each seed's eval before first;
+    # within a seed AdamW, then rank 32 before rank 8, GaLore / GaLore+ before LoRA / DoRA, so that a
+    # partial run has the central comparisons first), then the ablation (which reuses the main
+    # grid's GaLore+ run at the same ρ); arithmetic and its ablation before gsm_symbolic
+    priority = ["galore", "galore+", "lora", "dora"]
+    main = sorted(main, key=lambda c: (c[1] != "adamw", -(c[2] or 0), priority.index(c[1]) if c[1] in priority else 0))
     jobs = []
     for task, task_opts in tasks.items():
         for seed in seeds:
             jobs.append(eval_job(common, task, task_opts, seed))
-        groups = [("main", main)] + ([("ablation", ablation)] if task in ab_tasks else [])
-        for table, configs in groups:
+            for label, method, rank, extra in main:
+                jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method], "main"))
+        if task in ab_tasks:
             for seed in seeds:
-                for label, method, rank, extra in configs:
-                    jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method], table))
-    return {"mode": mode, "common": common, "tasks": tasks, "seeds": seeds, "lr": lr, "jobs": _dedupe(jobs)}
+                for label, method, rank, extra in ablation:
+                    jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method],
+                                          "ablation"))
+    return {"mode": mode, "common": common, "tasks": tasks, "seeds": seeds, "lr": lr, "display": display,
+            "jobs": _dedupe(jobs)}
 
 
 def _dedupe(jobs):
@@ -392,7 +400,7 @@ def render(settings, results, command, path_md, path_png=None):
     tables = [("main", "Main grid"), ("ablation", "GaLore+ residual ablation")]
     for task in settings["tasks"]:
         for table, title in tables:
-            labels = [label for (t, tb, label) in rows if t == task and tb == table]
+            labels = [label for label in settings["display"][table] if (task, table, label) in rows]
             if not labels:
                 continue
             lines += [f"## {task}: {title}", "",
@@ -443,7 +451,8 @@ def plot(settings, rows, before, path):
     tasks = list(settings["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
-        labels = [label for (t, tb, label) in rows if t == task and tb in ("main", "ablation")]
+        labels = [label for tb in ("main", "ablation") for label in settings["display"][tb] if (task, tb, label) in rows]
+        labels = list(dict.fromkeys(labels))
         for row, (metric, scale, name) in enumerate((("accuracy", 100, "accuracy % after"),
                                                       ("answer_loss", 1, "answer loss after"))):
             ax = axes[row][col]
