@@ -548,7 +548,8 @@ def main(argv=None):
             summary = result.get("eval") or result.get("eval_after")
             print(f"  done in {result['wall_seconds']} s: {json.dumps(summary)}", flush=True)
             # tables after every run, so a partial invocation leaves current tables behind
-            render(settings, load_results(json_path), command, results_dir / f"{stem}.md")
+            render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
+                   None if mode_name == "smoke" else results_dir / f"{stem}.png")
     missing = render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
                      None if mode_name == "smoke" else results_dir / f"{stem}.png")
     print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)
