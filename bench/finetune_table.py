@@ -410,7 +410,6 @@ def render(settings, results, command, path_md, path_png=None):
             for label in labels:
                 entries = rows[(task, table, label)]
                 done = [(j, r) for j, r in entries if r]
-                missing += [f"{task} / {label} / seed {j['settings']['seed']}" for j, r in entries if not r]
                 s = entries[0][0]["settings"]
                 seeds = [j["settings"]["seed"] for j, _ in done]
                 res = [r["result"] for _, r in done]
@@ -430,9 +429,9 @@ def render(settings, results, command, path_md, path_png=None):
                              f"{_fmt(peak, 2)} | {_fmt(lb, 3)} → {_fmt(la, 3)} | {_fmt(ab, 1, 100)} → "
                              f"{_fmt(aa, 1, 100)} |")
             lines.append("")
-    for (task, table, label), entries in rows.items():
-        if table == "before":
-            missing += [f"{task} / eval before / seed {j['settings']['seed']}" for j, r in entries if not r]
+    recorded = {r["key"] for r in results["runs"]}
+    missing = [f"{j['task']} / {j['label']} / seed {j['settings']['seed']}" for j in settings["jobs"]
+               if j["key"] not in recorded]
     lines += ["## Missing", ""]
     lines += [f"- {m}" for m in missing] if missing else ["Nothing: every configured run is recorded."]
     lines.append("")
