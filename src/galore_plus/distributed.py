@@ -1,13 +1,13 @@
 """Data-parallel GaLore: DDP and FSDP2 without gathering full gradients (SPEC 3).
 
-``distribute(optimizer)`` makes a ``LowRankOptimizer`` (``GaLoreAdamW``, ``GaLorePlusAdamW``,
-``GaLoreAdamW8bit``, ``GaLoreAdafactor``) work under ``torch.distributed``; the single-process
-machinery (``lowrank.py``) runs unchanged and only the pieces that must talk to other ranks are
-replaced here.
+``distribute(optimizer)`` makes a ``LowRankOptimizer`` (``GaLoreAdamW``, ``GaLorePlusAdamW``;
+``GaLoreAdamW8bit`` and ``GaLoreAdafactor`` under DDP only) work under ``torch.distributed``; the
+single-process machinery (``lowrank.py``) runs unchanged and only the pieces that must talk to other
+ranks are replaced here.
 
 **DDP** (plain parameters, gradients already averaged by DDP): at a step where projectors are due,
-each rank computes the projectors of its share of the parameters (owner = parameter index mod world
-size) and broadcasts them, so a refresh costs about 1/N of the single-process one; everything else
+each rank computes the projectors of its share of the parameters (owners balanced by estimated cost,
+largest first) and broadcasts them, so a refresh costs about 1/N of the single-process one; everything else
 is the single-process step on identical gradients, so parameters stay identical across ranks. The
 random draws come from ``rng.generator_for(seed, parameter index, refresh count)``, so the owner's
 projector is the one a single process would compute.
@@ -29,14 +29,13 @@ low-rank math runs on the row shards. With ``G_i`` this rank's rows of ``G`` (``
   Prefer ``svd="randomized"`` (GaLore+'s default) under FSDP2.
 
 Projectors are stored as DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments
-as DTensors placed like the low-rank gradient, 8-bit codes and residual indices/values as this
-rank's local tensors (the residual index set is chosen globally: a top-ρ over all shards, from the
+as DTensors placed like the low-rank gradient, residual indices/values as this rank's local tensors (the residual index set is chosen globally: a top-ρ over all shards, from the
 candidates each rank proposes, so it equals the single-process set).
 
 Checkpoints go through ``torch.distributed.checkpoint`` (``save_checkpoint`` / ``load_checkpoint``):
 every value is a tensor (numbers as 0-d tensors), so nothing is unpickled on load. DTensors are
-saved sharded; per-rank state (residual, 8-bit codes) under per-rank keys, so a resume needs the
-same world size.
+saved sharded; per-rank state (the residual) under per-rank keys, so a resume needs the same world
+size.
 
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2: its hooks run inside
 ``backward()`` on this rank's gradient before DDP's bucketed all-reduce has averaged it (DDP writes
@@ -65,11 +64,6 @@ from .lowrank import LowRankOptimizer, compute_dtype
 from .rng import generator_for
 
 __all__ = ["distribute", "save_checkpoint", "load_checkpoint", "init_from_env", "wrap_model", "layerwise_unsupported_reason"]
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def layerwise_unsupported_reason() -> str:
@@ -205,7 +199,7 @@ class _DistributedLowRank:
             rank, world = dist.get_rank(self._ddp_group), dist.get_world_size(self._ddp_group)
             self._counter.phase = "refresh"
             try:
-                owners = [self._param_index[id(p)] % world for _, p in due]
+                owners = _balanced_owners([_refresh_cost(group, p) for group, p in due], world)
                 for (group, p), owner in zip(due, owners):
                     if owner == rank:
                         state = self.state[p]
@@ -396,6 +390,26 @@ class _DistributedLowRank:
         return local_index.to(torch.int32) if reconstructed.numel() < 2**31 else local_index
 
 
+def _refresh_cost(group: dict[str, Any], p: Tensor) -> float:
+    """Rough flops of one projector refresh, to balance the owners (SPEC 2.1, 2.2)."""
+    m, n = p.shape
+    if group["num_heads"] is not None:  # the SVD of the chosen heads' rows
+        rows = projection.heads_needed(group["rank"], m // group["num_heads"]) * (m // group["num_heads"])
+        return rows * n * min(rows, n)
+    if group["svd"] == "randomized":
+        return m * n * (group["rank"] + group["oversample"]) * (2 * group["power_iters"] + 2)
+    return m * n * min(m, n)
+
+
+def _balanced_owners(costs: list[float], world: int) -> list[int]:
+    """Owner rank of each refresh: largest first to the least-loaded rank (the same on every rank)."""
+    load, owners = [0.0] * world, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        owners[j] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[j]] += costs[j]
+    return owners
+
+
 _CLASSES: dict[type, type] = {}
 
 
@@ -410,7 +424,8 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     Raises:
         TypeError: not a ``LowRankOptimizer``; ValueError: a ``LayerwiseOptimizer`` (see
         ``layerwise_unsupported_reason``), or FSDP2 parameters not ``Shard(0)`` on a 1-D mesh, or a mix
-        of DTensor and plain parameters in one optimizer; RuntimeError: no process group.
+        of DTensor and plain parameters in one optimizer; NotImplementedError: ``GaLoreAdamW8bit`` or
+        ``GaLoreAdafactor`` with FSDP2 parameters (both work under DDP); RuntimeError: no process group.
     """
     from .layerwise import LayerwiseOptimizer
 
@@ -426,6 +441,19 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     if any(sharded) and not all(sharded):
         raise ValueError(f"{sum(sharded)} of the optimizer's {len(params)} parameters are FSDP2 DTensors and the "
                          "others are not; shard the whole model with fully_shard (its root module too)")
+    if any(sharded):
+        from .adafactor import GaLoreAdafactor
+        from .adamw8bit import GaLoreAdamW8bit
+
+        if isinstance(optimizer, GaLoreAdamW8bit):
+            raise NotImplementedError(
+                "GaLoreAdamW8bit under FSDP2 is not supported yet: bitsandbytes quantizes plain tensors, and the 8-bit "
+                "blocks of a row-sharded moment are not kept as shards yet; use GaLoreAdamW (its moments are r-sized) "
+                "under FSDP2, or GaLoreAdamW8bit under DDP")
+        if isinstance(optimizer, GaLoreAdafactor):
+            raise NotImplementedError(
+                "GaLoreAdafactor under FSDP2 is not supported yet: its factored second moment needs column means over "
+                "all rows of a sharded matrix (an all-reduce per step that is not implemented); use it under DDP")
     for p in params:
         if isinstance(p, DTensor) and (p.placements != (Shard(0),) or p.device_mesh.ndim != 1):
             raise ValueError(f"galore_plus.distributed supports FSDP2 parameters sharded Shard(0) over a 1-D mesh; "
@@ -495,15 +523,16 @@ def _encode_number(value: Any) -> tuple[Tensor, str] | None:
     return None
 
 
-def save_checkpoint(path: str, model: torch.nn.Module, optimizer: LowRankOptimizer) -> None:
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Save model and optimizer to directory ``path`` with ``torch.distributed.checkpoint``; call it on
-    every rank (each writes its shards). ``model`` is the DDP/FSDP2 model the optimizer trains."""
+    every rank (each writes its shards). ``model`` is the DDP or FSDP2 model the optimizer trains (or
+    the module inside DDP); any optimizer whose state is tensors and numbers works."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_flat_state(model, optimizer), checkpoint_id=str(path))
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LowRankOptimizer) -> None:
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (same world size), in place;
     the optimizer's state is replaced. Call it on every rank."""
     import torch.distributed.checkpoint as dcp
@@ -523,7 +552,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LowRankOptimiz
         layout = key.rsplit("/", 1)[1]
         size, dtype = tuple(meta.size), meta.properties.dtype
         if layout in ("shard", "replicate"):
-            name = _param_of(key, params)
+            name = _param_of(key)
             mesh = params[name].device_mesh
             placement = Shard(0) if layout == "shard" else Replicate()
             template[key] = dtensor_empty(*size, dtype=dtype, device_mesh=mesh, placements=[placement])
@@ -538,7 +567,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LowRankOptimiz
     states: dict[str, dict[str, Any]] = defaultdict(dict)
     for key, value in template.items():
         if key.startswith("optim/state/"):
-            name = _param_of(key, params)
+            name = _param_of(key)
             state_key, layout = key[len(f"optim/state/{name}/"):].rsplit("/", 1)
             states[name][state_key] = _decode(value, layout)
         elif key.startswith("optim/group/"):
@@ -552,7 +581,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: LowRankOptimiz
                 optimizer.state[p] = states[by_name[id(p)]]
 
 
-def _param_of(key: str, params: dict[str, Tensor]) -> str:
+def _param_of(key: str) -> str:
     """The parameter name inside ``optim/state/<name>/<key>/<layout>`` (names contain dots, not slashes)."""
     return key[len("optim/state/"):].split("/", 1)[0]
 
