@@ -1,0 +1,330 @@
+"""Bytes communicated by GaLore+ under FSDP2 and DDP for one LLaMA-shaped decoder layer, and refresh
+time on 2 ranks vs 1 (CPU, gloo).
+
+The layer's seven weight matrices (PyTorch layout out×in; LLaMA-7B: q, k, v, o 4096×4096 with 32
+heads of 128 rows, gate/up 11008×4096, down 4096×11008) are built as FSDP2-style DTensors
+(``Shard(0)`` over a 1-D mesh of ``--world`` ranks) with low-rank-plus-noise gradients, and driven
+by ``GaLorePlusAdamW`` through ``galore_plus.distributed.distribute`` with the paper's recipe:
+cross-head projection and a 1.2% residual on q/k, randomized subspace iteration (oversample 8, two
+power iterations) everywhere, rank ``--rank``. The optimizer counts the payload of each of its own
+collectives (``optimizer.comm_bytes``); bytes *sent per rank* use the ring model: all-reduce of B
+bytes 2(N−1)/N·B, all-gather of a b-byte shard (N−1)·b, broadcast B, gather b.
+
+Compared with the all-gather approach (what a GaLore that needs the whole gradient does under FSDP:
+all-gather every matrix's gradient, (N−1)/N·m·n·4 bytes per rank, at every step, since the
+projection ``G Q`` and the refresh both read the whole gradient).
+
+Refresh time: a refresh step minus a steady step (best of 3, the maximum over ranks; wall and CPU
+seconds), for
+FSDP2 on N ranks, DDP on N ranks (each rank computes the projectors it owns, then broadcasts) and one
+process, each rank with one thread (so N ranks use N cores). DDP gradients are the same on every
+rank, as after DDP's all-reduce.
+
+    python bench/communication.py               # LLaMA-7B dimensions / 2, rank 128, 2 ranks
+    python bench/communication.py --divisor 1   # the LLaMA-7B layer itself (≤ 1 GB per rank; slow on 2 cores)
+    python bench/communication.py --quick       # every dimension / 8, rank 16: ~1 min
+
+The bytes are exact functions of the shapes (``expected_payload``; every run checks the counted
+payloads against it), so the LLaMA-7B figures are also given from the formula.
+
+Writes ``communication.json`` and ``communication.md`` (``--out``, default ``bench/results``).
+FSDP2's own all-gather of parameters and reduce-scatter of gradients, and DDP's gradient all-reduce,
+are the same for every optimizer and not counted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPEATS = 3
+SHAPES_7B = {  # name: (rows, cols, heads)
+    "q_proj": (4096, 4096, 32), "k_proj": (4096, 4096, 32), "v_proj": (4096, 4096, None),
+    "o_proj": (4096, 4096, None), "gate_proj": (11008, 4096, None), "up_proj": (11008, 4096, None),
+    "down_proj": (4096, 11008, None),
+}
+
+
+def shapes(divisor: int) -> dict[str, tuple[int, int, int | None]]:
+    """The LLaMA-7B layer with every dimension divided by ``divisor`` (heads keep 128 rows down to /2)."""
+    if divisor == 1:
+        return SHAPES_7B
+    head_rows = 128 if divisor <= 2 else 64
+    return {k: (m // divisor, n // divisor, m // divisor // head_rows if h else None)
+            for k, (m, n, h) in SHAPES_7B.items()}
+
+
+def expected_payload(layer: dict, rank: int, oversample: int = 8, power_iters: int = 2,
+                     residual_ratio: float = 0.012) -> dict[str, dict[str, int]]:
+    """The payload bytes (float32) the optimizer's collectives carry, from the algorithm alone
+    (``distributed.py``): checked against the counted bytes by every run, and used for the LLaMA-7B
+    layer without running it.
+
+    FSDP2 refresh of a randomized m×n matrix (k = r + oversample): CholeskyQR2 Gram matrices 2·k² per
+    orthonormalisation of a row-sharded block (1 + power_iters of them), ``Aᵀ Y`` n·k per power
+    iteration, ``Yᵀ A`` k·n. Cross-head (q, k): the ⌈r/d_k⌉ heads' rows, ⌈r/d_k⌉·d_k·n (their SVD is
+    local). Residual index set (q, k): ρ·m·n candidate values all-gathered. Per step: r·n for a left
+    projection (m < n), nothing for a right one. DDP refresh: the projector broadcast, r·n (right) or
+    m·r (left)."""
+    fsdp_refresh = {"all_reduce": 0, "all_gather": 0}
+    fsdp_step = {"all_reduce": 0}
+    ddp_refresh = {"broadcast": 0}
+    for m, n, heads in layer.values():
+        left = heads is None and m < n
+        if heads is not None:
+            d_k = m // heads
+            fsdp_refresh["all_reduce"] += 4 * -(-rank // d_k) * d_k * n
+            fsdp_refresh["all_gather"] += 4 * max(1, round(residual_ratio * m * n))
+        else:
+            k = min(rank + oversample, m, n)
+            fsdp_refresh["all_reduce"] += 4 * (2 * k * k * (1 + power_iters) + power_iters * n * k + k * n)
+        if left:
+            fsdp_step["all_reduce"] += 4 * rank * n
+        ddp_refresh["broadcast"] += 4 * (m * rank if left else rank * n)
+    return {"fsdp_refresh": fsdp_refresh, "fsdp_step": fsdp_step, "ddp_refresh": ddp_refresh}
+
+
+def gradient(m: int, n: int, seed: int) -> torch.Tensor:
+    """Rank-256 product with a spectrum decaying 100×, plus small noise (as bench/refresh_time.py)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(256, m, n)
+    decay = torch.logspace(0, -2, k)
+    return (torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g) / n**0.5 \
+        + 1e-3 * torch.randn(m, n, generator=g)
+
+
+def build(kind: str, layer: dict, rank: int, world: int, mesh):
+    """Parameters and gradients of the layer: DTensor shards (fsdp) or whole tensors (ddp, single)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    params, heads = [], []
+    for i, (name, (m, n, h)) in enumerate(layer.items()):
+        full = gradient(m, n, seed=i)
+        if kind == "fsdp":
+            chunk = -(-m // world)
+            local = full[rank * chunk: (rank + 1) * chunk].clone()
+            del full
+            p = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False))
+        else:
+            p = torch.nn.Parameter(full)
+        # the gradient shares the parameter's storage: half the memory, and neither bytes nor times
+        # depend on the values after the refresh has read them
+        p.grad = p.detach()
+        params.append((name, p))
+        heads.append(h)
+    return params, heads
+
+
+def optimizer_for(params, heads, rank_r: int):
+    from galore_plus import GaLorePlusAdamW, galore_plus_param_groups
+
+    matrices = [(name, p, h) for (name, p), h in zip(params, heads)]
+    groups = galore_plus_param_groups(matrices, rank=rank_r, update_proj_gap=2, scale=1.0, residual_warmup=1)
+    return GaLorePlusAdamW(groups, lr=1e-5, weight_decay=0.0, seed=0)
+
+
+def timed_step(optimizer) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one step, between barriers."""
+    if dist.is_initialized():
+        dist.barrier()
+    wall, cpu = time.perf_counter(), time.process_time()
+    optimizer.step()
+    cpu = time.process_time() - cpu
+    if dist.is_initialized():
+        dist.barrier()
+    return time.perf_counter() - wall, cpu
+
+
+def run(kind: str, layer: dict, rank_r: int, rank: int, world: int) -> dict:
+    from galore_plus.distributed import distribute
+
+    mesh = None
+    if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+    params, heads = build(kind, layer, rank, world, mesh)
+    optimizer = optimizer_for(params, heads, rank_r)
+    if kind != "single":
+        optimizer = distribute(optimizer)
+    timed_step(optimizer)                   # step 1: refresh + residual index selection (untimed warm-up)
+    after_refresh = snapshot(optimizer)
+    steady, refresh = [], []                # update_proj_gap=2: steps 2, 4, 6 steady; 3, 5, 7 refresh
+    for i in range(REPEATS):
+        before = snapshot(optimizer)
+        steady.append(timed_step(optimizer))
+        if i == 0:
+            between = snapshot(optimizer)
+            per_step = {op: between["step"].get(op, 0) - before["step"].get(op, 0) for op in between["step"]}
+        refresh.append(timed_step(optimizer))
+    wall_steady, cpu_steady = (min(t[j] for t in steady) for j in (0, 1))
+    wall_refresh, cpu_refresh = (min(t[j] for t in refresh) for j in (0, 1))
+    return {"refresh_seconds": max(wall_refresh - wall_steady, 0.0), "step_seconds": wall_steady,
+            "refresh_cpu_seconds": max(cpu_refresh - cpu_steady, 0.0), "step_cpu_seconds": cpu_steady,
+            "refresh_payload": after_refresh["refresh"], "step_payload": per_step,
+            "first_step_payload": after_refresh["step"]}
+
+
+def snapshot(optimizer) -> dict:
+    counts = getattr(optimizer, "comm_bytes", {})
+    return {phase: dict(counts.get(phase, {})) for phase in ("step", "refresh")}
+
+
+def sent_per_rank(payload: dict, world: int) -> float:
+    """Ring-model bytes one rank sends for the payloads counted by the optimizer."""
+    factor = {"all_reduce": 2 * (world - 1) / world, "all_gather": world - 1, "broadcast": 1.0, "gather": 1.0}
+    return sum(factor[op] * b for op, b in payload.items())
+
+
+def worker(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    layer = shapes(args.divisor)
+    out = {}
+    for kind in ("fsdp", "ddp"):
+        result = run(kind, layer, args.rank, rank, world)
+        keys = ("refresh_seconds", "step_seconds", "refresh_cpu_seconds", "step_cpu_seconds")
+        times = torch.tensor([result[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        result.update(zip(keys, times.tolist()))
+        out[kind] = result
+    if rank == 0:
+        queue.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="dimensions / 8, rank 16")
+    parser.add_argument("--divisor", type=int, default=2,
+                        help="LLaMA-7B dimensions divided by this (default 2: 2048 hidden, 5504 MLP, 16 heads)")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=None, help="projection rank (default 128; 16 with --quick)")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    args.rank = args.rank or (16 if args.quick else 128)
+    if args.quick:
+        args.divisor = 8
+    layer = shapes(args.divisor)
+
+    torch.set_num_threads(1)
+    single = run("single", layer, args.rank, 0, 1)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue))
+             for port in [free_port()] for r in range(args.world)]
+    for p in procs:
+        p.start()
+    multi = queue.get()
+    for p in procs:
+        p.join()
+
+    world = args.world
+    gather_step = sum((world - 1) / world * m * n * 4 for m, n, _ in layer.values())
+    rows = {}
+    for kind in ("fsdp", "ddp"):
+        r = multi[kind]
+        rows[kind] = {
+            "step_bytes_sent_per_rank": sent_per_rank(r["step_payload"], world),
+            "refresh_bytes_sent_per_rank": sent_per_rank(r["refresh_payload"], world)
+            + sent_per_rank(r["first_step_payload"], world),
+            "step_payload": r["step_payload"], "refresh_payload": r["refresh_payload"],
+            **{k: r[k] for k in ("refresh_seconds", "step_seconds", "refresh_cpu_seconds", "step_cpu_seconds")},
+        }
+    expected = expected_payload(layer, args.rank)
+    counted = {"fsdp_refresh": {op: multi["fsdp"]["refresh_payload"].get(op, 0) for op in ("all_reduce", "all_gather")},
+               "fsdp_step": multi["fsdp"]["step_payload"], "ddp_refresh": multi["ddp"]["refresh_payload"]}
+    if counted != expected:
+        print(f"counted payload {counted} differs from the formula {expected}", file=sys.stderr)
+    e7 = expected_payload(SHAPES_7B, 128)
+    llama7b = {
+        "fsdp_step_bytes_sent_per_rank": sent_per_rank(e7["fsdp_step"], world),
+        "fsdp_refresh_bytes_sent_per_rank": sent_per_rank(e7["fsdp_refresh"], world),
+        "ddp_refresh_bytes_sent_per_rank": sent_per_rank(e7["ddp_refresh"], world),
+        "all_gather_bytes_per_rank": sum((world - 1) / world * m * n * 4 for m, n, _ in SHAPES_7B.values()),
+    }
+    result = {
+        "layer": {k: list(v) for k, v in layer.items()}, "rank": args.rank, "world": world, "divisor": args.divisor,
+        "payload_counted_equals_formula": counted == expected, "payload_formula": expected,
+        "llama7b_layer_rank128_from_formula": llama7b,
+        "all_gather_bytes_per_rank_per_step": gather_step,
+        "all_gather_bytes_per_rank_per_refresh": gather_step,
+        "fsdp": rows["fsdp"], "ddp": rows["ddp"],
+        "single": {k: single[k] for k in ("refresh_seconds", "step_seconds", "refresh_cpu_seconds", "step_cpu_seconds")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+                   "one thread per rank",
+    }
+    os.makedirs(args.out, exist_ok=True)
+    name = "communication_quick" if args.quick else "communication"
+    result["command"] = "python bench/communication.py" + (" --quick" if args.quick else f" --divisor {args.divisor}")
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    mb = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    f, d, s, g = r["fsdp"], r["ddp"], r["single"], r["all_gather_bytes_per_rank_per_step"]
+    L = r["llama7b_layer_rank128_from_formula"]
+    shape = ", ".join(f"{k} {m}×{n}" + (f" ({h} heads)" if h else "") for k, (m, n, h) in r["layer"].items())
+    lines = [
+        f"# Communication of GaLore+ on {r['world']} ranks (one LLaMA-shaped layer, rank {r['rank']})", "",
+        f"Layer: {shape}. GaLore+ recipe (cross-head + 1.2% residual on q/k, randomized SVD elsewhere), float32, "
+        f"gloo on CPU; {r['machine']}. Bytes sent per rank (ring model) by the optimizer's own collectives.", "",
+        "| | per step | per refresh |",
+        "|---|---|---|",
+        f"| all-gather approach (whole gradient of every matrix) | {mb(g)} | {mb(r['all_gather_bytes_per_rank_per_refresh'])} |",
+        f"| FSDP2, ours | {mb(f['step_bytes_sent_per_rank'])} | {mb(f['refresh_bytes_sent_per_rank'])} |",
+        f"| DDP, ours (beyond DDP's own gradient all-reduce) | {mb(d['step_bytes_sent_per_rank'])} | "
+        f"{mb(d['refresh_bytes_sent_per_rank'])} |",
+        "",
+        f"FSDP2 per step: {f['step_payload']} (payload bytes; the left projection's r×n all-reduce). "
+        f"Per refresh: {f['refresh_payload']} (range-finder n×k/k×n and k×k all-reduces, head rows, "
+        "residual candidates).", "",
+        "Refresh of the whole layer (a refresh step minus a steady step, best of 3; max over ranks). Wall time "
+        "depends on what else runs on the machine; CPU seconds per rank show how the work is split.", "",
+        "| refresh | wall s | vs 1 process | CPU s per rank | vs 1 process |",
+        "|---|---|---|---|---|",
+        f"| 1 process | {s['refresh_seconds']:.2f} | 1.00× | {s['refresh_cpu_seconds']:.2f} | 1.00× |",
+        f"| FSDP2, {r['world']} ranks | {f['refresh_seconds']:.2f} | {f['refresh_seconds'] / s['refresh_seconds']:.2f}× | "
+        f"{f['refresh_cpu_seconds']:.2f} | {f['refresh_cpu_seconds'] / s['refresh_cpu_seconds']:.2f}× |",
+        f"| DDP, {r['world']} ranks (split + broadcast) | {d['refresh_seconds']:.2f} | "
+        f"{d['refresh_seconds'] / s['refresh_seconds']:.2f}× | {d['refresh_cpu_seconds']:.2f} | "
+        f"{d['refresh_cpu_seconds'] / s['refresh_cpu_seconds']:.2f}× |",
+        "",
+        f"Steady step (wall): 1 process {s['step_seconds']:.3f} s, FSDP2 {f['step_seconds']:.3f} s, "
+        f"DDP {d['step_seconds']:.3f} s.",
+        "",
+        f"Counted payloads equal the formula of `expected_payload`: {r['payload_counted_equals_formula']}. "
+        f"From that formula, one LLaMA-7B layer (4096/11008, 32 heads, rank 128) on {r['world']} ranks:", "",
+        "| LLaMA-7B layer, rank 128 | per step | per refresh |",
+        "|---|---|---|",
+        f"| all-gather approach | {mb(L['all_gather_bytes_per_rank'])} | {mb(L['all_gather_bytes_per_rank'])} |",
+        f"| FSDP2, ours | {mb(L['fsdp_step_bytes_sent_per_rank'])} | {mb(L['fsdp_refresh_bytes_sent_per_rank'])} |",
+        f"| DDP, ours | 0 | {mb(L['ddp_refresh_bytes_sent_per_rank'])} |",
+        "", f"Command: `{r['command']}`.", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
