@@ -375,6 +375,9 @@ def markdown(r: dict) -> str:
               "over the fixed validation windows after the last step; perplexity = exp(validation loss). "
               "tokens/s: training tokens over the time of forward + backward + clipping + optimizer step "
               "(evaluation excluded); wall s includes evaluations.", ""]
+    for note in r.get("notes", []):
+        lines.append(f"Note: {note}")
+    lines.append("")
     for m in r["methods"]:
         s = ", ".join(f"{k} {v}" for k, v in m["settings"].items())
         lines.append(f"- {m['label']}: {s}")
@@ -407,6 +410,26 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(out: Path, other_file: Path) -> int:
+    """Add ``other_file``'s methods to the matching result in ``out`` (runs split over processes)."""
+    other = json.loads(other_file.read_text())
+    mine_file = out / f"{stem(other['mode'])}.json"
+    mine = json.loads(mine_file.read_text())
+    for key in ("mode", "config", "data", "seed", "clip", "parameters"):
+        if mine[key] != other[key]:
+            raise SystemExit(f"--merge: {other_file} differs from {mine_file} in {key!r}; not merging")
+    have = {m["label"] for m in mine["methods"]}
+    added = [m for m in other["methods"] if m["label"] not in have]
+    mine["methods"] += added
+    mine.setdefault("notes", []).append(
+        f"{', '.join(m['label'] for m in added)}: run by `{other['command']}` (started {other['started']}, load "
+        f"average at start {other['loadavg_start'][0]:.2f}), concurrently with or after this run, and merged "
+        f"with --merge")
+    write_outputs(out, mine)
+    print(f"merged {[m['label'] for m in added]} into {mine_file}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -423,7 +446,12 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="synthetic text instead of the corpus (smoke only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--resume", action="store_true", help="keep finished methods of a matching pretrain.json")
+    ap.add_argument("--merge", type=Path, metavar="JSON",
+                    help="add the methods of another run's JSON (same mode, settings and data) to --out's, "
+                         "rewrite the table and plot, and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.out, args.merge)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
