@@ -67,6 +67,13 @@ def make_optimizer(model: nn.Module, method: str):
     if method == "galore":
         groups = [{"params": matrices, "rank": 4}, {"params": others}]
         return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01, update_proj_gap=GAP, scale=1.0, seed=3)
+    if method == "options":  # the other sharded paths: warm starts, a sketched head block, full, paper
+        groups = [{"params": matrices[:1], "rank": 2, "num_heads": 4, "oversample": 0, "warm_start": True},
+                  {"params": matrices[1:2], "rank": 4, "proj_type": "full", "warm_start": True},
+                  {"params": matrices[2:], "rank": 4, "warm_start": True, "residual_ratio": 0.05,
+                   "residual_warmup": 3, "residual_mode": "paper"},
+                  {"params": others}]
+        return GaLorePlusAdamW(groups, lr=1e-2, update_proj_gap=GAP, scale=1.0, seed=3)
     if method in ("8bit", "adafactor"):  # DDP only: the single-process rule on averaged gradients
         from galore_plus import GaLoreAdafactor, GaLoreAdamW8bit
 
@@ -148,6 +155,12 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
         model = ddp_model()
         train(model, distribute(make_optimizer(model, method)), range(STEPS), rank)
         results[("ddp", method)] = full_params(model)
+    model = make_model()
+    train(model, make_optimizer(model, "options"), range(STEPS), None)
+    results[("single", "options")] = full_params(model)
+    model = fsdp_model()
+    train(model, distribute(make_optimizer(model, "options")), range(STEPS), rank)
+    results[("fsdp", "options")] = full_params(model)
     results["errors"] = error_messages()
     return results
 
@@ -213,7 +226,7 @@ def ranks(tmp_path_factory):
 CASES = [(kind, method) for kind in ("ddp", "fsdp") for method in ("galore", "galore+")]
 
 
-@pytest.mark.parametrize("kind,method", CASES + [("ddp", "8bit"), ("ddp", "adafactor")])
+@pytest.mark.parametrize("kind,method", CASES + [("ddp", "8bit"), ("ddp", "adafactor"), ("fsdp", "options")])
 def test_equals_single_process_run(ranks, kind, method):
     reference = ranks[0][("single", method)]
     for res in ranks:
@@ -286,7 +299,10 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
 
     options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
-                   update_proj_gap=2, residual_warmup=1, eval_before=False)
+                   update_proj_gap=4, residual_warmup=1, eval_before=False)
+    # one projector refresh in the 4 steps: in float32 a rounding-level difference can flip the sign of
+    # a singular vector at a later refresh, after which GaLore's kept moments differ (seen: step 4 of a
+    # run with update_proj_gap=2, depending on the thread count); the float64 tests above cover refreshes
     finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
