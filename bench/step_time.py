@@ -39,7 +39,8 @@ projector objects, after the last step. Targets: GaLore+ projector refresh ≥ 4
 galore-torch's; GaLore+ steady step no slower than galore-torch's; GaLore+ amortized step ≤ 1.5×
 APOLLO's.
 
-    python bench/step_time.py            # full: ~20 min on 2 CPU cores (two exact SVD layer refreshes)
+    python bench/step_time.py            # full: 57 min on 2 CPU cores shared at load 8-12 (two exact-SVD
+                                         # layer refreshes, ~14 min each there; ~6 min each unloaded)
     python bench/step_time.py --quick    # every dimension / 4, rank 32: ~1 min
     python bench/step_time.py --smoke    # tiny shapes (128, 344), rank 8: seconds (CI)
     python bench/step_time.py --device cuda
@@ -278,6 +279,7 @@ def main():
     del tiny, opt
     gc.collect()
 
+    git = git_info()  # the tree the code was loaded from (others may commit while a full run goes on)
     params = make_layer(d, f, rank, device)
     numel = sum(p.numel() for p in params.values())
     checksums = grad_checksums(params)
@@ -357,7 +359,7 @@ def main():
                     else None, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                     "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_seconds": wall,
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        "versions": versions(), "git": git_info(),
+        "versions": versions(), "git": git,
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
         "config": {"mode": mode_name, "hidden": d, "intermediate": f, "rank": rank, "heads": HEADS,
                    "layer_elements": numel, "update_gap_amortized": GAP, "update_proj_gap_built": bench_gap,
