@@ -107,18 +107,23 @@ def mode_settings(mode):
         main = [c for c in main if c[0] in ("adamw", "lora r32", "galore+ r32")]
         ablation, ab_tasks = [], []
     display = {"main": [c[0] for c in main], "ablation": [c[0] for c in ablation]}
-    # the order of execution: per task, the main grid seed by seed (each seed's eval before first;
-    # within a seed AdamW, then rank 32 before rank 8, GaLore / GaLore+ before LoRA / DoRA, so that a
-    # partial run has the central comparisons first), then the ablation (which reuses the main
+    # the order of execution, so that a partial run has the central comparisons with a seed spread
+    # first: per task, the central four (AdamW, GaLore, GaLore+ and LoRA at the highest rank) on every
+    # seed (each seed's eval before first), then the rest of the main grid seed by seed (rank 32
+    # before rank 8, GaLore / GaLore+ before LoRA / DoRA), then the ablation (which reuses the main
     # grid's GaLore+ run at the same ρ); arithmetic and its ablation before gsm_symbolic
     priority = ["galore", "galore+", "lora", "dora"]
     main = sorted(main, key=lambda c: (c[1] != "adamw", -(c[2] or 0), priority.index(c[1]) if c[1] in priority else 0))
+    central, rest = main[:4], main[4:]
     jobs = []
     for task, task_opts in tasks.items():
-        for seed in seeds:
-            jobs.append(eval_job(common, task, task_opts, seed))
-            for label, method, rank, extra in main:
-                jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method], "main"))
+        for part in (central, rest):
+            for seed in seeds:
+                if part is central:
+                    jobs.append(eval_job(common, task, task_opts, seed))
+                for label, method, rank, extra in part:
+                    jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method],
+                                          "main"))
         if task in ab_tasks:
             for seed in seeds:
                 for label, method, rank, extra in ablation:
