@@ -37,7 +37,8 @@ may carry its own lr: ``--methods adamw@0.01,galore`` runs AdamW at 1e-2.
                                          # is not in the cache; it never fetches)
     python bench/pretrain.py --quick     # ~5 min on 2 idle cores (10-11 min at load average ~10)
     python bench/pretrain.py             # full: ~1 hour on 2 contended cores
-    python bench/pretrain.py --methods adamw,galore,galore+,apollo,adamw@0.01   # what BENCHMARKS.md ran
+    python bench/pretrain.py --methods galore+ --out /tmp/b && python bench/pretrain.py --merge /tmp/b/pretrain.json
+                                         # one method in another process, merged into bench/results
 
 Writes ``pretrain.json``, ``pretrain.md`` and ``pretrain.png`` (validation loss vs step) to ``--out``
 (default ``bench/results``; ``pretrain_quick.*`` / ``pretrain_smoke.*`` in those modes), rewritten after
