@@ -4,7 +4,8 @@ One ``torch.multiprocessing.spawn`` of two ranks runs every scenario (starting p
 importing torch costs more than the runs); each rank saves its results and the tests below compare
 them: parameters equal across ranks (DDP), equal to the single-process run on the same global batch
 (float32 tolerance), a save on 2 ranks → resume → continue equal to the uninterrupted run, the refresh
-split across ranks, no full gradient communicated (FSDP2), and the errors.
+split across ranks, no full gradient communicated (FSDP2), GaLoreAdamW8bit's sharded 8-bit moments
+(FSDP2), and the errors.
 """
 
 from __future__ import annotations
@@ -89,6 +90,77 @@ def make_optimizer(model: nn.Module, method: str):
     return GaLorePlusAdamW(groups, lr=1e-2, weight_decay=0.01, update_proj_gap=GAP, scale=1.0, seed=3)
 
 
+class Wide(nn.Module):
+    """GaLoreAdamW8bit under FSDP2: moments big enough to be 8-bit (≥ 4096 elements). ``up``
+    (``rows×16``, cross-head, right: a row-sharded ``rows×4`` moment), ``down`` (``16×rows``, left, with
+    the residual: a replicated ``4×rows`` moment) and ``emb`` (512×16 in the plain group: its moments
+    are the parameter's shards). ``rows=1024``: every shard holds a multiple of 256 elements, so the
+    8-bit blocks are the single-process ones; ``rows=1025``: 513 and 512 rows, blocks per shard."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, rows)
+        self.down = nn.Linear(rows, 16)
+        self.emb = nn.Linear(16, 512, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.down(nn.functional.gelu(self.up(h))) + self.emb(h).view(-1, 32, 16).mean(1)
+
+
+def make_wide(rows: int) -> Wide:
+    torch.manual_seed(0)
+    return Wide(rows).double()  # float64 as make_model (8-bit math is float32 either way)
+
+
+def fsdp_wide(rows: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_wide(rows)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    return model
+
+
+def make_8bit(model: Wide):
+    from galore_plus import GaLoreAdamW8bit
+
+    heads = 8 if model.up.weight.shape[0] % 8 == 0 else 5
+    groups = [{"params": [model.up.weight], "rank": 4, "num_heads": heads},
+              {"params": [model.down.weight], "rank": 4, "oversample": 4, "residual_ratio": 0.05,
+               "residual_warmup": 3},
+              {"params": [model.emb.weight, model.norm.weight, model.norm.bias, model.up.bias, model.down.bias]}]
+    return GaLoreAdamW8bit(groups, lr=1e-2, weight_decay=0.01, update_proj_gap=GAP, scale=1.0, seed=3,
+                           svd="randomized")
+
+
+def run_8bit_fsdp(rank: int, out_dir: str, results: dict) -> None:
+    """FSDP2 + GaLoreAdamW8bit against one process; save after half the steps, resume, continue."""
+    for rows in (1024, 1025):
+        model = make_wide(rows)
+        train(model, make_8bit(model), range(STEPS), None)
+        results[("single", "8bit", rows)] = full_params(model)
+        if rows == 1024:  # uninterrupted (1025: the resumed run alone, compared loosely with one process)
+            model = fsdp_wide(rows)
+            optimizer = distribute(make_8bit(model))
+            train(model, optimizer, range(STEPS), rank)
+            results[("fsdp", "8bit", rows)] = full_params(model)
+            state = optimizer.state[model.up.weight]
+            results[("fsdp", "8bit", "state")] = {k: (type(v).__name__, tuple(v.to_local().shape), v.placements)
+                                                   for k, v in state.items() if hasattr(v, "to_local")}
+        model = fsdp_wide(rows)
+        optimizer = distribute(make_8bit(model))
+        train(model, optimizer, range(STEPS // 2), rank)
+        path = os.path.join(out_dir, f"fsdp-8bit-{rows}")
+        save_checkpoint(path, model, optimizer)
+        model = fsdp_wide(rows)
+        optimizer = distribute(make_8bit(model))
+        load_checkpoint(path, model, optimizer)
+        train(model, optimizer, range(STEPS // 2, STEPS), rank)
+        results[("fsdp", "8bit", rows, "resumed")] = full_params(model)
+
+
 def train(model: nn.Module, optimizer, steps: range, rank: int | None) -> None:
     for step in steps:
         x, y = data(step)
@@ -161,6 +233,7 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
     model = fsdp_model()
     train(model, distribute(make_optimizer(model, "options")), range(STEPS), rank)
     results[("fsdp", "options")] = full_params(model)
+    run_8bit_fsdp(rank, out_dir, results)
     results["errors"] = error_messages()
     return results
 
@@ -176,13 +249,13 @@ def error_messages() -> dict[str, str]:
         distribute(torch.optim.AdamW(model.parameters()))
     except TypeError as err:
         out["adamw"] = str(err)
-    from galore_plus import GaLoreAdamW8bit
+    from galore_plus import GaLoreAdafactor
 
     model = fsdp_model()
     try:
-        distribute(GaLoreAdamW8bit([{"params": [model.up.weight], "rank": 4}]))
+        distribute(GaLoreAdafactor([{"params": [model.up.weight], "rank": 4}], lr=1e-2, relative_step=False))
     except NotImplementedError as err:
-        out["8bit"] = str(err)
+        out["adafactor"] = str(err)
     return out
 
 
@@ -281,7 +354,44 @@ def test_errors_name_the_problem(ranks):
     errors = ranks[0]["errors"]
     assert "bucketed all-reduce" in errors["layerwise"] and "step()" in errors["layerwise"]
     assert "LowRankOptimizer" in errors["adamw"]
-    assert "GaLoreAdamW8bit under FSDP2" in errors["8bit"]
+    assert "GaLoreAdafactor under FSDP2" in errors["adafactor"] and "column means" in errors["adafactor"]
+
+
+def test_fsdp_8bit_equals_single_process_run(ranks):
+    # shards of 512×4 (up's moment), 4×1024 replicated (down's) and 256×16 (emb's, plain group): every
+    # shard a whole number of 256-element blocks, so the 8-bit codes are the single-process ones
+    reference = ranks[0][("single", "8bit", 1024)]
+    for res in ranks:
+        got = res[("fsdp", "8bit", 1024)]
+        assert got.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"fsdp 8bit {name}")
+    assert not torch.allclose(reference["emb.weight"], make_wide(1024).emb.weight.detach(), atol=1e-3)
+    # the 8-bit state is sharded with the parameter: up's codes are its rows' (512 of 1024), the
+    # absmax this shard's 8 blocks of 256
+    state = ranks[0][("fsdp", "8bit", "state")]
+    assert set(state) >= {"exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"}
+    assert state["exp_avg_q"][:2] == ("DTensor", (512, 4)) and state["exp_avg_absmax"][1] == (8,)
+
+
+def test_fsdp_8bit_resume_on_two_ranks_equals_uninterrupted(ranks):
+    for res in ranks:
+        full, resumed = res[("fsdp", "8bit", 1024)], res[("fsdp", "8bit", 1024, "resumed")]
+        for name in full:
+            assert torch.equal(full[name], resumed[name]), name
+
+
+def test_fsdp_8bit_blocks_per_shard_when_rows_do_not_align(ranks):
+    # 1025 rows: shards of 513 and 512 rows, so a block never straddles the two shards (the absmax of
+    # the shorter one is padded to 9 blocks) and the run differs from one process by quantization
+    # blocking only, through a save and resume of the padded state
+    reference = ranks[0][("single", "8bit", 1025)]
+    for res in ranks:
+        got = res[("fsdp", "8bit", 1025, "resumed")]
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-2, msg=name)
+    diff = max((ranks[0][("fsdp", "8bit", 1025, "resumed")][n] - reference[n]).abs().max().item() for n in reference)
+    assert diff > 1e-9  # the blocking does differ (else this test would be the aligned one)
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -327,4 +437,8 @@ def test_command_line_refuses_layerwise_and_unsharded_state():
     with pytest.raises(SystemExit, match="bucketed all-reduce"):
         parse_config(["finetune", "--model", "tiny", "--layerwise", "--distributed", "ddp"])
     with pytest.raises(SystemExit, match="not sharded"):
-        parse_config(["finetune", "--model", "tiny", "--8bit", "--distributed", "fsdp"])
+        parse_config(["finetune", "--model", "tiny", "--method", "lora", "--distributed", "fsdp"])
+    with pytest.raises(SystemExit, match="plain tensors"):  # bitsandbytes' own AdamW8bit
+        parse_config(["finetune", "--model", "tiny", "--method", "adamw8bit", "--distributed", "fsdp"])
+    config, _ = parse_config(["finetune", "--model", "tiny", "--8bit", "--distributed", "fsdp"])
+    assert config.eightbit and config.distributed == "fsdp"

@@ -143,9 +143,13 @@ def _validate(c: FinetuneConfig) -> None:
         from .distributed import layerwise_unsupported_reason
 
         raise SystemExit(f"galore-plus: --layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
-    if c.distributed == "fsdp" and (c.method not in ("galore", "galore+", "adamw") or c.eightbit):
-        raise SystemExit("galore-plus: --distributed fsdp runs galore, galore+ (without --8bit) and adamw; "
-                         f"{c.method}{' --8bit' if c.eightbit else ''} keeps state that is not sharded with its parameter")
+    if c.distributed == "fsdp" and c.method == "adamw8bit":
+        raise SystemExit("galore-plus: --distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
+                         "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
+                         "FSDP2's DTensor parameters (use --method galore --8bit, or --distributed ddp)")
+    if c.distributed == "fsdp" and c.method not in ("galore", "galore+", "adamw"):
+        raise SystemExit("galore-plus: --distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
+                         f"{c.method} keeps state that is not sharded with its parameter")
 
 
 # ---------------------------------------------------------------------------------------------- data

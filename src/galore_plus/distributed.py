@@ -1,7 +1,7 @@
 """Data-parallel GaLore: DDP and FSDP2 without gathering full gradients (SPEC 3).
 
-``distribute(optimizer)`` makes a ``LowRankOptimizer`` (``GaLoreAdamW``, ``GaLorePlusAdamW``;
-``GaLoreAdamW8bit`` and ``GaLoreAdafactor`` under DDP only) work under ``torch.distributed``; the
+``distribute(optimizer)`` makes a ``LowRankOptimizer`` (``GaLoreAdamW``, ``GaLorePlusAdamW``,
+``GaLoreAdamW8bit``; ``GaLoreAdafactor`` under DDP only) work under ``torch.distributed``; the
 single-process machinery (``lowrank.py``) runs unchanged and only the pieces that must talk to other
 ranks are replaced here.
 
@@ -29,7 +29,9 @@ low-rank math runs on the row shards. With ``G_i`` this rank's rows of ``G`` (``
   Prefer ``svd="randomized"`` (GaLore+'s default) under FSDP2.
 
 Projectors are stored as DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments
-as DTensors placed like the low-rank gradient, residual indices/values as this rank's local tensors (the residual index set is chosen globally: a top-ρ over all shards, from the
+as DTensors placed like the low-rank gradient (``GaLoreAdamW8bit``: each rank quantizes its shard, so
+the uint8 codes are placed like the moment and the per-block absmax is sharded with them, see
+``adamw8bit.GaLoreAdamW8bit``), residual indices/values as this rank's local tensors (the residual index set is chosen globally: a top-ρ over all shards, from the
 candidates each rank proposes, so it equals the single-process set).
 
 Checkpoints go through ``torch.distributed.checkpoint`` (``save_checkpoint`` / ``load_checkpoint``):
@@ -353,7 +355,7 @@ class _DistributedLowRank:
                     grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
             else:
                 ghat_s = projection.project_back(low, left, right).to_local().view(-1)[index]
-                back_v = projection.project_back(self._low_rank_moments(state)[1], left, right)
+                back_v = projection.project_back(self._low_rank_moments(state)[1].to(dtype), left, right)
                 back_v_s = _local(back_v).reshape(-1)[index]
                 delta = residual.paper_residual(
                     grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
@@ -361,7 +363,7 @@ class _DistributedLowRank:
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = projection.project_back(self._low_rank_moments(state)[0], left, right)
+            reconstructed = projection.project_back(self._low_rank_moments(state)[0].to(dtype), left, right)
             index = self._select_sharded(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
             state["residual_m"] = torch.zeros(index.numel(), dtype=flat_update.dtype, device=flat_update.device)
@@ -424,8 +426,8 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     Raises:
         TypeError: not a ``LowRankOptimizer``; ValueError: a ``LayerwiseOptimizer`` (see
         ``layerwise_unsupported_reason``), or FSDP2 parameters not ``Shard(0)`` on a 1-D mesh, or a mix
-        of DTensor and plain parameters in one optimizer; NotImplementedError: ``GaLoreAdamW8bit`` or
-        ``GaLoreAdafactor`` with FSDP2 parameters (both work under DDP); RuntimeError: no process group.
+        of DTensor and plain parameters in one optimizer; NotImplementedError: ``GaLoreAdafactor`` with
+        FSDP2 parameters (it works under DDP); RuntimeError: no process group.
     """
     from .layerwise import LayerwiseOptimizer
 
@@ -443,17 +445,12 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
                          "others are not; shard the whole model with fully_shard (its root module too)")
     if any(sharded):
         from .adafactor import GaLoreAdafactor
-        from .adamw8bit import GaLoreAdamW8bit
 
-        if isinstance(optimizer, GaLoreAdamW8bit):
-            raise NotImplementedError(
-                "GaLoreAdamW8bit under FSDP2 is not supported yet: bitsandbytes quantizes plain tensors, and the 8-bit "
-                "blocks of a row-sharded moment are not kept as shards yet; use GaLoreAdamW (its moments are r-sized) "
-                "under FSDP2, or GaLoreAdamW8bit under DDP")
         if isinstance(optimizer, GaLoreAdafactor):
             raise NotImplementedError(
                 "GaLoreAdafactor under FSDP2 is not supported yet: its factored second moment needs column means over "
-                "all rows of a sharded matrix (an all-reduce per step that is not implemented); use it under DDP")
+                "all rows of a sharded matrix (an all-reduce per step that is not implemented); use it under DDP, or "
+                "GaLoreAdamW / GaLoreAdamW8bit under FSDP2")
     for p in params:
         if isinstance(p, DTensor) and (p.placements != (Shard(0),) or p.device_mesh.ndim != 1):
             raise ValueError(f"galore_plus.distributed supports FSDP2 parameters sharded Shard(0) over a 1-D mesh; "

@@ -244,7 +244,7 @@ class LowRankOptimizer(Optimizer):
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
         if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
-            if not torch.isfinite(p.grad).all():
+            if not _all_finite(p.grad):
                 raise FloatingPointError(
                     f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
                     f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
@@ -310,7 +310,8 @@ class LowRankOptimizer(Optimizer):
         that set at the end of warm-up (and at each later refresh with ``residual_reselect``).
 
         The residual moments are kept in the compute dtype whatever the inner rule stores (they are
-        ρ-sized); the low-rank moments come from ``_low_rank_moments``."""
+        ρ-sized); the low-rank moments come from ``_low_rank_moments`` (cast to the compute dtype: an
+        8-bit rule dequantizes to float32, and float64 parameters compute in float64)."""
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
         left, right = _basis(state, update)
         flat_update = update.view(-1)
@@ -322,14 +323,14 @@ class LowRankOptimizer(Optimizer):
                     grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
             else:
                 ghat_s = projection.project_back(low, left, right).view(-1)[index]
-                back_v_s = projection.project_back(self._low_rank_moments(state)[1], left, right).view(-1)[index]
+                back_v_s = projection.project_back(self._low_rank_moments(state)[1].to(update.dtype), left, right).view(-1)[index]
                 delta = residual.paper_residual(
                     grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
                 flat_update.index_add_(0, index, delta.mul_(lr))
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = projection.project_back(self._low_rank_moments(state)[0], left, right)
+            reconstructed = projection.project_back(self._low_rank_moments(state)[0].to(update.dtype), left, right)
             index = residual.select_indices(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
             state["residual_m"] = torch.zeros(index.numel(), dtype=update.dtype, device=update.device)
@@ -445,6 +446,12 @@ def _basis(state: dict[str, Any], like: Tensor) -> tuple[Tensor | None, Tensor |
     is stored in another dtype, see ``proj_dtype``)."""
     dtype = compute_dtype(like)
     return tuple(None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf: one reduction (a NaN/Inf makes the sum non-finite); the
+    elementwise check runs only when the sum is not finite (it may have overflowed)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:
