@@ -274,7 +274,17 @@ def test_sparse_gradient_raises():
         opt.step()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_huge_finite_gradient_whose_sum_overflows_is_not_called_non_finite():
+    W = torch.nn.Parameter(torch.zeros(8, 6))
+    opt = GaLoreAdamW([{"params": [W], "rank": 2}], lr=1e-3)
+    W.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    W.grad[0, 0] = W.grad[1, 1] = 3e38  # finite, but its float32 sum is inf
+    assert not torch.isfinite(W.grad.sum())
+    opt.step()
+    assert torch.isfinite(W).all() and opt.state[W]["step"] == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("at_step", [0, 6])
 def test_nonfinite_gradient_at_refresh_raises_and_changes_nothing(bad, at_step):
     weight, bias, set_grads = make_problem((24, 12))

@@ -244,7 +244,7 @@ class LowRankOptimizer(Optimizer):
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
         if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
-            if not torch.isfinite(p.grad).all():
+            if not _all_finite(p.grad):
                 raise FloatingPointError(
                     f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
                     f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
@@ -446,6 +446,12 @@ def _basis(state: dict[str, Any], like: Tensor) -> tuple[Tensor | None, Tensor |
     is stored in another dtype, see ``proj_dtype``)."""
     dtype = compute_dtype(like)
     return tuple(None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf: one reduction (a NaN/Inf makes the sum non-finite); the
+    elementwise check runs only when the sum is not finite (it may have overflowed)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:
