@@ -307,12 +307,13 @@ def machine_info():
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "processor": _cpu_name()}
-    for name in ("transformers", "peft", "reasoning_gym", "galore_plus"):
+    from importlib import metadata
+
+    for name in ("transformers", "peft", "reasoning-gym", "galore-plus"):  # reasoning_gym.__version__ lags
         try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "?")
-        except ImportError:
-            info[name] = None
+            info[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name.replace("-", "_")] = None
     return info
 
 
@@ -369,7 +370,7 @@ def collect(settings, results):
     return rows
 
 
-def render(settings, results, command, path_md, path_png=None):
+def render(settings, results, command, path_md, path_png=None, machine=None):
     rows = collect(settings, results)
     before = {}
     for (task, table, label), entries in rows.items():
@@ -379,7 +380,7 @@ def render(settings, results, command, path_md, path_png=None):
                     before[(task, job["settings"]["seed"])] = rec["result"]["eval"]
     common = settings["common"]
     lines = [f"# Fine-tuning table ({settings['mode']} mode): the paper's Tables 1 and 8, small", ""]
-    machine = next((r["machine"] for r in results["runs"] if r.get("machine")), {})
+    machine = machine or next((r["machine"] for r in results["runs"] if r.get("machine")), {})
     lines += [f"Command: `{command}`. Results: `finetune_table.json` (one record per run, keyed by its settings).",
               "",
               f"Machine: {machine.get('processor', '?')}, {machine.get('cpu_count', '?')} cores shared with other "
@@ -553,9 +554,9 @@ def main(argv=None):
             print(f"  done in {result['wall_seconds']} s: {json.dumps(summary)}", flush=True)
             # tables after every run, so a partial invocation leaves current tables behind
             render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
-                   None if mode_name == "smoke" else results_dir / f"{stem}.png")
+                   None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
     missing = render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
-                     None if mode_name == "smoke" else results_dir / f"{stem}.png")
+                     None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
     print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)
     return missing
 
