@@ -337,38 +337,17 @@ class _DistributedLowRank:
             grad_s = grad.to_local().reshape(-1)[state["residual_index"].long()]
         return low, grad_s
 
-    def _residual(self, group: dict[str, Any], state: dict[str, Any], low: Tensor, grad_s: Tensor | None,
-                  update: Tensor, refreshed: bool, lr: float) -> None:
-        """``LowRankOptimizer._residual`` on this rank's rows; the index set is this rank's part of
-        the global top-ρ (``_select_sharded``), stored as local flat indices."""
-        if not isinstance(update, DTensor):
-            return super()._residual(group, state, low, grad_s, update, refreshed, lr)
-        step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
-        dtype = update.dtype
-        left, right = (None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
-        flat_update = update.to_local().view(-1)
-        if "residual_index" in state:
-            index = state["residual_index"].long()
-            if group["residual_mode"] == "exact":
-                since = step - state["residual_start"]
-                flat_update[index] = residual.exact_residual(
-                    grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
-            else:
-                ghat_s = projection.project_back(low, left, right).to_local().view(-1)[index]
-                back_v = projection.project_back(self._low_rank_moments(state)[1].to(dtype), left, right)
-                back_v_s = _local(back_v).reshape(-1)[index]
-                delta = residual.paper_residual(
-                    grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
-                flat_update.index_add_(0, index, delta.mul_(lr))
-        fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
-            "residual_index" in state and refreshed and group["residual_reselect"])
-        if fix_now:
-            reconstructed = projection.project_back(self._low_rank_moments(state)[0].to(dtype), left, right)
-            index = self._select_sharded(reconstructed, group["residual_ratio"])
-            state["residual_index"] = index
-            state["residual_m"] = torch.zeros(index.numel(), dtype=flat_update.dtype, device=flat_update.device)
-            state["residual_v"] = torch.zeros_like(state["residual_m"])
-            state["residual_start"] = step
+    @staticmethod
+    def _flat_local(t: Tensor) -> Tensor:
+        """This rank's rows of ``t``, flattened (a view): the residual runs on them with local indices."""
+        return _local(t).reshape(-1)
+
+    def _select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
+        """The index set as this rank's part of the global top-ρ (``_select_sharded``), in local
+        flat indices; a plain tensor (DDP, one process) selects as ``LowRankOptimizer`` does."""
+        if not isinstance(reconstructed, DTensor):
+            return super()._select_residual(reconstructed, ratio)
+        return self._select_sharded(reconstructed, ratio)
 
     def _select_sharded(self, reconstructed: DTensor, ratio: float) -> Tensor:
         """This rank's local flat indices of the global top-ρ of ``|P M'|`` (``residual.select_indices``

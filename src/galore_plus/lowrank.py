@@ -314,7 +314,7 @@ class LowRankOptimizer(Optimizer):
         8-bit rule dequantizes to float32, and float64 parameters compute in float64)."""
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
         left, right = _basis(state, update)
-        flat_update = update.view(-1)
+        flat_update = self._flat_local(update)
         if "residual_index" in state:
             index = state["residual_index"].long()
             if group["residual_mode"] == "exact":
@@ -322,8 +322,9 @@ class LowRankOptimizer(Optimizer):
                 flat_update[index] = residual.exact_residual(
                     grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
             else:
-                ghat_s = projection.project_back(low, left, right).view(-1)[index]
-                back_v_s = projection.project_back(self._low_rank_moments(state)[1].to(update.dtype), left, right).view(-1)[index]
+                ghat_s = self._flat_local(projection.project_back(low, left, right))[index]
+                back_v = projection.project_back(self._low_rank_moments(state)[1].to(update.dtype), left, right)
+                back_v_s = self._flat_local(back_v)[index]
                 delta = residual.paper_residual(
                     grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
                 flat_update.index_add_(0, index, delta.mul_(lr))
@@ -331,11 +332,21 @@ class LowRankOptimizer(Optimizer):
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
             reconstructed = projection.project_back(self._low_rank_moments(state)[0].to(update.dtype), left, right)
-            index = residual.select_indices(reconstructed, group["residual_ratio"])
+            index = self._select_residual(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
-            state["residual_m"] = torch.zeros(index.numel(), dtype=update.dtype, device=update.device)
+            state["residual_m"] = torch.zeros(index.numel(), dtype=flat_update.dtype, device=flat_update.device)
             state["residual_v"] = torch.zeros_like(state["residual_m"])
             state["residual_start"] = step
+
+    @staticmethod
+    def _flat_local(t: Tensor) -> Tensor:
+        """``t`` flattened as a view: the residual's indices address it (the distributed optimizer
+        overrides this with this rank's shard)."""
+        return t.view(-1)
+
+    def _select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
+        """The residual's flat index set: the top-ρ of ``|P M'|`` (distributed: this rank's part)."""
+        return residual.select_indices(reconstructed, ratio)
 
     def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
         """Update the inner rule's state from ``grad`` and return the step: the parameter (or, for a
