@@ -334,12 +334,16 @@ def load_results(path: Path):
 
 
 def append_result(path: Path, record):
-    """Re-read, append, write atomically: an interruption never leaves a half-written file."""
-    data = load_results(path)
-    data["runs"] = [r for r in data["runs"] if r["key"] != record["key"]] + [record]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Re-read, append, write atomically: an interruption never leaves a half-written file, and a
+    lock file keeps two invocations (e.g. one per ``--tasks``) from dropping each other's runs."""
+    import fcntl
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results(path)
+        data["runs"] = [r for r in data["runs"] if r["key"] != record["key"]] + [record]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -499,6 +503,8 @@ def main(argv=None):
                     "peak memory is then the whole process's and is not recorded")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--tasks", default=None, help="only these tasks' runs (comma-separated, e.g. gsm_symbolic): "
+                    "two invocations with different --tasks can share the results file")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (default 1)")
     ap.add_argument("--worker", metavar="JOB_JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -521,7 +527,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     machine = machine_info()
     done = {r["key"] for r in load_results(json_path)["runs"]}
-    todo = [j for j in settings["jobs"] if j["key"] not in done]
+    tasks = set(args.tasks.split(",")) if args.tasks else None
+    todo = [j for j in settings["jobs"] if j["key"] not in done and (tasks is None or j["task"] in tasks)]
     print(f"{mode_name}: {len(settings['jobs'])} runs configured, {len(settings['jobs']) - len(todo)} already "
           f"recorded in {json_path}, {len(todo)} to run", flush=True)
     new = 0
