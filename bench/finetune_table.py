@@ -529,8 +529,9 @@ def main(argv=None):
     done = {r["key"] for r in load_results(json_path)["runs"]}
     tasks = set(args.tasks.split(",")) if args.tasks else None
     todo = [j for j in settings["jobs"] if j["key"] not in done and (tasks is None or j["task"] in tasks)]
-    print(f"{mode_name}: {len(settings['jobs'])} runs configured, {len(settings['jobs']) - len(todo)} already "
-          f"recorded in {json_path}, {len(todo)} to run", flush=True)
+    recorded = sum(j["key"] in done for j in settings["jobs"])
+    print(f"{mode_name}: {len(settings['jobs'])} runs configured, {recorded} already recorded in {json_path}, "
+          f"{len(todo)} to run" + (f" (tasks {args.tasks})" if tasks else ""), flush=True)
     new = 0
     if not args.table_only:
         for i, job in enumerate(todo, 1):
