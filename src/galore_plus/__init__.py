@@ -3,7 +3,8 @@
 Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) and ``functional``
 (inner-rule kernels) ← ``lowrank`` (optimizer state machinery) ← the optimizers users import
 (``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
-``layerwise`` (updates inside backward) and ``memory`` (state-size estimates) ← ``integration``
+``layerwise`` (updates inside backward), ``memory`` (state-size estimates) and ``distributed``
+(DDP / FSDP2; import ``galore_plus.distributed`` when you need it) ← ``integration``
 (targets and head counts of a Hugging Face model, one-call optimizer) ← ``trainer`` (Trainer glue),
 ``models``, ``data``, ``evaluate``, ``cli`` (the ``galore-plus finetune`` harness; these import
 transformers).
