@@ -92,43 +92,33 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
         if not self._quantized(grad, state):
             return super()._inner_step(grad, state, group, lr)
-        if _is_dtensor(grad):
-            local = grad.to_local()
-            out = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
-
-            def sink(a: int, b: int, step: Tensor) -> None:
-                out[a:b] = step
-
-            self._sharded_quantized_adam(grad, state, group, lr, sink)
-            return _like(out.view(local.shape).to(grad.dtype), grad)
-        out = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
+        sharded = _is_dtensor(grad)
+        local = grad.to_local() if sharded else grad
+        out = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
 
         def sink(a: int, b: int, step: Tensor) -> None:
             out[a:b] = step
 
-        self._quantized_adam(grad, state, group, lr, sink)
-        return out.view(grad.shape).to(grad.dtype)
+        adam = self._sharded_quantized_adam if sharded else self._quantized_adam
+        adam(grad, state, group, lr, sink)
+        step = out.view(local.shape).to(grad.dtype)
+        return _like(step, grad) if sharded else step
 
     def _apply_full(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
-        """A group without ``rank``: quantized moments update ``p`` chunk by chunk, in place."""
-        if _is_dtensor(p) and self._quantized(grad, self.state[p]) and p.to_local().is_contiguous():
-            lr = self._begin_step(group, p)
-            local_flat = p.to_local().view(-1)  # this rank's shard, updated in place
-
-            def local_sink(a: int, b: int, step: Tensor) -> None:
-                local_flat[a:b].sub_(step.to(p.dtype))
-
-            self._sharded_quantized_adam(grad, self.state[p], group, lr, local_sink)
-            return
-        if _is_dtensor(p) or not (self._quantized(grad, self.state[p]) and p.is_contiguous()):
+        """A group without ``rank``: quantized moments update ``p`` (under FSDP2: this rank's shard)
+        chunk by chunk, in place."""
+        sharded = _is_dtensor(p)
+        local = p.to_local() if sharded else p
+        if not (self._quantized(grad, self.state[p]) and local.is_contiguous()):
             return super()._apply_full(group, p, grad)
         lr = self._begin_step(group, p)
-        flat = p.view(-1)
+        flat = local.view(-1)
 
         def sink(a: int, b: int, step: Tensor) -> None:
             flat[a:b].sub_(step.to(p.dtype))
 
-        self._quantized_adam(grad, self.state[p], group, lr, sink)
+        adam = self._sharded_quantized_adam if sharded else self._quantized_adam
+        adam(grad, self.state[p], group, lr, sink)
 
     @staticmethod
     def _quantized(grad: Tensor, state: dict[str, Any]) -> bool:

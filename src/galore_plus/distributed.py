@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import projection, residual
-from .lowrank import LowRankOptimizer, compute_dtype
+from .lowrank import LowRankOptimizer, _all_finite, _basis, compute_dtype
 from .rng import generator_for
 
 __all__ = ["distribute", "save_checkpoint", "load_checkpoint", "init_from_env", "wrap_model", "layerwise_unsupported_reason"]
@@ -238,7 +238,7 @@ class _DistributedLowRank:
         if not isinstance(p.grad, DTensor):
             return super()._check_gradient(group, p, name)
         if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
-            finite = torch.isfinite(p.grad.to_local()).all().to(torch.int32).reshape(1)
+            finite = torch.tensor([int(_all_finite(p.grad.to_local()))], dtype=torch.int32, device=p.grad.device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=p.grad.device_mesh.get_group())
             if not finite.item():
                 raise FloatingPointError(
@@ -327,8 +327,7 @@ class _DistributedLowRank:
             return super()._project(p, grad)
         state = self.state[p]
         grad = grad.to(compute_dtype(p))
-        left, right = (None if b is None else b.to(grad.dtype) for b in (state.get("proj_left"), state.get("proj_right")))
-        low = projection.project(grad, left, right)
+        low = projection.project(grad, *_basis(state, p))
         if any(placement.is_partial() for placement in low.placements):  # Σ_i P_iᵀ G_i: r×n (or r×r)
             self._counter.add("all_reduce", low.to_local())
             low = low.redistribute(low.device_mesh, [Replicate()])
