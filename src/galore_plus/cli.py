@@ -218,14 +218,15 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: F
     ``torch.distributed.checkpoint`` (each rank writes its shards), rank 0 writes the rest."""
     from safetensors.torch import save_model
 
-    rank0 = _rank() == 0
+    distributed = None
+    if config.distributed != "none":
+        from . import distributed
+    rank0 = distributed is None or distributed.process_rank() == 0
     tmp = out / (CHECKPOINT + ".tmp")
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if config.distributed != "none":
-        from . import distributed
-
+    if distributed is not None:
         distributed.barrier()
         distributed.save_checkpoint(str(tmp / "distributed"), model, optimizer)
         distributed.barrier()
@@ -245,16 +246,8 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: F
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    if config.distributed != "none":
-        from . import distributed
-
+    if distributed is not None:
         distributed.barrier()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:

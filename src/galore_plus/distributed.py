@@ -458,7 +458,7 @@ def _flat_state(model: torch.nn.Module, optimizer: LowRankOptimizer) -> dict[str
     ``replicate`` (DTensors), ``rank<r>`` (this rank's local state of a sharded parameter), ``tensor``
     (replicated plain tensor), ``int``/``float`` (numbers as 0-d tensors); ``optim/group/<i>/<key>/...``
     for the groups' numeric hyper-parameters."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     out: dict[str, Any] = {f"model/{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for i, group in enumerate(optimizer.param_groups):
@@ -513,7 +513,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import empty as dtensor_empty
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     model_state = model.state_dict()
     params = {n: p for n, p in model.named_parameters()}
@@ -608,6 +608,11 @@ def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"mode={mode!r} is not 'ddp' or 'fsdp'")
+
+
+def process_rank() -> int:
+    """This process's rank in the default group (0 when none is initialised)."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
