@@ -505,6 +505,8 @@ def main(argv=None):
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     ap.add_argument("--tasks", default=None, help="only these tasks' runs (comma-separated, e.g. gsm_symbolic): "
                     "two invocations with different --tasks can share the results file")
+    ap.add_argument("--seeds", default=None, help="only these seeds' runs (comma-separated, e.g. 1): like --tasks, "
+                    "lets two invocations split one task's runs")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (default 1)")
     ap.add_argument("--worker", metavar="JOB_JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -528,10 +530,13 @@ def main(argv=None):
     machine = machine_info()
     done = {r["key"] for r in load_results(json_path)["runs"]}
     tasks = set(args.tasks.split(",")) if args.tasks else None
-    todo = [j for j in settings["jobs"] if j["key"] not in done and (tasks is None or j["task"] in tasks)]
+    seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+    todo = [j for j in settings["jobs"] if j["key"] not in done and (tasks is None or j["task"] in tasks)
+            and (seeds is None or j["settings"]["seed"] in seeds)]
     recorded = sum(j["key"] in done for j in settings["jobs"])
     print(f"{mode_name}: {len(settings['jobs'])} runs configured, {recorded} already recorded in {json_path}, "
-          f"{len(todo)} to run" + (f" (tasks {args.tasks})" if tasks else ""), flush=True)
+          f"{len(todo)} to run" + (f" (tasks {args.tasks})" if tasks else "")
+          + (f" (seeds {args.seeds})" if seeds else ""), flush=True)
     new = 0
     if not args.table_only:
         for i, job in enumerate(todo, 1):

@@ -84,3 +84,12 @@ def test_eval_before_equals_finetunes_own(bench, smoke_run, tmp_path):
     own = finetune(FinetuneConfig(**settings))["eval_before"]
     assert own["answer_loss"] == pytest.approx(before["result"]["eval"]["answer_loss"], rel=1e-6)
     assert own["accuracy"] == before["result"]["eval"]["accuracy"]
+
+
+def test_seeds_filter_runs_only_those_seeds(bench, tmp_path):
+    """``--seeds 1`` (like ``--tasks``) splits the work between invocations: only seed-1 runs are recorded."""
+    missing = bench.main(["--smoke", "--seeds", "1", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    data = json.loads((tmp_path / "finetune_table_smoke.json").read_text())
+    jobs = bench.mode_settings("smoke")["jobs"]
+    assert sorted(r["key"] for r in data["runs"]) == sorted(j["key"] for j in jobs if j["settings"]["seed"] == 1)
+    assert missing and all(m.endswith("/ seed 0") for m in missing)
