@@ -32,6 +32,11 @@ Design points:
   (load averages of 8–12 were seen), and there one thread ran the SmolLM2 steps no slower than two
   and small ops (the smoke runs' tiny SVDs) 10× faster, as two threads then spin waiting for each
   other. ``train s`` therefore measures a contended single core, not the machine's best.
+- **Invocations share the work.** A run about to start is claimed by a file under
+  ``<runs-dir>/claims`` holding the invocation's pid; another invocation skips a run whose claim
+  names a live process and takes over a claim whose process is gone (a killed invocation). So any
+  number of invocations (``--tasks`` / ``--seeds`` narrow what each one takes) fill one results file
+  without running anything twice.
 - Quick mode's runs are a subset of the full grid with identical settings, so the full mode reuses
   them.
 """
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -327,6 +333,37 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def claim(job, runs_dir: Path, json_path: Path):
+    """Claim ``job`` for this process, or return None if it is recorded since this invocation
+    started or claimed by a live process. Checked and written under the results file's lock."""
+    import fcntl
+    claims = Path(runs_dir) / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / (hashlib.sha1(job["key"].encode()).hexdigest()[:16] + ".pid")
+    with open(json_path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if any(r["key"] == job["key"] for r in load_results(json_path)["runs"]):
+            return None
+        try:
+            owner = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            owner = None
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            return None
+        path.write_text(f"{os.getpid()} {job['task']} / {job['label']} / seed {job['settings']['seed']}\n")
+    return path
+
+
 def load_results(path: Path):
     if path.exists():
         return json.loads(path.read_text())
@@ -542,6 +579,11 @@ def main(argv=None):
         for i, job in enumerate(todo, 1):
             if args.max_runs is not None and new >= args.max_runs:
                 break
+            claimed = claim(job, runs_dir, json_path)
+            if claimed is None:
+                print(f"  {i}/{len(todo)} {job['task']} / {job['label']} / seed {job['settings']['seed']}: "
+                      "recorded or running in another invocation, skipped", flush=True)
+                continue
             started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             load_before = os.getloadavg()
             print(f"[{started}] {i}/{len(todo)} {job['task']} / {job['label']} / seed {job['settings']['seed']}",
@@ -556,12 +598,14 @@ def main(argv=None):
             except Exception:  # record nothing: the next invocation retries it
                 traceback.print_exc()
                 print(f"  FAILED (not recorded): {job['label']}", flush=True)
+                claimed.unlink(missing_ok=True)
                 continue
             record = {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"],
                       "result": result, "machine": machine, "in_process": in_process, "started": started,
                       "loadavg_before": [round(x, 2) for x in load_before],
                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
             append_result(json_path, record)
+            claimed.unlink(missing_ok=True)
             new += 1
             summary = result.get("eval") or result.get("eval_after")
             print(f"  done in {result['wall_seconds']} s: {json.dumps(summary)}", flush=True)

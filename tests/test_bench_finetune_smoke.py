@@ -93,3 +93,29 @@ def test_seeds_filter_runs_only_those_seeds(bench, tmp_path):
     jobs = bench.mode_settings("smoke")["jobs"]
     assert sorted(r["key"] for r in data["runs"]) == sorted(j["key"] for j in jobs if j["settings"]["seed"] == 1)
     assert missing and all(m.endswith("/ seed 0") for m in missing)
+
+
+def test_a_run_claimed_by_a_live_invocation_is_skipped_then_taken_over(bench, tmp_path):
+    """Two invocations never run the same job: a live claim is skipped; a dead one's claim is taken over."""
+    import subprocess
+    import sys
+
+    args = ["--smoke", "--seeds", "0", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    json_path = tmp_path / "finetune_table_smoke.json"
+    job = next(j for j in bench.mode_settings("smoke")["jobs"] if j["settings"]["seed"] == 0)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        claim = bench.claim(job, tmp_path / "runs", json_path)
+        claim.write_text(f"{other.pid} another invocation\n")
+        missing = bench.main(args)
+        recorded = {r["key"] for r in json.loads(json_path.read_text())["runs"]}
+        assert job["key"] not in recorded and len(missing) == 1 + sum(
+            j["settings"]["seed"] == 1 for j in bench.mode_settings("smoke")["jobs"])
+        assert claim.exists()  # not ours to remove
+    finally:
+        other.kill()
+        other.wait()
+    bench.main(args)  # the claimant is gone: this invocation takes the run over
+    recorded = {r["key"] for r in json.loads(json_path.read_text())["runs"]}
+    assert job["key"] in recorded and not claim.exists()
+    assert bench.claim(job, tmp_path / "runs", json_path) is None  # recorded now
