@@ -44,6 +44,7 @@ Design points:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -333,6 +334,19 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def _results_lock(json_path: Path):
+    """An exclusive lock beside the results file, held by whoever reads-then-writes it."""
+    import fcntl
+    with open(json_path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def describe(job) -> str:
+    return f"{job['task']} / {job['label']} / seed {job['settings']['seed']}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -346,12 +360,10 @@ def _alive(pid: int) -> bool:
 def claim(job, runs_dir: Path, json_path: Path):
     """Claim ``job`` for this process, or return None if it is recorded since this invocation
     started or claimed by a live process. Checked and written under the results file's lock."""
-    import fcntl
     claims = Path(runs_dir) / "claims"
     claims.mkdir(parents=True, exist_ok=True)
     path = claims / (hashlib.sha1(job["key"].encode()).hexdigest()[:16] + ".pid")
-    with open(json_path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _results_lock(json_path):
         if any(r["key"] == job["key"] for r in load_results(json_path)["runs"]):
             return None
         try:
@@ -360,7 +372,7 @@ def claim(job, runs_dir: Path, json_path: Path):
             owner = None
         if owner is not None and owner != os.getpid() and _alive(owner):
             return None
-        path.write_text(f"{os.getpid()} {job['task']} / {job['label']} / seed {job['settings']['seed']}\n")
+        path.write_text(f"{os.getpid()} {describe(job)}\n")
     return path
 
 
@@ -373,9 +385,7 @@ def load_results(path: Path):
 def append_result(path: Path, record):
     """Re-read, append, write atomically: an interruption never leaves a half-written file, and a
     lock file keeps two invocations (e.g. one per ``--tasks``) from dropping each other's runs."""
-    import fcntl
-    with open(path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _results_lock(path):
         data = load_results(path)
         data["runs"] = [r for r in data["runs"] if r["key"] != record["key"]] + [record]
         tmp = path.with_suffix(".json.tmp")
@@ -477,7 +487,7 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
                              f"{_fmt(aa, 1, 100)} |")
             lines.append("")
     recorded = {r["key"] for r in results["runs"]}
-    missing = [f"{j['task']} / {j['label']} / seed {j['settings']['seed']}" for j in settings["jobs"]
+    missing = [describe(j) for j in settings["jobs"]
                if j["key"] not in recorded]
     lines += ["## Missing", ""]
     lines += [f"- {m}" for m in missing] if missing else ["Nothing: every configured run is recorded."]
@@ -581,13 +591,12 @@ def main(argv=None):
                 break
             claimed = claim(job, runs_dir, json_path)
             if claimed is None:
-                print(f"  {i}/{len(todo)} {job['task']} / {job['label']} / seed {job['settings']['seed']}: "
-                      "recorded or running in another invocation, skipped", flush=True)
+                print(f"  {i}/{len(todo)} {describe(job)}: recorded or running in another invocation, skipped",
+                      flush=True)
                 continue
             started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             load_before = os.getloadavg()
-            print(f"[{started}] {i}/{len(todo)} {job['task']} / {job['label']} / seed {job['settings']['seed']}",
-                  flush=True)
+            print(f"[{started}] {i}/{len(todo)} {describe(job)}", flush=True)
             try:
                 if in_process:
                     result = run_job(job, runs_dir)

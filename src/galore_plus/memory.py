@@ -30,8 +30,9 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
 
     Low-rank parameter: projector (``m·r``, ``r·n`` or both, in ``proj_dtype`` or else the compute
     dtype) + the inner rule's state on the low-rank shape (compute dtype; 8-bit: one byte per entry
-    plus a float32 absmax per 256) + the residual ``round(ρ·m·n)·(4 + 2·4)`` bytes (int64 indices past 2³¹ entries). Other
-    parameters: the inner rule's state on the full shape. Python numbers (step counters) are free.
+    plus a float32 absmax per 256) + the residual ``round(ρ·m·n)·(4 + 2·4)`` bytes (int64 indices
+    past 2³¹ entries). Other parameters: the inner rule's state on the full shape. Python numbers
+    (step counters) are free.
     """
     total = 0
     for group in optimizer.param_groups:
