@@ -69,6 +69,41 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method, extra):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
 
 
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_crash_between_the_checkpoint_renames_resumes(tmp_path, monkeypatch, complete):
+    """A crash after the previous checkpoint became ``checkpoint.old`` and before the new one left
+    ``checkpoint.tmp``: resume uses the new one if it is complete, the old one if not."""
+    full = tiny_config(tmp_path, max_steps=6, output_dir=str(tmp_path / "full"))
+    finetune(full)
+    real_save, real_replace = cli.save_checkpoint, cli.os.replace
+
+    def crash_mid_save_at_step_4(out, model, optimizer, scheduler, step, config, history):
+        if step == 4:
+            def replace(src, dst):
+                if str(src).endswith(".tmp"):
+                    if not complete:
+                        (out / "checkpoint.tmp" / "state.json").unlink()
+                    raise KeyboardInterrupt("simulated crash between the two renames")
+                real_replace(src, dst)
+            monkeypatch.setattr(cli.os, "replace", replace)
+        real_save(out, model, optimizer, scheduler, step, config, history)
+
+    monkeypatch.setattr(cli, "save_checkpoint", crash_mid_save_at_step_4)
+    run = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_config(tmp_path, max_steps=6, save_every=2, output_dir=str(run)))
+    monkeypatch.setattr(cli.os, "replace", real_replace)
+    monkeypatch.setattr(cli, "save_checkpoint", real_save)
+    assert not (run / "checkpoint").exists() and (run / "checkpoint.old").exists()
+    assert json.loads((run / "checkpoint.old" / "state.json").read_text())["step"] == 2
+    cli.main(["finetune", "--resume", str(run)])
+    a = load_file(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    b = load_file(run / "checkpoint" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
+
 def test_malformed_data_stops_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2 #### 2"}\n{"question": "2+2?"}\n')

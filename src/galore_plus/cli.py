@@ -250,9 +250,32 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: F
         distributed.barrier()
 
 
+def recover_checkpoint(directory: Path) -> None:
+    """Finish a ``save_checkpoint`` that a crash cut short between its two renames.
+
+    ``save_checkpoint`` moves the previous checkpoint to ``checkpoint.old`` and then the new one from
+    ``checkpoint.tmp`` into place; a crash between the two leaves no ``checkpoint``. The new one is
+    complete once its ``state.json`` (written last) is there, so it is promoted; otherwise the old one
+    is put back. Every rank of a distributed run may call this: a rename another rank already made is
+    not an error."""
+    final = directory / CHECKPOINT
+    tmp, old = directory / (CHECKPOINT + ".tmp"), directory / (CHECKPOINT + ".old")
+    for candidate in ([tmp] if (tmp / "state.json").exists() else []) + [old]:
+        if final.exists():
+            return
+        if candidate.exists():
+            try:
+                os.replace(candidate, final)
+            except OSError:  # another rank promoted one first
+                continue
+            print(f"galore-plus: {final} was missing after an interrupted save; restored it from {candidate.name}",
+                  file=sys.stderr)
+
+
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
     from safetensors.torch import load_model
 
+    recover_checkpoint(directory)
     ckpt = directory / CHECKPOINT
     if (ckpt / "distributed").exists():
         from . import distributed
@@ -267,6 +290,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, 
 
 
 def saved_config(directory: Path) -> FinetuneConfig:
+    recover_checkpoint(directory)
     path = directory / CHECKPOINT / "state.json"
     if not path.exists():
         raise SystemExit(f"galore-plus: --resume {directory}: no checkpoint there ({path} is missing)")
