@@ -172,3 +172,47 @@ def test_text_metrics_extremes():
     assert same == {"bleu": pytest.approx(100.0), "rouge_l": pytest.approx(1.0)}
     other = text_metrics(["completely unrelated words here"], ["the cat sat on the mat today"])
     assert other["bleu"] == pytest.approx(0.0) and other["rouge_l"] == pytest.approx(0.0)
+
+
+def test_dora_caching_gives_the_same_results_and_is_dropped_afterwards(monkeypatch):
+    """Evaluation caches an unmerged DoRA layer's ``B @ A`` and weight norm (PEFT's DoraCaching):
+    the same loss and generations, bit for bit, as recomputing them at every forward; and weights
+    changed after an evaluation are scored with their own norm, not a stale one."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft.helpers").DoraCaching  # noqa: B018 (attribute check)
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    tokenizer = tiny_tokenizer()
+    model = peft.get_peft_model(tiny_llama(tokenizer), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)  # B = 0 at init would make the adapter (and the test) trivial
+
+    def results():
+        return (answer_loss(model, tokenizer, EXAMPLES, batch_size=2),
+                generate(model, tokenizer, EXAMPLES, max_new_tokens=6, batch_size=2))
+
+    stores = []
+    real_store = DoraLinearLayer._cache_store
+    monkeypatch.setattr(DoraLinearLayer, "_cache_store", lambda self, k, v: (stores.append(k), real_store(self, k, v)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()  # and left there: no train() call will clear a cache when the weights change below
+    cached = results()
+    assert stores, "DoRA caching was not used"
+    assert all(not m._dora_cache for m in model.modules() if hasattr(m, "_dora_cache"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.mul_(3.0)
+    changed = results()
+    assert changed[0] != cached[0]
+
+    monkeypatch.setattr(ev, "_dora_caching", lambda: ev.nullcontext())  # recompute at every forward
+    assert results() == changed
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(before[name])
+    assert results() == cached

@@ -14,7 +14,7 @@ Harness layer, like ``galore_plus.data``, whose :func:`~galore_plus.data.encode`
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
@@ -31,12 +31,28 @@ PROGRESS_MIN_BATCHES = 5
 
 @contextmanager
 def _eval_mode(model):
+    """Eval mode (restored on exit) with PEFT's DoRA caching: an unmerged DoRA layer otherwise
+    recomputes ``B @ A`` and the norm of ``W + B @ A`` at every forward — at every generated token.
+    The cached values are the same computation done once (bitwise-equal results, tested); they are
+    dropped on exit, so weights changed afterwards are never scored with a stale norm."""
     was_training = model.training
     model.eval()
     try:
-        yield
+        with _dora_caching():
+            yield
     finally:
+        for module in model.modules():
+            if hasattr(module, "_dora_cache"):
+                module._dora_cache.clear()
         model.train(was_training)
+
+
+def _dora_caching():
+    try:
+        from peft.helpers import DoraCaching
+    except ImportError:  # no peft, or one without DoRA caching: nothing to cache
+        return nullcontext()
+    return DoraCaching()
 
 
 def _device(model) -> torch.device:
