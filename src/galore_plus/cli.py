@@ -438,12 +438,14 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
     bar.close()
     save_checkpoint(out, model, optimizer, scheduler, total_steps, config, history)
 
+    train_peak = peak_memory_bytes(device)  # the evaluation's batches (logits of 32 long answers) can exceed it
     eval_after = run_eval("after training")  # on every rank: an FSDP2 forward is collective
     metrics = {
         "method": config.method, "rank": config.rank, "model": config.model, "data": task.name,
         "steps": total_steps, "train_seconds": round(history["train_seconds"], 2),
         "tokens_per_second": round(history["tokens"] / max(history["train_seconds"], 1e-9), 1),
-        "peak_memory_bytes": peak_memory_bytes(device), "refresh_seconds": round(history["refresh_seconds"], 3),
+        "peak_memory_bytes": train_peak, "peak_memory_bytes_with_eval": peak_memory_bytes(device),
+        "refresh_seconds": round(history["refresh_seconds"], 3),
         "eval_before": history.get("eval_before"), "eval_after": eval_after,
         "config": dataclasses.asdict(config),
     }
