@@ -27,11 +27,11 @@ Design points:
   ids for 400 prompts and answers. Results record the model as ``smollm2``.
 - **Checkpoints are not written** (the bench never resumes a run mid-way; a full AdamW checkpoint
   is 1.6 GB): the worker replaces ``cli.save_checkpoint`` with a no-op. ``train_seconds`` never
-  included it. Peak RSS (the table's column) is the run process's through the evaluation after:
-  that is how the grid was recorded, and on gsm_symbolic the evaluation's answer-loss batches (logits
-  of 32 answers of up to ~250 tokens over a 49k vocabulary) may set it rather than training. Runs
-  started after 2026-11-23 05:00 UTC also carry ``train_peak_memory_bytes``, the peak through
-  training alone.
+  included it. ``peak GiB`` is the run process's peak RSS through the evaluation after: that is
+  how the grid was recorded, and on gsm_symbolic the evaluation sets it (~2.2 GiB above training's
+  peak where both are known: its full-vocabulary logits on top of the heap training left resident).
+  Runs started after 2026-11-23 05:00 UTC also record ``train_peak_memory_bytes`` (the table's
+  ``train peak GiB``), the peak through training alone.
 - **One torch thread per run** by default (``--threads``): the 2 cores are shared with other jobs
   (load averages of 8–12 were seen), and there one thread ran the SmolLM2 steps no slower than two
   and small ops (the smoke runs' tiny SVDs) 10× faster, as two threads then spin waiting for each
@@ -460,8 +460,9 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
               "model on the same test samples, computed once per (task, seed) and shared by all rows "
               "(the runs use `--no-eval-before`). Train s: optimizer steps only (no evaluation, no loading). "
               "Peak GiB: the run's process peak RSS (`ru_maxrss`) through loading, training and the evaluation "
-              "after, which on gsm_symbolic may set it (see BENCHMARKS.md); the JSON's `train_peak_memory_bytes`, "
-              "where present, is the peak through training alone.", ""]
+              "after, as the grid was recorded; on gsm_symbolic the evaluation sets it (see BENCHMARKS.md). "
+              "Train peak GiB: the peak through training alone, recorded by runs started after "
+              "2026-11-23 05:00 UTC (— for earlier runs; the seeds it covers in brackets when not all).", ""]
     missing = []
     tables = [("main", "Main grid"), ("ablation", "GaLore+ residual ablation")]
     for task in settings["tasks"]:
@@ -470,9 +471,9 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
             if not labels:
                 continue
             lines += [f"## {task}: {title}", "",
-                      "| method | rank | lr | seeds | train s | peak GiB | answer loss before → after | "
-                      "accuracy % before → after |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| method | rank | lr | seeds | train s | peak GiB | train peak GiB | "
+                      "answer loss before → after | accuracy % before → after |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for label in labels:
                 entries = rows[(task, table, label)]
                 done = [(j, r) for j, r in entries if r]
@@ -482,17 +483,21 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
                 bef = [before.get((task, sd)) for sd in seeds]
                 rank = "—" if s["rank"] is None else str(s["rank"])
                 if not done:
-                    lines.append(f"| {label} | {rank} | {s['lr']:g} | none yet | | | | |")
+                    lines.append(f"| {label} | {rank} | {s['lr']:g} | none yet | | | | | |")
                     continue
                 train = _stats([r["train_seconds"] for r in res])
                 peak = _stats([r["peak_memory_bytes"] / GIB if r["peak_memory_bytes"] is not None else None
                                for r in res])
+                have = [(sd, r["train_peak_memory_bytes"] / GIB) for sd, r in zip(seeds, res)
+                        if r.get("train_peak_memory_bytes") is not None]
+                train_peak = _fmt(_stats([v for _, v in have]), 2) + (
+                    f" (seed {','.join(str(sd) for sd, _ in have)})" if have and len(have) < len(res) else "")
                 lb = _stats([b["answer_loss"] if b else None for b in bef])
                 la = _stats([r["eval_after"]["answer_loss"] for r in res])
                 ab = _stats([b["accuracy"] if b else None for b in bef])
                 aa = _stats([r["eval_after"]["accuracy"] for r in res])
                 lines.append(f"| {label} | {rank} | {s['lr']:g} | {','.join(map(str, seeds))} | {_fmt(train, 0)} | "
-                             f"{_fmt(peak, 2)} | {_fmt(lb, 3)} → {_fmt(la, 3)} | {_fmt(ab, 1, 100)} → "
+                             f"{_fmt(peak, 2)} | {train_peak} | {_fmt(lb, 3)} → {_fmt(la, 3)} | {_fmt(ab, 1, 100)} → "
                              f"{_fmt(aa, 1, 100)} |")
             lines.append("")
     recorded = {r["key"] for r in results["runs"]}
