@@ -615,7 +615,8 @@ def main(argv=None):
                 if in_process:
                     result = run_job(job, runs_dir)
                     if job["settings"]["kind"] == "train":
-                        result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None  # the process's
+                        # in-process, ru_maxrss is the whole invocation's peak, not the run's
+                        result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None
                 else:
                     result = run_subprocess(job, runs_dir)
             except Exception:  # record nothing: the next invocation retries it

@@ -70,7 +70,6 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, method, extra):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
 
 
-
 @pytest.mark.parametrize("complete", [True, False])
 def test_crash_between_the_checkpoint_renames_resumes(tmp_path, monkeypatch, complete):
     """A crash after the previous checkpoint became ``checkpoint.old`` and before the new one left
@@ -104,6 +103,7 @@ def test_crash_between_the_checkpoint_renames_resumes(tmp_path, monkeypatch, com
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
+
 
 def test_malformed_data_stops_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"

@@ -179,7 +179,8 @@ def test_dora_caching_gives_the_same_results_and_is_dropped_afterwards(monkeypat
     the same loss and generations, bit for bit, as recomputing them at every forward; and weights
     changed after an evaluation are scored with their own norm, not a stale one."""
     peft = pytest.importorskip("peft")
-    pytest.importorskip("peft.helpers").DoraCaching  # noqa: B018 (attribute check)
+    if not hasattr(pytest.importorskip("peft.helpers"), "DoraCaching"):
+        pytest.skip("this peft has no DoraCaching: evaluation recomputes the DoRA norm, nothing to test")
     from peft.tuners.lora.dora import DoraLinearLayer
 
     tokenizer = tiny_tokenizer()
