@@ -6,8 +6,7 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-#: The paper's residual ratio ρ (1.2% in all its runs), applied to q/k (cross-head) groups.
-PAPER_RESIDUAL_RATIO = 0.012
+from .options import PAPER_RESIDUAL_RATIO
 
 
 def galore_plus_param_groups(

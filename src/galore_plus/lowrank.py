@@ -23,8 +23,6 @@ the group's ``proj_dtype`` says otherwise (e.g. ``torch.bfloat16``, half the byt
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 import warnings
 from typing import Any, Callable, Iterable
@@ -34,36 +32,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projection, residual
+from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix, is_int, is_real
 from .rng import generator_for
-
-#: Low-rank group keys and their defaults, defined once. T=200 and α=0.25 are GaLore's pre-training
-#: settings (galore-torch README); fine-tuning usually wants a larger α (the GaLore+ paper uses 16–128
-#: at lr 1e-6). The GaLore+ keys default to plain GaLore: exact SVD, no cross-head, no residual.
-LOW_RANK_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    # SPEC 2.1: "exact" (galore-torch's SVD) or "randomized" subspace iteration.
-    "svd": "exact",
-    "oversample": 8,
-    "power_iters": 2,
-    "warm_start": False,
-    # SPEC 2.2: heads stacked along the rows (q_proj: attention heads, k_proj: key/value heads).
-    "num_heads": None,
-    # SPEC 2.3: fraction of entries with a sparse residual (0 = off); the paper uses 0.012.
-    "residual_ratio": 0.0,
-    "residual_warmup": 20,
-    "residual_mode": "exact",
-    "residual_reselect": False,
-    # storage dtype of the projector (None: the compute dtype). torch.bfloat16 halves its memory;
-    # it is cast back to the compute dtype for each use (the math stays in the compute dtype).
-    "proj_dtype": None,
-}
-
-#: projector storage dtypes accepted by ``proj_dtype`` (names are accepted too: "bfloat16")
-PROJ_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-SVD_METHODS = ("exact", "randomized")
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
@@ -133,86 +103,19 @@ class LowRankOptimizer(Optimizer):
             self._param_index[id(p)] = len(self._param_index)
 
     def _validate_common(self, group: dict[str, Any], where: str) -> None:
-        lr = group["lr"]
-        if lr is None and self.lr_may_be_none:
-            lr = 0.0
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"{where}: lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
-            lr = lr.item()
-        if not _is_real(lr) or not lr >= 0.0:
-            raise ValueError(f"{where}: invalid learning rate lr={group['lr']!r}; it must be a number ≥ 0")
-        wd = group["weight_decay"]
-        if not _is_real(wd) or not wd >= 0.0:
-            raise ValueError(f"{where}: invalid weight_decay={wd!r}; it must be a number ≥ 0")
-        if not _is_int(group["seed"]):
-            raise ValueError(f"{where}: seed={group['seed']!r} must be an int")
+        check_common(group, where, self.lr_may_be_none)
         self._validate_inner(group, where)
 
     def _validate_inner(self, group: dict[str, Any], where: str) -> None:
         """Subclasses check their own keys here and raise ValueError naming the value."""
 
     def _validate_low_rank(self, group: dict[str, Any], where: str) -> None:
-        rank = group["rank"]
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1")
-        gap = group["update_proj_gap"]
-        if not _is_int(gap) or gap < 1:
-            raise ValueError(f"{where}: update_proj_gap={gap!r} must be an int ≥ 1")
-        scale = group["scale"]
-        if not _is_real(scale) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"{where}: scale={scale!r} must be a finite number > 0")
-        if group["proj_type"] not in projection.PROJ_TYPES:
-            raise ValueError(
-                f"{where}: proj_type={group['proj_type']!r} is not one of {projection.PROJ_TYPES}"
-            )
-        if group["svd"] not in SVD_METHODS:
-            raise ValueError(f"{where}: svd={group['svd']!r} is not one of {SVD_METHODS}")
-        for key in ("oversample", "power_iters"):
-            if not _is_int(group[key]) or group[key] < 0:
-                raise ValueError(f"{where}: {key}={group[key]!r} must be an int ≥ 0")
-        if not isinstance(group["warm_start"], bool) or not isinstance(group["residual_reselect"], bool):
-            raise ValueError(f"{where}: warm_start and residual_reselect must be bools")
-        heads = group["num_heads"]
-        if heads is not None and (not _is_int(heads) or heads < 1):
-            raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
-        ratio = group["residual_ratio"]
-        if not _is_real(ratio) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
-        if not _is_int(group["residual_warmup"]) or group["residual_warmup"] < 1:
-            raise ValueError(f"{where}: residual_warmup={group['residual_warmup']!r} must be an int ≥ 1")
-        proj_dtype = group["proj_dtype"]
-        if isinstance(proj_dtype, str):
-            proj_dtype = group["proj_dtype"] = getattr(torch, proj_dtype, proj_dtype)
-        if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
-            raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
-                             f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
-        if group["residual_mode"] not in residual.RESIDUAL_MODES:
-            raise ValueError(
-                f"{where}: residual_mode={group['residual_mode']!r} is not one of {residual.RESIDUAL_MODES}")
-        if ratio > 0 and not {"betas", "eps"} <= set(group):
-            raise ValueError(f"{where}: residual_ratio={ratio} needs Adam moments; "
+        check_low_rank(group, where)
+        if group["residual_ratio"] > 0 and not {"betas", "eps"} <= set(group):
+            raise ValueError(f"{where}: residual_ratio={group['residual_ratio']} needs Adam moments; "
                              f"{type(self).__name__} has none")
         for i, p in enumerate(group["params"]):
-            name = _param_name(group, i, p)
-            if p.dim() != 2:
-                raise ValueError(
-                    f"{where}: {name} has shape {tuple(p.shape)}; a low-rank group takes 2-D matrices "
-                    "only (put biases, norms and other tensors in a group without 'rank')"
-                )
-            if rank > projection.max_rank(p.shape):
-                raise ValueError(
-                    f"{where}: rank={rank} is larger than {name} (shape {tuple(p.shape)}) allows "
-                    f"(at most min(m, n) = {projection.max_rank(p.shape)})"
-                )
-            if heads is not None:
-                rows = p.shape[0]
-                if rows % heads:
-                    raise ValueError(f"{where}: num_heads={heads} does not divide the {rows} rows of "
-                                     f"{name} (shape {tuple(p.shape)})")
-                if projection.heads_needed(rank, rows // heads) > heads:
-                    raise ValueError(f"{where}: rank={rank} is more than the {heads} heads of {rows // heads} "
-                                     f"rows of {name} can reach")
+            check_matrix(group, p, _param_name(group, i, p), where)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -470,16 +373,7 @@ def compute_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
-
-
-def _as_float(x: Any) -> float:
-    return x.item() if isinstance(x, Tensor) else float(x)
+_is_int, _is_real, _as_float = is_int, is_real, as_float
 
 
 def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:
