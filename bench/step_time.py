@@ -21,8 +21,8 @@ What is timed (``time.perf_counter``; ``torch.cuda.synchronize`` around each ste
 - *refresh step*: the first ``step()`` on the layer, which computes every projector (each optimizer
   was first stepped on a tiny layer, untimed, so no code path is cold);
 - *projector refresh*: the time spent inside that step computing projectors alone (galore-torch's
-  ``GaLoreProjector.get_orthogonal_matrix``, APOLLO's ``GradientProjector.update_ortho_matrix``, our
-  ``_compute_projector``; timed by wrapping those functions in this process);
+  ``GaLoreProjector.get_orthogonal_matrix``, APOLLO's ``GradientProjector.update_ortho_matrix``, ours
+  record their own ``refresh_seconds``; the peers' are timed by wrapping those functions in this process);
 - *steady step*: median of ``--steps`` steps after a warm-up (``--warmup`` steps, at least past
   GaLore+'s 20-step residual warm-up, so the sparse residual is in every steady step of GaLore+);
 - *amortized* at update gap 200: ``(refresh step + 199 × steady step) / 200``. For AdamW and
@@ -101,11 +101,26 @@ RESIDUAL_WARMUP = galore_plus.LOW_RANK_DEFAULTS["residual_warmup"]
 
 
 class ProjectorClock:
-    """Seconds spent computing projectors, from wrapped projector functions (galore-torch, APOLLO and
-    ours), synchronising the device around each call on CUDA."""
+    """Seconds spent computing projectors: from wrapped projector functions (galore-torch, APOLLO),
+    synchronising the device around each call on CUDA, plus what our optimizers record themselves
+    (``refresh_seconds`` and ``projectors_computed``, synchronised on CUDA too)."""
 
     def __init__(self, sync):
-        self.seconds, self.calls, self.sync = 0.0, 0, sync
+        self.wrapped_seconds, self.wrapped_calls, self.sync = 0.0, 0, sync
+        self.ours, self.base = [], []
+
+    def watch(self, opt):
+        """Count ``opt``'s own refresh timing (one of ours) from the next ``reset()`` on."""
+        self.ours.append(opt)
+        self.base.append((opt.refresh_seconds, opt.projectors_computed))
+
+    @property
+    def seconds(self):
+        return self.wrapped_seconds + sum(o.refresh_seconds - b[0] for o, b in zip(self.ours, self.base))
+
+    @property
+    def calls(self):
+        return self.wrapped_calls + sum(o.projectors_computed - b[1] for o, b in zip(self.ours, self.base))
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -113,13 +128,14 @@ class ProjectorClock:
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             self.sync()
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+            self.wrapped_seconds += time.perf_counter() - t0
+            self.wrapped_calls += 1
             return out
         return timed
 
     def reset(self):
-        self.seconds, self.calls = 0.0, 0
+        self.wrapped_seconds, self.wrapped_calls = 0.0, 0
+        self.base = [(o.refresh_seconds, o.projectors_computed) for o in self.ours]
 
 
 def build(name, params, rank, gap, clock):
@@ -149,7 +165,7 @@ def build(name, params, rank, gap, clock):
             opt = GaLoreAdamW8bit(groups, lr=LR, weight_decay=0.0, svd="randomized")
         else:
             raise ValueError(f"unknown optimizer {name!r}; choose from {PEERS}")
-    opt._compute_projector = clock.wrap(opt._compute_projector)  # instance attribute: this optimizer only
+    clock.watch(opt)
     return opt
 
 

@@ -1,17 +1,23 @@
 """DDP and FSDP2 on CPU (gloo, 2 processes): reference-first against the single-process run.
 
-One ``torch.multiprocessing.spawn`` of two ranks runs every scenario (starting processes and
-importing torch costs more than the runs); each rank saves its results and the tests below compare
-them: parameters equal across ranks (DDP), equal to the single-process run on the same global batch
-(float32 tolerance), a save on 2 ranks → resume → continue equal to the uninterrupted run, the refresh
-split across ranks, no full gradient communicated (FSDP2), GaLoreAdamW8bit's sharded 8-bit moments
-(FSDP2), and the errors.
+One spawn of two ranks runs every scenario (starting processes and importing torch costs more than
+the runs); each rank saves its results and the tests below compare them: parameters equal across
+ranks (DDP), equal to the single-process run on the same global batch (float32 tolerance), a save on
+2 ranks → resume → continue equal to the uninterrupted run, the refresh split across ranks, no full
+gradient communicated (FSDP2), GaLoreAdamW8bit's sharded 8-bit moments (FSDP2), and the errors.
+FSDP2 runs use the optimizers' plain constructors (nothing to call for FSDP2); DDP runs call
+``distribute`` (the split refresh).
+
+Nothing here can hang: the ranks' process group has a timeout (a desynchronised collective raises),
+and the spawn is joined with a deadline after which the ranks are killed and the test fails.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -24,6 +30,8 @@ from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LayerwiseOptimizer
 from galore_plus.distributed import distribute, load_checkpoint, save_checkpoint
 
 WORLD = 2
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # a rank waiting longer on a collective raises
+SPAWN_DEADLINE = 600  # seconds for all scenarios; past it the ranks are killed and the tests fail
 STEPS = 20
 GAP = 5
 BATCH = 16  # global batch; each rank takes BATCH / WORLD rows
@@ -143,19 +151,19 @@ def run_8bit_fsdp(rank: int, out_dir: str, results: dict) -> None:
         results[("single", "8bit", rows)] = full_params(model)
         if rows == 1024:  # uninterrupted (1025: the resumed run alone, compared loosely with one process)
             model = fsdp_wide(rows)
-            optimizer = distribute(make_8bit(model))
+            optimizer = make_8bit(model)  # the plain constructor: nothing to call for FSDP2
             train(model, optimizer, range(STEPS), rank)
             results[("fsdp", "8bit", rows)] = full_params(model)
             state = optimizer.state[model.up.weight]
             results[("fsdp", "8bit", "state")] = {k: (type(v).__name__, tuple(v.to_local().shape), v.placements)
                                                    for k, v in state.items() if hasattr(v, "to_local")}
         model = fsdp_wide(rows)
-        optimizer = distribute(make_8bit(model))
+        optimizer = make_8bit(model)
         train(model, optimizer, range(STEPS // 2), rank)
         path = os.path.join(out_dir, f"fsdp-8bit-{rows}")
         save_checkpoint(path, model, optimizer)
         model = fsdp_wide(rows)
-        optimizer = distribute(make_8bit(model))
+        optimizer = make_8bit(model)
         load_checkpoint(path, model, optimizer)
         train(model, optimizer, range(STEPS // 2, STEPS), rank)
         results[("fsdp", "8bit", rows, "resumed")] = full_params(model)
@@ -194,6 +202,12 @@ def fsdp_model() -> nn.Module:
     return model
 
 
+def built(kind: str, model: nn.Module, method: str):
+    """The optimizer as a user builds it: DDP with the split refresh, FSDP2 with the plain constructor."""
+    optimizer = make_optimizer(model, method)
+    return distribute(optimizer) if kind == "ddp" else optimizer
+
+
 def run_scenarios(rank: int, out_dir: str) -> dict:
     results: dict = {}
     for method in ("galore", "galore+"):
@@ -202,7 +216,7 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
         results[("single", method)] = full_params(model)
         for kind, build in (("ddp", ddp_model), ("fsdp", fsdp_model)):
             model = build()
-            optimizer = distribute(make_optimizer(model, method))
+            optimizer = built(kind, model, method)
             train(model, optimizer, range(STEPS), rank)
             results[(kind, method)] = full_params(model)
             results[(kind, method, "local")] = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
@@ -211,12 +225,12 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
             results[(kind, method, "computed")] = optimizer.projectors_computed
             # save on 2 ranks after half the steps, resume in a fresh model and optimizer, continue
             model = build()
-            optimizer = distribute(make_optimizer(model, method))
+            optimizer = built(kind, model, method)
             train(model, optimizer, range(STEPS // 2), rank)
             path = os.path.join(out_dir, f"{kind}-{method}")
             save_checkpoint(path, model, optimizer)
             model = build()
-            optimizer = distribute(make_optimizer(model, method))
+            optimizer = built(kind, model, method)
             load_checkpoint(path, model, optimizer)
             train(model, optimizer, range(STEPS // 2, STEPS), rank)
             results[(kind, method, "resumed")] = full_params(model)
@@ -231,7 +245,7 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
     train(model, make_optimizer(model, "options"), range(STEPS), None)
     results[("single", "options")] = full_params(model)
     model = fsdp_model()
-    train(model, distribute(make_optimizer(model, "options")), range(STEPS), rank)
+    train(model, make_optimizer(model, "options"), range(STEPS), rank)
     results[("fsdp", "options")] = full_params(model)
     run_8bit_fsdp(rank, out_dir, results)
     results["errors"] = error_messages()
@@ -252,8 +266,8 @@ def error_messages() -> dict[str, str]:
     from galore_plus import GaLoreAdafactor
 
     model = fsdp_model()
-    try:
-        distribute(GaLoreAdafactor([{"params": [model.up.weight], "rank": 4}], lr=1e-2, relative_step=False))
+    try:  # refused where it is built, like every check of a parameter
+        GaLoreAdafactor([{"params": [model.up.weight], "rank": 4}], lr=1e-2, relative_step=False)
     except NotImplementedError as err:
         out["adafactor"] = str(err)
     return out
@@ -262,7 +276,7 @@ def error_messages() -> dict[str, str]:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     try:
         results = run_scenarios(rank, out_dir)
     except BaseException:
@@ -279,12 +293,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_with_deadline(fn, args: tuple, nprocs: int, deadline: float) -> None:
+    """``mp.spawn`` that cannot hang: past ``deadline`` seconds every rank is killed and this fails."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.monotonic() + deadline
+    try:
+        while not context.join(timeout=max(1.0, end - time.monotonic())):
+            if time.monotonic() >= end:
+                pytest.fail(f"the {nprocs} ranks did not finish within {deadline} s (a collective hung?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     try:
-        mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    except Exception:
+        spawn_with_deadline(_worker, (_free_port(), str(out)), WORLD, SPAWN_DEADLINE)
+    except mp.ProcessRaisedException:
         pass  # the rank files carry the traceback
     results = []
     for r in range(WORLD):
@@ -292,6 +320,7 @@ def ranks(tmp_path_factory):
         assert path.exists(), f"rank {r} wrote no results"
         res = torch.load(path, weights_only=False)
         assert "error" not in res, res.get("error")
+        res["out_dir"] = out
         results.append(res)
     return results
 
@@ -354,7 +383,29 @@ def test_errors_name_the_problem(ranks):
     errors = ranks[0]["errors"]
     assert "bucketed all-reduce" in errors["layerwise"] and "step()" in errors["layerwise"]
     assert "LowRankOptimizer" in errors["adamw"]
-    assert "GaLoreAdafactor under FSDP2" in errors["adafactor"] and "column means" in errors["adafactor"]
+    assert "FSDP2 parameter" in errors["adafactor"] and "Adafactor rule" in errors["adafactor"]
+    assert "column means" in errors["adafactor"]
+
+
+def test_checkpoint_of_two_ranks_is_refused_on_one(ranks):
+    """The residual of an FSDP2 parameter is per rank and not resharded: another world size is an
+    error naming both sizes, before anything is loaded."""
+    path = ranks[0]["out_dir"] / "ddp-galore"
+    model = make_model()
+    optimizer = make_optimizer(model, "galore")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
+        load_checkpoint(str(path), model, optimizer)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and not optimizer.state
+
+
+def test_spawn_deadline_fails_instead_of_hanging():
+    with pytest.raises(pytest.fail.Exception, match="did not finish within 3 s"):
+        spawn_with_deadline(_sleep_forever, (), 1, 3)
+
+
+def _sleep_forever(rank: int) -> None:
+    time.sleep(3600)
 
 
 def test_fsdp_8bit_equals_single_process_run(ranks):

@@ -56,7 +56,7 @@ def clone_params(*params):
 def reference_galore(weight, bias, set_grads, steps, rank, update_proj_gap, scale, proj_type, lr, betas, eps,
                      weight_decay,
                      align_to):
-    """GaLore + AdamW written out plainly in float64 (SPEC 1, torch.optim.AdamW conventions).
+    """GaLore + AdamW written out plainly in float64 (DESIGN.md "GaLore": torch.optim.AdamW conventions).
 
     SVD signs are implementation-defined and GaLore's kept moments depend on them across refreshes,
     so each reference basis is sign-aligned to the optimizer's (``align_to(step)`` gives it).

@@ -144,7 +144,8 @@ def test_8bit_with_every_galore_plus_option_runs_and_resumes():
 def test_adafactor_under_identity_equals_transformers_adafactor(identity_projector, options):
     from transformers.optimization import Adafactor
 
-    w0, b0 = torch.randn(48, 32), torch.randn(32)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: the test must not depend on the ones before
+    w0, b0 = torch.randn(48, 32, generator=gen), torch.randn(32, generator=gen)
     ours_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
     ref_p = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
     ours = GaLoreAdafactor([{"params": [ours_p[0]], "rank": 32, "scale": 1.0, "proj_type": "right"},
@@ -234,15 +235,13 @@ def train_step_driven(kind, data, accumulation, first_microbatch_refresh=False):
     at a refresh step is computed from the first micro-batch's gradient, as layer-wise mode does."""
     model = TinyNet()
     opt = make_optimizer(kind, model)
-    first_grads = {}
-    if first_microbatch_refresh:
-        compute = opt._compute_projector
-        opt._compute_projector = lambda group, p, grad, state, side: compute(group, p, first_grads[p], state, side)
     for micro_batches in data:
         for i, (x, y) in enumerate(micro_batches):
             loss_of(model, x, y, accumulation).backward()
-            if i == 0:
-                first_grads = {p: p.grad.clone() for p in model.parameters()}
+            if i == 0 and first_microbatch_refresh:  # refresh now, from this gradient (public API)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        opt.refresh_projector(p, p.grad)
         opt.step()
         opt.zero_grad()
     return model, opt
@@ -355,15 +354,13 @@ def test_layerwise_clipping():
     for (x, y), in data:
         loss_of(ref, x, y, 1).backward()
         with torch.no_grad():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if "rank" in group:  # low-rank groups clip the projected gradient
-                        opt._refresh_if_due(group, p, p.grad)
-                        low, grad_s = opt._project(p, p.grad)
-                        low.mul_(min(1.0, 0.05 / (low.norm().item() + 1e-6)))
-                        opt._apply_low_rank(group, p, low, grad_s)
-                    else:
-                        opt._apply_full(group, p, p.grad * min(1.0, 0.05 / (p.grad.norm().item() + 1e-6)))
+            for p in ref.parameters():
+                if opt.is_low_rank(p):  # low-rank groups clip the projected gradient
+                    opt.refresh_projector(p, p.grad)
+                    grad = opt.project(p, p.grad)
+                    opt.apply(p, grad.mul_(min(1.0, 0.05 / (grad.low.norm().item() + 1e-6))))
+                else:
+                    opt.apply(p, p.grad * min(1.0, 0.05 / (p.grad.norm().item() + 1e-6)))
         opt.zero_grad()
     for a, b in zip(ref.parameters(), lw_model.parameters()):
         assert torch.equal(a, b)

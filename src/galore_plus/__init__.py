@@ -13,11 +13,12 @@ transformers).
 from .adafactor import GaLoreAdafactor
 from .adamw import GaLoreAdamW, GaLorePlusAdamW
 from .adamw8bit import GaLoreAdamW8bit
-from .groups import PAPER_RESIDUAL_RATIO, galore_plus_param_groups
+from .groups import galore_plus_param_groups
 from .integration import Target, build_optimizer, find_targets, optimizer_summary
 from .layerwise import LayerwiseOptimizer
-from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer
+from .lowrank import InnerRule, LowRankGradient, LowRankOptimizer
 from .memory import estimate_state_bytes, state_bytes
+from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 
 __all__ = [
     "GaLoreAdamW",
@@ -33,6 +34,8 @@ __all__ = [
     "optimizer_summary",
     "Target",
     "LowRankOptimizer",
+    "LowRankGradient",
+    "InnerRule",
     "LOW_RANK_DEFAULTS",
     "PAPER_RESIDUAL_RATIO",
 ]

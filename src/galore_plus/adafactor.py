@@ -9,7 +9,89 @@ import torch
 from torch import Tensor
 
 from .functional import adafactor_update
-from .lowrank import LowRankOptimizer, _is_real
+from .lowrank import InnerRule, LowRankOptimizer
+from .options import is_real
+
+
+class AdafactorRule(InnerRule):
+    """``transformers.Adafactor``'s update (see ``GaLoreAdafactor``); statistics in the compute dtype
+    (float32, float64 for float64 parameters)."""
+
+    name = "Adafactor"
+    keys = ("eps", "clip_threshold", "decay_rate", "beta1", "scale_parameter", "relative_step", "warmup_init")
+    lr_may_be_none = True
+    shards = False
+    shard_reason = ("its factored second moment needs column means over all rows of a sharded matrix, an all-reduce "
+                    "per step that is not implemented; use it under DDP, or GaLoreAdamW / GaLoreAdamW8bit under FSDP2")
+
+    def check(self, group: dict[str, Any], where: str) -> None:
+        if group["relative_step"] and "initial_lr" in group:
+            raise ValueError(f"{where}: relative_step=True computes its own step size (lr=None), so an LR scheduler "
+                             "has nothing to scale; use relative_step=False with an lr, or no scheduler")
+        if group["lr"] is not None and group["relative_step"]:
+            raise ValueError(f"{where}: lr={group['lr']!r} cannot be combined with relative_step=True "
+                             "(set relative_step=False to use a fixed lr)")
+        if group["lr"] is None and not group["relative_step"]:
+            raise ValueError(f"{where}: lr=None needs relative_step=True")
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
+        eps = group["eps"]
+        if (not isinstance(eps, (tuple, list)) or len(eps) != 2
+                or not all(is_real(e) and e >= 0 for e in eps)):
+            raise ValueError(f"{where}: invalid eps={eps!r}; want two numbers ≥ 0")
+        if not is_real(group["clip_threshold"]) or not group["clip_threshold"] > 0:
+            raise ValueError(f"{where}: clip_threshold={group['clip_threshold']!r} must be > 0")
+        if not is_real(group["decay_rate"]) or not group["decay_rate"] < 0:
+            raise ValueError(f"{where}: decay_rate={group['decay_rate']!r} must be < 0")
+        beta1 = group["beta1"]
+        if beta1 is not None and (not is_real(beta1) or not 0 <= beta1 < 1):
+            raise ValueError(f"{where}: beta1={beta1!r} must be None or in [0, 1)")
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
+
+    def step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        step = state["step"]
+        rel_step = group["lr"]
+        if group["relative_step"]:
+            rel_step = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
+        param_scale = 1.0
+        if group["scale_parameter"]:
+            rms = (p.float().norm(2) / math.sqrt(p.numel())).item()
+            param_scale = max(group["eps"][1], rms)
+        return param_scale * float(rel_step)
+
+    def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        work = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            if grad.dim() >= 2:
+                state["exp_avg_sq_row"] = work.new_zeros(grad.shape[:-1])
+                state["exp_avg_sq_col"] = work.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(work)
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(work)
+        update = adafactor_update(
+            work, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
+            state["step"], group["decay_rate"], group["eps"][0], group["clip_threshold"])
+        update.mul_(lr)
+        if group["beta1"] is not None:
+            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        return update.to(grad.dtype)
+
+    def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+        second = ({"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]} if len(shape) >= 2
+                  else {"exp_avg_sq": shape})
+        return [{**second, "exp_avg": shape} if group["beta1"] is not None else second]
+
+    def state_dtype(self, key: str, grad_dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(grad_dtype, torch.float32)
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        size = torch.promote_types(dtype, torch.float32).itemsize
+        numel = math.prod(shape)
+        second = (shape[0] + shape[1]) if len(shape) >= 2 else numel
+        return (second + (numel if group.get("beta1") is not None else 0)) * size
 
 
 class GaLoreAdafactor(LowRankOptimizer):
@@ -29,9 +111,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``warmup_init``; plus the low-rank options and ``seed`` of ``GaLoreAdamW``.
     """
 
-    inner_keys = ("eps", "clip_threshold", "decay_rate", "beta1", "scale_parameter", "relative_step",
-                  "warmup_init")
-    lr_may_be_none = True
+    rule = AdafactorRule()
 
     def __init__(
         self,
@@ -53,56 +133,3 @@ class GaLoreAdafactor(LowRankOptimizer):
                     "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                     "relative_step": relative_step, "warmup_init": warmup_init}
         super().__init__(params, defaults, low_rank_options, seed=seed)
-
-    def _validate_inner(self, group: dict[str, Any], where: str) -> None:
-        if group["lr"] is not None and group["relative_step"]:
-            raise ValueError(f"{where}: lr={group['lr']!r} cannot be combined with relative_step=True "
-                             "(set relative_step=False to use a fixed lr)")
-        if group["lr"] is None and not group["relative_step"]:
-            raise ValueError(f"{where}: lr=None needs relative_step=True")
-        if group["warmup_init"] and not group["relative_step"]:
-            raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
-        eps = group["eps"]
-        if (not isinstance(eps, (tuple, list)) or len(eps) != 2
-                or not all(_is_real(e) and e >= 0 for e in eps)):
-            raise ValueError(f"{where}: invalid eps={eps!r}; want two numbers ≥ 0")
-        if not _is_real(group["clip_threshold"]) or not group["clip_threshold"] > 0:
-            raise ValueError(f"{where}: clip_threshold={group['clip_threshold']!r} must be > 0")
-        if not _is_real(group["decay_rate"]) or not group["decay_rate"] < 0:
-            raise ValueError(f"{where}: decay_rate={group['decay_rate']!r} must be < 0")
-        beta1 = group["beta1"]
-        if beta1 is not None and (not _is_real(beta1) or not 0 <= beta1 < 1):
-            raise ValueError(f"{where}: beta1={beta1!r} must be None or in [0, 1)")
-        for key in ("scale_parameter", "relative_step", "warmup_init"):
-            if not isinstance(group[key], bool):
-                raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
-
-    def _step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
-        step = state["step"]
-        rel_step = group["lr"]
-        if group["relative_step"]:
-            rel_step = min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(step))
-        param_scale = 1.0
-        if group["scale_parameter"]:
-            rms = (p.float().norm(2) / math.sqrt(p.numel())).item()
-            param_scale = max(group["eps"][1], rms)
-        return param_scale * float(rel_step)
-
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
-        grad32 = grad.float()
-        factored = grad.dim() >= 2
-        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-            if factored:
-                state["exp_avg_sq_row"] = grad32.new_zeros(grad.shape[:-1])
-                state["exp_avg_sq_col"] = grad32.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad32)
-            if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(grad32)
-        update = adafactor_update(
-            grad32, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
-            state["step"], group["decay_rate"], group["eps"][0], group["clip_threshold"])
-        update.mul_(lr)
-        if group["beta1"] is not None:
-            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-        return update.to(grad.dtype)

@@ -1,14 +1,51 @@
-"""``GaLoreAdamW``: AdamW on low-rank projected gradients (GaLore, arXiv 2403.03507; SPEC 1)."""
+"""``GaLoreAdamW``: AdamW on low-rank projected gradients (GaLore, arXiv 2403.03507; DESIGN.md, "GaLore")."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from .functional import adam_direction
-from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer, _is_real
+from .lowrank import InnerRule, LowRankOptimizer
+from .options import LOW_RANK_DEFAULTS, is_real
+
+
+class AdamWRule(InnerRule):
+    """``torch.optim.AdamW``'s update on a (projected or full) gradient: moments ``exp_avg`` and
+    ``exp_avg_sq`` in the gradient's dtype (the compute dtype for a projected one)."""
+
+    name = "AdamW"
+    keys = ("betas", "eps")
+    has_moments = True
+
+    def check(self, group: dict[str, Any], where: str) -> None:
+        betas = group["betas"]
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"{where}: invalid betas={betas!r}; want two numbers in [0, 1)")
+        if not is_real(group["eps"]) or not 0.0 <= group["eps"] < float("inf"):
+            raise ValueError(f"{where}: invalid eps={group['eps']!r}; it must be a finite number ≥ 0")
+
+    def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        direction, factor = adam_direction(
+            grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
+        return direction.mul_(lr * factor)
+
+    def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+        return [{"exp_avg": shape, "exp_avg_sq": shape}]
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        return 2 * math.prod(shape) * dtype.itemsize
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -38,7 +75,7 @@ class GaLoreAdamW(LowRankOptimizer):
     parameter's dtype. Unknown group keys raise
     ``TypeError`` (a typo such as ``rnak`` must not silently train full-rank); bad values raise
     ``ValueError``. See ``LowRankOptimizer.step`` for sparse and non-finite gradients, and
-    ``LowRankOptimizer._refresh`` for what happens when the SVD falls over.
+    ``LowRankOptimizer.refresh_projector`` for what happens when the SVD falls over.
 
     Args:
         params: parameters or groups; give the matrices to project a group with ``rank``.
@@ -50,7 +87,7 @@ class GaLoreAdamW(LowRankOptimizer):
             ``residual_ratio``, ``residual_warmup``, ``residual_mode``, ``residual_reselect``).
     """
 
-    inner_keys = ("betas", "eps")
+    rule = AdamWRule()
 
     def __init__(
         self,
@@ -70,30 +107,9 @@ class GaLoreAdamW(LowRankOptimizer):
         low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type, **low_rank_options}
         super().__init__(params, defaults, low_rank, seed=seed)
 
-    def _validate_inner(self, group: dict[str, Any], where: str) -> None:
-        betas = group["betas"]
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"{where}: invalid betas={betas!r}; want two numbers in [0, 1)")
-        if not _is_real(group["eps"]) or not group["eps"] >= 0.0:
-            raise ValueError(f"{where}: invalid eps={group['eps']!r}; it must be a number ≥ 0")
-
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        beta1, beta2 = group["betas"]
-        direction, factor = adam_direction(
-            grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
-        )
-        return direction.mul_(lr * factor)
-
-    def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return state["exp_avg"], state["exp_avg_sq"]
-
 
 class GaLorePlusAdamW(GaLoreAdamW):
-    """GaLoreAdamW with the GaLore+ defaults (arXiv 2412.19820; SPEC 2.4).
+    """GaLoreAdamW with the GaLore+ defaults (arXiv 2412.19820; DESIGN.md, "Options").
 
     Every low-rank group uses randomized subspace iteration (``svd="randomized"``) unless it says
     otherwise. Cross-head projection and the sparse residual are per-group (``num_heads``,

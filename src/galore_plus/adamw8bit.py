@@ -8,8 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .adamw import GaLoreAdamW
+from .adamw import AdamWRule, GaLoreAdamW
 from .functional import adam_direction
+from .sharding import is_dtensor
 
 #: bitsandbytes' block size for its 8-bit blockwise optimizers, and its threshold below which a
 #: tensor's state stays 32-bit (``min_8bit_size``): tiny tensors gain nothing from quantization.
@@ -52,47 +53,15 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
         codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCK_SIZE)
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """GaLoreAdamW (and every GaLore+ option) with blockwise 8-bit Adam moments.
+class AdamW8bitRule(AdamWRule):
+    """AdamW with blockwise 8-bit moments (see ``GaLoreAdamW8bit``)."""
 
-    Low-rank moments, and the moments of groups without ``rank``, are stored as uint8 codes of
-    bitsandbytes' dynamic map, one float32 absmax per block of 256 (signed map for ``M``, unsigned
-    for ``V``, as ``bitsandbytes.optim.AdamW8bit``); tensors under 4096 elements keep 32-bit moments.
-    Each step dequantizes to float32, runs the same Adam kernel as ``GaLoreAdamW`` and quantizes
-    again, so the math is float32 whatever is stored. It does so in chunks of ``CHUNK_SIZE``
-    elements (whole quantization blocks, so the result is the same), and a group without ``rank``
-    subtracts each chunk's step from the parameter in place: a step of an embedding-sized matrix
-    needs a few MiB of temporaries, not four float32 copies of it. Projectors and residual state
-    stay in the compute dtype (or ``proj_dtype``).
+    name = "8-bit AdamW"
 
-    Why bitsandbytes' blockwise functions (not torchao's 8-bit state), measured by
-    ``bench/quantizer_choice.py`` on 4096×128 Adam moments on this 2-core CPU: the same round-trip
-    error on ``M`` (1.17%) and ``V`` (0.51%), a smaller error of ``M/sqrt(V)`` (0.27 vs 6.6, torchao
-    losing the smallest ``V`` entries), and 70 ms vs 1.8 s per quantize + dequantize (torchao has no
-    compiled CPU path for it). The state is also plain uint8 and float32 tensors, so it loads with
-    ``torch.load(weights_only=True)`` without registering tensor subclasses, and the same code runs
-    on CPU and CUDA (galore-torch's 8-bit optimizer asserts CUDA). The parity test against
-    ``bitsandbytes.optim.AdamW8bit`` is in ``tests/test_memory.py`` (agreement within 1% of the
-    quantizer's own distance from 32-bit AdamW).
-
-    State per quantized moment: ``exp_avg_q``/``exp_avg_sq_q`` (uint8) and
-    ``exp_avg_absmax``/``exp_avg_sq_absmax`` (float32); 32-bit ones keep ``exp_avg``/``exp_avg_sq``.
-
-    Under FSDP2 (``distributed.distribute``; the moment is a DTensor placed like the low-rank
-    gradient, or like the parameter in a group without ``rank``), each rank quantizes its own shard:
-    the codes are a DTensor placed like the moment, the absmax a ``Shard(0)`` DTensor of
-    ``world × B`` blocks (``B`` the blocks of the largest shard; a shorter last shard leaves its tail
-    unused), or replicated with a replicated moment. Whether a moment is 8-bit is decided on its
-    global size, as in one process. Blocks are per shard: when the rows of a full shard hold a
-    multiple of 256 elements (``⌈m/N⌉·cols``), they are exactly the single-process blocks and the
-    run equals the single-process one; otherwise a block does not straddle two shards, which changes
-    only the quantization blocking (results differ at the quantizer's resolution, not the math).
-    """
-
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+    def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
         if not self._quantized(grad, state):
-            return super()._inner_step(grad, state, group, lr)
-        sharded = _is_dtensor(grad)
+            return super().direction(grad, state, group, lr)
+        sharded = is_dtensor(grad)
         local = grad.to_local() if sharded else grad
         out = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
 
@@ -104,21 +73,20 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         step = out.view(local.shape).to(grad.dtype)
         return _like(step, grad) if sharded else step
 
-    def _apply_full(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
+    def apply_full(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> None:
         """A group without ``rank``: quantized moments update ``p`` (under FSDP2: this rank's shard)
         chunk by chunk, in place."""
-        sharded = _is_dtensor(p)
+        sharded = is_dtensor(p)
         local = p.to_local() if sharded else p
-        if not (self._quantized(grad, self.state[p]) and local.is_contiguous()):
-            return super()._apply_full(group, p, grad)
-        lr = self._begin_step(group, p)
+        if not (self._quantized(grad, state) and local.is_contiguous()):
+            return super().apply_full(p, grad, state, group, lr)
         flat = local.view(-1)
 
         def sink(a: int, b: int, step: Tensor) -> None:
             flat[a:b].sub_(step.to(p.dtype))
 
         adam = self._sharded_quantized_adam if sharded else self._quantized_adam
-        adam(grad, self.state[p], group, lr, sink)
+        adam(grad, state, group, lr, sink)
 
     @staticmethod
     def _quantized(grad: Tensor, state: dict[str, Any]) -> bool:
@@ -150,6 +118,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             exp_avg_sq = dequantize(codes_v[a:b], absmax_v[blocks], signed=False)
             direction, factor = adam_direction(
                 flat_grad[a:b].float(), exp_avg, exp_avg_sq, state["step"], beta1, beta2, group["eps"])
+            # A NaN/Inf gradient entry poisons its own parameter entry through ``direction`` (as in
+            # AdamW) but must not reach the block's absmax, which would make all 256 entries of its
+            # block non-finite: its stored moments are reset to 0 instead (DESIGN.md, "8-bit").
+            exp_avg.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            exp_avg_sq.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             codes_m[a:b], absmax_m[blocks] = quantize(exp_avg, signed=True)
             codes_v[a:b], absmax_v[blocks] = quantize(exp_avg_sq, signed=False)
             sink(a, b, direction.mul_(lr * factor))
@@ -177,26 +150,81 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 state[f"{key}_q"] = _like(local_state[f"{key}_q"].reshape(local.shape), grad)
                 state[f"{key}_absmax"] = _sharded_absmax(local_state[f"{key}_absmax"], grad)
 
-    def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
-        if _is_dtensor(state["exp_avg_q"]):
+        if is_dtensor(state["exp_avg_q"]):
             return tuple(_like(_dequantize_local(state[f"{key}_q"].to_local(), state[f"{key}_absmax"].to_local(),
                                                  signed), state[f"{key}_q"])
                          for key, signed in (("exp_avg", True), ("exp_avg_sq", False)))
         return (dequantize(state["exp_avg_q"], state["exp_avg_absmax"], signed=True),
                 dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False))
 
+    def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+        numel = math.prod(shape)
+        blocks = (-(-numel // BLOCK_SIZE),)
+        quantized = {"exp_avg_q": shape, "exp_avg_absmax": blocks, "exp_avg_sq_q": shape, "exp_avg_sq_absmax": blocks}
+        return [quantized] if numel >= MIN_8BIT_SIZE else super().state_shapes(shape, group)
+
+    def state_dtype(self, key: str, grad_dtype: torch.dtype) -> torch.dtype:
+        if key.endswith("_q"):
+            return torch.uint8
+        if key.endswith("_absmax"):
+            return torch.float32
+        return grad_dtype
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        numel = math.prod(shape)
+        if numel >= MIN_8BIT_SIZE:
+            return 2 * (numel + math.ceil(numel / BLOCK_SIZE) * 4)
+        return super().state_bytes(shape, dtype, group)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW (and every GaLore+ option) with blockwise 8-bit Adam moments.
+
+    Low-rank moments, and the moments of groups without ``rank``, are stored as uint8 codes of
+    bitsandbytes' dynamic map, one float32 absmax per block of 256 (signed map for ``M``, unsigned
+    for ``V``, as ``bitsandbytes.optim.AdamW8bit``); tensors under 4096 elements keep 32-bit moments.
+    Each step dequantizes to float32, runs the same Adam kernel as ``GaLoreAdamW`` and quantizes
+    again, so the math is float32 whatever is stored. It does so in chunks of ``CHUNK_SIZE``
+    elements (whole quantization blocks, so the result is the same), and a group without ``rank``
+    subtracts each chunk's step from the parameter in place: a step of an embedding-sized matrix
+    needs a few MiB of temporaries, not four float32 copies of it. Projectors and residual state
+    stay in the compute dtype (or ``proj_dtype``).
+
+    Why bitsandbytes' blockwise functions (not torchao's 8-bit state), measured by
+    ``bench/quantizer_choice.py`` on 4096×128 Adam moments on this 2-core CPU: the same round-trip
+    error on ``M`` (1.17%) and ``V`` (0.51%), a smaller error of ``M/sqrt(V)`` (0.27 vs 6.6, torchao
+    losing the smallest ``V`` entries), and 70 ms vs 1.8 s per quantize + dequantize (torchao has no
+    compiled CPU path for it). The state is also plain uint8 and float32 tensors, so it loads with
+    ``torch.load(weights_only=True)`` without registering tensor subclasses, and the same code runs
+    on CPU and CUDA (galore-torch's 8-bit optimizer asserts CUDA). The parity test against
+    ``bitsandbytes.optim.AdamW8bit`` is in ``tests/test_memory.py`` (agreement within 1% of the
+    quantizer's own distance from 32-bit AdamW).
+
+    State per quantized moment: ``exp_avg_q``/``exp_avg_sq_q`` (uint8) and
+    ``exp_avg_absmax``/``exp_avg_sq_absmax`` (float32); 32-bit ones keep ``exp_avg``/``exp_avg_sq``.
+
+    Under FSDP2 (the moment is a DTensor placed like the low-rank
+    gradient, or like the parameter in a group without ``rank``), each rank quantizes its own shard:
+    the codes are a DTensor placed like the moment, the absmax a ``Shard(0)`` DTensor of
+    ``world × B`` blocks (``B`` the blocks of the largest shard; a shorter last shard leaves its tail
+    unused), or replicated with a replicated moment. Whether a moment is 8-bit is decided on its
+    global size, as in one process. Blocks are per shard: when the rows of a full shard hold a
+    multiple of 256 elements (``⌈m/N⌉·cols``), they are exactly the single-process blocks and the
+    run equals the single-process one; otherwise a block does not straddle two shards, which changes
+    only the quantization blocking (results differ at the quantizer's resolution, not the math).
+    """
+
+    rule = AdamW8bitRule()
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any):
+        _bnb_functional()  # fail here, not at the first step of a large enough tensor
+        super().__init__(params, *args, **kwargs)
+
 
 # ---------------------------------------------------------------------------------------------- FSDP2 shards
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _like(local: Tensor, like: Tensor) -> Tensor:

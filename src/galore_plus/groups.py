@@ -17,7 +17,7 @@ def galore_plus_param_groups(
     plain: Iterable[tuple[str, Tensor]] = (),
     **low_rank_options: Any,
 ) -> list[dict[str, Any]]:
-    """The paper's parameter groups (SPEC 2.4).
+    """The paper's parameter groups (GaLore+ Section 4; DESIGN.md, "Projectors" and "Residual").
 
     ``matrices`` are ``(name, parameter, num_heads)``: ``num_heads`` for the query/key projections
     (q_proj: attention heads; k_proj: key/value heads under grouped-query attention), ``None`` for

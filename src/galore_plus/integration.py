@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from .adafactor import GaLoreAdafactor
 from .adamw import GaLoreAdamW, GaLorePlusAdamW
 from .adamw8bit import GaLoreAdamW8bit
-from .groups import PAPER_RESIDUAL_RATIO, galore_plus_param_groups
+from .groups import galore_plus_param_groups
 from .layerwise import LayerwiseOptimizer
-from .lowrank import LOW_RANK_DEFAULTS, LowRankOptimizer
+from .lowrank import LowRankOptimizer
 from .memory import estimate_state_bytes
+from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 
 METHODS = ("galore", "galore+")
 KINDS = ("q", "k", "v", "o", "qkv", "mlp", "other")
@@ -93,7 +94,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Ta
     GPT-NeoX's fused ``query_key_value`` (rows laid out per head as ``[q_i; k_i; v_i]``, ``3·h·d_k``
     rows) is kind ``"qkv"`` with ``num_heads=None``: an ordinary low-rank matrix, with neither
     cross-head projection nor the sparse residual. Why not cross-head over its ``3·h`` blocks of
-    ``d_k`` rows: cross-head projection (SPEC 2.2) shares one right projector among heads on the
+    ``d_k`` rows: cross-head projection (DESIGN.md, "Projectors") shares one right projector among heads on the
     premise that every head's block plays the same role, so a few random heads stand for all; here
     the random block could be a value block standing in for the queries and keys, and the paper's
     recipe (cross-head and the residual for q/k only) would need the matrix split into its q, k and v
@@ -276,14 +277,14 @@ def build_optimizer(
     cls = (GaLoreAdamW8bit if eightbit else GaLoreAdafactor if adafactor
            else GaLorePlusAdamW if method == "galore+" else GaLoreAdamW)
     group_options = {k: v for k, v in low_rank_options.items() if k in LOW_RANK_DEFAULTS}
-    inner_options = {k: v for k, v in low_rank_options.items() if k in cls.inner_keys}
+    inner_options = {k: v for k, v in low_rank_options.items() if k in cls.rule.keys}
     unknown = sorted(set(low_rank_options) - set(group_options) - set(inner_options))
     if "num_heads" in group_options:
         raise TypeError("build_optimizer: num_heads is not an option here: each q/k matrix gets its own head count "
                         "from the model's config (find_targets), the other matrices none")
     if unknown:
         raise TypeError(f"build_optimizer: unknown option(s) {unknown}; low-rank options are "
-                        f"{sorted(LOW_RANK_DEFAULTS)} and {cls.__name__}'s own are {sorted(cls.inner_keys)}")
+                        f"{sorted(LOW_RANK_DEFAULTS)} and {cls.__name__}'s own are {sorted(cls.rule.keys)}")
     if method == "galore+":
         group_options.setdefault("svd", "randomized")
         if adafactor and group_options.get("residual_ratio", PAPER_RESIDUAL_RATIO) > 0:
@@ -341,8 +342,7 @@ def optimizer_summary(optimizer: LowRankOptimizer | LayerwiseOptimizer) -> str:
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, LowRankOptimizer):
         raise TypeError(f"optimizer_summary needs a galore_plus optimizer, got {type(optimizer).__name__}")
-    inner = ("8-bit AdamW" if isinstance(optimizer, GaLoreAdamW8bit)
-             else "Adafactor" if isinstance(optimizer, GaLoreAdafactor) else "AdamW")
+    inner = optimizer.rule.name
     header = ("group", "tensors", "shapes", "rank", "mode", "elements")
     rows = []
     total = 0

@@ -1,7 +1,9 @@
 """Layer-wise updates: each parameter steps inside the backward pass, so full gradients never pile up.
 
-``LayerwiseOptimizer`` registers a ``register_post_accumulate_grad_hook`` on every parameter of a
-``LowRankOptimizer``. When a parameter's gradient is complete, its hook
+``LayerwiseOptimizer`` is a container around one ``LowRankOptimizer`` (torchtitan's
+``OptimizersInBackwardContainer`` is the model): it registers a ``register_post_accumulate_grad_hook``
+on every parameter, and drives the optimizer through its public per-parameter API
+(``lowrank.py``). When a parameter's gradient is complete, its hook
 
 - at the first micro-batch of a step where the projector is due, refreshes the projector from
   **that micro-batch's full gradient** (the only full gradient that exists: the others are freed
@@ -9,8 +11,7 @@
 - projects the gradient, adds it to a low-rank accumulator (plus its entries at the residual index
   set), and frees the full gradient (``p.grad = None``); groups without ``rank`` keep accumulating
   in ``p.grad`` as usual;
-- at the last micro-batch (``accumulation_steps`` gradients received) applies the optimizer's
-  update to the accumulated gradient.
+- at the last micro-batch (``accumulation_steps`` gradients received) applies the update.
 
 So at most one full gradient of a low-rank matrix is alive at a time. Without accumulation the
 result equals ``optimizer.step()`` exactly (tested); with it, it equals ``step()`` on the summed
@@ -18,22 +19,26 @@ gradient except that the projector of a refresh step comes from the first micro-
 
 What ``step()`` users rely on, and how it works here:
 
-- ``LayerwiseOptimizer`` is itself a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state``
-  are the wrapped optimizer's: call ``step()`` once per optimizer step as usual (after the last
-  micro-batch's ``backward()``; it closes the step, the updates already happened), so
-  ``transformers.Trainer``, accelerate and **LR schedulers** drive it like any optimizer. A
-  scheduler steps once per optimizer step (each parameter steps exactly once per
-  ``accumulation_steps`` backward passes: no doubled counts).
+- ``step()`` closes an optimizer step (call it after the step's last ``backward()``): a parameter
+  that received fewer than ``accumulation_steps`` gradients in this step (it took no part in some
+  micro-batch) is updated now with what it received, as ``optimizer.step()`` would, so no gradient
+  is carried into the next step; then the wrapped optimizer's own ``step()`` runs, a no-op on the
+  consumed gradients that runs its step hooks and tells LR schedulers the step happened.
+  ``zero_grad()`` does nothing: the hooks free every gradient they consume.
+- ``param_groups`` and ``state`` *are* the wrapped optimizer's (the same objects), so an LR
+  scheduler attached to either changes the learning rate the updates read, once per optimizer
+  step; ``transformers.Trainer`` and accelerate drive it like any optimizer.
 - **Gradient clipping** cannot see a global norm before the first parameter has already stepped.
   ``clip="parameter"`` clips each parameter's (accumulated, low-rank for low-rank groups) gradient
   to ``max_grad_norm``; ``clip="previous_global"`` scales every gradient of a step by
   ``min(1, max_grad_norm / N)`` with ``N`` the global norm of the previous step's gradients (the first
   step is not clipped; ``step()`` closes each step, and forgetting it raises).
-  ``torch.nn.utils.clip_grad_norm_`` after ``backward()`` would see no gradients
-  and silently do nothing: ``LayerwiseOptimizer.clip_grad_norm_`` raises to say so.
+  ``torch.nn.utils.clip_grad_norm_`` after ``backward()`` would see no gradients and silently do
+  nothing: ``LayerwiseOptimizer.clip_grad_norm_`` raises to say so.
 - **Checkpoints**: ``state_dict()`` is one dict keyed by parameter names (optimizer state, group
-  hyper-parameters, accumulators of an unfinished step, clipping norm); ``load_state_dict`` is
-  strict: missing and unexpected names raise.
+  hyper-parameters, the gradients of an unfinished step — low-rank accumulators and the plain
+  parameters' ``.grad`` —, clipping norm); ``load_state_dict`` is strict: missing and unexpected
+  names raise.
 - Non-finite gradients at a refresh raise ``FloatingPointError`` from inside ``backward()``; other
   parameters of that backward may already have stepped.
 """
@@ -46,9 +51,19 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .lowrank import LowRankOptimizer, _is_int
+from .lowrank import LowRankGradient, LowRankOptimizer
+from .options import is_int
 
 CLIP_MODES = (None, "parameter", "previous_global")
+
+
+def layerwise_unsupported_reason() -> str:
+    """Why layer-wise mode is refused under DDP and FSDP2."""
+    return ("layer-wise updates (LayerwiseOptimizer) cannot run under DDP or FSDP2: the per-parameter hooks "
+            "fire inside backward() on this rank's own gradient, before DDP's bucketed all-reduce has averaged "
+            "it (DDP writes the averaged gradient back only when backward ends), and FSDP2 assigns the "
+            "reduce-scattered sharded gradient only after those hooks; ranks would step on different "
+            "gradients. Use optimizer.step() (with galore_plus.distributed.distribute(optimizer) under DDP)")
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -73,7 +88,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ):
         if not isinstance(optimizer, LowRankOptimizer):
             raise TypeError(f"LayerwiseOptimizer needs a galore_plus LowRankOptimizer, got {type(optimizer).__name__}")
-        if not _is_int(accumulation_steps) or accumulation_steps < 1:
+        if not is_int(accumulation_steps) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an int ≥ 1")
         if clip not in CLIP_MODES:
             raise ValueError(f"clip={clip!r} is not one of {CLIP_MODES}")
@@ -81,116 +96,77 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip={clip!r} needs max_grad_norm > 0, got {max_grad_norm!r}")
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
-            from .distributed import layerwise_unsupported_reason
-
             raise ValueError(layerwise_unsupported_reason())
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        super().__init__(params, dict(optimizer.defaults))
-        self.optimizer = optimizer  # from here on param_groups and state are the wrapped optimizer's
-        self.accumulation_steps = accumulation_steps
-        self.clip, self.max_grad_norm = clip, max_grad_norm
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self._group_of = group_of
-        self._names: dict[int, str] = {}
-        self._params: dict[str, Tensor] = {}
+        names: dict[int, str] = {}
         for name, p in named_parameters:
-            if id(p) in group_of:
-                self._names[id(p)] = name
-                self._params[name] = p
-        missing = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in self._names]
+            names.setdefault(id(p), name)
+        missing = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in names]
         if missing:
             raise ValueError(f"named_parameters does not name {len(missing)} parameter(s) of the optimizer "
                              f"(in groups {sorted(set(missing))})")
+        super().__init__(params, dict(optimizer.defaults))  # torch's bookkeeping: hooks, flags
+        self.optimizer = optimizer
+        # the wrapped optimizer's groups and state, shared (it keeps their identity when it loads)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.accumulation_steps = accumulation_steps
+        self.clip, self.max_grad_norm = clip, max_grad_norm
+        self._names = {id(p): names[id(p)] for p in params}
+        self._params: dict[str, Tensor] = {names[id(p)]: p for p in params}
         self._received: dict[str, int] = {name: 0 for name in self._params}
-        self._low: dict[str, Tensor] = {}
-        self._grad_s: dict[str, Tensor] = {}
+        self._low: dict[str, LowRankGradient] = {}
         self._sq_norm = 0.0           # Σ‖g‖² of the step being accumulated (previous_global)
         self._previous_norm: float | None = None
         self._applied_since_end: set[str] = set()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params.values()]
 
-    # The wrapped optimizer's groups and state, live: its load_state_dict replaces both objects, and an
-    # LR scheduler attached to this wrapper must change the groups the updates actually read.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        inner = self.__dict__.get("optimizer")
-        return inner.param_groups if inner is not None else self.__dict__["_initial_groups"]
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "optimizer" in self.__dict__:
+            raise RuntimeError("add the group to the wrapped optimizer before wrapping it in LayerwiseOptimizer "
+                               "(the hooks are registered at construction)")
+        super().add_param_group(param_group)  # torch.optim.Optimizer.__init__'s own groups
 
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:  # torch.optim.Optimizer.__init__ sets it before the wrapped optimizer is known
-            self.__dict__["_initial_groups"] = value
-        else:
-            inner.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        inner = self.__dict__.get("optimizer")
-        return inner.state if inner is not None else self.__dict__["_initial_state"]
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:
-            self.__dict__["_initial_state"] = value
-        else:
-            inner.state = value
-
-    def _group_for(self, p: Tensor) -> dict[str, Any]:
-        group = self._group_of[id(p)]
-        if not any(g is group for g in self.optimizer.param_groups):  # replaced by a load_state_dict
-            self._group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
-            group = self._group_of[id(p)]
-        return group
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a LayerwiseOptimizer holds hooks on the model's parameters and cannot be copied or "
+                        "pickled; save its state_dict() and load it into a new one")
 
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
         name = self._names[id(p)]
-        group = self._group_for(p)
         opt = self.optimizer
         first = self._received[name] == 0
         if first:
-            opt._check_gradient(group, p, f"parameter {name!r}")
+            opt.check_gradient(p, p.grad, f"parameter {name!r}")
         if first and self.clip == "previous_global" and name in self._applied_since_end:
             raise RuntimeError("clip='previous_global' needs step() after each optimizer step's last "
                                "backward(); it was not called, so the clipping norm would be stale")
         self._received[name] += 1
-        last = self._received[name] == self.accumulation_steps
-        if "rank" in group:
+        if opt.is_low_rank(p):
             if first:
-                opt._refresh_if_due(group, p, p.grad)
-            low, grad_s = opt._project(p, p.grad)
+                opt.refresh_projector(p, p.grad)
+            grad = opt.project(p, p.grad)
             p.grad = None  # the full gradient is freed here: this is the point of layer-wise mode
             if not first:
-                low = low.add_(self._low.pop(name))
-                if grad_s is not None:
-                    grad_s = grad_s.add_(self._grad_s.pop(name))
-            if not last:
-                self._low[name] = low
-                if grad_s is not None:
-                    self._grad_s[name] = grad_s
-                return
-            factor = self._clip_factor(low)
-            if factor != 1.0:
-                low.mul_(factor)
-                if grad_s is not None:
-                    grad_s.mul_(factor)
-            opt._apply_low_rank(group, p, low, grad_s)
+                grad = grad.add_(self._low.pop(name))
+            self._low[name] = grad
+        if self._received[name] == self.accumulation_steps:
+            self._apply(name, p)
+
+    def _apply(self, name: str, p: Tensor) -> None:
+        """Update ``p`` from what it received in this step (clipped as configured)."""
+        if self.optimizer.is_low_rank(p):
+            grad = self._low.pop(name)
+            factor = self._clip_factor(grad.low)
+            self.optimizer.apply(p, grad if factor == 1.0 else grad.mul_(factor))
         else:
-            if not last:
-                return  # autograd keeps accumulating into p.grad
             grad = p.grad
             factor = self._clip_factor(grad)
-            if factor != 1.0:
-                grad = grad * factor
-            opt._apply_full(group, p, grad)
+            self.optimizer.apply(p, grad if factor == 1.0 else grad * factor)
             p.grad = None
         self._received[name] = 0
         self._applied_since_end.add(name)
-        # torch's LR schedulers warn when optimizer.step() was never called; here the step ran in hooks
-        opt._opt_called = True  # type: ignore[attr-defined]
 
     def _clip_factor(self, grad: Tensor) -> float:
         if self.clip is None:
@@ -203,18 +179,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return 1.0
         return min(1.0, self.max_grad_norm / (self._previous_norm + 1e-6))
 
+    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Close an optimizer step (call it after the last micro-batch's ``backward()``): the
-        parameters were already updated by the hooks. With ``clip="previous_global"`` this step's
-        global gradient norm becomes the next step's clipping norm (``last_global_norm``)."""
+        """Close an optimizer step (call it after the step's last ``backward()``; see the module
+        docstring): parameters still holding part of this step's gradient are updated with it, then
+        the wrapped optimizer's ``step()`` runs (a no-op on consumed gradients: its hooks and LR
+        schedulers see the step). With ``clip="previous_global"`` this step's global gradient norm
+        becomes the next step's clipping norm (``last_global_norm``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for name, count in self._received.items():
+            if count:
+                self._apply(name, self._params[name])
+        self.optimizer.step()
         self._applied_since_end.clear()
         if self.clip == "previous_global":
             self._previous_norm, self._sq_norm = math.sqrt(self._sq_norm), 0.0
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: the hooks free every gradient they consume (a plain parameter's ``.grad``
+        accumulates across the step's micro-batches and is freed when it is applied)."""
 
     @property
     def last_global_norm(self) -> float | None:
@@ -243,12 +230,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             names = [self._names[id(p)] for p in group["params"]]
             index_to_name.update(zip(saved["params"], names))
             groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
+        plain = {name: p.grad for name, p in self._params.items()
+                 if self._received[name] and not self.optimizer.is_low_rank(p)}
         return {
             "state": {index_to_name[i]: s for i, s in inner["state"].items()},
             "param_groups": groups,
             "received": dict(self._received),
-            "low_rank_accumulators": dict(self._low),
-            "residual_accumulators": dict(self._grad_s),
+            "low_rank_accumulators": {n: g.low for n, g in self._low.items()},
+            "residual_accumulators": {n: g.residual for n, g in self._low.items() if g.residual is not None},
+            "plain_accumulators": plain,
             "clip_sq_norm": self._sq_norm,
             "clip_previous_norm": self._previous_norm,
         }
@@ -272,7 +262,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in state_dict["param_groups"]],
         })
         self._received = {name: int(state_dict["received"].get(name, 0)) for name in self._params}
-        self._low = {n: t.to(self._params[n].device) for n, t in state_dict["low_rank_accumulators"].items()}
-        self._grad_s = {n: t.to(self._params[n].device) for n, t in state_dict["residual_accumulators"].items()}
+        residuals = state_dict["residual_accumulators"]
+        self._low = {n: LowRankGradient(t.to(self._params[n].device),
+                                        residuals[n].to(self._params[n].device) if n in residuals else None)
+                     for n, t in state_dict["low_rank_accumulators"].items()}
+        for n, grad in state_dict.get("plain_accumulators", {}).items():
+            p = self._params[n]
+            p.grad = grad.to(device=p.device, dtype=p.dtype)
         self._sq_norm = float(state_dict["clip_sq_norm"])
         self._previous_norm = state_dict["clip_previous_norm"]

@@ -1,9 +1,31 @@
-"""The low-rank optimizer machinery: project → inner rule → project back, with tensor-only state.
+"""The low-rank engine: project → inner rule → project back, with tensor-only state.
 
-``LowRankOptimizer`` owns validation, the projector state and its refresh schedule, the step loop
-and state loading; a subclass supplies only the inner rule (a kernel from ``functional.py``) and
-its group keys. A parameter group is low-rank when it carries ``rank``; other groups run the inner
-rule on the full gradient inside the same optimizer.
+``LowRankOptimizer`` is composed of two parts it does not implement itself (DESIGN.md, "Shape"):
+
+- an **inner rule** (``InnerRule``: AdamW in ``adamw.py``, 8-bit AdamW in ``adamw8bit.py``, Adafactor
+  in ``adafactor.py``): its group keys, their checks, its state and the update it makes from a
+  (projected or full) gradient;
+- a **layout** per parameter, chosen from the parameter itself (``sharding.layout_of``): a plain
+  tensor (one process, or DDP after its all-reduce) or an FSDP2 row shard, where the projection
+  math talks to the other ranks;
+
+plus a **refresher** (``LocalRefresh`` by default; ``distributed.distribute`` installs one that splits
+projector refreshes across DDP ranks). It owns everything else once: validation, the refresh
+schedule and its bookkeeping, the fallbacks when an SVD fails, the NaN check, the residual, loading
+and copying.
+
+The per-parameter API (public; ``step()``, ``LayerwiseOptimizer`` and the projected backward all
+drive the optimizer through it):
+
+- ``is_low_rank(p)``, ``projector_due(p)``: whether ``p``'s next update needs a full gradient to
+  refresh its projector;
+- ``check_gradient(p, grad)``: raise on a gradient that must not be used, changing nothing;
+- ``refresh_projector(p, grad)``: refresh from a full gradient if due;
+- ``project(p, grad) -> LowRankGradient``, ``projector(p)``, ``residual_index(p)``;
+- ``apply(p, grad)``: one update from a full gradient (plain parameter) or a ``LowRankGradient``;
+- ``update(p, grad)``: the three above, as ``step()`` does them;
+- ``add_projected_gradient(p, g)``: a projected gradient computed elsewhere (without the full
+  one), consumed by the next ``step()`` like ``p.grad`` and cleared by ``zero_grad()``.
 
 State of a low-rank parameter (tensors and Python numbers only, so it loads with
 ``torch.load(weights_only=True)``):
@@ -25,6 +47,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,30 +55,118 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projection, residual
-from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix, is_int, is_real
+from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for
+from .sharding import CommCounter, layout_of
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
+#: State keys of the engine itself (the inner rule adds its own).
+ENGINE_STATE_KEYS = ("step", "refresh_count", "last_refresh", "proj_side", "proj_left", "proj_right",
+                     "residual_index", "residual_m", "residual_v", "residual_start")
+#: Marks a state dict as ours, with the inner rule that wrote it (``load_state_dict`` checks it).
+STATE_DICT_KEY = "galore_plus"
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """float32 for low-precision parameters, their own dtype for float32/float64 (DESIGN.md, "Precision")."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+class InnerRule:
+    """What the engine needs of an inner update rule (a small protocol; subclasses override).
+
+    ``keys``: the rule's group keys (their defaults come from the optimizer's constructor).
+    ``lr_may_be_none``: the rule computes its own step size (Adafactor's relative step).
+    ``has_moments``: it keeps Adam moments ``(M, V)``, which the sparse residual needs.
+    ``shards``: it works on FSDP2 row shards.
+    """
+
+    name = "rule"
+    keys: tuple[str, ...] = ()
+    lr_may_be_none = False
+    has_moments = False
+    shards = True
+    shard_reason = ""
+
+    def check(self, group: dict[str, Any], where: str) -> None:
+        """Raise ``ValueError`` naming a bad value of the rule's own keys."""
+
+    def step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        """The learning rate of this update (the group's; relative-step rules compute their own)."""
+        return as_float(group["lr"])
+
+    def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        """Update the rule's state from ``grad`` (creating it at the first call) and return the step
+        (learning rate included): the parameter, or its projection, moves by minus this."""
+        raise NotImplementedError
+
+    def apply_full(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> None:
+        """A group without ``rank``: move ``p`` by the rule's step on its full gradient."""
+        p.sub_(self.direction(grad, state, group, lr).to(p.dtype))
+
+    def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(M, V)`` as stored or dequantized (only when ``has_moments``)."""
+        raise NotImplementedError(f"the {self.name} rule has no moments")
+
+    def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+        """The layouts of the rule's state for a gradient of ``shape``: each a dict of key → shape
+        (``load_state_dict`` accepts a saved state that matches one of them exactly)."""
+        raise NotImplementedError
+
+    def state_dtype(self, key: str, grad_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the rule keeps ``key`` in for a gradient of ``grad_dtype``."""
+        return grad_dtype
+
+    def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
+        """Bytes of the rule's state for a gradient of ``shape`` in ``dtype``."""
+        raise NotImplementedError
+
+
+@dataclass
+class LowRankGradient:
+    """A low-rank parameter's gradient as the optimizer uses it: ``low``, the projected gradient
+    (``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``), and ``residual``, the gradient's entries at the residual index
+    set (``None`` without a residual). Micro-batches add up; clipping scales both."""
+
+    low: Tensor
+    residual: Tensor | None = None
+
+    def add_(self, other: LowRankGradient) -> LowRankGradient:
+        self.low.add_(other.low)
+        if self.residual is not None and other.residual is not None:
+            self.residual.add_(other.residual)
+        return self
+
+    def mul_(self, factor: float) -> LowRankGradient:
+        self.low.mul_(factor)
+        if self.residual is not None:
+            self.residual.mul_(factor)
+        return self
+
+
+class LocalRefresh:
+    """Every rank (or the one process) computes every projector that is due itself."""
+
+    def refresh(self, optimizer: LowRankOptimizer, due: list[tuple[Tensor, Tensor]]) -> None:
+        for p, grad in due:
+            optimizer.refresh_projector(p, grad)
 
 
 class LowRankOptimizer(Optimizer):
-    """Base class: gradient low-rank projection around an inner update rule.
+    """Gradient low-rank projection around an inner update rule (see the module docstring).
 
-    Subclasses set ``inner_keys`` (their group keys, e.g. ``betas`` and ``eps``), validate them in
-    ``_validate_inner``, and implement ``_inner_step(grad, state, group, lr) -> step`` (and
-    ``_low_rank_moments`` if they support residuals, ``_step_lr`` for relative step sizes).
+    Subclasses set ``rule`` (an ``InnerRule``) and give their constructor's defaults; a parameter
+    group is low-rank when it carries ``rank``, other groups run the rule on the full gradient.
 
     Args:
         params: parameters or parameter groups (dicts). A group with ``rank`` is low-rank.
-        defaults: the optimizer-level defaults of every group (``lr``, ``weight_decay``, inner keys).
+        defaults: the optimizer-level defaults of every group (``lr``, ``weight_decay``, rule keys).
         low_rank_defaults: overrides of ``LOW_RANK_DEFAULTS``, filled into low-rank groups only.
-        seed: seeds every random draw (SPEC 2.1); a group may override it.
+        seed: seeds every random draw (DESIGN.md, "Randomness"); a group may override it.
     """
 
-    inner_keys: tuple[str, ...] = ()
-    #: rules with a relative step size (Adafactor) accept ``lr=None``
-    lr_may_be_none = False
+    rule: InnerRule = InnerRule()
 
     def __init__(
         self,
@@ -69,21 +180,48 @@ class LowRankOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; low-rank options are "
                             f"{sorted(LOW_RANK_DEFAULTS)}")
         self._low_rank_defaults = {**LOW_RANK_DEFAULTS, **low_rank_defaults}
-        self._param_index: dict[int, int] = {}
+        self._init_runtime()
+        defaults = dict(defaults, seed=seed)
+        self._check_common(defaults, where="optimizer defaults")
+        super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        """What is not state: caches, diagnostics, the refresher (rebuilt after a copy)."""
         #: wall seconds spent computing projectors since construction (for progress reports; not state)
         self.refresh_seconds = 0.0
-        defaults = dict(defaults, seed=seed)
-        self._validate_common(defaults, where="optimizer defaults")
-        super().__init__(params, defaults)
+        #: bytes of the optimizer's own collectives (FSDP2 math, DDP split refresh), by phase and op
+        self.comm = CommCounter()
+        #: projectors this process computed itself (DDP with a split refresh: its share)
+        self.projectors_computed = 0
+        self.refresher: Any = LocalRefresh()
+        self._projected: dict[Tensor, LowRankGradient] = {}
+        self._where: dict[int, tuple[dict[str, Any], int, int]] = {}
+
+    @property
+    def comm_bytes(self) -> dict[str, dict[str, int]]:
+        return self.comm.bytes
+
+    # ------------------------------------------------------------------ copies (torch keeps only
+    # defaults, state and param_groups; DESIGN.md, "torch.optim contract")
+    def __getstate__(self) -> dict[str, Any]:
+        extra = {"_low_rank_defaults": self._low_rank_defaults}
+        if "rule" in self.__dict__:  # a rule given to this instance (subclasses set it on the class)
+            extra["rule"] = self.rule
+        return {**super().__getstate__(), **extra}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_where" not in self.__dict__:  # a copy (torch's load_state_dict also comes through here)
+            self._init_runtime()
 
     # ------------------------------------------------------------------ validation
     @property
     def _allowed_keys(self) -> set[str]:
-        return _FOREIGN_KEYS | {"lr", "weight_decay", "seed", "rank"} | set(self.inner_keys) | set(
-            self._low_rank_defaults
-        )
+        return _FOREIGN_KEYS | {"lr", "weight_decay", "seed", "rank"} | set(self.rule.keys) | set(
+            self._low_rank_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after checking all of it: a rejected group leaves the optimizer untouched."""
         unknown = sorted(set(param_group) - self._allowed_keys)
         if unknown:
             raise TypeError(
@@ -94,289 +232,388 @@ class LowRankOptimizer(Optimizer):
             for key, value in self._low_rank_defaults.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        where = f"parameter group {len(self.param_groups) - 1}"
-        self._validate_common(group, where)
+        try:
+            self._check_group(self.param_groups[-1], f"parameter group {len(self.param_groups) - 1}")
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._where.clear()
+
+    def _check_common(self, group: dict[str, Any], where: str) -> None:
+        check_common(group, where, self.rule.lr_may_be_none)
+        self.rule.check(group, where)
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        self._check_common(group, where)
         if "rank" in group:
-            self._validate_low_rank(group, where)
-        for p in group["params"]:
-            self._param_index[id(p)] = len(self._param_index)
-
-    def _validate_common(self, group: dict[str, Any], where: str) -> None:
-        check_common(group, where, self.lr_may_be_none)
-        self._validate_inner(group, where)
-
-    def _validate_inner(self, group: dict[str, Any], where: str) -> None:
-        """Subclasses check their own keys here and raise ValueError naming the value."""
-
-    def _validate_low_rank(self, group: dict[str, Any], where: str) -> None:
-        check_low_rank(group, where)
-        if group["residual_ratio"] > 0 and not {"betas", "eps"} <= set(group):
-            raise ValueError(f"{where}: residual_ratio={group['residual_ratio']} needs Adam moments; "
-                             f"{type(self).__name__} has none")
+            check_low_rank(group, where)
+            if group["residual_ratio"] > 0 and not self.rule.has_moments:
+                raise ValueError(f"{where}: residual_ratio={group['residual_ratio']} needs Adam moments; "
+                                 f"{type(self).__name__} ({self.rule.name}) has none")
         for i, p in enumerate(group["params"]):
-            check_matrix(group, p, _param_name(group, i, p), where)
+            name = _param_name(group, i)
+            if p.is_complex():
+                raise ValueError(f"{where}: {name} is complex ({p.dtype}); {type(self).__name__} supports real "
+                                 "floating-point parameters only")
+            if not p.is_floating_point():
+                raise ValueError(f"{where}: {name} has dtype {p.dtype}; parameters must be floating point")
+            layout_of(p, self.comm).check_parameter(p, name, where, self.rule)
+            if "rank" in group:
+                check_matrix(group, p, name, where)
+
+    # ------------------------------------------------------------------ where a parameter is
+    def _locate(self, p: Tensor) -> tuple[dict[str, Any], int, int]:
+        """``(group, index in the group, index among all parameters)``; the last seeds randomness."""
+        found = self._where.get(id(p))
+        if found is None or found[1] >= len(found[0]["params"]) or found[0]["params"][found[1]] is not p:
+            self._where = {id(q): (g, i, n) for n, (g, i, q) in enumerate(
+                (g, i, q) for g in self.param_groups for i, q in enumerate(g["params"]))}
+            if id(p) not in self._where:
+                raise KeyError(f"a parameter of shape {tuple(p.shape)} is not in this optimizer")
+            found = self._where[id(p)]
+        return found
+
+    def group_of(self, p: Tensor) -> dict[str, Any]:
+        return self._locate(p)[0]
+
+    def name_of(self, p: Tensor) -> str:
+        group, i, _ = self._locate(p)
+        return _param_name(group, i)
+
+    # ------------------------------------------------------------------ the per-parameter API
+    def is_low_rank(self, p: Tensor) -> bool:
+        return "rank" in self.group_of(p)
+
+    def projector_due(self, p: Tensor) -> bool:
+        """Whether ``p``'s next update needs a full gradient: a low-rank parameter before its first
+        update, then every ``update_proj_gap`` updates (galore-torch's ``iter % T == 0`` with ``iter``
+        the updates taken so far). False for plain parameters (they always take a full gradient)."""
+        group = self.group_of(p)
+        if "rank" not in group:
+            return False
+        state = self.state.get(p, {})
+        if "proj_side" not in state:
+            return True
+        return state.get("step", 0) - state["last_refresh"] >= group["update_proj_gap"]
+
+    def check_gradient(self, p: Tensor, grad: Tensor, name: str | None = None) -> None:
+        """Raise on a gradient that must not be used; changes nothing.
+
+        A sparse gradient raises ``RuntimeError``; at a projector refresh a gradient with NaN/Inf
+        raises ``FloatingPointError`` (no projector is ever computed from NaN/Inf; the check costs
+        one reduction per refresh, and under FSDP2 one all-reduce so every rank agrees)."""
+        name = name or self.name_of(p)
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+        if self.projector_due(p) and not layout_of(p, self.comm).all_finite(grad):
+            raise FloatingPointError(
+                f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
+                f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
+
+    def refresh_projector(self, p: Tensor, grad: Tensor) -> bool:
+        """Refresh ``p``'s projector from its full gradient ``grad`` if due; True if it did.
+
+        If the SVD falls over even in float64, the previous projector is kept until the next
+        scheduled refresh; at the very first refresh, where there is none, a seeded random
+        orthonormal basis is used instead. Either way training goes on, with a warning. Directions
+        of the new basis along which the gradient is numerically zero are zeroed (DESIGN.md,
+        "Rank above the gradient's rank")."""
+        if not self.projector_due(p):
+            return False
+        group, _, index = self._locate(p)
+        state = self.state[p]
+        layout = layout_of(p, self.comm)
+        side = self.projection_side(p)
+        gen = generator_for(group["seed"], index, state.get("refresh_count", 0))
+        warm = self.projector(p) if group["warm_start"] and state.get("proj_side") == side else None
+        _sync(p)
+        start = time.perf_counter()
+        grad = grad.to(compute_dtype(p))
+        basis = layout.compute_projector(grad, group, side, gen, warm, index)
+        if basis is not None:
+            basis = layout.drop_null_directions(grad, *basis)
+        _sync(p)
+        self.refresh_seconds += time.perf_counter() - start
+        self.projectors_computed += 1
+        if basis is None:
+            if "proj_side" in state:
+                warnings.warn(f"projector refresh failed for {self.name_of(p)} (shape {tuple(p.shape)}) at step "
+                              f"{state['step']}; keeping the previous projector", RuntimeWarning)
+                basis, side = self.projector(p), state["proj_side"]
+            else:
+                warnings.warn(f"projector refresh failed for {self.name_of(p)} (shape {tuple(p.shape)}) at its "
+                              "first step; using a seeded random orthonormal projector", RuntimeWarning)
+                basis = layout.random_projector(p, group["rank"], side, gen)
+        self.store_projector(p, *basis)
+        return True
+
+    def projection_side(self, p: Tensor) -> int:
+        """The side ``p``'s projector is on: right for cross-head groups, else by ``proj_type``."""
+        group = self.group_of(p)
+        if group["num_heads"] is not None:
+            return projection.RIGHT
+        return projection.projection_side(p.shape, group["proj_type"])
+
+    def store_projector(self, p: Tensor, left: Tensor | None, right: Tensor | None) -> None:
+        """Make ``(left, right)`` ``p``'s projector, as a refresh does (its side, the refresh count
+        and the step of the refresh are recorded). Used by refreshes computed elsewhere (DDP)."""
+        group, state = self.group_of(p), self.state[p]
+        state["proj_side"] = (projection.FULL if left is not None and right is not None
+                              else projection.LEFT if left is not None else projection.RIGHT)
+        for key, tensor in (("proj_left", left), ("proj_right", right)):
+            if tensor is None:
+                state.pop(key, None)
+            else:
+                state[key] = tensor.to(device=p.device, dtype=group["proj_dtype"] or compute_dtype(p))
+        state["last_refresh"] = state.get("step", 0)
+        state["refresh_count"] = state.get("refresh_count", 0) + 1
+
+    def projector(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``p``'s ``(left, right)`` basis in its compute dtype (a copy only when stored in another
+        dtype, see ``proj_dtype``); ``(None, None)`` before its first refresh."""
+        state, dtype = self.state.get(p, {}), compute_dtype(p)
+        return tuple(None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
+
+    def residual_index(self, p: Tensor) -> Tensor | None:
+        """The flat indices (into this process's part of ``p``) of the residual set, or None."""
+        return self.state.get(p, {}).get("residual_index")
+
+    def project(self, p: Tensor, grad: Tensor) -> LowRankGradient:
+        """``p``'s full gradient as the optimizer uses it: projected, plus its residual entries."""
+        layout = layout_of(p, self.comm)
+        grad = grad.to(compute_dtype(p))
+        left, right = self.projector(p)
+        if left is None and right is None:
+            raise RuntimeError(f"{self.name_of(p)} has no projector yet: call refresh_projector(p, grad) "
+                               "with a full gradient first")
+        index = self.residual_index(p)
+        entries = None if index is None else layout.flat_local(grad)[index.long()]
+        return LowRankGradient(layout.project(grad, left, right), entries)
+
+    def apply(self, p: Tensor, grad: Tensor | LowRankGradient) -> None:
+        """One update of ``p``: from its full gradient (a plain parameter) or a ``LowRankGradient``
+        (a low-rank one, projected with its current projector)."""
+        group, state = self.group_of(p), self.state[p]
+        if "rank" not in group:
+            if isinstance(grad, LowRankGradient):
+                raise TypeError(f"{self.name_of(p)} is not low-rank; apply() takes its full gradient")
+            lr = self._begin_step(group, state, p)
+            self.rule.apply_full(p, grad, state, group, lr)
+            return
+        if not isinstance(grad, LowRankGradient):
+            raise TypeError(f"{self.name_of(p)} is low-rank; apply() takes a LowRankGradient (see project())")
+        refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
+        lr = self._begin_step(group, state, p)
+        left, right = self.projector(p)
+        update = projection.project_back(self.rule.direction(grad.low, state, group, lr), left, right)
+        if group["residual_ratio"] > 0:
+            self._residual(p, group, state, grad, update, refreshed, lr)
+        p.add_(update.to(p.dtype), alpha=-group["scale"])
+
+    def update(self, p: Tensor, grad: Tensor) -> None:
+        """One step of ``p`` from its full gradient (what ``step()`` does for each parameter)."""
+        if self.is_low_rank(p):
+            self.refresh_projector(p, grad)
+            self.apply(p, self.project(p, grad))
+        else:
+            self.apply(p, grad)
+
+    def add_projected_gradient(self, p: Tensor, grad: LowRankGradient) -> None:
+        """Accumulate a projected gradient of ``p`` computed without its full gradient (the
+        projected backward); the next ``step()`` uses it as it uses ``p.grad``."""
+        if self.projector_due(p):
+            raise RuntimeError(f"{self.name_of(p)} needs a full gradient at this step (its projector is due)")
+        held = self._projected.get(p)
+        self._projected[p] = grad if held is None else held.add_(grad)
+
+    def projected_gradient(self, p: Tensor) -> LowRankGradient | None:
+        return self._projected.get(p)
+
+    def _begin_step(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
+        """Count the step, apply decoupled weight decay (on the full weight), return the lr."""
+        state["step"] = state.get("step", 0) + 1
+        lr = self.rule.step_lr(group, state, p)
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        return lr
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient.
+        """One update of every parameter that has a gradient (``p.grad``, or a projected one).
 
-        Checks come first and change nothing: a sparse gradient raises ``RuntimeError``; a
-        non-finite gradient of a low-rank parameter at a projector refresh raises
-        ``FloatingPointError`` (no projector is ever computed from NaN/Inf), leaving parameters and
-        state as they were, so the caller may skip the batch. Between refreshes non-finite values
-        are not checked (that would cost a device sync per parameter per step) and propagate as in
+        Checks come first and change nothing (``check_gradient``), so after a ``FloatingPointError``
+        at a refresh the caller may skip the batch. Between refreshes non-finite values are not
+        checked (that would cost a device sync per parameter per step) and propagate as in
         ``torch.optim.AdamW``; use a ``GradScaler`` or clip for mixed precision.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, i, p) for group in self.param_groups for i, p in enumerate(group["params"])
-                if p.grad is not None]
-        for group, i, p in work:
-            self._check_gradient(group, p, _param_name(group, i, p))
-        for group, _, p in work:
-            self._update(group, p, p.grad)
+        for i, group in enumerate(self.param_groups):  # an LR scheduler may have written a bad lr
+            self._check_common(group, f"parameter group {i}")
+        full = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in full:
+            self.check_gradient(p, p.grad)
+            if p in self._projected:
+                raise RuntimeError(f"{self.name_of(p)} has both a full and a projected gradient")
+        due = [(p, p.grad) for p in full if self.projector_due(p)]
+        if due:
+            self.refresher.refresh(self, due)
+        for p in full:
+            self.update(p, p.grad)
+        projected, self._projected = self._projected, {}
+        for p, grad in projected.items():
+            self.apply(p, grad)
         return loss
 
-    def _check_gradient(self, group: dict[str, Any], p: Tensor, name: str) -> None:
-        """Sparse gradients raise ``RuntimeError``; at a projector refresh, a gradient with NaN/Inf
-        raises ``FloatingPointError`` (the check costs one sync per refresh, not per step)."""
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
-        if "rank" in group and self._refresh_due(group, self.state.get(p, {})):
-            if not _all_finite(p.grad):
-                raise FloatingPointError(
-                    f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
-                    f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._projected.clear()
 
-    def _update(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
-        """One step of ``p`` from its full gradient (the ``step()`` path)."""
-        if "rank" not in group:
-            self._apply_full(group, p, grad)
-            return
-        self._refresh_if_due(group, p, grad)
-        low, grad_s = self._project(p, grad)
-        self._apply_low_rank(group, p, low, grad_s)
-
-    # The three pieces below are also driven separately by ``layerwise.LayerwiseOptimizer``: refresh
-    # from one micro-batch's full gradient, project every micro-batch and sum, then apply the sum.
-
-    def _refresh_if_due(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> bool:
-        """Refresh ``p``'s projector from ``grad`` if the schedule says so; True if it did."""
-        state = self.state[p]
-        if not self._refresh_due(group, state):
-            return False
-        self._refresh(group, p, grad, state, state.get("step", 0))
-        return True
-
-    def _project(self, p: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The low-rank gradient, and the gradient's entries at the residual index set (if any)."""
-        state = self.state[p]
-        grad = grad.to(compute_dtype(p))
-        low = projection.project(grad, *_basis(state, p))
-        grad_s = grad.reshape(-1)[state["residual_index"].long()] if "residual_index" in state else None
-        return low, grad_s
-
-    def _begin_step(self, group: dict[str, Any], p: Tensor) -> float:
-        """Count the step, apply decoupled weight decay (on the full weight, SPEC 1), return the lr."""
-        state = self.state[p]
-        state["step"] = state.get("step", 0) + 1
-        lr = self._step_lr(group, state, p)
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        return lr
-
-    def _apply_full(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
-        """A group without ``rank``: the inner rule on the full gradient."""
-        lr = self._begin_step(group, p)
-        p.sub_(self._inner_step(grad, self.state[p], group, lr))
-
-    def _apply_low_rank(self, group: dict[str, Any], p: Tensor, low: Tensor, grad_s: Tensor | None) -> None:
-        """The inner rule on the low-rank gradient, projected back, residual-corrected, times ``scale``."""
-        state = self.state[p]
-        refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
-        lr = self._begin_step(group, p)
-        left, right = _basis(state, p)
-        update = projection.project_back(self._inner_step(low, state, group, lr), left, right)
-        if group["residual_ratio"] > 0:
-            self._residual(group, state, low, grad_s, update, refreshed, lr)
-        p.add_(update.to(p.dtype), alpha=-group["scale"])
-
-    def _residual(
-        self, group: dict[str, Any], state: dict[str, Any], low: Tensor, grad_s: Tensor | None, update: Tensor,
-        refreshed: bool, lr: float,
-    ) -> None:
+    # ------------------------------------------------------------------ the sparse residual
+    def _residual(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: LowRankGradient,
+                  update: Tensor, refreshed: bool, lr: float) -> None:
         """Correct ``update`` (the projected-back step, in place) at the residual index set, and fix
         that set at the end of warm-up (and at each later refresh with ``residual_reselect``).
 
-        The residual moments are kept in the compute dtype whatever the inner rule stores (they are
-        ρ-sized); the low-rank moments come from ``_low_rank_moments`` (cast to the compute dtype: an
-        8-bit rule dequantizes to float32, and float64 parameters compute in float64)."""
+        The residual moments are kept in the compute dtype whatever the rule stores (they are
+        ρ-sized); the low-rank moments are the rule's, cast to the compute dtype."""
+        layout = layout_of(p, self.comm)
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
-        left, right = _basis(state, update)
-        flat_update = self._flat_local(update)
+        left, right = self.projector(p)
+        flat_update = layout.flat_local(update)
         if "residual_index" in state:
             index = state["residual_index"].long()
             if group["residual_mode"] == "exact":
                 since = step - state["residual_start"]
                 flat_update[index] = residual.exact_residual(
-                    grad_s, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
+                    grad.residual, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
             else:
-                ghat_s = self._flat_local(projection.project_back(low, left, right))[index]
-                back_v = projection.project_back(self._low_rank_moments(state)[1].to(update.dtype), left, right)
-                back_v_s = self._flat_local(back_v)[index]
-                delta = residual.paper_residual(
-                    grad_s, ghat_s, back_v_s, state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
+                ghat_s = layout.flat_local(projection.project_back(grad.low, left, right))[index]
+                back_v = projection.project_back(self.rule.moments(state)[1].to(update.dtype), left, right)
+                delta = residual.paper_residual(grad.residual, ghat_s, layout.flat_local(back_v)[index],
+                                                state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
                 flat_update.index_add_(0, index, delta.mul_(lr))
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = projection.project_back(self._low_rank_moments(state)[0].to(update.dtype), left, right)
-            index = self._select_residual(reconstructed, group["residual_ratio"])
+            reconstructed = projection.project_back(self.rule.moments(state)[0].to(update.dtype), left, right)
+            index = layout.select_residual(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
             state["residual_m"] = torch.zeros(index.numel(), dtype=flat_update.dtype, device=flat_update.device)
             state["residual_v"] = torch.zeros_like(state["residual_m"])
             state["residual_start"] = step
 
-    @staticmethod
-    def _flat_local(t: Tensor) -> Tensor:
-        """``t`` flattened as a view: the residual's indices address it (the distributed optimizer
-        overrides this with this rank's shard)."""
-        return t.view(-1)
-
-    def _select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
-        """The residual's flat index set: the top-ρ of ``|P M'|`` (distributed: this rank's part)."""
-        return residual.select_indices(reconstructed, ratio)
-
-    def _inner_step(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
-        """Update the inner rule's state from ``grad`` and return the step: the parameter (or, for a
-        low-rank group, its projection) moves by minus this, before projection back and ``scale``."""
-        raise NotImplementedError
-
-    def _step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
-        """The learning rate of this update (the group's; relative-step rules compute their own)."""
-        return _as_float(group["lr"])
-
-    def _low_rank_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """The first and second low-rank moments ``(M', V')`` in the compute dtype (for residuals)."""
-        raise NotImplementedError(f"{type(self).__name__} has no moments for a sparse residual")
-
-    # ------------------------------------------------------------------ projector refresh
-    @staticmethod
-    def _refresh_due(group: dict[str, Any], state: dict[str, Any]) -> bool:
-        """Before the first update, then every ``update_proj_gap`` updates (galore-torch's
-        ``iter % T == 0`` with ``iter`` the updates taken so far)."""
-        if "proj_side" not in state:
-            return True
-        return state.get("step", 0) - state["last_refresh"] >= group["update_proj_gap"]
-
-    def _refresh(
-        self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], steps_before: int
-    ) -> None:
-        """Recompute the projector from ``grad``.
-
-        If the SVD falls over even in float64, the previous projector is kept until the next
-        scheduled refresh; at the very first refresh, where there is none, a seeded random
-        orthonormal basis is used instead. Either way training goes on, with a warning.
-        """
-        side = projection.RIGHT if group["num_heads"] is not None else projection.projection_side(
-            p.shape, group["proj_type"])
-        start = time.perf_counter()
-        basis = self._compute_projector(group, p, grad, state, side)
-        self.refresh_seconds += time.perf_counter() - start
-        if basis is None:
-            if "proj_side" in state:
-                warnings.warn(
-                    f"projector refresh failed for a {tuple(p.shape)} parameter at step {state['step']}; "
-                    "keeping the previous projector", RuntimeWarning)
-                basis = (state.get("proj_left"), state.get("proj_right"))
-                side = state["proj_side"]
-            else:
-                warnings.warn(
-                    f"projector refresh failed for a {tuple(p.shape)} parameter at its first step; "
-                    "using a seeded random orthonormal projector", RuntimeWarning)
-                gen = generator_for(group["seed"], self._param_index[id(p)], state.get("refresh_count", 0))
-                basis = projection.random_projector(p.shape, group["rank"], side, gen)
-        left, right = basis
-        state["proj_side"] = side
-        for key, tensor in (("proj_left", left), ("proj_right", right)):
-            if tensor is None:
-                state.pop(key, None)
-            else:
-                state[key] = tensor.to(device=p.device, dtype=group["proj_dtype"] or compute_dtype(p))
-        state["last_refresh"] = steps_before
-        state["refresh_count"] = state.get("refresh_count", 0) + 1
-
-    def _compute_projector(
-        self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any], side: int
-    ) -> tuple[Tensor | None, Tensor | None] | None:
-        """The new ``(left, right)`` basis, or None when it cannot be computed.
-
-        Random draws (the heads of a cross-head projector, the sketch of a randomized one) come from
-        a generator that is a pure function of (seed, parameter index, refresh count).
-        """
-        grad = grad.to(compute_dtype(p))
-        rank = group["rank"]
-        randomized = group["svd"] == "randomized"
-        gen = generator_for(group["seed"], self._param_index[id(p)], state.get("refresh_count", 0))
-        warm = None
-        if group["warm_start"] and state.get("proj_side") == side:
-            warm = _basis(state, p)
-        try:
-            if group["num_heads"] is not None:
-                return projection.cross_head_projector(
-                    grad, rank, group["num_heads"], gen, randomized, group["oversample"], group["power_iters"],
-                    warm=warm[1] if warm is not None else None)
-            if randomized:
-                return projection.randomized_projector(
-                    grad, rank, side, gen, group["oversample"], group["power_iters"], warm)
-        except torch.linalg.LinAlgError:
-            return None
-        return projection.svd_projector(grad, rank, side)
-
     # ------------------------------------------------------------------ state loading
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim.Optimizer`` does, then restore the saved dtypes.
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, marked with the inner rule that wrote it (strings and numbers only)."""
+        out = super().state_dict()
+        out[STATE_DICT_KEY] = {"rule": self.rule.name, "version": 1}
+        return out
 
-        torch casts every floating-point state tensor except ``step`` to its parameter's dtype
-        (``_process_value_according_to_param_policy``): with bf16 parameters that would round our
-        float32 projectors and low-rank moments (and any integer state) to bf16. Every tensor is
-        put back in the dtype it was saved in, on the parameter's device.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, after checking the state dict fits this optimizer.
+
+        Refused with ``ValueError`` (nothing changes): another inner rule's state (8-bit into
+        32-bit, Adafactor into AdamW, ``torch.optim.AdamW``'s), groups that differ in being low-rank or
+        in rank, or state tensors of other shapes. State tensors are then put in the dtype this
+        optimizer keeps them in for the parameters as they are now (torch would cast our float32
+        projectors to bf16 and our integer indices to floats): a float32 checkpoint loads into a
+        bf16 model and back, like ``torch.optim.AdamW``'s. The groups and the state keep their
+        identity (their contents are replaced), so a ``LayerwiseOptimizer`` sharing them stays valid.
         """
+        self._check_loadable(state_dict)
+        groups, state = self.param_groups, self.state
         super().load_state_dict(state_dict)
+        for old, new in zip(groups, self.param_groups):
+            old.clear()
+            old.update(new)
+        loaded, self.param_groups = self.state, groups
+        state.clear()
+        state.update(loaded)
+        self.state = state
+        self._where.clear()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+            if saved_id in state_dict["state"]:
+                self._restore_dtypes(p, state_dict["state"][saved_id])
+
+    def _restore_dtypes(self, p: Tensor, saved: dict[str, Any]) -> None:
+        """Put each loaded state tensor in the dtype this optimizer keeps it in, converted from the
+        saved tensor itself (torch's cast to the parameter's dtype may have rounded it)."""
+        entry = self.state[p]
+        dtype = compute_dtype(p) if self.is_low_rank(p) else p.dtype
+        proj_dtype = self.group_of(p).get("proj_dtype") or compute_dtype(p)
+        for key, value in saved.items():
+            if not isinstance(value, Tensor):
+                continue
+            if key in ("proj_left", "proj_right"):
+                want = proj_dtype
+            elif key == "residual_index":
+                want = torch.int32 if p.numel() < 2**31 else torch.int64
+            elif key in ("residual_m", "residual_v"):
+                want = compute_dtype(p)
+            else:
+                want = self.rule.state_dtype(key, dtype)
+            if entry[key].dtype != want or value.dtype != want:
+                entry[key] = value.to(device=p.device, dtype=want, copy=True)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        ours = f"{type(self).__name__} ({self.rule.name} rule)"
+        marker = state_dict.get(STATE_DICT_KEY)
+        if marker is not None and marker.get("rule") != self.rule.name:
+            raise ValueError(f"this state dict was written by an optimizer with the {marker.get('rule')} rule; it "
+                             f"cannot be loaded into {ours}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, {ours} has "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            unknown = sorted(set(saved) - self._allowed_keys)
+            if unknown:
+                raise ValueError(f"parameter group {i} of the state dict has keys {unknown} that {ours} does not "
+                                 "have: it was written by another optimizer")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"parameter group {i}: the state dict has {len(saved['params'])} parameters, "
+                                 f"this optimizer {len(group['params'])}")
+            if saved.get("rank") != group.get("rank"):
+                raise ValueError(f"parameter group {i}: saved rank {saved.get('rank')!r}, here "
+                                 f"{group.get('rank')!r} (None: a plain group); the state does not fit")
+            for j, (k, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state_dict["state"].get(k)
+                if entry:
+                    self._check_entry(entry, saved, p, f"parameter group {i}, {_param_name(group, j)}")
+
+    def _check_entry(self, entry: dict[str, Any], saved_group: dict[str, Any], p: Tensor, where: str) -> None:
+        rule_keys = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
+        if not rule_keys:
+            return
+        shape = tuple(p.shape)
+        if "rank" in saved_group:
+            if "proj_side" not in entry:
+                raise ValueError(f"{where}: low-rank state without a projector")
+            r = saved_group["rank"]
+            m, n = shape
+            shape = {projection.LEFT: (r, n), projection.RIGHT: (m, r), projection.FULL: (r, r)}[entry["proj_side"]]
+        if any(layout_of(v, None).sharded for v in rule_keys.values() if isinstance(v, Tensor)):
+            return  # FSDP2 state goes through distributed.load_checkpoint, which checks its own layout
+        got = {k: tuple(v.shape) for k, v in rule_keys.items() if isinstance(v, Tensor)}
+        layouts = self.rule.state_shapes(shape, saved_group)
+        if got not in layouts:
+            raise ValueError(f"{where}: saved state {got} is not what the {self.rule.name} rule keeps for a "
+                             f"{shape} gradient ({' or '.join(map(str, layouts))})")
 
 
-def _basis(state: dict[str, Any], like: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """The stored ``(left, right)`` projector in the compute dtype of ``like`` (a copy only when it
-    is stored in another dtype, see ``proj_dtype``)."""
-    dtype = compute_dtype(like)
-    return tuple(None if b is None else b.to(dtype) for b in (state.get("proj_left"), state.get("proj_right")))
+def _sync(p: Tensor) -> None:
+    """Wait for ``p``'s device (CUDA runs asynchronously), so ``refresh_seconds`` times the refresh."""
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
 
 
-def _all_finite(t: Tensor) -> bool:
-    """Whether ``t`` has no NaN/Inf: one reduction (a NaN/Inf makes the sum non-finite); the
-    elementwise check runs only when the sum is not finite (it may have overflowed)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """float32 for low-precision parameters, their own dtype for float32/float64 (SPEC 2.1)."""
-    return torch.promote_types(p.dtype, torch.float32)
-
-
-_is_int, _is_real, _as_float = is_int, is_real, as_float
-
-
-def _param_name(group: dict[str, Any], i: int, p: Tensor) -> str:
+def _param_name(group: dict[str, Any], i: int) -> str:
     names = group.get("param_names")
     if names is not None and i < len(names):
         return f"parameter {names[i]!r}"

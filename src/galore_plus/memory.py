@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import projection, residual
-from .adafactor import GaLoreAdafactor
-from .adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE, GaLoreAdamW8bit
 from .lowrank import LowRankOptimizer, compute_dtype
-
-
-def _moment_bytes(optimizer: LowRankOptimizer, shape: tuple[int, ...], dtype: torch.dtype, beta1) -> int:
-    """Bytes of the inner rule's state for a gradient of ``shape`` stored in ``dtype``."""
-    numel = math.prod(shape)
-    if isinstance(optimizer, GaLoreAdafactor):
-        second = (shape[0] + shape[1]) * 4 if len(shape) >= 2 else numel * 4
-        return second + (numel * 4 if beta1 is not None else 0)
-    if isinstance(optimizer, GaLoreAdamW8bit) and numel >= MIN_8BIT_SIZE:
-        return 2 * (numel + math.ceil(numel / BLOCK_SIZE) * 4)
-    return 2 * numel * (4 if isinstance(optimizer, GaLoreAdamW8bit) else dtype.itemsize)
 
 
 def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
@@ -35,20 +20,19 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
     (step counters) are free.
     """
     total = 0
+    rule = optimizer.rule
     for group in optimizer.param_groups:
-        beta1 = group.get("beta1")
         for p in group["params"]:
             if "rank" not in group:
-                total += _moment_bytes(optimizer, tuple(p.shape), p.dtype, beta1)
+                total += rule.state_bytes(tuple(p.shape), p.dtype, group)
                 continue
             m, n = p.shape
             r = group["rank"]
             dtype = compute_dtype(p)
-            side = projection.RIGHT if group["num_heads"] is not None else projection.projection_side(
-                p.shape, group["proj_type"])
+            side = optimizer.projection_side(p)
             low_shape = {projection.LEFT: (r, n), projection.RIGHT: (m, r), projection.FULL: (r, r)}[side]
             basis = {projection.LEFT: m * r, projection.RIGHT: r * n, projection.FULL: (m + n) * r}[side]
-            total += basis * (group["proj_dtype"] or dtype).itemsize + _moment_bytes(optimizer, low_shape, dtype, beta1)
+            total += basis * (group["proj_dtype"] or dtype).itemsize + rule.state_bytes(low_shape, dtype, group)
             if group["residual_ratio"] > 0:
                 k = residual.residual_size(m * n, group["residual_ratio"])
                 total += k * ((4 if m * n < 2**31 else 8) + 2 * dtype.itemsize)

@@ -1,7 +1,7 @@
 """Gradient low-rank projection: the pure math, tensors in and tensors out.
 
 Layout is PyTorch's: a ``nn.Linear`` weight ``W`` is ``m×n = [out_features, in_features]``, ``G``
-its gradient, ``r`` the rank (SPEC section 1). A projector is a pair ``(left, right)``; either may
+its gradient, ``r`` the rank (DESIGN.md, "Notation"). A projector is a pair ``(left, right)``; either may
 be ``None``:
 
 - *left*:  ``P ∈ R^{m×r}`` (stored ``m×r``);   ``R = Pᵀ G`` (``r×n``),   back ``P N``.
@@ -71,7 +71,7 @@ def _svd(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def svd_projector(grad: Tensor, rank: int, side: int) -> tuple[Tensor | None, Tensor | None] | None:
-    """Exact top-``rank`` singular vectors of ``grad`` on ``side``, in ``grad``'s dtype (GaLore, SPEC 1).
+    """Exact top-``rank`` singular vectors of ``grad`` on ``side``, in ``grad``'s dtype (DESIGN.md, "Projectors").
 
     Computed as galore-torch 1.0 does (``torch.linalg.svd`` of the gradient itself: ``U[:, :r]`` for
     a left projection, ``Vh[:r]`` for a right one), so the signs of the vectors, which GaLore's
@@ -114,7 +114,7 @@ def orthonormalize(Y: Tensor, rows: RowSharding | None = None) -> Tensor:
     times slower on CPU. Falls back to Householder QR when ``Yᵀ Y`` is not numerically positive
     definite (a rank-deficient or very ill-conditioned ``Y``).
 
-    ``rows``: ``Y``'s rows are sharded across ranks (FSDP2, SPEC 3); ``Yᵀ Y`` is then the all-reduced
+    ``rows``: ``Y``'s rows are sharded across ranks (FSDP2, DESIGN.md "Distributed"); ``Yᵀ Y`` is then the all-reduced
     sum of the shards' ``k×k`` Gram matrices and the result is this rank's rows of the basis. The
     Householder fallback gathers the thin ``m×k`` ``Y`` (never a gradient).
     """
@@ -141,7 +141,7 @@ def randomized_svd(
 ) -> tuple[Tensor, Tensor]:
     """Approximate top-``rank`` singular vectors ``(U_r, Vh_r)`` by randomized subspace iteration.
 
-    Halko, Martinsson & Tropp 2011, Algorithm 4.4 (SPEC 2.1), for ``A = matrix`` (``m×n``)::
+    Halko, Martinsson & Tropp 2011, Algorithm 4.4 (DESIGN.md, "Projectors"), for ``A = matrix`` (``m×n``)::
 
         Ω ~ N(0, 1)^{n×k}, k = rank + oversample     (first columns = ``start`` when warm-starting)
         Y = orth(A Ω)
@@ -154,7 +154,7 @@ def randomized_svd(
     starts the iteration from the old subspace. Computed in ``matrix``'s dtype (float32 or
     float64). ``k`` is capped at min(m, n).
 
-    ``rows``: ``matrix`` is this rank's row shard of ``A`` (FSDP2, SPEC 3). Every product with ``A``
+    ``rows``: ``matrix`` is this rank's row shard of ``A`` (FSDP2, DESIGN.md "Distributed"). Every product with ``A``
     on the left is local (``A Ω``, ``A Z`` are row-sharded like ``A``), every product with ``Aᵀ`` is a
     sum over shards, all-reduced: ``Aᵀ Y`` (``n×k``), ``Yᵀ A`` (``k×n``) and the ``k×k`` Gram matrices
     of the orthonormalisations. ``U_r`` is then this rank's rows; ``Vh_r`` is the same on every rank.
@@ -187,7 +187,7 @@ def randomized_projector(
     warm: tuple[Tensor | None, Tensor | None] | None = None,
     rows: RowSharding | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The projector of ``side`` from ``randomized_svd`` (GaLore+, SPEC 2.1).
+    """The projector of ``side`` from ``randomized_svd`` (GaLore+; DESIGN.md, "Projectors").
 
     ``warm`` is the previous ``(left, right)`` projector: its right basis seeds Ω directly, a left
     basis ``P`` through ``Gᵀ P`` (its image in the row space). With ``rows`` (``grad`` and a left
@@ -211,7 +211,7 @@ def heads_needed(rank: int, head_dim: int) -> int:
 
 
 def choose_heads(num_heads: int, rank: int, head_dim: int, generator: torch.Generator) -> list[int]:
-    """⌈r/d_k⌉ distinct heads drawn uniformly at random from ``generator`` (SPEC 2.2), sorted."""
+    """⌈r/d_k⌉ distinct heads drawn uniformly at random from ``generator`` (DESIGN.md, "Projectors"), sorted."""
     count = heads_needed(rank, head_dim)
     if count > num_heads:
         raise ValueError(f"rank={rank} needs {count} heads of {head_dim} rows but the matrix has {num_heads}")
@@ -234,7 +234,7 @@ def cross_head_projector(
     power_iters: int = 2,
     warm: Tensor | None = None,
 ) -> tuple[None, Tensor]:
-    """A right projector shared by all heads, from randomly chosen heads' rows (GaLore+, SPEC 2.2).
+    """A right projector shared by all heads, from randomly chosen heads' rows (GaLore+; DESIGN.md, "Projectors").
 
     The paper's ``P_i`` spans the ``d_model`` side of head ``i``'s gradient: in PyTorch layout the
     top-``rank`` right singular vectors of the head's ``d_k × d_model`` row block. With ``rank > d_k``

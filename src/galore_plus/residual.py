@@ -1,4 +1,4 @@
-"""Sparsely coded residuals (GaLore+, SPEC 2.3): pure math on a fixed flat index set ``S``.
+"""Sparsely coded residuals (GaLore+; DESIGN.md, "Residual"): pure math on a fixed flat index set ``S``.
 
 At the end of warm-up ``S`` is the top-ρ fraction of ``|P M'|`` (the reconstructed low-rank first
 moment), stored as flat int32 indices (int64 past 2³¹ elements) with two per-index values, so the
@@ -11,7 +11,7 @@ Two modes:
   residual GaLore neglects (the intent of Appendix A, Eq. 24–26).
 - ``paper``: Algorithm 2 literally (``ΔM``, ``ΔV`` and ``δ = ΔM̂ / (sqrt(P V'/(1−β2^t) + ΔV̂) + ε)``).
   ``P V'`` mixes the non-negative ``V'`` with the signed entries of ``P``, so about half its entries
-  are negative and δ explodes (SPEC 2.3 measured relative errors of 3·10⁶ to 3·10⁷ against AdamW).
+  are negative and δ explodes (DESIGN.md records relative errors of 3·10⁶ to 3·10⁷ against AdamW).
   Kept for reproduction, guarded: the radicand is clamped at 0, non-finite δ become 0, and
   ``|δ| ≤ 1/sqrt(1−β2)`` (a bound Adam's own ``|M̂|/sqrt(V̂)`` respects), so parameters stay finite.
 """

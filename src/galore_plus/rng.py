@@ -1,6 +1,6 @@
 """Seeded randomness: every random draw is a pure function of (seed, parameter index, refresh count).
 
-SPEC 2.1: the optimizer owns its randomness through explicit ``torch.Generator`` objects, never the
+DESIGN.md, "Randomness": the optimizer owns its randomness through explicit ``torch.Generator`` objects, never the
 global RNG. Deriving a fresh generator from the three numbers (instead of carrying one generator's
 state forward) makes a resumed run repeat the uninterrupted one exactly, lets every data-parallel
 rank compute the same projector, and lets ranks split refresh work in any order.

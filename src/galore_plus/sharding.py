@@ -1,0 +1,395 @@
+"""Where a parameter's low-rank math runs: on a whole tensor, or on FSDP2 row shards.
+
+``layout_of(p)`` picks the layout from the parameter itself, so an optimizer built with its plain
+constructor works on an FSDP2 model (DESIGN.md, "Distributed"):
+
+- ``WholeTensor``: a plain tensor (one process, or DDP after its all-reduce): the projection math of
+  ``projection.py`` as it is.
+- ``RowShards``: a ``DTensor`` sharded ``Shard(0)`` over a 1-D mesh (``fully_shard``). With ``G_i``
+  this rank's rows of ``G`` (``m×n``):
+
+  - right projection ``R = G Q``: ``R_i = G_i Q`` is local, so are the moments (sharded like the
+    parameter) and the update ``N_i Qᵀ``: no communication per step;
+  - left projection ``R = Pᵀ G = Σ_i P_iᵀ G_i``: one all-reduce of the ``r×n`` product per step; the
+    moments are ``r×n`` and replicated, the update ``P_i N`` is local (full: ``r×r``);
+  - randomized range finder (GaLore+): ``A Ω`` and ``A Z`` are local, ``Aᵀ Y`` (``n×k``), ``Yᵀ A``
+    (``k×n``) and the ``k×k`` Gram matrices of the CholeskyQR2 steps are all-reduced
+    (``projection.randomized_svd(rows=...)``);
+  - cross-head: the chosen heads' rows (``⌈r/d_k⌉·d_k × n``) are summed from the rank(s) holding them;
+  - exact SVD (``svd="exact"``): an exact SVD has no sharded form that reproduces LAPACK's vectors
+    (and GaLore's moments depend on their signs), so the gradient is *gathered to one owner rank*
+    (never all-gathered) at a refresh; the owner computes the projector and broadcasts it;
+  - the residual index set is each rank's part of the global top-ρ (ρ-sized candidates all-gathered).
+
+  Projectors are DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments DTensors
+  placed like the low-rank gradient, the residual's indices and values this rank's local tensors.
+
+Bytes the optimizer itself communicates are counted in ``CommCounter`` (per phase, ``"step"`` and
+``"refresh"``, and per collective); FSDP2's own all-gather / reduce-scatter of parameters and
+gradients are the same as for any optimizer and not counted.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from . import projection, residual
+
+
+class CommCounter:
+    """Bytes of the optimizer's own collectives (payload of each call, as seen by one rank)."""
+
+    def __init__(self) -> None:
+        self.phase = "step"
+        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, op: str, t: Tensor) -> None:
+        self.bytes[self.phase][op] += t.numel() * t.element_size()
+
+    @contextmanager
+    def refresh(self) -> Iterator[None]:
+        """Count what is sent inside as refresh traffic (not per-step)."""
+        phase, self.phase = self.phase, "refresh"
+        try:
+            yield
+        finally:
+            self.phase = phase
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor, without importing ``torch.distributed.tensor`` (0.4 s) when no
+    DTensor can exist because the module was never loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN/Inf: one reduction (a NaN/Inf makes the sum non-finite); the
+    elementwise check runs only when the sum is not finite (it may have overflowed)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def null_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    """Below ``tol · largest``, a projected gradient direction is round-off: ``max(m, n)·ε`` of the
+    compute dtype, the rank tolerance of ``numpy.linalg.matrix_rank`` (DESIGN.md)."""
+    return max(shape) * torch.finfo(dtype).eps
+
+
+class WholeTensor:
+    """A plain tensor: the projection math as it is, no communication."""
+
+    sharded = False
+
+    def check_parameter(self, p: Tensor, name: str, where: str, rule: Any) -> None:
+        """Raise if the optimizer cannot train ``p`` in this layout."""
+
+    def all_finite(self, grad: Tensor) -> bool:
+        return all_finite(grad)
+
+    def compute_projector(self, grad: Tensor, group: dict[str, Any], side: int, gen: torch.Generator,
+                          warm: tuple[Tensor | None, Tensor | None] | None,
+                          index: int) -> tuple[Tensor | None, Tensor | None] | None:
+        """The new ``(left, right)`` basis from ``grad`` (compute dtype), or None when it cannot be
+        computed. Random draws come from ``gen``, a pure function of (seed, parameter index, refresh
+        count)."""
+        rank = group["rank"]
+        try:
+            if group["num_heads"] is not None:
+                return projection.cross_head_projector(
+                    grad, rank, group["num_heads"], gen, group["svd"] == "randomized", group["oversample"],
+                    group["power_iters"], warm=warm[1] if warm is not None else None)
+            if group["svd"] == "randomized":
+                return projection.randomized_projector(grad, rank, side, gen, group["oversample"],
+                                                       group["power_iters"], warm)
+        except torch.linalg.LinAlgError:
+            return None
+        return projection.svd_projector(grad, rank, side)
+
+    def direction_norms(self, grad: Tensor, left: Tensor | None,
+                        right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """``‖p_iᵀ G‖`` for each left basis vector and ``‖G q_j‖`` for each right one."""
+        return (None if left is None else (left.T @ grad).norm(dim=1),
+                None if right is None else (grad @ right.T).norm(dim=0))
+
+    def drop_null_directions(self, grad: Tensor, left: Tensor | None,
+                             right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Zero the basis vectors along which ``grad`` is numerically zero.
+
+        A gradient of rank ``k < r`` (fewer tokens than the rank, say) has ``r − k`` singular vectors
+        that only carry round-off; Adam would normalise that round-off into full-size steps outside
+        the gradient's row space. A zeroed vector projects every later gradient to exactly 0 there,
+        so its moments stay 0 and so does the update (DESIGN.md, "Rank above the gradient's rank")."""
+        norms = self.direction_norms(grad, left, right)
+        tol = null_tolerance(tuple(grad.shape), grad.dtype)
+        out = []
+        for basis, norm, columns in ((left, norms[0], True), (right, norms[1], False)):
+            keep = None if basis is None else norm > tol * norm.max()
+            if basis is None or bool(keep.all()):
+                out.append(basis)
+            else:
+                mask = keep.to(basis.dtype)
+                out.append(basis * self._like(mask.unsqueeze(0) if columns else mask.unsqueeze(1), basis))
+        return out[0], out[1]
+
+    @staticmethod
+    def _like(t: Tensor, basis: Tensor) -> Tensor:
+        """``t`` (the same on every rank) in a form that combines with ``basis``."""
+        return t
+
+    def random_projector(self, p: Tensor, rank: int, side: int,
+                         gen: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
+        return projection.random_projector(p.shape, rank, side, gen)
+
+    def project(self, grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+        return projection.project(grad, left, right)
+
+    @staticmethod
+    def flat_local(t: Tensor) -> Tensor:
+        """``t`` flattened as a view: the residual's indices address it."""
+        return t.view(-1)
+
+    def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
+        """The residual's flat index set: the top-ρ of ``|P M'|``."""
+        return residual.select_indices(reconstructed, ratio)
+
+
+class RowShards(WholeTensor):
+    """A ``Shard(0)`` DTensor over a 1-D mesh (FSDP2): the math on this rank's rows (module doc)."""
+
+    sharded = True
+
+    def __init__(self, counter: CommCounter | None):
+        self.counter = counter if counter is not None else CommCounter()
+
+    def check_parameter(self, p: Tensor, name: str, where: str, rule: Any) -> None:
+        from torch.distributed.tensor import Shard
+
+        if p.placements != (Shard(0),) or p.device_mesh.ndim != 1:
+            raise ValueError(f"{where}: {name} (shape {tuple(p.shape)}) is a DTensor with placements {p.placements} "
+                             f"on a {p.device_mesh.ndim}-D mesh; galore_plus supports FSDP2 parameters sharded "
+                             "Shard(0) over a 1-D mesh (HSDP and tensor parallelism are not supported)")
+        if not rule.shards:
+            raise NotImplementedError(
+                f"{where}: {name} is an FSDP2 parameter and the {rule.name} rule does not run on row shards "
+                f"({rule.shard_reason})")
+
+    def all_finite(self, grad: Tensor) -> bool:
+        import torch.distributed as dist
+
+        finite = torch.tensor([int(all_finite(grad.to_local()))], dtype=torch.int32, device=grad.to_local().device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
+        return bool(finite.item())
+
+    def compute_projector(self, grad, group, side, gen, warm, index):
+        if grad.placements != self._placements():
+            raise ValueError(f"galore_plus supports FSDP2 gradients sharded Shard(0) over a 1-D mesh; got "
+                             f"placements {grad.placements} on a {grad.device_mesh.ndim}-D mesh")
+        with self.counter.refresh():
+            rows = ShardRows(grad, self.counter)
+            local = grad.to_local()
+            m = grad.shape[0]
+            rank = group["rank"]
+            warm = None if warm is None else tuple(None if b is None else b.to_local() for b in warm)
+            try:
+                if group["num_heads"] is not None:
+                    heads = group["num_heads"]
+                    chosen = projection.choose_heads(heads, rank, m // heads, gen)
+                    block = rows.head_block(local, chosen, m // heads)
+                    left, right = projection.head_block_projector(
+                        block, rank, gen, group["svd"] == "randomized", group["oversample"], group["power_iters"],
+                        warm=warm[1] if warm is not None else None)
+                elif group["svd"] == "randomized":
+                    left, right = projection.randomized_projector(
+                        local, rank, side, gen, group["oversample"], group["power_iters"], warm, rows)
+                else:
+                    basis = self._gathered_svd(local, rows, rank, side, owner=index % rows.world)
+                    if basis is None:
+                        return None
+                    left, right = basis
+            except torch.linalg.LinAlgError:
+                return None
+        return self._wrap(left, right, grad)
+
+    @staticmethod
+    def _placements():
+        from torch.distributed.tensor import Shard
+
+        return (Shard(0),)
+
+    @staticmethod
+    def _wrap(left: Tensor | None, right: Tensor | None, like: Tensor):
+        """A left basis as ``Shard(0)`` rows, a right one replicated, on ``like``'s mesh."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        mesh = like.device_mesh
+        if left is not None:
+            r = left.shape[1]
+            left = DTensor.from_local(left.contiguous(), mesh, [Shard(0)], run_check=False,
+                                      shape=torch.Size((like.shape[0], r)), stride=(r, 1))
+        if right is not None:
+            right = DTensor.from_local(right.contiguous(), mesh, [Replicate()], run_check=False)
+        return left, right
+
+    def _gathered_svd(self, local: Tensor, rows: ShardRows, rank: int, side: int, owner: int):
+        """Exact SVD: the whole gradient on the owner rank only, the projector broadcast."""
+        whole = rows.gather_to(local, owner)
+        m, n = rows.global_rows, local.shape[1]
+        ok = torch.ones(1, dtype=torch.int32)
+        left = torch.empty(m, rank, dtype=local.dtype) if side in (projection.LEFT, projection.FULL) else None
+        right = torch.empty(rank, n, dtype=local.dtype) if side in (projection.RIGHT, projection.FULL) else None
+        if whole is not None:
+            basis = projection.svd_projector(whole, rank, side)
+            if basis is None:
+                ok.zero_()
+            else:
+                left, right = basis
+        if not rows.broadcast(ok, owner).item():
+            return None
+        left = None if left is None else rows.local(rows.broadcast(left, owner))
+        right = None if right is None else rows.broadcast(right, owner)
+        return left, right
+
+    def direction_norms(self, grad, left, right):
+        with self.counter.refresh():
+            rows = ShardRows(grad, self.counter)
+            local = grad.to_local()
+            left_norms = right_norms = None
+            if left is not None:
+                left_norms = rows.sum(left.to_local().T @ local).norm(dim=1)
+            if right is not None:
+                right_norms = rows.sum((local @ right.to_local().T).square().sum(0)).sqrt()
+        return left_norms, right_norms
+
+    @staticmethod
+    def _like(t: Tensor, basis: Tensor) -> Tensor:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        return DTensor.from_local(t, basis.device_mesh, [Replicate()], run_check=False)
+
+    def random_projector(self, p, rank, side, gen):
+        left, right = projection.random_projector(p.shape, rank, side, gen)
+        rows = ShardRows(p, self.counter)
+        return self._wrap(None if left is None else rows.local(left), right, p)
+
+    def project(self, grad, left, right):
+        from torch.distributed.tensor import Replicate
+
+        low = projection.project(grad, left, right)
+        if any(placement.is_partial() for placement in low.placements):  # Σ_i P_iᵀ G_i: r×n (or r×r)
+            self.counter.add("all_reduce", low.to_local())
+            low = low.redistribute(low.device_mesh, [Replicate()])
+        return low
+
+    @staticmethod
+    def flat_local(t: Tensor) -> Tensor:
+        """This rank's rows of ``t``, flattened (a view): the residual runs on them with local indices."""
+        return (t.to_local() if is_dtensor(t) else t).reshape(-1)
+
+    def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
+        """This rank's local flat indices of the global top-ρ of ``|P M'|`` (``residual.select_indices``
+        over the whole matrix): each rank proposes its top ``k`` candidates, the ``N·k`` candidate
+        values are all-gathered (ρ-sized, never the matrix) and every rank keeps its winners."""
+        import torch.distributed as dist
+
+        if not is_dtensor(reconstructed):  # a replicated moment's reconstruction: every rank the same
+            return super().select_residual(reconstructed, ratio)
+        rows = ShardRows(reconstructed, self.counter)
+        flat = reconstructed.to_local().reshape(-1).abs()
+        k = residual.residual_size(reconstructed.numel(), ratio)
+        values, index = flat.topk(min(k, flat.numel()), sorted=False)
+        padded = torch.full((k,), -1.0, dtype=flat.dtype)  # |x| ≥ 0 > -1: padding never wins
+        padded[: values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(rows.world)]
+        with self.counter.refresh():  # an index-set refresh, not per step
+            self.counter.add("all_gather", padded)
+        dist.all_gather(parts, padded, group=rows.group)
+        winners = torch.cat(parts).topk(k, sorted=False).indices  # the same on every rank
+        mine = winners[(winners // k) == rows.rank] % k
+        local_index = index[mine].sort().values
+        return local_index.to(torch.int32) if reconstructed.numel() < 2**31 else local_index
+
+
+class ShardRows(projection.RowSharding):
+    """The row sharding of one FSDP2 ``Shard(0)`` DTensor (torch.chunk sizes: ``⌈m/N⌉`` rows per rank)."""
+
+    def __init__(self, like: Tensor, counter: CommCounter):
+        import torch.distributed as dist
+
+        mesh = like.device_mesh
+        self.group = mesh.get_group()
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.global_rows = like.shape[0]
+        self.chunk = -(-self.global_rows // self.world)
+        self.offset = min(self.rank * self.chunk, self.global_rows)
+        self.rows = max(0, min(self.chunk, self.global_rows - self.offset))
+        self.counter = counter
+
+    def sum(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        t = t.contiguous()
+        self.counter.add("all_reduce", t)
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def _padded(self, t: Tensor) -> Tensor:
+        if t.shape[0] == self.chunk:
+            return t.contiguous()
+        out = t.new_zeros((self.chunk, *t.shape[1:]))
+        out[: t.shape[0]] = t
+        return out
+
+    def gather(self, t: Tensor) -> Tensor:
+        """All ranks' row shards stacked (only thin ``m×k`` bases go through here)."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(self._padded(t)) for _ in range(self.world)]
+        self.counter.add("all_gather", t)
+        dist.all_gather(parts, self._padded(t), group=self.group)
+        return torch.cat(parts)[: self.global_rows]
+
+    def gather_to(self, t: Tensor, owner: int) -> Tensor | None:
+        """The whole matrix on ``owner`` (None elsewhere): the exact-SVD refresh only."""
+        import torch.distributed as dist
+
+        padded = self._padded(t)
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner else None
+        if self.rank != owner:
+            self.counter.add("gather", padded)
+        dist.gather(padded, parts, dst=dist.get_global_rank(self.group, owner), group=self.group)
+        return torch.cat(parts)[: self.global_rows] if parts is not None else None
+
+    def broadcast(self, t: Tensor, owner: int) -> Tensor:
+        import torch.distributed as dist
+
+        t = t.contiguous()
+        self.counter.add("broadcast", t)
+        dist.broadcast(t, src=dist.get_global_rank(self.group, owner), group=self.group)
+        return t
+
+    def local(self, t: Tensor) -> Tensor:
+        return t[self.offset: self.offset + self.rows]
+
+    def head_block(self, grad_local: Tensor, heads: list[int], head_dim: int) -> Tensor:
+        """The chosen heads' rows stacked, from the rank(s) that hold them (one all-reduce of the block)."""
+        block = grad_local.new_zeros((len(heads) * head_dim, grad_local.shape[1]))
+        for j, h in enumerate(heads):
+            lo, hi = max(h * head_dim, self.offset), min((h + 1) * head_dim, self.offset + self.rows)
+            if lo < hi:
+                block[j * head_dim + lo - h * head_dim: j * head_dim + hi - h * head_dim] = \
+                    grad_local[lo - self.offset: hi - self.offset]
+        return self.sum(block)
+
+
+_WHOLE = WholeTensor()
+
+
+def layout_of(p: Tensor, counter: CommCounter | None) -> WholeTensor:
+    """The layout of parameter (or tensor) ``p``: ``RowShards`` for a DTensor, else ``WholeTensor``."""
+    return RowShards(counter) if is_dtensor(p) else _WHOLE
