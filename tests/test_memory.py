@@ -310,6 +310,99 @@ def test_layerwise_checkpoint_in_the_middle_of_accumulation_keeps_the_accumulato
     assert set(sd["low_rank_accumulators"]) == {"q.weight", "mlp.weight"} and sd["received"]["q.weight"] == 1
 
 
+class Branchy(torch.nn.Module):
+    """TinyNet's shape plus a branch (``extra``: a low-rank weight and a plain bias) that a micro-batch
+    may skip, so some parameters get no gradient from it. float64: the comparisons are tight."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.q = torch.nn.Linear(16, 32)
+        self.extra = torch.nn.Linear(16, 32)
+        self.out = torch.nn.Linear(32, 4)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
+
+    def forward(self, x, branch):
+        h = self.q(x) + (self.extra(x) if branch else 0)
+        return self.out(torch.tanh(h))
+
+
+def branchy_optimizer(model):
+    groups = [{"params": [model.q.weight, model.extra.weight], "rank": 4, "update_proj_gap": 3},
+              {"params": [model.q.bias, model.extra.bias, model.out.weight, model.out.bias]}]
+    return GaLoreAdamW(groups, lr=1e-2)
+
+
+BRANCHES = [(True, False), (False, True), (False, False), (True, True), (False, True), (True, False), (True, True)]
+
+
+def branchy_data(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(8, 16, generator=gen, dtype=torch.float64), torch.randn(8, 4, generator=gen,
+             dtype=torch.float64), branch) for branch in step] for step in BRANCHES]
+
+
+def test_layerwise_parameter_missing_from_a_micro_batch_steps_with_its_own_step():
+    """``extra`` takes part in only some micro-batches of a step (none in step 3). It must step with
+    the gradient of *its* step, as step() does on the summed gradient (its projector, at a refresh,
+    from the first micro-batch it took part in): the count it received must not carry over and mix
+    two steps' gradients."""
+    data = branchy_data()
+    ref = Branchy()
+    opt = branchy_optimizer(ref)
+    for micro_batches in data:
+        for x, y, branch in micro_batches:
+            ((ref(x, branch) - y) ** 2).mean().backward()
+            with torch.no_grad():  # layer-wise refreshes from the first gradient a matrix receives
+                for p in (ref.q.weight, ref.extra.weight):
+                    if p.grad is not None:
+                        opt.refresh_projector(p, p.grad)
+        opt.step()
+        opt.zero_grad()
+    model = Branchy()
+    lw = LayerwiseOptimizer(branchy_optimizer(model), model.named_parameters(), accumulation_steps=2)
+    for micro_batches in data:
+        for x, y, branch in micro_batches:
+            ((model(x, branch) - y) ** 2).mean().backward()
+        lw.step()
+        assert all(p.grad is None for p in model.parameters())
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert lw.optimizer.state[model.extra.weight]["step"] == 6  # every step but the one without the branch
+
+
+def test_layerwise_resume_in_the_middle_of_accumulation_is_bitwise():
+    """A checkpoint between two micro-batches keeps both the low-rank accumulators and the plain
+    parameters' partial ``.grad`` (they were dropped: biases then differed by 1e-2)."""
+    data = branchy_data(seed=1)
+
+    def run(split=None):
+        model = Branchy()
+        lw = LayerwiseOptimizer(branchy_optimizer(model), model.named_parameters(), accumulation_steps=2)
+        for step, micro_batches in enumerate(data):
+            for i, (x, y, branch) in enumerate(micro_batches):
+                if (step, i) == split:
+                    buf = io.BytesIO()
+                    torch.save({"model": model.state_dict(), "lw": lw.state_dict()}, buf)
+                    buf.seek(0)
+                    ckpt = torch.load(buf, weights_only=True)
+                    lw.remove()
+                    model = Branchy()
+                    model.load_state_dict(ckpt["model"])
+                    lw = LayerwiseOptimizer(branchy_optimizer(model), model.named_parameters(), accumulation_steps=2)
+                    lw.load_state_dict(ckpt["lw"])
+                ((model(x, branch) - y) ** 2).mean().backward()
+            lw.step()
+        return model
+
+    whole = run()
+    for split in ((3, 1), (5, 1)):  # after a micro-batch with the branch, and one without it
+        resumed = run(split)
+        for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+            assert torch.equal(a, b), (split, name)
+
+
 def test_layerwise_load_is_strict():
     model = TinyNet()
     lw = LayerwiseOptimizer(make_optimizer("adamw", model), model.named_parameters())
