@@ -127,9 +127,10 @@ class GaLoreAdafactor(LowRankOptimizer):
         warmup_init: bool = False,
         *,
         seed: int = 0,
+        stochastic_rounding: bool = True,
         **low_rank_options: Any,
     ):
         defaults = {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
                     "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
                     "relative_step": relative_step, "warmup_init": warmup_init}
-        super().__init__(params, defaults, low_rank_options, seed=seed)
+        super().__init__(params, defaults, low_rank_options, seed=seed, stochastic_rounding=stochastic_rounding)

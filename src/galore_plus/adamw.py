@@ -101,11 +101,12 @@ class GaLoreAdamW(LowRankOptimizer):
         scale: float = LOW_RANK_DEFAULTS["scale"],
         proj_type: str = LOW_RANK_DEFAULTS["proj_type"],
         seed: int = 0,
+        stochastic_rounding: bool = True,
         **low_rank_options: Any,
     ):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         low_rank = {"update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type, **low_rank_options}
-        super().__init__(params, defaults, low_rank, seed=seed)
+        super().__init__(params, defaults, low_rank, seed=seed, stochastic_rounding=stochastic_rounding)
 
 
 class GaLorePlusAdamW(GaLoreAdamW):

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .adamw import AdamWRule, GaLoreAdamW
 from .functional import adam_direction
+from .lowrank import ParameterWrite
 from .sharding import is_dtensor
 
 #: bitsandbytes' block size for its 8-bit blockwise optimizers, and its threshold below which a
@@ -73,19 +74,17 @@ class AdamW8bitRule(AdamWRule):
         step = out.view(local.shape).to(grad.dtype)
         return _like(step, grad) if sharded else step
 
-    def apply_full(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> None:
-        """A group without ``rank``: quantized moments update ``p`` (under FSDP2: this rank's shard)
-        chunk by chunk, in place."""
-        sharded = is_dtensor(p)
-        local = p.to_local() if sharded else p
-        if not (self._quantized(grad, state) and local.is_contiguous()):
-            return super().apply_full(p, grad, state, group, lr)
-        flat = local.view(-1)
+    def apply_full(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
+                   write: ParameterWrite) -> None:
+        """A group without ``rank``: quantized moments update the parameter (under FSDP2: this rank's
+        shard) chunk by chunk, in place."""
+        if not (self._quantized(grad, state) and write.local.is_contiguous()):
+            return super().apply_full(grad, state, group, lr, write)
 
         def sink(a: int, b: int, step: Tensor) -> None:
-            flat[a:b].sub_(step.to(p.dtype))
+            write.sub(step, start=a, end=b)
 
-        adam = self._sharded_quantized_adam if sharded else self._quantized_adam
+        adam = self._sharded_quantized_adam if is_dtensor(grad) else self._quantized_adam
         adam(grad, state, group, lr, sink)
 
     @staticmethod

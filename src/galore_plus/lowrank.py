@@ -56,8 +56,9 @@ from torch.optim import Optimizer
 
 from . import projection, residual
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
-from .rng import generator_for
-from .sharding import CommCounter, layout_of
+from .rng import generator_for, rounding_generator
+from .rounding import LOW_PRECISION, stochastic_round
+from .sharding import CommCounter, is_dtensor, layout_of
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
@@ -101,9 +102,10 @@ class InnerRule:
         (learning rate included): the parameter, or its projection, moves by minus this."""
         raise NotImplementedError
 
-    def apply_full(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> None:
-        """A group without ``rank``: move ``p`` by the rule's step on its full gradient."""
-        p.sub_(self.direction(grad, state, group, lr).to(p.dtype))
+    def apply_full(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
+                   write: ParameterWrite) -> None:
+        """A group without ``rank``: move the parameter by the rule's step on its full gradient."""
+        write.sub(self.direction(grad, state, group, lr))
 
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """``(M, V)`` as stored or dequantized (only when ``has_moments``)."""
@@ -145,6 +147,48 @@ class LowRankGradient:
         return self
 
 
+class ParameterWrite:
+    """How a step reaches a parameter: ``p ← decay·p − alpha·step``, rounded once to ``p``'s dtype.
+
+    float32/float64 parameters are updated in place as ``torch.optim.AdamW`` does (the decay was
+    already applied by the engine). bf16/fp16 ones are computed in float32 and rounded once,
+    stochastically by default (``stochastic_rounding``; one stream per (seed, parameter index, step,
+    first element of this process's part), so runs reproduce and resume bitwise), else to nearest
+    (DESIGN.md, "Precision"). ``start``/``end`` address a flat slice of this process's part of ``p``
+    (chunked 8-bit updates, written in order from one stream: on CPU, where a generator's draws are
+    sequential, the result does not depend on the chunk size).
+    """
+
+    def __init__(self, p: Tensor, decay: float, rounding_seed: tuple[int, int, int] | None):
+        self.local = p.to_local() if is_dtensor(p) else p
+        self.low_precision = p.dtype in LOW_PRECISION
+        self.decay = decay
+        self.rounding_seed = rounding_seed
+        self._generator: torch.Generator | None = None
+        # an FSDP2 shard rounds with the stream of its first global element
+        self.offset = 0
+        if is_dtensor(p) and self.local.numel():
+            rows = -(-p.shape[0] // p.device_mesh.size())
+            self.offset = p.device_mesh.get_local_rank() * rows * self.local[0].numel()
+
+    def sub(self, step: Tensor, alpha: float = 1.0, start: int | None = None, end: int | None = None) -> None:
+        step = step.to_local() if is_dtensor(step) else step
+        target = self.local if start is None else self.local.view(-1)[start:end]
+        if not self.low_precision:
+            target.add_(step.to(target.dtype), alpha=-alpha)
+            return
+        new = target.float()
+        if self.decay != 1.0:
+            new.mul_(self.decay)
+        new.add_(step.reshape(new.shape).float(), alpha=-alpha)
+        if self.rounding_seed is None:
+            target.copy_(new)
+            return
+        if self._generator is None:
+            self._generator = rounding_generator(*self.rounding_seed, self.offset, new.device)
+        target.copy_(stochastic_round(new, target.dtype, self._generator))
+
+
 class LocalRefresh:
     """Every rank (or the one process) computes every projector that is due itself."""
 
@@ -164,6 +208,8 @@ class LowRankOptimizer(Optimizer):
         defaults: the optimizer-level defaults of every group (``lr``, ``weight_decay``, rule keys).
         low_rank_defaults: overrides of ``LOW_RANK_DEFAULTS``, filled into low-rank groups only.
         seed: seeds every random draw (DESIGN.md, "Randomness"); a group may override it.
+        stochastic_rounding: write bf16/fp16 parameters with stochastic rounding (else to nearest);
+            no effect on float32/float64 ones. A group may override it.
     """
 
     rule: InnerRule = InnerRule()
@@ -174,6 +220,7 @@ class LowRankOptimizer(Optimizer):
         defaults: dict[str, Any],
         low_rank_defaults: dict[str, Any],
         seed: int = 0,
+        stochastic_rounding: bool = True,
     ):
         unknown = sorted(set(low_rank_defaults) - set(LOW_RANK_DEFAULTS))
         if unknown:
@@ -181,7 +228,7 @@ class LowRankOptimizer(Optimizer):
                             f"{sorted(LOW_RANK_DEFAULTS)}")
         self._low_rank_defaults = {**LOW_RANK_DEFAULTS, **low_rank_defaults}
         self._init_runtime()
-        defaults = dict(defaults, seed=seed)
+        defaults = dict(defaults, seed=seed, stochastic_rounding=stochastic_rounding)
         self._check_common(defaults, where="optimizer defaults")
         super().__init__(params, defaults)
 
@@ -217,7 +264,7 @@ class LowRankOptimizer(Optimizer):
     # ------------------------------------------------------------------ validation
     @property
     def _allowed_keys(self) -> set[str]:
-        return _FOREIGN_KEYS | {"lr", "weight_decay", "seed", "rank"} | set(self.rule.keys) | set(
+        return _FOREIGN_KEYS | {"lr", "weight_decay", "seed", "stochastic_rounding", "rank"} | set(self.rule.keys) | set(
             self._low_rank_defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -397,18 +444,18 @@ class LowRankOptimizer(Optimizer):
         if "rank" not in group:
             if isinstance(grad, LowRankGradient):
                 raise TypeError(f"{self.name_of(p)} is not low-rank; apply() takes its full gradient")
-            lr = self._begin_step(group, state, p)
-            self.rule.apply_full(p, grad, state, group, lr)
+            lr, write = self._begin_step(group, state, p)
+            self.rule.apply_full(grad, state, group, lr, write)
             return
         if not isinstance(grad, LowRankGradient):
             raise TypeError(f"{self.name_of(p)} is low-rank; apply() takes a LowRankGradient (see project())")
         refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
-        lr = self._begin_step(group, state, p)
+        lr, write = self._begin_step(group, state, p)
         left, right = self.projector(p)
         update = projection.project_back(self.rule.direction(grad.low, state, group, lr), left, right)
         if group["residual_ratio"] > 0:
             self._residual(p, group, state, grad, update, refreshed, lr)
-        p.add_(update.to(p.dtype), alpha=-group["scale"])
+        write.sub(update, alpha=group["scale"])
 
     def update(self, p: Tensor, grad: Tensor) -> None:
         """One step of ``p`` from its full gradient (what ``step()`` does for each parameter)."""
@@ -429,13 +476,17 @@ class LowRankOptimizer(Optimizer):
     def projected_gradient(self, p: Tensor) -> LowRankGradient | None:
         return self._projected.get(p)
 
-    def _begin_step(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
-        """Count the step, apply decoupled weight decay (on the full weight), return the lr."""
+    def _begin_step(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> tuple[float, ParameterWrite]:
+        """Count the step; return the lr and how to write ``p``. Decoupled weight decay (on the full
+        weight) is applied here to float32/float64 parameters, folded into the one rounding of the
+        update for bf16/fp16 ones."""
         state["step"] = state.get("step", 0) + 1
         lr = self.rule.step_lr(group, state, p)
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
-        return lr
+        decay = 1 - lr * group["weight_decay"]
+        if decay != 1 and p.dtype not in LOW_PRECISION:
+            p.mul_(decay)
+        seed = (group["seed"], self._locate(p)[2], state["step"]) if group.get("stochastic_rounding", True) else None
+        return lr, ParameterWrite(p, decay, seed)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -530,6 +581,7 @@ class LowRankOptimizer(Optimizer):
         for old, new in zip(groups, self.param_groups):
             old.clear()
             old.update(new)
+            old.setdefault("stochastic_rounding", self.defaults["stochastic_rounding"])  # older checkpoints
         loaded, self.param_groups = self.state, groups
         state.clear()
         state.update(loaded)

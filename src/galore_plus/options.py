@@ -66,7 +66,7 @@ def as_float(x: Any) -> float:
 
 def check_common(group: dict[str, Any], where: str, lr_may_be_none: bool = False) -> None:
     """``lr`` (a finite number ≥ 0, or a one-element tensor; None where the rule computes its own),
-    ``weight_decay`` (finite, ≥ 0) and ``seed`` (an int)."""
+    ``weight_decay`` (finite, ≥ 0), ``seed`` (an int) and ``stochastic_rounding`` (a bool)."""
     lr = group["lr"]
     if not (lr is None and lr_may_be_none):
         if isinstance(lr, Tensor):
@@ -80,6 +80,8 @@ def check_common(group: dict[str, Any], where: str, lr_may_be_none: bool = False
         raise ValueError(f"{where}: invalid weight_decay={wd!r}; it must be a finite number ≥ 0")
     if not is_int(group["seed"]):
         raise ValueError(f"{where}: seed={group['seed']!r} must be an int")
+    if not isinstance(group.get("stochastic_rounding", True), bool):
+        raise ValueError(f"{where}: stochastic_rounding={group['stochastic_rounding']!r} must be a bool")
 
 
 def check_low_rank(group: dict[str, Any], where: str) -> None:

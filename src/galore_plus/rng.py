@@ -34,3 +34,16 @@ def generator_for(seed: int, param_index: int, refresh_count: int) -> torch.Gene
     generator = torch.Generator(device="cpu")
     generator.manual_seed(derive_seed(seed, param_index, refresh_count))
     return generator
+
+
+def rounding_generator(seed: int, param_index: int, step: int, offset: int, device: torch.device) -> torch.Generator:
+    """The generator of a parameter's stochastic rounding at ``step`` (``offset``: the first flat
+    element written, for updates written in chunks or by row shards), on ``device``: a pure function
+    of the four numbers, so a resumed run rounds as the uninterrupted one did. A different stream
+    from the projector refreshes' (``generator_for``) by construction of the seed."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(derive_seed(seed, param_index, step) ^ _ROUNDING_TAG, offset, 0))
+    return generator
+
+
+_ROUNDING_TAG = 0x5EED_0F_5A  # separates the rounding streams from the refresh streams
