@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 8, small: SmolLM2-135M fine-tuned with AdamW, LoRA, DoRA, GaLore, GaLore+.
 
-One command drives ``galore_plus.cli.finetune`` over a grid (tasks × methods × ranks × seeds, plus
+One command drives ``galore_plus.app.finetune`` over a grid (tasks × methods × ranks × seeds, plus
 the GaLore+ residual ablation), each run in its own fresh subprocess so that its peak RSS
 (``ru_maxrss``, what the CLI reports on CPU) is its own. Every finished run is appended to
 ``<results-dir>/finetune_table.json`` at once, keyed by its complete settings: a re-invocation skips
@@ -169,7 +169,7 @@ def eval_job(common, task, task_opts, seed):
 
 
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
-    from galore_plus.cli import FinetuneConfig
+    from galore_plus.app.cli import FinetuneConfig
 
     options = dict(common, data=task, method=method, seed=seed, lr=lr, eval_before=False, **task_opts, **extra)
     if rank is not None:
@@ -196,8 +196,8 @@ def smollm2_export(runs_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from galore_plus.data import encode, load_task
-    from galore_plus.models import load_model
+    from galore_plus.app.data import encode, load_task
+    from galore_plus.app.models import load_model
 
     model, tokenizer = load_model("smollm2")
     config = copy.deepcopy(model.config)
@@ -241,9 +241,9 @@ def run_job(job, runs_dir):
     if kind == "eval_before":
         import torch
 
-        from galore_plus.data import load_task
-        from galore_plus.evaluate import evaluate
-        from galore_plus.models import load_model
+        from galore_plus.app.data import load_task
+        from galore_plus.app.evaluate import evaluate
+        from galore_plus.app.models import load_model
 
         # exactly what finetune() does before its own "eval before"
         torch.manual_seed(settings["seed"])
@@ -253,7 +253,7 @@ def run_job(job, runs_dir):
         result = evaluate(model, tokenizer, task.test, task.kind, max_new_tokens=settings["max_new_tokens"],
                           batch_size=settings["eval_batch_size"], max_length=settings["max_length"])
         return {"eval": result, "wall_seconds": round(time.perf_counter() - began, 1)}
-    from galore_plus import cli
+    from galore_plus.app import cli
 
     if settings["rank"] is None:
         settings["rank"] = cli.FinetuneConfig.rank

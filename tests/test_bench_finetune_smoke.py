@@ -72,7 +72,7 @@ def test_rerun_resumes_and_runs_nothing(bench, smoke_run):
 
 def test_eval_before_equals_finetunes_own(bench, smoke_run, tmp_path):
     """The shared "eval before" is what finetune() itself would have computed for the run."""
-    from galore_plus.cli import FinetuneConfig, finetune
+    from galore_plus.app.cli import FinetuneConfig, finetune
 
     out, _, _ = smoke_run
     data = json.loads((out / "finetune_table_smoke.json").read_text())

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from galore_plus import cli
-from galore_plus.cli import FinetuneConfig, finetune, parse_config
+from galore_plus.app import cli
+from galore_plus.app.cli import FinetuneConfig, finetune, parse_config
 
 
 def tiny_config(tmp_path, **overrides):

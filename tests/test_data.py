@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("reasoning_gym")
 from _tokenizers import tiny_tokenizer  # noqa: E402
 
-from galore_plus.data import (  # noqa: E402
+from galore_plus.app.data import (  # noqa: E402
     ARITHMETIC_CONFIG,
     DataError,
     Example,

@@ -398,14 +398,14 @@ def test_fsdp_8bit_blocks_per_shard_when_rows_do_not_align(ranks):
 
 
 def test_finetune_under_torchrun_equals_single_process(tmp_path):
-    """``torchrun --nproc_per_node 2 -m galore_plus.cli finetune --distributed fsdp`` on the tiny model:
+    """``torchrun --nproc_per_node 2 -m galore_plus.app finetune --distributed fsdp`` on the tiny model:
     the same per-step losses as the single-process run on the same global batch; rank 0 alone writes
     the log, and the checkpoint goes through torch.distributed.checkpoint."""
     import json
     import subprocess
     import sys
 
-    from galore_plus.cli import FinetuneConfig, finetune
+    from galore_plus.app.cli import FinetuneConfig, finetune
 
     options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
@@ -416,7 +416,7 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
     finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "galore_plus.cli", "finetune", *argv, "--distributed", "fsdp",
+               str(_free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
                "--output-dir", str(tmp_path / "fsdp")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -432,7 +432,7 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
 
 
 def test_command_line_refuses_layerwise_and_unsharded_state():
-    from galore_plus.cli import parse_config
+    from galore_plus.app.cli import parse_config
 
     with pytest.raises(SystemExit, match="bucketed all-reduce"):
         parse_config(["finetune", "--model", "tiny", "--layerwise", "--distributed", "ddp"])

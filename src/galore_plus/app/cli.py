@@ -140,7 +140,7 @@ def _validate(c: FinetuneConfig) -> None:
     if c.distributed not in DISTRIBUTED:
         raise SystemExit(f"galore-plus: --distributed must be one of {DISTRIBUTED}, got {c.distributed!r}")
     if c.distributed != "none" and c.layerwise:
-        from .distributed import layerwise_unsupported_reason
+        from ..distributed import layerwise_unsupported_reason
 
         raise SystemExit(f"galore-plus: --layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
     if c.distributed == "fsdp" and c.method == "adamw8bit":
@@ -185,7 +185,7 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
         import bitsandbytes as bnb
 
         return model, bnb.optim.AdamW8bit(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    from .integration import build_optimizer
+    from ..integration import build_optimizer
 
     options: dict[str, Any] = {"update_proj_gap": config.update_proj_gap, "scale": config.scale}
     if config.method == "galore+":
@@ -220,7 +220,7 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, config: F
 
     distributed = None
     if config.distributed != "none":
-        from . import distributed
+        from .. import distributed
     rank0 = distributed is None or distributed.process_rank() == 0
     tmp = out / (CHECKPOINT + ".tmp")
     if rank0:
@@ -278,7 +278,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, 
     recover_checkpoint(directory)
     ckpt = directory / CHECKPOINT
     if (ckpt / "distributed").exists():
-        from . import distributed
+        from .. import distributed
 
         distributed.load_checkpoint(str(ckpt / "distributed"), model, optimizer)
     else:
@@ -346,7 +346,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
                           else config.device)
     rank, world = 0, 1
     if config.distributed != "none":  # under torchrun: rank 0 alone writes logs, metrics and the plot
-        from . import distributed
+        from .. import distributed
 
         rank, world, local_rank = distributed.init_from_env(device.type)
         if device.type == "cuda":
@@ -375,7 +375,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict[str, Any
             optimizer = distributed.distribute(optimizer)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
     if config.method in ("galore", "galore+") and rank == 0:
-        from .integration import optimizer_summary
+        from ..integration import optimizer_summary
 
         print(optimizer_summary(optimizer), file=sys.stderr)
 

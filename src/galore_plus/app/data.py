@@ -1,6 +1,6 @@
 """Fine-tuning data: math word problems and text-to-text pairs, prompts, token encodings, batches.
 
-Harness layer (STYLE.md habit 1): nothing here is imported by the optimizers. Three sources, all
+Application layer: nothing here is imported by the optimizers. Three sources, all
 offline:
 
 - ``"gsm_symbolic"``: reasoning-gym's symbolic GSM8K (~85 templates re-instantiated with new
@@ -11,7 +11,7 @@ offline:
   ``{"input", "output"}``.
 
 Training encodes ``prompt → answer + EOS`` with the loss on the answer only; evaluation
-(``galore_plus.evaluate``) tokenizes prompts with the same :func:`prompt_ids`, so generation sees
+(``galore_plus.app.evaluate``) tokenizes prompts with the same :func:`prompt_ids`, so generation sees
 exactly the tokens training conditioned on.
 
 Quirks of reasoning-gym 0.1.25 handled here (found by generating 15,000 items):
