@@ -13,6 +13,7 @@ Application layer, like ``galore_plus.app.data``, whose :func:`~galore_plus.app.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, encode, normalize_number, prompt_ids
 
-__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "KINDS"]
+__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "check_prerequisites", "KINDS"]
 
 KINDS = ("math", "text")
 PROGRESS_MIN_BATCHES = 5
@@ -210,6 +211,19 @@ def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, m
     if return_generations:
         result["generations"] = generations
     return result
+
+
+#: what scoring each kind of task imports (module, package to install)
+PREREQUISITES = {"math": (), "text": (("sacrebleu", "sacrebleu"), ("rouge_score", "rouge-score"))}
+
+
+def check_prerequisites(kind: str) -> None:
+    """Raise ``ImportError`` if scoring ``kind`` needs a package that is not installed, so that a
+    run finds out before training, not after it."""
+    missing = [package for module, package in PREREQUISITES[kind] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"{kind} data is scored with BLEU and ROUGE-L, which need {' and '.join(missing)}: "
+                          f"pip install {' '.join(missing)}")
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
