@@ -405,7 +405,8 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
     import subprocess
     import sys
 
-    from galore_plus.app.cli import FinetuneConfig, finetune
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
 
     options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
@@ -433,12 +434,13 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
 
 def test_command_line_refuses_layerwise_and_unsharded_state():
     from galore_plus.app.cli import parse_config
+    from galore_plus.app.errors import ConfigError
 
-    with pytest.raises(SystemExit, match="bucketed all-reduce"):
+    with pytest.raises(ConfigError, match="bucketed all-reduce"):
         parse_config(["finetune", "--model", "tiny", "--layerwise", "--distributed", "ddp"])
-    with pytest.raises(SystemExit, match="not sharded"):
+    with pytest.raises(ConfigError, match="not sharded"):
         parse_config(["finetune", "--model", "tiny", "--method", "lora", "--distributed", "fsdp"])
-    with pytest.raises(SystemExit, match="plain tensors"):  # bitsandbytes' own AdamW8bit
+    with pytest.raises(ConfigError, match="plain tensors"):  # bitsandbytes' own AdamW8bit
         parse_config(["finetune", "--model", "tiny", "--method", "adamw8bit", "--distributed", "fsdp"])
     config, _ = parse_config(["finetune", "--model", "tiny", "--8bit", "--distributed", "fsdp"])
     assert config.eightbit and config.distributed == "fsdp"
