@@ -413,6 +413,8 @@ BAD_INPUTS = [
     (["--split", "template"], r"--split template needs --data gsm_symbolic"),
     (["--model", "{tmp}"], r"--model '.*' is a directory without config.json"),
     (["--model", "nope"], r"--model 'nope': not smollm2 or tiny, and no such file or directory"),
+    (["--model", "{tmp}/broken"], r"--model .*broken: its configuration cannot be read: .*not a valid JSON file"),
+    (["--model", "{tmp}/x.gguf"], r"--model .*x.gguf: its configuration cannot be read: .*not a GGUF file"),
     (["--method", "sgd"], r"argument --method: invalid choice: 'sgd'"),
     (["--rank", "x"], r"argument --rank: invalid int value: 'x'"),
     (["--rnak", "3"], r"unrecognized arguments: --rnak 3"),
@@ -427,6 +429,9 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model_load, extra, message):
     (tmp_path / "afile").write_text("")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    (tmp_path / "x.gguf").write_text("not a GGUF file")
     (tmp_path / "x.json").write_text("[]")
     (tmp_path / "bad.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"input": f"i{i}", "output": "o"}) + "\n"

@@ -138,20 +138,21 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
 
 
 def check_fits(config: FinetuneConfig) -> None:
-    """The low-rank options against the model's matrices (``--rank`` at most ``min(m, n)``, and what
-    cross-head projection allows), before any weight loads: the optimizer is built for the model on
-    the ``meta`` device (shapes only), so the library's own checks give the message."""
-    if config.method not in LOW_RANK_METHODS:
-        return
+    """The model's configuration can be read, and the low-rank options fit its matrices (``--rank``
+    at most ``min(m, n)``, and what cross-head projection allows), before any weight loads: the
+    optimizer is built for the model on the ``meta`` device (shapes only), so the library's own
+    checks give the message."""
     from transformers import AutoModelForCausalLM
 
     from .models import shape_config
 
     try:
         shapes = shape_config(config.model)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"--model {config.model}: its configuration cannot be read: "
-                          f"{str(err).splitlines()[0]}") from None
+                          f"{_one_line(err)}") from None
+    if config.method not in LOW_RANK_METHODS:
+        return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seed's stream stays untouched
         model = AutoModelForCausalLM.from_config(shapes)
         try:
@@ -171,7 +172,10 @@ def build(run: Run) -> Built:
     from .models import load_model
 
     config = run.config
-    model, tokenizer = load_model(config.model, seed=config.seed)
+    try:
+        model, tokenizer = load_model(config.model, seed=config.seed)
+    except (OSError, ValueError) as err:  # e.g. a model directory without its weights
+        raise ConfigError(f"--model {config.model} cannot be loaded: {_one_line(err)}") from None
     max_new_tokens = config.max_new_tokens or (16 if config.data == "arithmetic" else 256)
     features = [encode(tokenizer, ex, config.max_length) for ex in run.task.train]
     steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum))
@@ -252,8 +256,8 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
         if not run.resume:  # only with --overwrite: set-up refused a run's directory otherwise
             for name in OUTPUTS:
                 _remove(run.out / name)
+        checkpoint.write_run(run.out, run.config, run.data_sha256)  # first: from here on --resume finds the run
         _truncate_log(run.out / LOG, step)
-        checkpoint.write_run(run.out, run.config, run.data_sha256)
     _barrier(run)
     if step == 0 and run.config.eval_before:
         history["eval_before"] = _evaluate(run, built, "before training")
@@ -451,6 +455,12 @@ def _evaluate(run: Run, built: Built, label: str) -> dict[str, Any]:
     print(f"evaluating {label} on {len(run.task.test)} held-out examples...", file=sys.stderr)
     return evaluate(built.model, built.tokenizer, run.task.test, run.task.kind, max_new_tokens=built.max_new_tokens,
                     batch_size=run.config.eval_batch_size, max_length=run.config.max_length)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (at most 300 characters)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def _barrier(run: Run) -> None:
