@@ -92,7 +92,8 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None) -> dict[s
 
 
 def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
-    """Every check that needs no weights, in the order a user would fix them; writes nothing."""
+    """Every check that needs no weights, in the order a user would fix them. Writes nothing (beyond
+    finishing a checkpoint save that a crash cut short: see ``checkpoint.recover``)."""
     from .data import load_task
     from .evaluate import check_prerequisites
 
