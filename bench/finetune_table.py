@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 8, small: SmolLM2-135M fine-tuned with AdamW, LoRA, DoRA, GaLore, GaLore+.
 
-One command drives ``galore_plus.cli.finetune`` over a grid (tasks × methods × ranks × seeds, plus
+One command drives ``galore_plus.app.finetune`` over a grid (tasks × methods × ranks × seeds, plus
 the GaLore+ residual ablation), each run in its own fresh subprocess so that its peak RSS
 (``ru_maxrss``, what the CLI reports on CPU) is its own. Every finished run is appended to
 ``<results-dir>/finetune_table.json`` at once, keyed by its complete settings: a re-invocation skips
@@ -26,8 +26,8 @@ Design points:
   process on 2 cores). The export is checked on creation: every tensor equal, and the same token
   ids for 400 prompts and answers. Results record the model as ``smollm2``.
 - **Checkpoints are not written** (the bench never resumes a run mid-way; a full AdamW checkpoint
-  is 1.6 GB): the worker replaces ``cli.save_checkpoint`` with a no-op. ``train_seconds`` never
-  included it. ``peak GiB`` is the run process's peak RSS through the evaluation after: that is
+  is 1.6 GB): runs use ``--no-save-checkpoint``, and ``--overwrite`` so that a run a killed
+  invocation left half-done is started over. ``train_seconds`` never included the checkpoint. ``peak GiB`` is the run process's peak RSS through the evaluation after: that is
   how the grid was recorded, and on gsm_symbolic the evaluation sets it (~2.2 GiB above training's
   peak where both are known: its full-vocabulary logits on top of the heap training left resident).
   Runs started after 2026-11-23 05:00 UTC also record ``train_peak_memory_bytes`` (the table's
@@ -76,10 +76,12 @@ LR = {"adamw": 2e-5, "galore": 2e-5, "galore+": 2e-5, "lora": 2e-4, "dora": 2e-4
 
 def main_configs(ranks):
     """(label, method, rank, extra options) of the main table; AdamW has no rank."""
+    from galore_plus.options import PAPER_RESIDUAL_RATIO
+
     out = [("adamw", "adamw", None, {})]
     for method in ("lora", "dora", "galore", "galore+"):
         for r in ranks:
-            extra = {"residual_ratio": 0.012} if method == "galore+" else {}
+            extra = {"residual_ratio": PAPER_RESIDUAL_RATIO} if method == "galore+" else {}
             out.append((f"{method} r{r}", method, r, extra))
     return out
 
@@ -93,12 +95,14 @@ def ablation_configs(rank, ratios, paper_ratio):
 
 def mode_settings(mode):
     """Everything a mode runs: common FinetuneConfig options, per-task options, and the job list."""
+    from galore_plus.options import PAPER_RESIDUAL_RATIO
+
     if mode == "smoke":
         common = dict(model="tiny", max_steps=3, batch_size=2, n_train=16, n_test=4, max_length=64,
                       eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1)
         tasks = {"arithmetic": dict(max_new_tokens=4)}
         seeds, ranks, ab_rank, ab_tasks = [0, 1], [4], 4, ["arithmetic"]
-        ratios, paper_ratio = [0.0, 0.012], 0.012
+        ratios, paper_ratio = [0.0, PAPER_RESIDUAL_RATIO], PAPER_RESIDUAL_RATIO
         # the tiny model learns nothing at 2e-5 in 3 steps; smoke only checks the plumbing
         lr = {m: 1e-3 for m in LR}
     else:
@@ -106,7 +110,8 @@ def mode_settings(mode):
                       eval_batch_size=32, warmup_steps=4, update_proj_gap=20, residual_warmup=10, scale=4.0)
         tasks = {"arithmetic": dict(max_new_tokens=16), "gsm_symbolic": dict(max_new_tokens=256)}
         seeds, ranks, ab_rank, ab_tasks = [0, 1], [8, 32], 32, ["arithmetic"]
-        ratios, paper_ratio = [0.0, 0.006, 0.012, 0.018], 0.012
+        # ρ = 0, ½, 1 and 1.5 × the paper's (written out: these floats are part of the recorded runs' keys)
+        ratios, paper_ratio = [0.0, 0.006, PAPER_RESIDUAL_RATIO, 0.018], PAPER_RESIDUAL_RATIO
         lr = dict(LR)
     main = main_configs(ranks)
     ablation = ablation_configs(ab_rank, ratios, paper_ratio)
@@ -168,14 +173,19 @@ def eval_job(common, task, task_opts, seed):
     return {"key": _key(settings), "settings": settings, "tables": {"before": label}, "label": label, "task": task}
 
 
+#: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
+#: job's settings (its key), and set by run_job
+NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite")
+
+
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
-    from galore_plus.cli import FinetuneConfig
+    from galore_plus.app.config import FinetuneConfig
 
     options = dict(common, data=task, method=method, seed=seed, lr=lr, eval_before=False, **task_opts, **extra)
     if rank is not None:
         options["rank"] = rank
     config = dataclasses.asdict(FinetuneConfig(**options))
-    for name in ("output_dir", "device", "save_every"):  # not settings of the result
+    for name in NOT_SETTINGS:
         config.pop(name)
     if rank is None:
         config["rank"] = None  # AdamW ignores it
@@ -196,8 +206,8 @@ def smollm2_export(runs_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from galore_plus.data import encode, load_task
-    from galore_plus.models import load_model
+    from galore_plus.app.data import encode, load_task
+    from galore_plus.app.models import load_model
 
     model, tokenizer = load_model("smollm2")
     config = copy.deepcopy(model.config)
@@ -241,9 +251,9 @@ def run_job(job, runs_dir):
     if kind == "eval_before":
         import torch
 
-        from galore_plus.data import load_task
-        from galore_plus.evaluate import evaluate
-        from galore_plus.models import load_model
+        from galore_plus.app.data import load_task
+        from galore_plus.app.evaluate import evaluate
+        from galore_plus.app.models import load_model
 
         # exactly what finetune() does before its own "eval before"
         torch.manual_seed(settings["seed"])
@@ -253,20 +263,15 @@ def run_job(job, runs_dir):
         result = evaluate(model, tokenizer, task.test, task.kind, max_new_tokens=settings["max_new_tokens"],
                           batch_size=settings["eval_batch_size"], max_length=settings["max_length"])
         return {"eval": result, "wall_seconds": round(time.perf_counter() - began, 1)}
-    from galore_plus import cli
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
 
     if settings["rank"] is None:
-        settings["rank"] = cli.FinetuneConfig.rank
+        settings["rank"] = FinetuneConfig.rank
     settings["model"] = _model_path(settings["model"], runs_dir)
     out = Path(runs_dir) / job["task"] / _slug(job)
-    config = cli.FinetuneConfig(**settings, output_dir=str(out), device="cpu")
-    cli._validate(config)
-    saved = cli.save_checkpoint
-    cli.save_checkpoint = lambda *args, **kwargs: None  # the bench never resumes mid-run
-    try:
-        metrics = cli.finetune(config)
-    finally:
-        cli.save_checkpoint = saved
+    metrics = finetune(FinetuneConfig(**settings, output_dir=str(out), device="cpu", save_checkpoint=False,
+                                      overwrite=True))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     keep = ("steps", "train_seconds", "tokens_per_second", "refresh_seconds", "eval_after")
     result = {k: metrics[k] for k in keep}

@@ -72,7 +72,8 @@ def test_rerun_resumes_and_runs_nothing(bench, smoke_run):
 
 def test_eval_before_equals_finetunes_own(bench, smoke_run, tmp_path):
     """The shared "eval before" is what finetune() itself would have computed for the run."""
-    from galore_plus.cli import FinetuneConfig, finetune
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
 
     out, _, _ = smoke_run
     data = json.loads((out / "finetune_table_smoke.json").read_text())
@@ -119,3 +120,10 @@ def test_a_run_claimed_by_a_live_invocation_is_skipped_then_taken_over(bench, tm
     recorded = {r["key"] for r in json.loads(json_path.read_text())["runs"]}
     assert job["key"] in recorded and not claim.exists()
     assert bench.claim(job, tmp_path / "runs", json_path) is None  # recorded now
+
+
+def test_the_recorded_grid_keeps_its_keys(bench):
+    """The full grid's jobs are keyed by their settings; the recorded results must stay reachable when
+    FinetuneConfig gains fields (those that are not settings are left out of the key)."""
+    recorded = json.loads((BENCH.parents[0] / "results" / "finetune_table.json").read_text())
+    assert {r["key"] for r in recorded["runs"]} == {j["key"] for j in bench.mode_settings("full")["jobs"]}

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("reasoning_gym")
 from _tokenizers import tiny_tokenizer  # noqa: E402
 
-from galore_plus.data import (  # noqa: E402
+from galore_plus.app.data import (  # noqa: E402
     ARITHMETIC_CONFIG,
     DataError,
     Example,
@@ -101,16 +101,23 @@ def test_exact_value(expression, value):
 
 
 def test_load_task_argument_errors(tmp_path):
-    with pytest.raises(ValueError, match="gsm_symbolic, arithmetic, a path to a .jsonl file"):
+    forms = "use arithmetic or gsm_symbolic, or a .jsonl file"
+    with pytest.raises(DataError, match=f"'gsm8k' is neither a task nor a file; {forms}"):
         load_task("gsm8k", n_train=1, n_test=1)
-    with pytest.raises(FileNotFoundError, match="data file not found: .*missing.jsonl"):
+    with pytest.raises(DataError, match="missing.jsonl': no such file"):
         load_task(str(tmp_path / "missing.jsonl"), n_train=1, n_test=1)
     (tmp_path / "data.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a .jsonl file"):
+    with pytest.raises(DataError, match=f"not a .jsonl file; {forms}"):
         load_task(str(tmp_path / "data.txt"), n_train=1, n_test=1)
+    (tmp_path / "data.json").write_text("[]")
+    with pytest.raises(DataError, match=f"is a .json file; the data must be JSON Lines: {forms}"):
+        load_task(str(tmp_path / "data.json"), n_train=1, n_test=1)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(DataError, match=f"is a directory; {forms}"):
+        load_task(str(tmp_path / "dir.jsonl"), n_train=1, n_test=1)
     with pytest.raises(ValueError, match="split must be one of"):
         load_task("gsm_symbolic", n_train=1, n_test=1, split="random")
-    with pytest.raises(ValueError, match="split='template' needs data='gsm_symbolic'"):
+    with pytest.raises(ValueError, match="split 'template' needs data 'gsm_symbolic'"):
         load_task("arithmetic", n_train=1, n_test=1, split="template")
     with pytest.raises(ValueError, match="n_test must be an integer >= 0"):
         load_task("arithmetic", n_train=1, n_test=-1)
@@ -175,9 +182,19 @@ MALFORMED = [
     ('{"question": "q", "answer": ""}', "'answer' is empty"),
     ('{"question": "q", "answer": "it is 42"}', "'answer' has no final '#### N' line"),
     ('{"question": "q", "answer": "so #### many"}',
-     "'answer' must end with '#### N', N a number; it ends with '#### many'"),
+     "'answer' must end with '#### N', N a number of at most 100 digits; it ends with '#### many'"),
     ('{"question": "q", "answer": "#### 4\\nthen more"}',
-     "'answer' must end with '#### N', N a number; it ends with '#### 4\\nthen more'"),
+     "'answer' must end with '#### N', N a number of at most 100 digits; it ends with '#### 4\\nthen more'"),
+    # written out, 1e999999 has a million digits: expanding it took 72 s, longer exponents never ended
+    ('{"question": "q", "answer": "#### 1e999999"}',
+     "'answer' must end with '#### N', N a number of at most 100 digits; it ends with '#### 1e999999'"),
+    ('{"question": "q", "answer": "#### 1e99999999999999999999"}',
+     "'answer' must end with '#### N', N a number of at most 100 digits; it ends with '#### 1e99999999999999999999'"),
+    # valid JSON, but no text: tokenizers cannot encode a lone surrogate
+    ('{"question": "a \\ud800 b", "answer": "#### 1"}',
+     "'question' holds a lone surrogate '\\ud800' at character 3, not text"),
+    ('{"question": "q", "answer": "\\udfff #### 1"}',
+     "'answer' holds a lone surrogate '\\udfff' at character 1, not text"),
     (TEXT, "text-to-text ('input', 'output') line in a file of GSM8K-form ('question', 'answer') lines "
            "(see line 1); use one form per file"),
     (b'{"question": "caf\xe9", "answer": "#### 1"}', "not valid UTF-8 (invalid continuation byte at byte 17)"),
@@ -272,6 +289,10 @@ def test_collate_right_pads():
 
 
 @pytest.mark.parametrize("text, expected", [("1,000", "1000"), ("3.0", "3"), ("2.50", "2.5"), ("-2", "-2"),
-                                            ("-0", "0"), ("007", "7"), ("abc", None), ("", None), ("nan", None)])
+                                            ("-0", "0"), ("007", "7"), ("abc", None), ("", None), ("nan", None),
+                                            ("1e3", "1000"), ("9" * 100, "9" * 100), ("9" * 101, None),
+                                            ("1e99", "1" + "0" * 99), ("1e100", None), ("1e999999", None),
+                                            ("0." + "0" * 98 + "1", "0." + "0" * 98 + "1"),
+                                            ("1e-100", None), ("Infinity", None)])
 def test_normalize_number(text, expected):
     assert normalize_number(text) == expected

@@ -449,14 +449,15 @@ def test_fsdp_8bit_blocks_per_shard_when_rows_do_not_align(ranks):
 
 
 def test_finetune_under_torchrun_equals_single_process(tmp_path):
-    """``torchrun --nproc_per_node 2 -m galore_plus.cli finetune --distributed fsdp`` on the tiny model:
+    """``torchrun --nproc_per_node 2 -m galore_plus.app finetune --distributed fsdp`` on the tiny model:
     the same per-step losses as the single-process run on the same global batch; rank 0 alone writes
     the log, and the checkpoint goes through torch.distributed.checkpoint."""
     import json
     import subprocess
     import sys
 
-    from galore_plus.cli import FinetuneConfig, finetune
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
 
     options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
@@ -467,7 +468,7 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
     finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "galore_plus.cli", "finetune", *argv, "--distributed", "fsdp",
+               str(_free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
                "--output-dir", str(tmp_path / "fsdp")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -483,13 +484,14 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
 
 
 def test_command_line_refuses_layerwise_and_unsharded_state():
-    from galore_plus.cli import parse_config
+    from galore_plus.app.cli import parse_config
+    from galore_plus.app.errors import ConfigError
 
-    with pytest.raises(SystemExit, match="bucketed all-reduce"):
+    with pytest.raises(ConfigError, match="bucketed all-reduce"):
         parse_config(["finetune", "--model", "tiny", "--layerwise", "--distributed", "ddp"])
-    with pytest.raises(SystemExit, match="not sharded"):
+    with pytest.raises(ConfigError, match="not sharded"):
         parse_config(["finetune", "--model", "tiny", "--method", "lora", "--distributed", "fsdp"])
-    with pytest.raises(SystemExit, match="plain tensors"):  # bitsandbytes' own AdamW8bit
+    with pytest.raises(ConfigError, match="plain tensors"):  # bitsandbytes' own AdamW8bit
         parse_config(["finetune", "--model", "tiny", "--method", "adamw8bit", "--distributed", "fsdp"])
     config, _ = parse_config(["finetune", "--model", "tiny", "--8bit", "--distributed", "fsdp"])
     assert config.eightbit and config.distributed == "fsdp"

@@ -11,9 +11,9 @@ pytest.importorskip("transformers")
 from _tokenizers import tiny_tokenizer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from galore_plus import evaluate as ev  # noqa: E402
-from galore_plus.data import Example, encode, prompt_ids  # noqa: E402
-from galore_plus.evaluate import answer_loss, evaluate, extract_final, generate, text_metrics  # noqa: E402
+from galore_plus.app import evaluate as ev  # noqa: E402
+from galore_plus.app.data import Example, encode, prompt_ids  # noqa: E402
+from galore_plus.app.evaluate import answer_loss, evaluate, extract_final, generate, text_metrics  # noqa: E402
 
 def tiny_llama(tokenizer, seed=0) -> LlamaForCausalLM:
     torch.manual_seed(seed)

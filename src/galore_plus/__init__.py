@@ -5,9 +5,9 @@ Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) 
 (``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
 ``layerwise`` (updates inside backward), ``memory`` (state-size estimates) and ``distributed``
 (DDP / FSDP2; import ``galore_plus.distributed`` when you need it) ← ``integration``
-(targets and head counts of a Hugging Face model, one-call optimizer) ← ``trainer`` (Trainer glue),
-``models``, ``data``, ``evaluate``, ``cli`` (the ``galore-plus finetune`` harness; these import
-transformers).
+(targets and head counts of a Hugging Face model, one-call optimizer) ← ``trainer`` (Trainer glue)
+and the ``app`` subpackage (the ``galore-plus finetune`` command: options, data, evaluation, model
+loading; it imports transformers).
 """
 
 from .adafactor import GaLoreAdafactor

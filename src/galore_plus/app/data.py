@@ -1,6 +1,6 @@
 """Fine-tuning data: math word problems and text-to-text pairs, prompts, token encodings, batches.
 
-Harness layer (STYLE.md habit 1): nothing here is imported by the optimizers. Three sources, all
+Application layer: nothing here is imported by the optimizers. Three sources, all
 offline:
 
 - ``"gsm_symbolic"``: reasoning-gym's symbolic GSM8K (~85 templates re-instantiated with new
@@ -11,7 +11,7 @@ offline:
   ``{"input", "output"}``.
 
 Training encodes ``prompt → answer + EOS`` with the loss on the answer only; evaluation
-(``galore_plus.evaluate``) tokenizes prompts with the same :func:`prompt_ids`, so generation sees
+(``galore_plus.app.evaluate``) tokenizes prompts with the same :func:`prompt_ids`, so generation sees
 exactly the tokens training conditioned on.
 
 Quirks of reasoning-gym 0.1.25 handled here (found by generating 15,000 items):
@@ -52,6 +52,8 @@ __all__ = [
     "Example",
     "Task",
     "DATA_CHOICES",
+    "TASKS",
+    "check_source",
     "load_task",
     "read_jsonl",
     "build_prompt",
@@ -66,7 +68,9 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value that cross-entropy skips (prompt tokens and padding)."""
 
-DATA_CHOICES = ("gsm_symbolic", "arithmetic", "a path to a .jsonl file")
+TASKS = ("arithmetic", "gsm_symbolic")
+"""The built-in sources (generated offline by reasoning-gym); anything else is a ``.jsonl`` path."""
+DATA_CHOICES = (*TASKS, "a path to a .jsonl file")
 SPLITS = ("question", "template")
 SEED_STRIDE = 10**7
 """reasoning-gym seed = ``seed * SEED_STRIDE``: its item ``i`` uses ``Random(seed + i)``, so
@@ -123,14 +127,24 @@ thousands commas ("1,000"), optional decimals. "42." at the end of a sentence gi
 _FINAL_LINE = re.compile(r"####\s*(?P<number>\S+)\s*$")
 
 
+MAX_DIGITS = 100
+"""Longest number :func:`normalize_number` accepts, in digits written out: ``#### 1e999999`` would
+otherwise be expanded to a million digits (72 s of CPU; longer exponents never finish), and a
+generated answer of thousands of digits would overflow ``str(int)``."""
+
+
 def normalize_number(text: str) -> str | None:
     """``"1,000"`` → ``"1000"``, ``"3.0"`` → ``"3"``, ``"2.50"`` → ``"2.5"``, ``"-0"`` → ``"0"``;
-    ``None`` if ``text`` is not a number."""
+    ``None`` if ``text`` is not a number of at most :data:`MAX_DIGITS` digits written out."""
     try:
         value = Decimal(text.strip().replace(",", ""))
     except InvalidOperation:
         return None
     if not value.is_finite():
+        return None
+    # digits of the plain form: before the point (at least one) and after it
+    _, digits, exponent = value.as_tuple()
+    if max(len(digits) + exponent, 1) + max(-exponent, 0) > MAX_DIGITS:
         return None
     if value == value.to_integral_value():
         return str(int(value))
@@ -152,24 +166,39 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
         raise ValueError(f"n_train must be an integer >= 0, got {n_train!r}")
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 0:
         raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not isinstance(data, (str, os.PathLike)):
-        raise TypeError(f"data must be a string or path, got {type(data).__name__}")
+    check_source(data, split)
     data = os.fspath(data)
-    if split == "template" and data != "gsm_symbolic":
-        raise ValueError(f"split='template' needs data='gsm_symbolic' (the only source with templates), got {data!r}")
     if data == "gsm_symbolic":
         return _gsm_symbolic(n_train, n_test, seed, split)
     if data == "arithmetic":
         return _arithmetic(n_train, n_test, seed)
+    return _jsonl_task(data, n_train, n_test, seed)
+
+
+def check_source(data: str, split: str = "question") -> None:
+    """Raise :class:`DataError` unless ``data`` names a task or an existing ``.jsonl`` file and
+    ``split`` suits it; reads nothing (the command calls it before anything slow)."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"data must be a string or path, got {type(data).__name__}")
+    data = os.fspath(data)
+    if split == "template" and data != "gsm_symbolic":
+        raise DataError(f"split 'template' needs data 'gsm_symbolic' (the only source with templates), got {data!r}")
+    if data in TASKS:
+        return
+    forms = f"use {' or '.join(TASKS)}, or a .jsonl file (one JSON object per line: {_FORM_LIST})"
+    if os.path.isdir(data):
+        raise DataError(f"{data!r} is a directory; {forms}")
     if data.lower().endswith(".jsonl"):
         if not os.path.isfile(data):
-            raise FileNotFoundError(f"data file not found: {data}")
-        return _jsonl_task(data, n_train, n_test, seed)
+            raise DataError(f"{data!r}: no such file")
+        return
+    if data.lower().endswith(".json"):
+        raise DataError(f"{data!r} is a .json file; the data must be JSON Lines: {forms}")
     if os.path.exists(data):
-        raise ValueError(f"data must be one of {', '.join(DATA_CHOICES)}; {data!r} exists but is not a .jsonl file")
-    raise ValueError(f"unknown data {data!r}: choose one of {', '.join(DATA_CHOICES)}")
+        raise DataError(f"{data!r} is not a .jsonl file; {forms}")
+    raise DataError(f"{data!r} is neither a task nor a file; {forms}")
 
 
 def _generation_budget(n_train: int, n_test: int) -> int:
@@ -310,6 +339,7 @@ _FORMS = {"gsm8k": ("question", "answer"), "text": ("input", "output")}
 _FORM_NAMES = {"gsm8k": "GSM8K-form ('question', 'answer')", "text": "text-to-text ('input', 'output')"}
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
+_FORM_LIST = "GSM8K form 'question'/'answer' with the answer ending in '#### N', or 'input'/'output'"
 _MAX_LISTED_ERRORS = 20
 
 
@@ -395,6 +425,10 @@ def _record_problem(record: dict, form: str) -> str | None:
             return f"{key!r} must be a string, got {_json_type(value)}"
         if not value.strip():
             return f"{key!r} is empty"
+        try:  # JSON can escape a lone surrogate (\ud800), which no tokenizer can encode
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{key!r} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1}, not text"
     if form == "gsm8k":
         answer = record["answer"]
         if "####" not in answer:
@@ -402,7 +436,8 @@ def _record_problem(record: dict, form: str) -> str | None:
         match = _FINAL_LINE.search(answer.rstrip())
         if match is None or normalize_number(match["number"]) is None:
             tail = answer[answer.rindex("####"):].strip()
-            return f"'answer' must end with '#### N', N a number; it ends with {tail[:40]!r}"
+            return (f"'answer' must end with '#### N', N a number of at most {MAX_DIGITS} digits; "
+                    f"it ends with {tail[:40]!r}")
     return None
 
 

@@ -1,7 +1,7 @@
 """Evaluation of a causal LM on a task's examples: answer loss, greedy generation, answer metrics.
 
-Harness layer, like ``galore_plus.data``, whose :func:`~galore_plus.data.encode` and
-:func:`~galore_plus.data.prompt_ids` it shares so that what is scored is exactly what was trained:
+Application layer, like ``galore_plus.app.data``, whose :func:`~galore_plus.app.data.encode` and
+:func:`~galore_plus.app.data.prompt_ids` it shares so that what is scored is exactly what was trained:
 
 - :func:`answer_loss`: teacher-forced cross-entropy over the answer tokens (and EOS) only,
   ``Σ token losses / number of answer tokens`` over the whole set (not a mean of batch means, which
@@ -13,6 +13,7 @@ Harness layer, like ``galore_plus.data``, whose :func:`~galore_plus.data.encode`
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, encode, normalize_number, prompt_ids
 
-__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "KINDS"]
+__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "check_prerequisites", "KINDS"]
 
 KINDS = ("math", "text")
 PROGRESS_MIN_BATCHES = 5
@@ -76,7 +77,7 @@ def _takes_logits_to_keep(model) -> bool:
 def answer_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512) -> float:
     """Mean cross-entropy per answer token, teacher-forced, over all ``examples``.
 
-    Each example is encoded as in training (:func:`galore_plus.data.encode`, prompt masked, EOS
+    Each example is encoded as in training (:func:`galore_plus.app.data.encode`, prompt masked, EOS
     scored). Runs under ``torch.no_grad()`` in eval mode and restores the model's mode. Only the
     logits from the earliest answer position of a batch on are computed (``logits_to_keep``, where
     the model takes it): a 49k vocabulary × 512 positions × 8 rows is 800 MB of float32 logits.
@@ -130,7 +131,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
              progress: bool | None = None) -> list[str]:
     """Greedy answers to ``examples`` (in their order): the new text only, up to the first EOS.
 
-    Prompts are :func:`galore_plus.data.prompt_ids` (the training tokens), left-padded by hand with
+    Prompts are :func:`galore_plus.app.data.prompt_ids` (the training tokens), left-padded by hand with
     the pad token (EOS when there is none) — the tokenizer is not modified — and grouped by length
     to waste little padding. Stops at the tokenizer's EOS or any of the model's generation-config
     EOS ids. ``progress``: show a tqdm bar; ``None`` shows it from
@@ -210,6 +211,19 @@ def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, m
     if return_generations:
         result["generations"] = generations
     return result
+
+
+#: what scoring each kind of task imports (module, package to install)
+PREREQUISITES = {"math": (), "text": (("sacrebleu", "sacrebleu"), ("rouge_score", "rouge-score"))}
+
+
+def check_prerequisites(kind: str) -> None:
+    """Raise ``ImportError`` if scoring ``kind`` needs a package that is not installed, so that a
+    run finds out before training, not after it."""
+    missing = [package for module, package in PREREQUISITES[kind] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"{kind} data is scored with BLEU and ROUGE-L, which need {' and '.join(missing)}: "
+                          f"pip install {' '.join(missing)}")
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,264 @@
+"""A run's checkpoint: written atomically with a checksum manifest, recovered after a crash in the
+middle of a save, verified before anything is loaded from it.
+
+``<output-dir>/checkpoint/`` holds ``model.safetensors`` and ``optimizer.pt`` (a distributed run:
+``distributed/``, each rank's shards through ``torch.distributed.checkpoint``), ``scheduler.pt``,
+``state.json`` (the step, the whole config, the run's history, the world size, the data file's
+sha256) and ``manifest.json`` (size and sha256 of each of the others), written last. A checkpoint is
+complete when its manifest is there and intact when every file matches it; resuming from one that
+is not is an error naming the file, never a run on wrong weights.
+
+A save writes ``checkpoint.tmp``, moves the previous checkpoint to ``checkpoint.old``, the new one
+into place and deletes the old one: killed at any moment, a complete checkpoint is in one of the
+three places, and :func:`recover` puts it back.
+
+``<output-dir>/run.json`` (the config and the data file's sha256) is written when a run starts, so
+a run killed before its first checkpoint can be resumed too: it starts over from step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import FinetuneConfig, from_dict
+from .errors import CheckpointError, ConfigError
+
+CHECKPOINT = "checkpoint"
+RUN = "run.json"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON atomically (a temporary file renamed over ``path``). NaN and infinities
+    raise ``ValueError``: they are not JSON, and a reader would choke on them."""
+    text = json.dumps(value, indent=1, allow_nan=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read as JSON: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, history: dict[str, Any], *,
+         world_size: int = 1, data_sha256: str | None = None) -> None:
+    """Write ``out/checkpoint`` atomically (see the module docstring).
+
+    Distributed runs call it on every rank: model and optimizer go to ``distributed/`` through
+    ``torch.distributed.checkpoint`` (each rank writes its shards), rank 0 writes the rest, hashes
+    every file (the ranks share the file system, as ``torch.distributed.checkpoint`` needs) and moves
+    the directory into place."""
+    from safetensors.torch import save_model
+
+    distributed = None
+    if config.distributed != "none":
+        from .. import distributed
+    rank0 = distributed is None or distributed.process_rank() == 0
+    tmp = out / (CHECKPOINT + ".tmp")
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if distributed is not None:
+        distributed.barrier()
+        distributed.save_checkpoint(str(tmp / "distributed"), model, optimizer)
+        distributed.barrier()
+        if not rank0:
+            distributed.barrier()  # rank 0 moves the directory into place
+            return
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": world_size, "data_sha256": data_sha256,
+                             "config": dataclasses.asdict(config), "history": history})
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    write_json(tmp / MANIFEST, {"format": FORMAT, "files": {
+        p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}})
+    final = out / CHECKPOINT
+    old = out / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    if distributed is not None:
+        distributed.barrier()
+
+
+def recover(directory: Path) -> None:
+    """Finish a :func:`save` that a crash cut short between its two renames.
+
+    :func:`save` moves the previous checkpoint to ``checkpoint.old`` and then the new one from
+    ``checkpoint.tmp`` into place; a crash between the two leaves no ``checkpoint``. The new one is
+    complete once its manifest (written last) is there, so it is promoted; otherwise the old one is
+    put back. Every rank of a distributed run may call this: a rename another rank already made is
+    not an error."""
+    final = directory / CHECKPOINT
+    tmp, old = directory / (CHECKPOINT + ".tmp"), directory / (CHECKPOINT + ".old")
+    for candidate in ([tmp] if (tmp / MANIFEST).exists() else []) + [old]:
+        if final.exists():
+            return
+        if candidate.exists():
+            try:
+                os.replace(candidate, final)
+            except OSError:  # another rank promoted one first
+                continue
+            print(f"galore-plus: {final} was missing after an interrupted save; restored it from {candidate.name}",
+                  file=sys.stderr)
+
+
+def write_run(out: Path, config: FinetuneConfig, data_sha256: str | None) -> None:
+    """``run.json``: what the run is, written when it starts (see the module docstring)."""
+    write_json(out / RUN, {"format": FORMAT, "config": dataclasses.asdict(config), "data_sha256": data_sha256})
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def saved_config(directory: Path) -> FinetuneConfig:
+    """The config of the run in ``directory``: its checkpoint's, else its ``run.json``'s (a run killed
+    before its first checkpoint). Read, not verified: :func:`read_state` verifies before loading."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"--resume {directory}: no such directory")
+    recover(directory)
+    path = directory / CHECKPOINT / STATE
+    if not path.exists():
+        path = directory / RUN
+    if not path.exists():
+        raise CheckpointError(f"--resume {directory}: no run there (neither {CHECKPOINT}/{STATE} nor {RUN})")
+    record = _read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path} has no 'config' object: it was not written by galore-plus finetune")
+    try:
+        return from_dict(record["config"], str(path))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_run(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / RUN
+    return _read_json(path) if path.exists() else None
+
+
+def read_state(directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``state.json`` once every file of the checkpoint matches its manifest;
+    ``None`` when ``directory`` has no checkpoint. A missing, corrupt or inconsistent file raises
+    :class:`CheckpointError` naming it."""
+    recover(directory)
+    ckpt = Path(directory) / CHECKPOINT
+    if not ckpt.exists():
+        return None
+    files = _verify(ckpt)
+    for name in (STATE, "scheduler.pt"):
+        if name not in files:
+            raise CheckpointError(f"{ckpt}: the manifest lists no {name}; the checkpoint is incomplete")
+    state = _read_json(ckpt / STATE)
+    problems = []
+    if not isinstance(state, dict):
+        problems.append("not a JSON object")
+    else:
+        for key, kind in (("step", int), ("world_size", int), ("config", dict), ("history", dict)):
+            if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+                problems.append(f"{key!r} is missing or not {'an' if kind is int else 'a'} {kind.__name__}")
+    if problems:
+        raise CheckpointError(f"{ckpt / STATE}: {'; '.join(problems)}")
+    if (ckpt / "distributed").exists() != (state["config"].get("distributed", "none") != "none"):
+        raise CheckpointError(f"{ckpt}: its files do not match its state.json (distributed: "
+                              f"{state['config'].get('distributed')!r}, world size {state['world_size']})")
+    return state
+
+
+def _verify(ckpt: Path) -> dict[str, Any]:
+    """Check every file the manifest lists: present, same size, same sha256. Returns the listing."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written before galore-plus "
+                              "wrote manifests, and it is not loaded unverified")
+    manifest = _read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path} lists no files")
+    for name, entry in files.items():
+        file = ckpt / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (the checkpoint's manifest lists it)")
+        if file.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"{file} is corrupt: {file.stat().st_size} bytes where the manifest says "
+                                  f"{entry.get('bytes')}")
+        digest = sha256_file(file)
+        if digest != entry.get("sha256"):
+            raise CheckpointError(f"{file} is corrupt: its sha256 is {digest[:16]}…, the manifest's "
+                                  f"{str(entry.get('sha256'))[:16]}…")
+    return files
+
+
+def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, directory: Path, data: str,
+                    data_sha256: str | None, world_size: int) -> None:
+    """The run may continue here: the checkpoint was written by as many ranks as this run has (a
+    rank's share of the sharded state — the residual's index set — is its own), and the data file
+    is the one the run started with."""
+    if state is not None and state["world_size"] != world_size:
+        raise CheckpointError(
+            f"--resume {directory}: the checkpoint was written by {state['world_size']} rank(s) and this run has "
+            f"{world_size}; resume it on the same number (torchrun --nproc_per_node {state['world_size']})")
+    record = state if state is not None else run
+    expected = record.get("data_sha256") if record else None
+    if expected != data_sha256:
+        raise CheckpointError(f"--resume {directory}: the data file {data} has changed since the run started "
+                              f"(sha256 {str(data_sha256)[:16]}…, the run's {str(expected)[:16]}…); a resumed run "
+                              "must train on the same examples")
+
+
+def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) -> None:
+    """Load the verified checkpoint of ``directory`` into the run's model, optimizer and scheduler."""
+    from safetensors.torch import load_model
+
+    ckpt = Path(directory) / CHECKPOINT
+    scheduler_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    if scheduler_state.get("last_epoch") != state["step"]:
+        raise CheckpointError(f"{ckpt / 'scheduler.pt'} is at step {scheduler_state.get('last_epoch')} and "
+                              f"{ckpt / STATE} at step {state['step']}: not one checkpoint")
+    current = ckpt / "optimizer.pt"
+    try:
+        if (ckpt / "distributed").exists():
+            from .. import distributed
+
+            current = ckpt / "distributed"
+            distributed.load_checkpoint(str(current), model, optimizer)
+        else:
+            current = ckpt / "model.safetensors"
+            load_model(model, str(current))
+            current = ckpt / "optimizer.pt"
+            optimizer.load_state_dict(torch.load(current, weights_only=True))
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{current} does not fit this run's model and optimizer: "
+                              f"{str(err).splitlines()[0]}") from None
+    scheduler.load_state_dict(scheduler_state)

