@@ -41,11 +41,12 @@ def _grads(ps, t):
         p.grad = torch.randn(p.shape, generator=g)
 
 
-def test_checkpoint_written_before_the_redesign_resumes_bitwise():
+def test_checkpoint_written_before_the_redesign_resumes():
     """``tests/data/optimizer_state_237edf4.pt`` was written by galore-plus at 237edf4 (before the
     core redesign): 5 steps of GaLore+ (cross-head, residual, randomized SVD) and of its 8-bit
     variant, the state dict, and the parameters 4 steps later. Loading it here and taking the same
-    4 steps gives those parameters bit for bit (two projector refreshes included)."""
+    4 steps gives those parameters (two projector refreshes included) to float32 rounding: the
+    update is now added in one ``addmm_``, which rounds differently from the old ``P N`` then add."""
     saved = torch.load(DATA / "optimizer_state_237edf4.pt", weights_only=True)
     for name, cls in (("adamw", GaLorePlusAdamW), ("8bit", GaLoreAdamW8bit)):
         ps = {k: torch.nn.Parameter(v.clone()) for k, v in saved[name]["params"].items()}
@@ -55,7 +56,7 @@ def test_checkpoint_written_before_the_redesign_resumes_bitwise():
             _grads(ps, t)
             opt.step()
         for k, p in ps.items():
-            assert torch.equal(p.detach(), saved[name]["after"][k]), (name, k)
+            torch.testing.assert_close(p.detach(), saved[name]["after"][k], rtol=1e-5, atol=1e-6, msg=(name, k))
 
 
 # ---------------------------------------------------------------- a small problem for every optimizer

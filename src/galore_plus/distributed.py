@@ -280,7 +280,7 @@ def init_from_env(device_type: str = "cpu") -> tuple[int, int, int]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not dist.is_initialized():
         raise RuntimeError(f"a distributed run needs torchrun (or accelerate launch); {', '.join(missing)} "
-                           "not set: torchrun --nproc_per_node N -m galore_plus.cli finetune --distributed ddp ...")
+                           "not set: torchrun --nproc_per_node N -m galore_plus.app finetune --distributed ddp ...")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))

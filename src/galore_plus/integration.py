@@ -33,7 +33,9 @@ from .memory import estimate_state_bytes
 from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 
 METHODS = ("galore", "galore+")
-KINDS = ("q", "k", "v", "o", "qkv", "mlp", "other")
+#: how ``build_optimizer`` trains the input and output embeddings (``lm_head``)
+EMBEDDINGS = ("full", "frozen", "low_rank")
+KINDS = ("q", "k", "v", "o", "qkv", "mlp", "embedding", "other")
 
 #: The inner rules ``build_optimizer`` can put under GaLore / GaLore+ (for the error of a bad combination).
 _COMBOS = "AdamW (default), 8-bit AdamW (eightbit=True), Adafactor (adafactor=True)"
@@ -56,8 +58,9 @@ class Target:
 
     ``name`` is the parameter's name in ``model.named_parameters()`` (e.g.
     ``"model.layers.0.self_attn.q_proj.weight"``); ``kind`` one of ``"q"``, ``"k"``, ``"v"``, ``"o"``,
-    ``"qkv"`` (a fused query/key/value matrix), ``"mlp"``, or ``"other"`` (a linear whose role the
-    name does not tell); ``num_heads`` the head count stacked along the rows, for ``"q"`` (attention
+    ``"qkv"`` (a fused query/key/value matrix), ``"mlp"``, ``"embedding"`` (the input embedding or
+    ``lm_head``, with ``build_optimizer(embeddings="low_rank")``), or ``"other"`` (a linear whose role
+    the name does not tell); ``num_heads`` the head count stacked along the rows, for ``"q"`` (attention
     heads) and ``"k"`` (key/value heads under grouped-query attention), else None.
     """
 
@@ -228,6 +231,9 @@ def build_optimizer(
     clip: str | None = None,
     max_grad_norm: float | None = None,
     seed: int = 0,
+    stochastic_rounding: bool = True,
+    embeddings: str = "full",
+    projected_backward: bool = False,
     **low_rank_options: Any,
 ) -> LowRankOptimizer | LayerwiseOptimizer:
     """A GaLore or GaLore+ optimizer for ``model``'s trainable parameters.
@@ -254,6 +260,17 @@ def build_optimizer(
     where ``accumulation_steps``, ``clip`` and ``max_grad_norm`` belong; without it they must stay at
     their defaults (accumulate and clip yourself around ``step()``).
 
+    ``embeddings``: the input embedding and ``lm_head`` (one matrix when tied) are trained with the
+    plain rule (``"full"``, the published recipe), frozen like LoRA leaves them (``"frozen"``: this
+    sets their ``requires_grad`` to False on the model), or low-rank like the other targets
+    (``"low_rank"``: a plain GaLore group, no cross-head or residual; its gradient is the full one,
+    since an embedding lookup is not a linear layer).
+
+    ``projected_backward=True`` makes backward compute the targets' projected gradients directly
+    between refreshes (``projected.enable_projected_backward``; ``W.grad`` of a target is then None
+    between refreshes): the same optimizer, faster and without the ``m×n`` weight gradients.
+    ``stochastic_rounding`` is the optimizer's (bf16/fp16 parameters).
+
     ``low_rank_options``: keys of ``LOW_RANK_DEFAULTS`` (``update_proj_gap``, ``scale``,
     ``proj_type``, ``svd``, ``residual_ratio``, ``residual_warmup``, ``residual_mode``, ...) go to the
     low-rank groups; the chosen optimizer's own keys (AdamW: ``betas``, ``eps``; Adafactor:
@@ -265,6 +282,8 @@ def build_optimizer(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if embeddings not in EMBEDDINGS:
+        raise ValueError(f"embeddings={embeddings!r} is not one of {EMBEDDINGS}")
     if eightbit and adafactor:
         raise ValueError(f"eightbit=True and adafactor=True cannot be combined; the optimizers are {_COMBOS}")
     if not layerwise:
@@ -292,8 +311,14 @@ def build_optimizer(
                              "and GaLoreAdafactor has none; pass residual_ratio=0 (GaLore+ without the residual) "
                              "or use AdamW / 8-bit AdamW")
 
+    embedding_targets = _embedding_targets(model) if embeddings != "full" else []
+    if embeddings == "frozen":
+        for target in embedding_targets:
+            target.param.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     targets = [t for t in find_targets(model, patterns) if t.param.requires_grad]
+    if embeddings == "low_rank":
+        targets += [t for t in embedding_targets if id(t.param) not in {id(u.param) for u in targets}]
     if not targets:
         raise ValueError(f"every matrix chosen for low-rank training in {type(model).__name__} is frozen "
                          "(requires_grad=False): there is nothing to train low-rank")
@@ -311,15 +336,35 @@ def build_optimizer(
             [(t.name, t.param, t.num_heads) for t in targets], rank, plain=plain, **group_options)
     _check_assignment(groups, trainable)
 
-    kwargs: dict[str, Any] = dict(inner_options, lr=lr, weight_decay=weight_decay, seed=seed)
+    kwargs: dict[str, Any] = dict(inner_options, lr=lr, weight_decay=weight_decay, seed=seed,
+                                  stochastic_rounding=stochastic_rounding)
     if adafactor:
         kwargs.setdefault("relative_step", lr is None)
         kwargs.setdefault("scale_parameter", lr is None)
     optimizer = cls(groups, **kwargs)
-    if not layerwise:
-        return optimizer
-    return LayerwiseOptimizer(optimizer, model.named_parameters(), accumulation_steps=accumulation_steps,
-                              clip=clip, max_grad_norm=max_grad_norm)
+    if layerwise:
+        optimizer = LayerwiseOptimizer(optimizer, model.named_parameters(), accumulation_steps=accumulation_steps,
+                                       clip=clip, max_grad_norm=max_grad_norm)
+    if projected_backward:
+        from .projected import enable_projected_backward
+
+        enable_projected_backward(model, optimizer)
+    return optimizer
+
+
+def _embedding_targets(model: nn.Module) -> list[Target]:
+    """The input embedding and ``lm_head`` weights (once when tied), as low-rank targets."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: list[Target] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 2 and id(weight) not in {id(t.param) for t in found}:
+            found.append(Target(names.get(id(weight), getter), weight, "embedding"))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no get_input_embeddings()/get_output_embeddings() with a 2-D "
+                         "weight; embeddings='full' trains whatever is not a target with the plain rule")
+    return found
 
 
 def _check_assignment(groups: list[dict[str, Any]], trainable: list[tuple[str, Tensor]]) -> None:

@@ -136,21 +136,44 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _hook(self, p: Tensor) -> None:
         name = self._names[id(p)]
         opt = self.optimizer
-        first = self._received[name] == 0
+        first = self._begin(name, p, p.grad)
+        if not opt.is_low_rank(p):  # autograd keeps accumulating into p.grad until the last micro-batch
+            self._received[name] += 1
+            if self._received[name] == self.accumulation_steps:
+                self._apply(name, p)
+            return
         if first:
-            opt.check_gradient(p, p.grad, f"parameter {name!r}")
+            opt.refresh_projector(p, p.grad)
+        grad = opt.project(p, p.grad)
+        p.grad = None  # the full gradient is freed here: this is the point of layer-wise mode
+        self._receive(name, p, grad)
+
+    @torch.no_grad()
+    def add_projected_gradient(self, p: Tensor, grad: LowRankGradient) -> None:
+        """A micro-batch's projected gradient of ``p`` computed without its full gradient (the
+        projected backward, ``projected.py``): accumulated and applied like one from the hook."""
+        name = self._names[id(p)]
+        if self.optimizer.projector_due(p):
+            raise RuntimeError(f"parameter {name!r} needs a full gradient at this step (its projector is due)")
+        self._begin(name, p, None)
+        self._receive(name, p, grad)
+
+    def _begin(self, name: str, p: Tensor, grad: Tensor | None) -> bool:
+        """Checks at a parameter's first micro-batch of a step; True if it is the first."""
+        first = self._received[name] == 0
+        if first and grad is not None:
+            self.optimizer.check_gradient(p, grad, f"parameter {name!r}")
         if first and self.clip == "previous_global" and name in self._applied_since_end:
             raise RuntimeError("clip='previous_global' needs step() after each optimizer step's last "
                                "backward(); it was not called, so the clipping norm would be stale")
+        return first
+
+    def _receive(self, name: str, p: Tensor, grad: LowRankGradient) -> None:
+        """Add a micro-batch's low-rank gradient; apply the sum at the last micro-batch."""
         self._received[name] += 1
-        if opt.is_low_rank(p):
-            if first:
-                opt.refresh_projector(p, p.grad)
-            grad = opt.project(p, p.grad)
-            p.grad = None  # the full gradient is freed here: this is the point of layer-wise mode
-            if not first:
-                grad = grad.add_(self._low.pop(name))
-            self._low[name] = grad
+        if name in self._low:
+            grad = grad.add_(self._low.pop(name))
+        self._low[name] = grad
         if self._received[name] == self.accumulation_steps:
             self._apply(name, p)
 

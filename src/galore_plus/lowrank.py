@@ -58,7 +58,7 @@ from . import projection, residual
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for, rounding_generator
 from .rounding import LOW_PRECISION, stochastic_round
-from .sharding import CommCounter, is_dtensor, layout_of
+from .sharding import CommCounter, is_dtensor, layout_of, local
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
@@ -171,6 +171,23 @@ class ParameterWrite:
             rows = -(-p.shape[0] // p.device_mesh.size())
             self.offset = p.device_mesh.get_local_rank() * rows * self.local[0].numel()
 
+    def sub_product(self, a: Tensor, b: Tensor, alpha: float, index: Tensor | None = None,
+                    correction: Tensor | None = None) -> None:
+        """``p ← decay·p − alpha·(a @ b + correction at index)`` (this process's parts of ``a``, ``b``;
+        ``index`` flat into this process's part of ``p``): one ``addmm_`` in place for float32/float64
+        parameters (no ``m×n`` temporary), one rounding for bf16/fp16 ones."""
+        a, b = local(a), local(b)
+        target = self.local
+        if self.low_precision or not target.is_contiguous():
+            update = a @ b
+            if index is not None:
+                update.view(-1).index_add_(0, index, correction)
+            self.sub(update, alpha)
+            return
+        target.addmm_(a.to(target.dtype), b.to(target.dtype), alpha=-alpha)
+        if index is not None:
+            target.view(-1).index_add_(0, index, correction.to(target.dtype), alpha=-alpha)
+
     def sub(self, step: Tensor, alpha: float = 1.0, start: int | None = None, end: int | None = None) -> None:
         step = step.to_local() if is_dtensor(step) else step
         target = self.local if start is None else self.local.view(-1)[start:end]
@@ -241,6 +258,8 @@ class LowRankOptimizer(Optimizer):
         #: projectors this process computed itself (DDP with a split refresh: its share)
         self.projectors_computed = 0
         self.refresher: Any = LocalRefresh()
+        #: the ``projected.ProjectedBackward`` feeding this optimizer, if one is installed
+        self.projected_backward: Any = None
         self._projected: dict[Tensor, LowRankGradient] = {}
         self._where: dict[int, tuple[dict[str, Any], int, int]] = {}
 
@@ -452,10 +471,12 @@ class LowRankOptimizer(Optimizer):
         refreshed = state["last_refresh"] == state.get("step", 0)  # refreshed before this step
         lr, write = self._begin_step(group, state, p)
         left, right = self.projector(p)
-        update = projection.project_back(self.rule.direction(grad.low, state, group, lr), left, right)
+        direction = self.rule.direction(grad.low, state, group, lr)
+        index = correction = None
         if group["residual_ratio"] > 0:
-            self._residual(p, group, state, grad, update, refreshed, lr)
-        write.sub(update, alpha=group["scale"])
+            index, correction = self._residual(p, group, state, grad, direction, refreshed, lr)
+        write.sub_product(*projection.back_factors(direction, left, right), alpha=group["scale"], index=index,
+                          correction=correction)
 
     def update(self, p: Tensor, grad: Tensor) -> None:
         """One step of ``p`` from its full gradient (what ``step()`` does for each parameter)."""
@@ -525,37 +546,46 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the sparse residual
     def _residual(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: LowRankGradient,
-                  update: Tensor, refreshed: bool, lr: float) -> None:
-        """Correct ``update`` (the projected-back step, in place) at the residual index set, and fix
-        that set at the end of warm-up (and at each later refresh with ``residual_reselect``).
+                  direction: Tensor, refreshed: bool, lr: float) -> tuple[Tensor | None, Tensor | None]:
+        """The residual's correction of the projected-back update at its index set, as ``(index,
+        values added to the update there)`` (``(None, None)`` before the set is fixed); fixes the set
+        at the end of warm-up (and at each later refresh with ``residual_reselect``).
 
-        The residual moments are kept in the compute dtype whatever the rule stores (they are
-        ρ-sized); the low-rank moments are the rule's, cast to the compute dtype."""
+        Entries of the projected-back update are computed at the index set only
+        (``projection.project_back_at``). The residual moments are kept in the compute dtype whatever
+        the rule stores (they are ρ-sized); the low-rank moments are the rule's, cast to it."""
         layout = layout_of(p, self.comm)
+        dtype = compute_dtype(p)
         step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
         left, right = self.projector(p)
-        flat_update = layout.flat_local(update)
+        at = None
         if "residual_index" in state:
             index = state["residual_index"].long()
-            if group["residual_mode"] == "exact":
+            n = p.shape[1]
+
+            def back_at(low: Tensor) -> Tensor:
+                return projection.project_back_at(local(low), local(left), local(right), index, n)
+
+            if group["residual_mode"] == "exact":  # the update there becomes AdamW's exactly
                 since = step - state["residual_start"]
-                flat_update[index] = residual.exact_residual(
-                    grad.residual, state["residual_m"], state["residual_v"], since, beta1, beta2, eps).mul_(lr)
+                exact = residual.exact_residual(grad.residual, state["residual_m"], state["residual_v"], since,
+                                                beta1, beta2, eps).mul_(lr)
+                at = (index, exact - back_at(direction))
             else:
-                ghat_s = layout.flat_local(projection.project_back(grad.low, left, right))[index]
-                back_v = projection.project_back(self.rule.moments(state)[1].to(update.dtype), left, right)
-                delta = residual.paper_residual(grad.residual, ghat_s, layout.flat_local(back_v)[index],
-                                                state["residual_m"], state["residual_v"], step, beta1, beta2, eps)
-                flat_update.index_add_(0, index, delta.mul_(lr))
+                back_v_s = back_at(self.rule.moments(state)[1].to(dtype))
+                delta = residual.paper_residual(grad.residual, back_at(grad.low), back_v_s, state["residual_m"],
+                                                state["residual_v"], step, beta1, beta2, eps)
+                at = (index, delta.mul_(lr))
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = projection.project_back(self.rule.moments(state)[0].to(update.dtype), left, right)
+            reconstructed = projection.project_back(self.rule.moments(state)[0].to(dtype), left, right)
             index = layout.select_residual(reconstructed, group["residual_ratio"])
             state["residual_index"] = index
-            state["residual_m"] = torch.zeros(index.numel(), dtype=flat_update.dtype, device=flat_update.device)
+            state["residual_m"] = torch.zeros(index.numel(), dtype=dtype, device=index.device)
             state["residual_v"] = torch.zeros_like(state["residual_m"])
             state["residual_start"] = step
+        return at if at is not None else (None, None)
 
     # ------------------------------------------------------------------ state loading
     def state_dict(self) -> dict[str, Any]:

@@ -315,3 +315,20 @@ def project_back(low: Tensor, left: Tensor | None, right: Tensor | None) -> Tens
     if right is not None:
         out = out @ right
     return out
+
+
+def back_factors(low: Tensor, left: Tensor | None, right: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``a @ b = project_back(low, left, right)``: ``(N, Qᵀ)``, ``(P, N)`` or
+    ``(P, N Qᵀ)``, so the update can be added to the weight in one ``addmm_``."""
+    if left is None:
+        return low, right
+    if right is None:
+        return left, low
+    return left, low @ right
+
+
+def project_back_at(low: Tensor, left: Tensor | None, right: Tensor | None, index: Tensor, n: int) -> Tensor:
+    """``project_back(low, left, right)`` flattened, at the flat ``index`` only (``n`` columns):
+    ``|index|·r`` work instead of ``m·n·r``."""
+    a, b = back_factors(low, left, right)
+    return (a.index_select(0, index // n) * b.T.index_select(0, index % n)).sum(1)

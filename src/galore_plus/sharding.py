@@ -69,6 +69,11 @@ def is_dtensor(t: Any) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def local(t: Tensor | None) -> Tensor | None:
+    """This process's part of ``t`` (a DTensor's local shard; a plain tensor itself)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether ``t`` has no NaN/Inf: one reduction (a NaN/Inf makes the sum non-finite); the
     elementwise check runs only when the sum is not finite (it may have overflowed)."""
