@@ -248,8 +248,36 @@ def run_scenarios(rank: int, out_dir: str) -> dict:
     train(model, make_optimizer(model, "options"), range(STEPS), rank)
     results[("fsdp", "options")] = full_params(model)
     run_8bit_fsdp(rank, out_dir, results)
+    run_projected_ddp(rank, results)
     results["errors"] = error_messages()
     return results
+
+
+def run_projected_ddp(rank: int, results: dict) -> None:
+    """DDP with the projected backward: the targets are left out of DDP's all-reduce (wrap_model) and
+    their projected gradients averaged by the optimizer (distribute); against one process."""
+    from galore_plus.distributed import wrap_model
+    from galore_plus.projected import enable_projected_backward
+
+    for method in ("galore", "galore+"):
+        model = make_model()
+        optimizer = make_optimizer(model, method)
+        enable_projected_backward(model, optimizer)
+        ddp = wrap_model(model, "ddp", torch.device("cpu"))
+        distribute(optimizer)
+        train(ddp, optimizer, range(STEPS), rank)
+        results[("ddp-projected", method)] = full_params(ddp)
+        results[("ddp-projected", method, "comm")] = {ph: dict(ops) for ph, ops in optimizer.comm_bytes.items()}
+    model = make_model()
+    optimizer = make_optimizer(model, "galore")
+    enable_projected_backward(model, optimizer)
+    from torch.nn.parallel import DistributedDataParallel
+
+    plain_ddp = DistributedDataParallel(model)  # not wrap_model, no distribute: the targets would not be averaged
+    try:
+        train(plain_ddp, optimizer, range(1), rank)
+    except RuntimeError as err:
+        results[("ddp-projected", "error")] = str(err)
 
 
 def error_messages() -> dict[str, str]:
@@ -443,6 +471,29 @@ def test_fsdp_8bit_blocks_per_shard_when_rows_do_not_align(ranks):
             torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-2, msg=name)
     diff = max((ranks[0][("fsdp", "8bit", 1025, "resumed")][n] - reference[n]).abs().max().item() for n in reference)
     assert diff > 1e-9  # the blocking does differ (else this test would be the aligned one)
+
+
+@pytest.mark.parametrize("method", ["galore", "galore+"])
+def test_ddp_projected_backward_equals_single_process_and_sends_r_sized_gradients(ranks, method):
+    reference = ranks[0][("single", method)]
+    for res in ranks:
+        got = res[("ddp-projected", method)]
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)
+    step = ranks[0][("ddp-projected", method, "comm")]["step"]
+    # q 32×16 (right, 32×4), up 48×16 (right, 48×4), down 16×48 (left, 4×48): 512 float64 per step
+    # between refreshes; at the 4 refresh steps their full 2048 (the SVD needs them)
+    projected, full = (32 * 4 + 48 * 4 + 4 * 48) * 8, (32 * 16 + 48 * 16 + 16 * 48) * 8
+    if method == "galore":
+        assert step == {"all_reduce": (STEPS - STEPS // GAP) * projected + (STEPS // GAP) * full}, step
+    else:  # plus the residual entries of q (5% of 512) and up/down once their sets are fixed
+        assert step["all_reduce"] > (STEPS - STEPS // GAP) * projected + (STEPS // GAP) * full
+        assert step["all_reduce"] < STEPS * full / 2
+
+
+def test_ddp_projected_backward_without_distribute_is_a_clear_error(ranks):
+    assert "wrap_model" in ranks[0][("ddp-projected", "error")]
+    assert "distribute(optimizer)" in ranks[0][("ddp-projected", "error")]
 
 
 # ---------------------------------------------------------------------------------------------- the command

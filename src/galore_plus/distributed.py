@@ -107,6 +107,9 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     world); returns ``optimizer``. Optional: without it every rank computes every projector (the same
     ones). Under FSDP2 it only checks (the sharded math needs no call). It sets
     ``optimizer.refresher`` and nothing else; a copy of the optimizer refreshes locally again.
+    With the projected backward installed it is required: it makes each step average the target
+    matrices' gradients (projected between refreshes) over the group, which ``wrap_model(model,
+    "ddp", ...)`` leaves out of DDP's own all-reduce.
 
     Raises:
         TypeError: not a ``LowRankOptimizer``; ValueError: a ``LayerwiseOptimizer``; RuntimeError: no
@@ -123,6 +126,8 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     sharded = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
     if not sharded and dist.get_world_size(group) > 1:
         optimizer.refresher = SplitRefresh(group)
+        if optimizer.projected_backward is not None:  # the targets' gradients are averaged by us, not DDP
+            optimizer.projected_backward.reduce_over(group)
     return optimizer
 
 
@@ -289,12 +294,19 @@ def init_from_env(device_type: str = "cpu") -> tuple[int, int, int]:
 
 def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
     """``mode="ddp"``: the ``DistributedDataParallel`` wrapper (train with it, evaluate and save the
-    model itself). ``mode="fsdp"``: ``fully_shard`` on every block of each ``nn.ModuleList`` (a
-    transformer's decoder layers), then on the root, over a 1-D mesh of all ranks; returns ``model``,
-    sharded in place. Build the optimizer after ``fsdp`` wrapping (its parameters become DTensors)."""
+    model itself); matrices with the projected backward are left out of DDP's all-reduce (call
+    ``distribute(optimizer)``, which averages them). ``mode="fsdp"``: ``fully_shard`` on every block
+    of each ``nn.ModuleList`` (a transformer's decoder layers), then on the root, over a 1-D mesh of
+    all ranks; returns ``model``, sharded in place. Build the optimizer after ``fsdp`` wrapping (its parameters become DTensors)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        projected = projected_weights(model)
+        if projected:
+            # DDP's documented way to leave parameters out of its all-reduce (its own docstring calls
+            # it the workaround until pytorch issue 43690 gives a public API): the projected backward
+            # averages these matrices' r-sized gradients itself (distribute)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, projected)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -308,6 +320,13 @@ def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"mode={mode!r} is not 'ddp' or 'fsdp'")
+
+
+def projected_weights(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s parameters whose gradients the projected backward computes."""
+    from .projected import is_projected
+
+    return [f"{name}.weight" if name else "weight" for name, module in model.named_modules() if is_projected(module)]
 
 
 def process_rank() -> int:

@@ -134,6 +134,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
+        if p.grad is None:  # the projected backward delivered this micro-batch (add_projected_gradient)
+            return
         name = self._names[id(p)]
         opt = self.optimizer
         first = self._begin(name, p, p.grad)

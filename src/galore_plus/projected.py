@@ -76,13 +76,15 @@ class _ProjectedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, route: ProjectedBackward) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.route, ctx.has_bias = route, bias is not None
+        ctx.save_for_backward(x)
+        # the Parameter itself, not a saved copy: the optimizer knows it by identity, and under
+        # non-reentrant checkpointing saved tensors come back as other objects
+        ctx.weight, ctx.route, ctx.has_bias = weight, route, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, ctx.weight
         dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -177,6 +179,11 @@ class ProjectedBackward:
                 t.div_(world)
 
 
+def is_projected(module: nn.Module) -> bool:
+    """Whether ``module``'s weight gradient comes from the projected backward."""
+    return isinstance(getattr(module, "_galore_route", None), ProjectedBackward)
+
+
 def _projected_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return _ProjectedLinear.apply(x, self.weight, self.bias, self._galore_route)
 
@@ -201,7 +208,10 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     grads = [p.grad for g in engine.param_groups for p in g["params"] if p.grad is not None]
     projected = [engine.projected_gradient(p) for g in engine.param_groups for p in g["params"]]
     projected = [g for g in projected if g is not None]
-    squares = [t.float().square().sum() for t in grads] + [g.low.float().square().sum() for g in projected]
+    def square(t: Tensor) -> Tensor:
+        return t.to(torch.promote_types(t.dtype, torch.float32)).square().sum()
+
+    squares = [square(t) for t in grads] + [square(g.low) for g in projected]
     if not squares:
         return 0.0
     total = float(torch.stack(squares).sum().sqrt())
@@ -214,4 +224,5 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     return total if math.isfinite(total) else float("nan")
 
 
-__all__ = ["enable_projected_backward", "ProjectedBackward", "projected_weight_gradient", "clip_grad_norm_"]
+__all__ = ["enable_projected_backward", "ProjectedBackward", "projected_weight_gradient", "clip_grad_norm_",
+           "is_projected"]
