@@ -45,6 +45,8 @@ def train(out, galore, max_steps=6, resume=None, accumulation=1, **extra):
     ({"method": "galore+", "rank": 4, "update_proj_gap": 2, "residual_warmup": 1}, {}),
     ({"method": "galore", "rank": 4, "update_proj_gap": 2, "layerwise": True, "clip": "parameter",
       "max_grad_norm": 1.0}, {"max_grad_norm": 0.0}),
+    ({"method": "galore+", "rank": 4, "update_proj_gap": 2, "residual_warmup": 1, "projected_backward": True},
+     {"max_grad_norm": 0.0}),
 ])
 def test_trainer_checkpoint_resume_equals_uninterrupted(tmp_path, galore, extra):
     full, trainer = train(tmp_path / "full", galore, accumulation=2, **extra)
@@ -63,6 +65,11 @@ def test_trainer_checkpoint_resume_equals_uninterrupted(tmp_path, galore, extra)
 def test_layerwise_refuses_trainer_clipping(tmp_path):
     with pytest.raises(ValueError, match="max_grad_norm=1.0: in layer-wise mode"):
         train(tmp_path, {"method": "galore", "rank": 4, "layerwise": True}, max_steps=1)
+
+
+def test_projected_backward_refuses_trainer_clipping(tmp_path):
+    with pytest.raises(ValueError, match="max_grad_norm=1.0 with the projected backward"):
+        train(tmp_path, {"method": "galore+", "rank": 4, "projected_backward": True}, max_steps=1)
 
 
 def test_accumulation_mismatch_is_refused():

@@ -9,7 +9,9 @@ Two ways in:
   for the model with ``integration.build_optimizer`` from the Trainer's own learning rate, weight
   decay, seed and gradient-accumulation steps, and checks the arguments that cannot work.
 
-Layer-wise mode (``"layerwise": True``): parameters step inside ``backward()``; the Trainer's
+With ``"projected_backward": True`` the Trainer's gradient clipping would miss the targets' projected
+gradients, so ``max_grad_norm > 0`` is refused with it. Layer-wise mode (``"layerwise": True``):
+parameters step inside ``backward()``; the Trainer's
 ``optimizer.step()`` then closes the step (``LayerwiseOptimizer.step``), its scheduler steps once per
 optimizer step, and its checkpoints save the name-keyed state. The Trainer clips gradients *after*
 backward, when none are left, so ``max_grad_norm > 0`` is refused with what to use instead
@@ -29,6 +31,13 @@ from .layerwise import LayerwiseOptimizer
 
 def check_trainer_arguments(args: Any, optimizer: torch.optim.Optimizer) -> None:
     """Refuse Trainer settings that would silently do nothing with ``optimizer``."""
+    engine = optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
+    if getattr(engine, "projected_backward", None) is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        raise ValueError(
+            f"max_grad_norm={args.max_grad_norm} with the projected backward: the Trainer clips "
+            "model.parameters() .grad, which the target matrices do not have between projector refreshes (their "
+            "projected gradients are the optimizer's), so their share of the norm would be missed; set "
+            "max_grad_norm=0, or build without projected_backward")
     if isinstance(optimizer, LayerwiseOptimizer):
         if args.max_grad_norm and args.max_grad_norm > 0:
             raise ValueError(

@@ -1,0 +1,334 @@
+"""Benchmark: the projected backward against the full path, LoRA, DoRA and AdamW (issue 16).
+
+Part A, SmolLM2-135M-Instruct on the command's data (arithmetic: short sequences, ~4×45 tokens a
+step; gsm_symbolic: long, ~4×280), batch 4, at rank 8 and 32, side by side in one invocation:
+
+- ``galore+ projected`` / ``galore+ full``: ``build_optimizer(model, "galore+", rank,
+  projected_backward=True/False)`` with the command's settings (α 4, T 50, lr 2e-5, the 1.2%
+  residual on q/k from step 20), the embedding/``lm_head`` (tied: one matrix) either ``frozen`` like
+  LoRA's or trained in ``full`` (the published recipe, the command's default);
+- ``lora`` / ``dora``: PEFT on every linear (``all-linear``, r = rank, α = 2r) with torch AdamW, as
+  the command builds them (the embedding frozen);
+- ``adamw``: torch AdamW on every parameter (rank-independent; once per task).
+
+Each configuration runs in its own process (one thread, ``torch.set_num_threads(1)``), so its peak
+RSS is its own; configurations are interleaved and the whole grid is repeated (``--repeat``), and
+the medians are reported. A process: load the model, build, then ``warmup`` steps (the first is a
+projector refresh), ``steps`` timed steady steps (no refresh), and one timed refresh step (the
+projector gap is set so it falls there). Tokens per second: steady, and amortized over the
+command's gap of 50 steps (``(49·steady + refresh) / 50``; the full path refreshes too). Phases
+(forward, backward, optimizer step) are timed separately. Memory: the process's peak RSS (loading
+included) and the peak above the RSS after loading (``train peak``: activations, gradients, state).
+
+Part B, one LLaMA-7B decoder layer (q, k, v, o 4096×4096, gate/up 11008×4096, down 4096×11008),
+rank 128, the GaLore+ groups (cross-head + 1.2% residual on q/k): the backward's weight-gradient
+work for given ``dy`` and ``x`` (tokens 512 and 2048), full ``dyᵀ x`` against the projected
+gradients (``projected.projected_weight_gradient``, residual entries included), and the bytes a DDP
+step all-reduces for the layer's targets, counted by the optimizer on a one-process gloo group
+(projected between refreshes vs full at a refresh).
+
+    python bench/projected_backward.py --smoke     # seconds: tiny random LLaMA, synthetic batches
+    python bench/projected_backward.py --quick     # arithmetic only, 1 repeat, part B at 512 tokens
+    python bench/projected_backward.py             # the whole grid, 2 repeats: ~1.5 h on 2 cores
+
+Writes ``projected_backward.json`` and ``.md`` to ``--out`` (default ``bench/results``;
+``_quick``/``_smoke`` suffixes in those modes), rewritten after every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("arithmetic", "gsm_symbolic")
+RANKS = (8, 32)
+BATCH = 4
+LR = 2e-5
+GAP = 50
+
+
+def configs(tasks, ranks):
+    """Every configuration of part A, in the order they are interleaved."""
+    out = []
+    for task in tasks:
+        out.append({"task": task, "method": "adamw", "rank": None, "embeddings": "full"})
+        for rank in ranks:
+            for method in ("galore+ projected", "galore+ full"):
+                for embeddings in ("frozen", "full"):
+                    out.append({"task": task, "method": method, "rank": rank, "embeddings": embeddings})
+            for method in ("lora", "dora"):
+                out.append({"task": task, "method": method, "rank": rank, "embeddings": "frozen"})
+    return out
+
+
+def label(c):
+    rank = "" if c["rank"] is None else f" r{c['rank']}"
+    emb = f", embedding {c['embeddings']}" if c["method"].startswith("galore") else ""
+    return f"{c['method']}{rank}{emb}"
+
+
+# ---------------------------------------------------------------------------------------------- one process
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def batches_for(task, tokenizer, count, smoke):
+    from galore_plus.app.data import collate, encode, load_task
+
+    if smoke:
+        gen = torch.Generator().manual_seed(0)
+        length = 12 if task == "arithmetic" else 40
+        return [{"input_ids": (ids := torch.randint(0, 200, (BATCH, length), generator=gen)),
+                 "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(count)]
+    data = load_task(task, n_train=BATCH * count, n_test=1, seed=0)
+    features = [encode(tokenizer, ex, 384) for ex in data.train]
+    return [collate(features[i:i + BATCH], tokenizer.pad_token_id) for i in range(0, BATCH * count, BATCH)]
+
+
+def build(c, model, gap):
+    from galore_plus import build_optimizer
+
+    if c["method"] in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=c["rank"], lora_alpha=2 * c["rank"], lora_dropout=0.0,
+                                                 target_modules="all-linear", use_dora=c["method"] == "dora"))
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    if c["method"] == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    optimizer = build_optimizer(model, "galore+", c["rank"], lr=LR, weight_decay=0.0, update_proj_gap=gap, scale=4.0,
+                                residual_warmup=1, embeddings=c["embeddings"],
+                                projected_backward=c["method"] == "galore+ projected")
+    return model, optimizer
+
+
+def worker(c, warmup, steps, smoke):
+    """One configuration in this process; returns its measurements."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if smoke:
+        from galore_plus.app.models import load_model
+
+        model, tokenizer = load_model("tiny")
+    else:
+        from galore_plus.app.models import load_model
+
+        model, tokenizer = load_model("smollm2")
+    loaded = rss_bytes()
+    gap = warmup + steps  # refreshes at step 1 and at the step after the timed ones
+    model, optimizer = build(c, model, gap)
+    model.train()
+    batches = batches_for(c["task"], tokenizer, warmup + steps + 1, smoke)
+    phases = {"forward": [], "backward": [], "step": []}
+    tokens = []
+    refresh = None
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if warmup <= i < warmup + steps:
+            for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[key].append(seconds)
+            tokens.append(int(batch["attention_mask"].sum()))
+        elif i == warmup + steps:
+            refresh = t3 - t0
+    steady = statistics.median(f + b + s for f, b, s in zip(*phases.values()))
+    per_step_tokens = statistics.mean(tokens)
+    amortized = ((GAP - 1) * steady + refresh) / GAP
+    return {"steady_seconds": steady, "refresh_step_seconds": refresh,
+            "phases": {k: statistics.median(v) for k, v in phases.items()},
+            "tokens_per_step": per_step_tokens, "tokens_per_second": per_step_tokens / steady,
+            "tokens_per_second_amortized": per_step_tokens / amortized,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_after_load_bytes": loaded,
+            "train_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - loaded}
+
+
+# ---------------------------------------------------------------------------------------------- part B
+
+def llama7b_layer(token_counts, smoke):
+    """Weight-gradient work of one LLaMA-7B decoder layer, full vs projected, and DDP bytes."""
+    import torch.distributed as dist
+
+    from galore_plus import GaLorePlusAdamW, galore_plus_param_groups
+    from galore_plus.projected import projected_weight_gradient
+
+    torch.set_num_threads(1)
+    d, f, heads, rank = (512, 1376, 4, 16) if smoke else (4096, 11008, 32, 128)
+    shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (f, d), "up": (f, d), "down": (d, f)}
+    gen = torch.Generator().manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for n, s in shapes.items()}
+    groups = galore_plus_param_groups([(n, p, heads if n in ("q", "k") else None) for n, p in params.items()], rank,
+                                      residual_warmup=1, update_proj_gap=1000)
+    optimizer = GaLorePlusAdamW(groups, lr=1e-5)
+    out = {"shape": {"hidden": d, "intermediate": f, "heads": heads, "rank": rank}, "tokens": {}}
+    for tokens in token_counts:
+        xs = {n: torch.randn(tokens, s[1], generator=gen) for n, s in shapes.items()}
+        dys = {n: torch.randn(tokens, s[0], generator=gen) * 1e-3 for n, s in shapes.items()}
+        if not optimizer.state:  # two steps: a refresh, then the residual index set is fixed
+            for _ in range(2):
+                for n, p in params.items():
+                    p.grad = dys[n].T @ xs[n]
+                optimizer.step()
+        full = projected = 0.0
+        for _ in range(3):
+            for n, p in params.items():
+                t0 = time.perf_counter()
+                _ = dys[n].T @ xs[n]
+                t1 = time.perf_counter()
+                left, right = optimizer.projector(p)
+                _ = projected_weight_gradient(xs[n], dys[n], left, right, optimizer.residual_index(p), p.shape[1])
+                t2 = time.perf_counter()
+                full += (t1 - t0) / 3
+                projected += (t2 - t1) / 3
+        out["tokens"][str(tokens)] = {"full_seconds": full, "projected_seconds": projected,
+                                      "speedup": full / projected}
+        print(f"7B layer, {tokens} tokens: weight gradients full {full:.3f} s, projected {projected:.3f} s "
+              f"({full / projected:.1f}x)", flush=True)
+    # DDP bytes per step: the projected backward's own all-reduce, counted on a one-process group
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        from galore_plus.projected import ProjectedBackward
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for n, p in params.items():
+                    lin = torch.nn.Linear(p.shape[1], p.shape[0], bias=False)
+                    lin.weight = p
+                    setattr(self, n, lin)
+
+        layer = Layer()
+        handle = ProjectedBackward(layer, optimizer)
+        handle.reduce_over(dist.group.WORLD)
+        tokens = token_counts[0]
+        counted = {}
+        for phase in ("projected step", "refresh step"):
+            for n, p in params.items():
+                p.grad = None
+                if phase == "refresh step":
+                    p.grad = dys[n].T @ xs[n]
+                else:
+                    left, right = optimizer.projector(p)
+                    optimizer.add_projected_gradient(p, projected_weight_gradient(
+                        xs[n][:tokens], dys[n][:tokens], left, right, optimizer.residual_index(p), p.shape[1]))
+            before = optimizer.comm_bytes["step"]["all_reduce"]
+            if phase == "refresh step":  # make every projector due, as at a refresh
+                for p in params.values():
+                    optimizer.state[p]["last_refresh"] = -10**6
+            optimizer.step()
+            optimizer.zero_grad()
+            counted[phase] = optimizer.comm_bytes["step"]["all_reduce"] - before
+        handle.remove()
+    finally:
+        dist.destroy_process_group()
+    out["ddp_bytes_per_step"] = counted
+    out["full_gradient_bytes"] = sum(p.numel() * 4 for p in params.values())
+    print(f"7B layer, DDP bytes all-reduced per step: projected {counted['projected step'] / 2**20:.1f} MiB, "
+          f"refresh {counted['refresh step'] / 2**20:.1f} MiB (full gradients)", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+
+def table(results, part_b):
+    lines = ["| task | configuration | steady tok/s | amortized tok/s | ×LoRA (steady) | fwd / bwd / step s | "
+             "peak RSS GiB | train peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    by_key = {}
+    for key, runs in results.items():
+        c = json.loads(key)
+        med = {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_second", "tokens_per_second_amortized",
+                                                                   "peak_rss_bytes", "train_peak_bytes")}
+        med["phases"] = {k: statistics.median(r["phases"][k] for r in runs) for k in ("forward", "backward", "step")}
+        by_key[(c["task"], c["method"], c["rank"], c["embeddings"])] = (c, med)
+    for (task, method, rank, embeddings), (c, med) in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][2] or 0,
+                                                                                          kv[0][1], kv[0][3])):
+        lora = by_key.get((task, "lora", rank, "frozen"))
+        ratio = f"{med['tokens_per_second'] / lora[1]['tokens_per_second']:.2f}" if lora else "—"
+        ph = med["phases"]
+        lines.append(f"| {task} | {label(c)} | {med['tokens_per_second']:.0f} | {med['tokens_per_second_amortized']:.0f} "
+                     f"| {ratio} | {ph['forward']:.3f} / {ph['backward']:.3f} / {ph['step']:.3f} | "
+                     f"{med['peak_rss_bytes'] / 2**30:.2f} | {med['train_peak_bytes'] / 2**30:.2f} |")
+    if part_b:
+        lines += ["", f"One LLaMA-7B decoder layer, rank {part_b['shape']['rank']}: weight-gradient seconds (1 thread)", "",
+                  "| tokens | full dyᵀx | projected (+ residual) | speed-up |", "|---|---|---|---|"]
+        for tokens, r in part_b["tokens"].items():
+            lines.append(f"| {tokens} | {r['full_seconds']:.3f} | {r['projected_seconds']:.3f} | {r['speedup']:.1f}× |")
+        b = part_b["ddp_bytes_per_step"]
+        lines += ["", f"DDP bytes all-reduced per step for the layer's targets: {b['projected step'] / 2**20:.1f} MiB "
+                  f"between refreshes, {b['refresh step'] / 2**20:.1f} MiB at a refresh "
+                  f"(full gradients: {part_b['full_gradient_bytes'] / 2**20:.1f} MiB)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true")
+    mode.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=None, help="runs of the whole grid (default 2; quick/smoke 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steady steps (default 5; smoke 2)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(worker(job["config"], job["warmup"], job["steps"], job["smoke"])))
+        return
+    suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+    repeat = args.repeat or (1 if args.smoke or args.quick else 2)
+    steps = args.steps or (2 if args.smoke else 5)
+    tasks = args.tasks.split(",") if args.tasks else (["arithmetic"] if args.quick or args.smoke else list(TASKS))
+    ranks = (4,) if args.smoke else RANKS
+    grid = configs(tasks, ranks)
+    if args.smoke:
+        grid = [c for c in grid if c["method"] in ("galore+ projected", "galore+ full", "lora")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"projected_backward{suffix}.json"
+    record = {"mode": suffix.strip("_") or "full", "command": " ".join(["python", "bench/projected_backward.py"] + sys.argv[1:]),
+              "torch": torch.__version__, "results": {}, "part_b": None}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for r in range(repeat):
+        order = grid if r % 2 == 0 else list(reversed(grid))  # interleaved, alternating order across repeats
+        for c in order:
+            job = json.dumps({"config": c, "warmup": args.warmup, "steps": steps, "smoke": args.smoke})
+            done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"{label(c)} on {c['task']} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            record["results"].setdefault(json.dumps(c, sort_keys=True), []).append(result)
+            print(f"[{r + 1}/{repeat}] {c['task']:>12} {label(c):<42} {result['tokens_per_second']:7.0f} tok/s steady, "
+                  f"{result['tokens_per_second_amortized']:7.0f} amortized, train peak "
+                  f"{result['train_peak_bytes'] / 2**30:.2f} GiB", flush=True)
+            path.write_text(json.dumps(record, indent=1))
+    record["part_b"] = llama7b_layer((64,) if args.smoke else (512,) if args.quick else (512, 2048), args.smoke)
+    path.write_text(json.dumps(record, indent=1))
+    (out / f"projected_backward{suffix}.md").write_text(table(record["results"], record["part_b"]))
+    print(table(record["results"], record["part_b"]))
+
+
+if __name__ == "__main__":
+    main()
