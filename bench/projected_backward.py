@@ -63,8 +63,9 @@ def configs(tasks, ranks):
     for task in tasks:
         out.append({"task": task, "method": "adamw", "rank": None, "embeddings": "full"})
         for rank in ranks:
-            for method in ("galore+ projected", "galore+ full"):
-                for embeddings in ("frozen", "full"):
+            for method, choices in (("galore+ projected", ("frozen", "full", "low_rank")),
+                                    ("galore+ full", ("frozen", "full"))):
+                for embeddings in choices:
                     out.append({"task": task, "method": method, "rank": rank, "embeddings": embeddings})
             for method in ("lora", "dora"):
                 out.append({"task": task, "method": method, "rank": rank, "embeddings": "frozen"})
@@ -303,7 +304,8 @@ def main():
     ranks = (4,) if args.smoke else RANKS
     grid = configs(tasks, ranks)
     if args.smoke:
-        grid = [c for c in grid if c["method"] in ("galore+ projected", "galore+ full", "lora")]
+        grid = [c for c in grid if c["method"] in ("galore+ projected", "galore+ full", "lora")
+                and c["embeddings"] == "frozen"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"projected_backward{suffix}.json"

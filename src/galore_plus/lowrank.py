@@ -160,7 +160,7 @@ class ParameterWrite:
     """
 
     def __init__(self, p: Tensor, decay: float, rounding_seed: tuple[int, int, int] | None):
-        self.local = p.to_local() if is_dtensor(p) else p
+        self.local = local(p)
         self.low_precision = p.dtype in LOW_PRECISION
         self.decay = decay
         self.rounding_seed = rounding_seed
@@ -189,7 +189,7 @@ class ParameterWrite:
             target.view(-1).index_add_(0, index, correction.to(target.dtype), alpha=-alpha)
 
     def sub(self, step: Tensor, alpha: float = 1.0, start: int | None = None, end: int | None = None) -> None:
-        step = step.to_local() if is_dtensor(step) else step
+        step = local(step)
         target = self.local if start is None else self.local.view(-1)[start:end]
         if not self.low_precision:
             target.add_(step.to(target.dtype), alpha=-alpha)

@@ -1,0 +1,30 @@
+"""Smoke test of bench/projected_backward.py: the whole pipeline on a tiny random LLaMA (one process
+per configuration, the table, the LLaMA-layer part on a small layer). Nothing about speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_projected_backward_bench_smoke(tmp_path):
+    done = subprocess.run([sys.executable, "bench/projected_backward.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "projected_backward_smoke.json").read_text())
+    methods = {json.loads(k)["method"] for k in record["results"]}
+    assert methods == {"galore+ projected", "galore+ full", "lora"}
+    for runs in record["results"].values():
+        for r in runs:
+            assert r["tokens_per_second"] > 0 and math.isfinite(r["tokens_per_second_amortized"])
+            assert r["refresh_step_seconds"] > 0 and r["peak_rss_bytes"] > r["rss_after_load_bytes"] > 0
+    b = record["part_b"]
+    assert b["ddp_bytes_per_step"]["refresh step"] == b["full_gradient_bytes"]  # full gradients at a refresh
+    assert 0 < b["ddp_bytes_per_step"]["projected step"] < b["full_gradient_bytes"] / 4
+    table = (tmp_path / "projected_backward_smoke.md").read_text()
+    assert "galore+ projected r4, embedding frozen" in table and "| 1.00 |" in table  # LoRA against itself
