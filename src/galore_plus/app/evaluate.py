@@ -1,27 +1,29 @@
 """Evaluation of a causal LM on a task's examples: answer loss, greedy generation, answer metrics.
 
 Application layer, like ``galore_plus.app.data``, whose :func:`~galore_plus.app.data.encode` and
-:func:`~galore_plus.app.data.prompt_ids` it shares so that what is scored is exactly what was trained:
+:func:`~galore_plus.app.data.context_ids` it shares so that what is scored is exactly what was trained:
 
 - :func:`answer_loss`: teacher-forced cross-entropy over the answer tokens (and EOS) only,
   ``Σ token losses / number of answer tokens`` over the whole set (not a mean of batch means, which
-  would weight short batches up).
+  would weight short batches up); its exponential is the answer perplexity.
 - :func:`generate`: batched greedy decoding with left padding; returns the new text only.
-- :func:`extract_final` and :func:`evaluate`: exact-match accuracy of the final number for math,
-  corpus BLEU (sacrebleu, 0–100) and mean ROUGE-L F-measure (rouge-score, 0–1) for text.
+- :func:`extract_final` and :func:`evaluate`: exact-match accuracy of the final number for math
+  (``#### N`` data), corpus BLEU (sacrebleu, 0–100) and mean ROUGE-L F-measure (rouge-score, 0–1)
+  for text.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, encode, normalize_number, prompt_ids
+from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, context_ids, encode, normalize_number
 
 __all__ = ["answer_loss", "generate", "extract_final", "evaluate", "check_prerequisites", "KINDS"]
 
@@ -131,7 +133,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
              progress: bool | None = None) -> list[str]:
     """Greedy answers to ``examples`` (in their order): the new text only, up to the first EOS.
 
-    Prompts are :func:`galore_plus.app.data.prompt_ids` (the training tokens), left-padded by hand with
+    Prompts are :func:`galore_plus.app.data.context_ids` (the training tokens), left-padded by hand with
     the pad token (EOS when there is none) — the tokenizer is not modified — and grouped by length
     to waste little padding. Stops at the tokenizer's EOS or any of the model's generation-config
     EOS ids. ``progress``: show a tqdm bar; ``None`` shows it from
@@ -145,7 +147,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not examples:
         return []
-    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    prompts = [context_ids(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
@@ -186,7 +188,8 @@ def extract_final(text: str) -> str | None:
 
 def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, max_new_tokens: int, batch_size: int,
              generate_answers: bool = True, max_length: int = 512, return_generations: bool = False) -> dict:
-    """``{"n", "answer_loss"}`` plus, when ``generate_answers``, ``"accuracy"`` (math: exact match of
+    """``{"n", "answer_loss", "perplexity"}`` (``exp(answer_loss)``) plus, when ``generate_answers``,
+    ``"accuracy"`` (math: exact match of
     :func:`extract_final` of the greedy answer with ``example.final``) or ``"bleu"`` (sacrebleu
     corpus BLEU, 0–100) and ``"rouge_l"`` (mean rouge-score ROUGE-L F-measure with stemming, 0–1)
     for text. ``return_generations`` adds the generated texts under ``"generations"``.
@@ -197,9 +200,9 @@ def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, m
         raise ValueError("evaluate needs at least one example")
     if kind == "math" and any(ex.final is None for ex in task_examples):
         raise ValueError("math examples need a final answer (Example.final)")
-    result: dict = {"n": len(task_examples),
-                    "answer_loss": answer_loss(model, tokenizer, task_examples, batch_size=batch_size,
-                                               max_length=max_length)}
+    loss = answer_loss(model, tokenizer, task_examples, batch_size=batch_size, max_length=max_length)
+    result: dict = {"n": len(task_examples), "answer_loss": loss,
+                    "perplexity": math.exp(loss) if loss < 700 else math.inf}
     if not generate_answers:
         return result
     generations = generate(model, tokenizer, task_examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
