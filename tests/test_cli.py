@@ -225,7 +225,7 @@ def test_a_run_in_the_output_directory_is_kept_unless_overwrite(tmp_path, capsys
     assert code == 2
     message = message.strip()
     assert re.fullmatch(rf"galore-plus: --output-dir {run} already holds a run \(run.json, log.jsonl, metrics.json, "
-                        rf"loss.png, checkpoint\): continue it with --resume {run}, replace it with --overwrite, or "
+                        rf"loss.png, checkpoint, final\): continue it with --resume {run}, replace it with --overwrite, or "
                         r"choose another --output-dir", message), message
     assert snapshot(run) == before
     monkeypatch.undo()
@@ -404,10 +404,23 @@ BAD_INPUTS = [
     (["--output-dir", "{file}"], r"--output-dir .*afile is a file; give a directory"),
     (["--output-dir", "{file}/sub"], r"--output-dir .*afile/sub is under .*afile, which is a file"),
     (["--output-dir", "/proc/run"], r"--output-dir /proc/run: cannot write in /proc"),
-    (["--data", "{tmp}"], r"--data '.*' is a directory; use arithmetic or gsm_symbolic, or a .jsonl file \(one "
-                          r"JSON object per line: GSM8K form 'question'/'answer' with the answer ending in '#### N', "
-                          r"or 'input'/'output'\)"),
-    (["--data", "{tmp}/x.json"], r"--data '.*x.json' is a .json file; the data must be JSON Lines"),
+    (["--data", "{tmp}"], r"--data '.*' is a directory; use arithmetic or gsm_symbolic, or a .jsonl, .json, .parquet "
+                          r"or .csv file of records with 'question'/'answer' \(the answer ending in '#### N'\), "
+                          r"'input'/'output', Alpaca 'instruction'/'input'/'output', 'prompt'/'completion', or chat "
+                          r"'messages'"),
+    (["--data", "{tmp}/x.json"], r".*x.json: no examples \(the file is empty\)"),
+    (["--data", "{tmp}/x.txt"], r"--data '.*x.txt' is not a .jsonl, .json, .parquet or .csv file"),
+    (["--eval-data", "arithmetic"], r"--eval-data arithmetic: give a data file"),
+    (["--eval-data", "{tmp}/missing.csv"], r"--eval-data '.*missing.csv': no such file"),
+    (["--eval-fraction", "1.5"], r"--eval-fraction must be a number in \[0, 1\], got 1.5"),
+    (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8'"),
+    (["--embeddings", "none"], r"argument --embeddings: invalid choice: 'none'"),
+    (["--method", "lora", "--embeddings", "frozen"], r"--embeddings frozen needs --method galore or galore\+, not lora"),
+    (["--method", "adamw", "--projected-backward"], r"--projected-backward needs --method galore or galore\+, not adamw"),
+    (["--method", "adamw", "--no-stochastic-rounding"], r"--no-stochastic-rounding needs --method galore or galore\+"),
+    (["--projected-backward", "--distributed", "fsdp"], r"--projected-backward with --distributed fsdp: FSDP2's sharded "
+                                                        r"weights keep the full backward"),
+    (["--data", "{tmp}/chat.jsonl"], r".*chat.jsonl:1: the last message must be the assistant's"),
     (["--data", "gsm8k"], r"--data 'gsm8k' is neither a task nor a file; use arithmetic or gsm_symbolic"),
     (["--data", "{tmp}/missing.jsonl"], r"--data '.*missing.jsonl': no such file"),
     (["--split", "template"], r"--split template needs --data gsm_symbolic"),
@@ -433,6 +446,8 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypa
     (tmp_path / "broken" / "config.json").write_text("{")
     (tmp_path / "x.gguf").write_text("not a GGUF file")
     (tmp_path / "x.json").write_text("[]")
+    (tmp_path / "x.txt").write_text("")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (tmp_path / "bad.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"input": f"i{i}", "output": "o"}) + "\n"
                                                  for i in range(30)))
@@ -463,7 +478,7 @@ def test_the_parser_is_the_dataclass_and_each_default_is_shown_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in fields(FinetuneConfig):
         assert config_module.flag(f.name) in text
-    assert text.count("(default:") == len(fields(FinetuneConfig))
+    assert text.count("(default:") == len(fields(FinetuneConfig)) + 1  # and --trust-unverified-checkpoint's
     assert "default: None" not in text
     # the library's defaults are read from it, not restated
     assert FinetuneConfig.residual_warmup == LOW_RANK_DEFAULTS["residual_warmup"]

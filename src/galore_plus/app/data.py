@@ -63,6 +63,7 @@ __all__ = [
     "load_task",
     "read_examples",
     "eval_count",
+    "eval_examples",
     "build_prompt",
     "prompt_ids",
     "context_ids",
@@ -448,17 +449,24 @@ def _load_rows(path: str, builder: str) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     options: dict[str, Any] = {}
     if builder == "csv":  # every cell as text: "042" stays "042", "NA" and "" stay strings
         header = _csv_header(path)
         options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
                    "keep_default_na": False}
-    with tempfile.TemporaryDirectory(prefix="galore-plus-data-") as cache:
-        dataset = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", cache_dir=cache,
-                                        keep_in_memory=True, **options)
-        return dataset.to_list()
+    # quiet: a file it cannot read is reported by read_examples as FILE:LINE lines, not by its logger
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="galore-plus-data-") as cache:
+            dataset = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train",
+                                            cache_dir=cache, keep_in_memory=True, **options)
+            return dataset.to_list()
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _csv_header(path: str) -> list[str]:
@@ -723,12 +731,20 @@ def _file_task(path: str, n_train: int, n_test: int, seed: int, eval_fraction: f
     return Task(name=name, kind=kind, train=train, test=test, info=info)
 
 
-def _eval_file(task: Task, path: str, n_test: int, seed: int) -> Task:
-    """``task`` with its held-out set replaced by ``path``'s examples (a seeded sample of ``n_test``
-    when the file holds more); its kind, and so the metrics, are the evaluation file's."""
+def eval_examples(path: str, n_test: int, seed: int) -> tuple[str, str, list[Example]]:
+    """``(kind, form, examples)`` of an evaluation file: all its examples, or a sample of ``n_test``
+    drawn by ``seed`` when it holds more (``finetune --eval-data`` and ``galore-plus evaluate`` draw
+    the same)."""
     kind, form, examples = read_examples(path)
     if len(examples) > n_test:
         examples = random.Random(seed).sample(examples, n_test)
+    return kind, form, examples
+
+
+def _eval_file(task: Task, path: str, n_test: int, seed: int) -> Task:
+    """``task`` with its held-out set replaced by :func:`eval_examples` of ``path``; its kind, and so
+    the metrics, are the evaluation file's."""
+    kind, form, examples = eval_examples(path, n_test, seed)
     info = dict(task.info, eval_source=path, eval_form=form, eval_form_name=FORMS[form][0])
     return Task(name=task.name, kind=kind, train=task.train, test=examples, info=info)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, context_ids, encode, normalize_number
 
-__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "check_prerequisites", "KINDS"]
+__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "evaluate_model", "check_prerequisites", "KINDS"]
 
 KINDS = ("math", "text")
 PROGRESS_MIN_BATCHES = 5
@@ -240,3 +240,50 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     return {"bleu": float(bleu), "rouge_l": float(sum(scores) / len(scores))}
+
+
+def evaluate_model(config, *, print_json: bool = False) -> dict:
+    """``galore-plus evaluate``: :func:`evaluate` of ``config.model`` on ``config.data``, as ``finetune``
+    evaluates (``config``: a checked :class:`~galore_plus.app.config.EvaluateConfig`).
+
+    A data file gives :func:`~galore_plus.app.data.eval_examples` (all of it, or the seeded sample of
+    ``n_test`` that ``finetune --eval-data`` draws); a task gives the held-out set ``finetune`` draws
+    for the same ``seed``, ``n_test`` (and ``split``, ``n_train``). Returns ``{"model", "data", "form",
+    **metrics}``; ``print_json`` prints it, and ``config.output`` is written too."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .checkpoint import write_json
+    from .config import default_max_new_tokens, torch_dtype
+    from .data import TASKS, eval_examples, load_task
+    from .errors import ConfigError
+    from .models import load_model
+
+    if config.data in TASKS:
+        task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
+                         split=config.split)
+        kind, form, examples = task.kind, None, task.test
+    else:
+        kind, form, examples = eval_examples(config.data, config.n_test, config.seed)
+    try:
+        check_prerequisites(kind)
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    try:
+        model, tokenizer = load_model(config.model, seed=config.seed, dtype=torch_dtype(config.dtype, device))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {config.model} cannot be loaded: {' '.join(str(err).split())[:300]}") from None
+    model.to(device)
+    print(f"evaluating {config.model} on {len(examples)} examples of {config.data}...", file=sys.stderr)
+    metrics = evaluate(model, tokenizer, examples, kind, batch_size=config.eval_batch_size,
+                       max_new_tokens=config.max_new_tokens or default_max_new_tokens(config.data),
+                       max_length=config.max_length)
+    result = {"model": config.model, "data": config.data, "form": form, **metrics}
+    if config.output is not None:
+        write_json(Path(config.output), result)
+    if print_json:
+        print(json.dumps(result, indent=1))
+    return result
