@@ -193,9 +193,18 @@ def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, lis
         if i < len(task.train):
             features.append(encoded)
     if errors:
+        errors.sort(key=_position)  # in file order (the split shuffled the examples)
         listed = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
         raise DataError("\n".join(listed), errors)
     return tokenizer, features
+
+
+def _position(error: str) -> tuple[str, int]:
+    """``(FILE, N)`` of an error that starts ``FILE:N:`` or ``FILE:record N:``."""
+    import re
+
+    match = re.match(r"(.*?):(?:record )?(\d+): ", error)
+    return (match[1], int(match[2])) if match else (error, 0)
 
 
 def check_fits(config: FinetuneConfig) -> None:
@@ -238,7 +247,11 @@ def build(run: Run) -> Built:
     except (OSError, ValueError) as err:  # e.g. a model directory without its weights
         raise ConfigError(f"--model {config.model} cannot be loaded: {_one_line(err)}") from None
     if config.gradient_checkpointing:  # non-reentrant: works with layer-wise hooks and the projected backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     max_new_tokens = config.max_new_tokens or default_max_new_tokens(config.data)
     features = run.features

@@ -63,12 +63,14 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 ``--rank`` is checked against them without parsing the 2.6 s of GGUF metadata first."""
 
 
-def tiny_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised :data:`TINY` LLaMA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A randomly initialised :data:`TINY` LLaMA with weights in ``dtype`` (the float32 ones, rounded),
+    made as ``from_pretrained`` makes a model in ``dtype``: buffers such as the rotary frequencies stay
+    float32 (``model.to(dtype)`` would round them too, and an exported model would compute otherwise)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY))
+    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=vocab_size, **TINY), dtype=dtype)
 
 
 def check_spec(spec: str) -> None:
@@ -139,7 +141,7 @@ def load_model(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, 
     _offline()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     if spec == "tiny":
-        return tiny_model(len(tokenizer), seed).to(dtype), tokenizer
+        return tiny_model(len(tokenizer), seed, dtype), tokenizer
     check_spec(spec)
     path = smollm2_path() if spec == "smollm2" else Path(spec)
     if path.suffix == ".gguf":
