@@ -347,6 +347,39 @@ def test_an_fsdp_checkpoint_resumes_on_its_own_number_of_ranks_only(tmp_path):
     done = torchrun(2, "--resume", str(run), "--max-steps", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert log_steps(run) == [1, 2, 3] and checkpoint.read_state(run)["step"] == 3
+    # final/: the full weights gathered from the shards
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+    assert model.lm_head.weight.shape == (len(models.tiny_tokenizer()), 64)
+    assert json.loads((run / "metrics.json").read_text())["projected_backward"] is False  # FSDP2: the full path
+
+
+def test_ddp_with_the_projected_backward_equals_one_process(tmp_path):
+    """torchrun --distributed ddp on 2 ranks: the projected backward on (the targets left out of DDP's
+    all-reduce, their projected gradients averaged by distribute()), the losses and weights of the
+    single-process run on the same global batch, final/ written once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = dict(TINY, method="galore", max_steps=3, batch_size=4, n_test=2, eval_before=False)
+    finetune(FinetuneConfig(**{**options, "output_dir": str(tmp_path / "one")}))
+    run = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "galore_plus.app", "finetune", *argv(**options), "--distributed", "ddp",
+                           "--output-dir", str(run)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["projected_backward"] is True
+    one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert two == pytest.approx(one, rel=1e-5)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "one", run))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_its_checkpoint(tmp_path, capsys):
