@@ -120,8 +120,8 @@ def test_load_task_argument_errors(tmp_path):
         load_task("arithmetic", n_train=1, n_test=1, split="template")
     with pytest.raises(ValueError, match="n_test must be an integer >= 0"):
         load_task("arithmetic", n_train=1, n_test=-1)
-    with pytest.raises(ValueError, match=r"eval_fraction must be a number in \[0, 1\), got 1"):
-        load_task("arithmetic", n_train=1, n_test=1, eval_fraction=1)
+    with pytest.raises(ValueError, match=r"eval_fraction must be a number in \[0, 1\], got 1.5"):
+        load_task("arithmetic", n_train=1, n_test=1, eval_fraction=1.5)
 
 
 # ---------------------------------------------------------------------- data files
@@ -264,7 +264,7 @@ def test_jsonl_size_errors(tmp_path):
 
 @pytest.mark.parametrize("n, n_test, fraction, held", [
     (40, 200, 0.1, 4), (41, 200, 0.1, 5), (3000, 200, 0.1, 200), (10, 3, 0.5, 3), (2, 200, 0.1, 1),
-    (1, 200, 0.1, 0), (40, 200, 0.0, 0), (5, 200, 0.99, 4)])
+    (1, 200, 0.1, 0), (40, 200, 0.0, 0), (5, 200, 0.99, 4), (40, 3, 1.0, 3), (5, 200, 1.0, 4)])
 def test_a_small_file_holds_out_a_fraction_never_an_error(tmp_path, n, n_test, fraction, held):
     path = write_jsonl(tmp_path / "mine.jsonl", [gsm_line(i) for i in range(n)])
     task = load_task(path, n_train=10_000, n_test=n_test, seed=0, eval_fraction=fraction)

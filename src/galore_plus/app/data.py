@@ -185,7 +185,7 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 0:
         raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
     if not is_real_fraction(eval_fraction):
-        raise ValueError(f"eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
+        raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
     check_source(data, split)
     data = os.fspath(data)
     if eval_data is not None:
@@ -203,8 +203,8 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
 
 
 def is_real_fraction(value: Any) -> bool:
-    """A number in ``[0, 1)``: a held-out fraction."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    """A number in ``[0, 1]``: a held-out fraction (1: as many as ``n_test`` allows)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def check_source(data: str, split: str = "question") -> None:
