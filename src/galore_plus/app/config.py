@@ -98,7 +98,7 @@ class FinetuneConfig:
                                   shown="unset, --max-steps gives the length", group="length")
     n_train: int = option(2000, "training examples")
     n_test: int = option(200, "held-out examples (of a data file: at most this many)")
-    max_length: int = option(384, "tokens per example (the prompt is cut from the left, never the answer)")
+    max_length: int = option(384, "tokens per example (the context is cut from the left, never the last answer)")
     max_new_tokens: int | None = option(None, "tokens generated per held-out answer",
                                         shown="16 for arithmetic, 256 otherwise")
     eval_batch_size: int = option(32, "held-out examples per evaluation batch")
@@ -106,8 +106,8 @@ class FinetuneConfig:
     seed: int = option(0, "the data sample and order, the tiny model's weights, the optimizer's and adapters' "
                           "randomness")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
-    output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json and "
-                                              "checkpoint/ go")
+    output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json, checkpoint/ and "
+                                              "final/ go")
     save_every: int = option(0, "also checkpoint every N steps (0: at the end only)")
     save_checkpoint: bool = option(True, "write checkpoint/; without it the run cannot be resumed (for "
                                          "benchmarks, where a large model's checkpoint costs time and disk)")
@@ -115,8 +115,8 @@ class FinetuneConfig:
                                 "from_pretrained and galore-plus evaluate")
     distributed: str = option("none", "under torchrun: ddp or fsdp (FSDP2); --batch-size is the global batch",
                               choices=DISTRIBUTED)
-    overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot and "
-                                    "checkpoint are deleted)")
+    overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot, "
+                                    "checkpoint and final/ are deleted)")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
