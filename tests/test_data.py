@@ -476,5 +476,5 @@ def test_a_conversation_trains_on_every_assistant_turn(chat):
 def test_a_chat_template_that_cannot_split_turns_is_refused():
     tokenizer = tiny_tokenizer(chat=True)  # writes every message as the user's
     example = Example(prompt="q", answer="a", context=(("user", "q"),))
-    with pytest.raises(ValueError, match="the chat template does not write this conversation's turns one after another"):
+    with pytest.raises(ValueError, match="the chat template does not write this conversation's turns one after"):
         encode(tokenizer, example, max_length=64)

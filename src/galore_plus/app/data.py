@@ -55,7 +55,6 @@ __all__ = [
     "DataError",
     "Example",
     "Task",
-    "DATA_CHOICES",
     "TASKS",
     "FILE_TYPES",
     "FORMS",

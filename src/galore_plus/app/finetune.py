@@ -48,7 +48,8 @@ OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint
 @dataclass
 class Run:
     """What set-up established: the checked config, where the run writes, this process's place in
-    it, the task, and when resuming, the verified checkpoint state (None before the first save)."""
+    it, the task and its data files' sha256, when resuming the verified checkpoint state (None before
+    the first save), and the model's tokenizer with the training examples it encoded."""
 
     config: FinetuneConfig
     out: Path
@@ -175,6 +176,8 @@ def describe_data(task: Task) -> str:
 def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, list[int]]]]:
     """The model's tokenizer and the training examples' encodings; every held-out example is encoded
     too, so an example the tokenizer (its chat template) refuses is a ``FILE:LINE`` error now."""
+    from jinja2 import TemplateError  # what transformers' chat templates raise
+
     from .data import encode
     from .models import load_tokenizer
 
@@ -186,7 +189,7 @@ def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, lis
     for i, example in enumerate(task.train + task.test):
         try:
             encoded = encode(tokenizer, example, config.max_length)
-        except Exception as err:  # a chat template raises what its author chose (jinja2's TemplateError, ...)
+        except (TemplateError, ValueError) as err:  # a template's raise_exception(), or turns it cannot split
             errors.append(f"{example.where or 'example ' + str(i + 1)}: the tokenizer of --model {config.model} "
                           f"refuses it: {_one_line(err)}")
             continue
@@ -491,7 +494,8 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
     metrics = {
         "method": config.method, "rank": config.rank, "model": config.model, "data": task.name,
         "data_form": task.info.get("form"), "n_train": len(task.train), "n_test": len(task.test),
-        "dtype": str(built.dtype).removeprefix("torch."), "projected_backward": uses_projected_backward(built.optimizer),
+        "dtype": str(built.dtype).removeprefix("torch."),
+        "projected_backward": uses_projected_backward(built.optimizer),
         "gradient_checkpointing": config.gradient_checkpointing,
         "steps": built.total_steps, "train_seconds": round(history["train_seconds"], 2),
         "tokens_per_second": round(history["tokens"] / max(history["train_seconds"], 1e-9), 1),
