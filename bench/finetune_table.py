@@ -175,18 +175,24 @@ def eval_job(common, task, task_opts, seed):
 
 #: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
 #: job's settings (its key), and set by run_job
-NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite")
+NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite", "export")
 
 
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
-    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
 
-    options = dict(common, data=task, method=method, seed=seed, lr=lr, eval_before=False, **task_opts, **extra)
+    # the options added since the grid was recorded keep the values its runs had (float32, the full
+    # backward, ...), and are left out of the key at those values, so recorded runs stay reachable
+    options = dict(LEGACY_VALUES, **common, data=task, method=method, seed=seed, lr=lr, eval_before=False,
+                   **task_opts, **extra)
     if rank is not None:
         options["rank"] = rank
     config = dataclasses.asdict(FinetuneConfig(**options))
     for name in NOT_SETTINGS:
         config.pop(name)
+    for name, value in LEGACY_VALUES.items():
+        if config[name] == value:
+            config.pop(name)
     if rank is None:
         config["rank"] = None  # AdamW ignores it
     settings = {"kind": "train", **config}
@@ -263,15 +269,15 @@ def run_job(job, runs_dir):
         result = evaluate(model, tokenizer, task.test, task.kind, max_new_tokens=settings["max_new_tokens"],
                           batch_size=settings["eval_batch_size"], max_length=settings["max_length"])
         return {"eval": result, "wall_seconds": round(time.perf_counter() - began, 1)}
-    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
     from galore_plus.app.finetune import finetune
 
     if settings["rank"] is None:
         settings["rank"] = FinetuneConfig.rank
     settings["model"] = _model_path(settings["model"], runs_dir)
     out = Path(runs_dir) / job["task"] / _slug(job)
-    metrics = finetune(FinetuneConfig(**settings, output_dir=str(out), device="cpu", save_checkpoint=False,
-                                      overwrite=True))
+    metrics = finetune(FinetuneConfig(**{**LEGACY_VALUES, **settings}, output_dir=str(out), device="cpu",
+                                      save_checkpoint=False, export=False, overwrite=True))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     keep = ("steps", "train_seconds", "tokens_per_second", "refresh_seconds", "eval_after")
     result = {k: metrics[k] for k in keep}

@@ -13,18 +13,23 @@ CORPUS = [
 ]
 CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""One user turn only (every message is written as the user's): conversations cannot be split by it."""
+CHATML_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""ChatML's shape: each turn ends with the EOS token and a newline."""
 
 
-def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (exact decode round trip), EOS and pad, optionally a chat template."""
+def tiny_tokenizer(chat: bool | str = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (exact decode round trip), EOS and pad, optionally a chat template
+    (``chat=True``: :data:`CHAT_TEMPLATE`, ``chat="chatml"``: :data:`CHATML_TEMPLATE`)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
                                       clean_up_tokenization_spaces=False)
     if chat:
-        wrapped.chat_template = CHAT_TEMPLATE
+        wrapped.chat_template = CHATML_TEMPLATE if chat == "chatml" else CHAT_TEMPLATE
     return wrapped

@@ -225,8 +225,8 @@ def test_a_run_in_the_output_directory_is_kept_unless_overwrite(tmp_path, capsys
     assert code == 2
     message = message.strip()
     assert re.fullmatch(rf"galore-plus: --output-dir {run} already holds a run \(run.json, log.jsonl, metrics.json, "
-                        rf"loss.png, checkpoint\): continue it with --resume {run}, replace it with --overwrite, or "
-                        r"choose another --output-dir", message), message
+                        rf"loss.png, checkpoint, final\): continue it with --resume {run}, replace it with "
+                        r"--overwrite, or choose another --output-dir", message), message
     assert snapshot(run) == before
     monkeypatch.undo()
     assert main(finetune_args + ["--max-steps", "2", "--overwrite"]) == 0
@@ -347,6 +347,39 @@ def test_an_fsdp_checkpoint_resumes_on_its_own_number_of_ranks_only(tmp_path):
     done = torchrun(2, "--resume", str(run), "--max-steps", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert log_steps(run) == [1, 2, 3] and checkpoint.read_state(run)["step"] == 3
+    # final/: the full weights gathered from the shards
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+    assert model.lm_head.weight.shape == (len(models.tiny_tokenizer()), 64)
+    assert json.loads((run / "metrics.json").read_text())["projected_backward"] is False  # FSDP2: the full path
+
+
+def test_ddp_with_the_projected_backward_equals_one_process(tmp_path):
+    """torchrun --distributed ddp on 2 ranks: the projected backward on (the targets left out of DDP's
+    all-reduce, their projected gradients averaged by distribute()), the losses and weights of the
+    single-process run on the same global batch, final/ written once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = dict(TINY, method="galore", max_steps=3, batch_size=4, n_test=2, eval_before=False)
+    finetune(FinetuneConfig(**{**options, "output_dir": str(tmp_path / "one")}))
+    run = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "galore_plus.app", "finetune", *argv(**options), "--distributed", "ddp",
+                           "--output-dir", str(run)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["projected_backward"] is True
+    one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert two == pytest.approx(one, rel=1e-5)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "one", run))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_its_checkpoint(tmp_path, capsys):
@@ -404,10 +437,23 @@ BAD_INPUTS = [
     (["--output-dir", "{file}"], r"--output-dir .*afile is a file; give a directory"),
     (["--output-dir", "{file}/sub"], r"--output-dir .*afile/sub is under .*afile, which is a file"),
     (["--output-dir", "/proc/run"], r"--output-dir /proc/run: cannot write in /proc"),
-    (["--data", "{tmp}"], r"--data '.*' is a directory; use arithmetic or gsm_symbolic, or a .jsonl file \(one "
-                          r"JSON object per line: GSM8K form 'question'/'answer' with the answer ending in '#### N', "
-                          r"or 'input'/'output'\)"),
-    (["--data", "{tmp}/x.json"], r"--data '.*x.json' is a .json file; the data must be JSON Lines"),
+    (["--data", "{tmp}"], r"--data '.*' is a directory; use arithmetic or gsm_symbolic, or a .jsonl, .json, .parquet "
+                          r"or .csv file of records with 'question'/'answer' \(the answer ending in '#### N'\), "
+                          r"'input'/'output', Alpaca 'instruction'/'input'/'output', 'prompt'/'completion', or chat "
+                          r"'messages'"),
+    (["--data", "{tmp}/x.json"], r".*x.json: no examples \(the file is empty\)"),
+    (["--data", "{tmp}/x.txt"], r"--data '.*x.txt' is not a .jsonl, .json, .parquet or .csv file"),
+    (["--eval-data", "arithmetic"], r"--eval-data arithmetic: give a data file"),
+    (["--eval-data", "{tmp}/missing.csv"], r"--eval-data '.*missing.csv': no such file"),
+    (["--eval-fraction", "1.5"], r"--eval-fraction must be a number in \[0, 1\], got 1.5"),
+    (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8'"),
+    (["--embeddings", "none"], r"argument --embeddings: invalid choice: 'none'"),
+    (["--method", "lora", "--embeddings", "frozen"], r"--embeddings frozen needs --method galore or galore\+"),
+    (["--method", "adamw", "--projected-backward"], r"--projected-backward needs --method galore or galore\+"),
+    (["--method", "adamw", "--no-stochastic-rounding"], r"--no-stochastic-rounding needs --method galore or galore\+"),
+    (["--projected-backward", "--distributed", "fsdp"], r"--projected-backward with --distributed fsdp: FSDP2's "
+                                                        r"sharded weights keep the full backward"),
+    (["--data", "{tmp}/chat.jsonl"], r".*chat.jsonl:1: the last message must be the assistant's"),
     (["--data", "gsm8k"], r"--data 'gsm8k' is neither a task nor a file; use arithmetic or gsm_symbolic"),
     (["--data", "{tmp}/missing.jsonl"], r"--data '.*missing.jsonl': no such file"),
     (["--split", "template"], r"--split template needs --data gsm_symbolic"),
@@ -433,6 +479,8 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypa
     (tmp_path / "broken" / "config.json").write_text("{")
     (tmp_path / "x.gguf").write_text("not a GGUF file")
     (tmp_path / "x.json").write_text("[]")
+    (tmp_path / "x.txt").write_text("")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (tmp_path / "bad.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"input": f"i{i}", "output": "o"}) + "\n"
                                                  for i in range(30)))
@@ -463,7 +511,7 @@ def test_the_parser_is_the_dataclass_and_each_default_is_shown_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for f in fields(FinetuneConfig):
         assert config_module.flag(f.name) in text
-    assert text.count("(default:") == len(fields(FinetuneConfig))
+    assert text.count("(default:") == len(fields(FinetuneConfig)) + 1  # and --trust-unverified-checkpoint's
     assert "default: None" not in text
     # the library's defaults are read from it, not restated
     assert FinetuneConfig.residual_warmup == LOW_RANK_DEFAULTS["residual_warmup"]

@@ -140,15 +140,17 @@ def test_evaluate_returns_the_metrics_of_its_kind():
     tokenizer = tiny_tokenizer(chat=True)
     model = tiny_llama(tokenizer)
     math = evaluate(model, tokenizer, EXAMPLES, "math", max_new_tokens=4, batch_size=2)
-    assert set(math) == {"n", "answer_loss", "accuracy"} and math["n"] == 3
+    assert set(math) == {"n", "answer_loss", "perplexity", "accuracy"} and math["n"] == 3
+    assert math["perplexity"] == pytest.approx(2.718281828459045 ** math["answer_loss"])
     assert 0.0 <= math["accuracy"] <= 1.0
     assert math["answer_loss"] == pytest.approx(answer_loss(model, tokenizer, EXAMPLES))
     text_examples = [Example(prompt="name 1", answer="The cat sat on the mat."),
                      Example(prompt="name 2", answer="The dog ran in the park.")]
     text = evaluate(model, tokenizer, text_examples, "text", max_new_tokens=4, batch_size=2, return_generations=True)
-    assert set(text) == {"n", "answer_loss", "bleu", "rouge_l", "generations"} and len(text["generations"]) == 2
+    assert set(text) == {"n", "answer_loss", "perplexity", "bleu", "rouge_l", "generations"}
+    assert len(text["generations"]) == 2
     quick = evaluate(model, tokenizer, text_examples, "text", max_new_tokens=4, batch_size=2, generate_answers=False)
-    assert set(quick) == {"n", "answer_loss"}
+    assert set(quick) == {"n", "answer_loss", "perplexity"}
     with pytest.raises(ValueError, match="kind must be one of"):
         evaluate(model, tokenizer, text_examples, "code", max_new_tokens=4, batch_size=2)
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .config import FinetuneConfig, from_dict
+from .data import TASKS
 from .errors import CheckpointError, ConfigError
 
 CHECKPOINT = "checkpoint"
@@ -68,7 +69,7 @@ def _read_json(path: Path) -> Any:
 
 
 def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, history: dict[str, Any], *,
-         world_size: int = 1, data_sha256: str | None = None) -> None:
+         world_size: int = 1, data_sha256: str | None = None, eval_data_sha256: str | None = None) -> None:
     """Write ``out/checkpoint`` atomically (see the module docstring).
 
     Distributed runs call it on every rank: model and optimizer go to ``distributed/`` through
@@ -97,10 +98,9 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": world_size, "data_sha256": data_sha256,
-                             "config": dataclasses.asdict(config), "history": history})
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json(tmp / MANIFEST, {"format": FORMAT, "files": {
-        p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}})
+                             "eval_data_sha256": eval_data_sha256, "config": dataclasses.asdict(config),
+                             "history": history})
+    _write_manifest(tmp)
     final = out / CHECKPOINT
     old = out / (CHECKPOINT + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -110,6 +110,62 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
     shutil.rmtree(old, ignore_errors=True)
     if distributed is not None:
         distributed.barrier()
+
+
+def _write_manifest(ckpt: Path) -> int:
+    """``manifest.json``: size and sha256 of every other file under ``ckpt``; returns their number."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(ckpt / MANIFEST, {"format": FORMAT, "files": {
+        p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}})
+    return len(files)
+
+
+def trust_unverified(directory: Path) -> bool:
+    """Give a checkpoint written before galore-plus wrote manifests the manifest it lacks, so that it
+    resumes (``finetune --resume DIR --trust-unverified-checkpoint``); returns whether one was written.
+
+    Nothing can verify such a checkpoint: the user vouches for it, and stderr says what is done. It
+    must be complete by the old rule — a ``state.json`` with its step and config (written last by the
+    old save) and every other file of a checkpoint. What today's ``state.json`` holds beside is added:
+    the world size (1: a checkpoint without ``distributed/`` was written by one process; an old
+    distributed one is refused, since nothing says how many ranks wrote it) and the data files'
+    sha256 as they are now. A checkpoint that has a manifest is left as it is (and verified)."""
+    directory = Path(directory)
+    recover(directory)
+    ckpt = directory / CHECKPOINT
+    if not ckpt.is_dir() or (ckpt / MANIFEST).exists():
+        return False
+    where = f"--resume {directory} --trust-unverified-checkpoint"
+    if not (ckpt / STATE).is_file():
+        raise CheckpointError(f"{where}: {ckpt} has no {STATE}, so it is incomplete (its save was cut short) and "
+                              "cannot be trusted")
+    state = _read_json(ckpt / STATE)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)
+            and isinstance(state.get("history"), dict)):
+        raise CheckpointError(f"{where}: {ckpt / STATE} has no step, config and history: not a galore-plus checkpoint")
+    distributed = (ckpt / "distributed").is_dir()
+    missing = [name for name in ("scheduler.pt", *(() if distributed else ("model.safetensors", "optimizer.pt")))
+               if not (ckpt / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{where}: {ckpt} has no {', '.join(missing)}: it is incomplete and cannot be trusted")
+    added: dict[str, Any] = {}
+    if "world_size" not in state:
+        if distributed:
+            raise CheckpointError(f"{where}: {ckpt / STATE} does not say how many ranks wrote its distributed/ "
+                                  "shards, and a resume needs the same number; it cannot be trusted")
+        added["world_size"] = 1
+    for key, name in (("data_sha256", "data"), ("eval_data_sha256", "eval_data")):
+        path = state["config"].get(name)
+        if key not in state:
+            added[key] = sha256_file(path) if path not in (None, *TASKS) and os.path.isfile(path) else None
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    print(f"galore-plus: {ckpt} has no {MANIFEST} (it was written before galore-plus wrote manifests), so nothing "
+          f"can verify it; trusting its {len(files)} files as they are (--trust-unverified-checkpoint) and writing "
+          f"{MANIFEST}" + (f", with {', '.join(added)} added to {STATE}" if added else ""), file=sys.stderr)
+    if added:
+        write_json(ckpt / STATE, {"format": FORMAT, **state, **added})
+    _write_manifest(ckpt)
+    return True
 
 
 def recover(directory: Path) -> None:
@@ -134,9 +190,10 @@ def recover(directory: Path) -> None:
                   file=sys.stderr)
 
 
-def write_run(out: Path, config: FinetuneConfig, data_sha256: str | None) -> None:
+def write_run(out: Path, config: FinetuneConfig, data_sha256: str | None, eval_data_sha256: str | None = None) -> None:
     """``run.json``: what the run is, written when it starts (see the module docstring)."""
-    write_json(out / RUN, {"format": FORMAT, "config": dataclasses.asdict(config), "data_sha256": data_sha256})
+    write_json(out / RUN, {"format": FORMAT, "config": dataclasses.asdict(config), "data_sha256": data_sha256,
+                           "eval_data_sha256": eval_data_sha256})
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -201,7 +258,8 @@ def _verify(ckpt: Path) -> dict[str, Any]:
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written before galore-plus "
-                              "wrote manifests, and it is not loaded unverified")
+                              "wrote manifests, and it is not loaded unverified (if you trust it, resume with "
+                              "--trust-unverified-checkpoint)")
     manifest = _read_json(path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
@@ -221,20 +279,22 @@ def _verify(ckpt: Path) -> dict[str, Any]:
 
 
 def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, directory: Path, data: str,
-                    data_sha256: str | None, world_size: int) -> None:
+                    data_sha256: str | None, world_size: int, *, eval_data: str | None = None,
+                    eval_data_sha256: str | None = None) -> None:
     """The run may continue here: the checkpoint was written by as many ranks as this run has (a
-    rank's share of the sharded state — the residual's index set — is its own), and the data file
-    is the one the run started with."""
+    rank's share of the sharded state — the residual's index set — is its own), and the data files
+    are the ones the run started with."""
     if state is not None and state["world_size"] != world_size:
         raise CheckpointError(
             f"--resume {directory}: the checkpoint was written by {state['world_size']} rank(s) and this run has "
             f"{world_size}; resume it on the same number (torchrun --nproc_per_node {state['world_size']})")
     record = state if state is not None else run
-    expected = record.get("data_sha256") if record else None
-    if expected != data_sha256:
-        raise CheckpointError(f"--resume {directory}: the data file {data} has changed since the run started "
-                              f"(sha256 {str(data_sha256)[:16]}…, the run's {str(expected)[:16]}…); a resumed run "
-                              "must train on the same examples")
+    for name, path, digest in (("data_sha256", data, data_sha256), ("eval_data_sha256", eval_data, eval_data_sha256)):
+        expected = record.get(name) if record else None
+        if expected != digest:
+            raise CheckpointError(f"--resume {directory}: the data file {path} has changed since the run started "
+                                  f"(sha256 {str(digest)[:16]}…, the run's {str(expected)[:16]}…); a resumed run "
+                                  "must train and evaluate on the same examples")
 
 
 def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) -> None:

@@ -5,6 +5,10 @@ what the user gave, 1 for a run that had to stop. Anything else is a bug and kee
 ``galore-plus finetune [options]`` runs :func:`galore_plus.app.finetune.finetune`; its options are
 generated from :class:`galore_plus.app.config.FinetuneConfig`. ``--resume DIR`` continues the run in
 ``DIR`` with its saved options (those given beside it must agree, except a larger ``--max-steps``).
+
+``galore-plus evaluate --model DIR --data FILE`` runs :func:`galore_plus.app.evaluate.evaluate_model`,
+the evaluation ``finetune`` runs after training, on any model (options from
+:class:`galore_plus.app.config.EvaluateConfig`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import ArgumentParser, FinetuneConfig, add_arguments, from_arguments, resumed, validated
+from .config import (ArgumentParser, EvaluateConfig, FinetuneConfig, add_arguments, from_arguments, resumed,
+                     validated, validated_evaluate)
 from .data import DataError
 from .errors import CommandError
 
@@ -27,19 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune a model and evaluate it before and after (defaults: SmolLM2, arithmetic, "
                          "GaLore+)",
         description="Fine-tune a causal LM with GaLore+ (or a baseline) and evaluate it on held-out examples; "
-                    "writes metrics.json, log.jsonl, loss.png and a resumable checkpoint to --output-dir.")
+                    "writes metrics.json, log.jsonl, loss.png, a resumable checkpoint and final/ (the trained "
+                    "model) to --output-dir.")
     add_arguments(finetune)
     finetune.add_argument("--resume", metavar="DIR", default=None,
                           help="continue the run in DIR from its last checkpoint (from the start if it stopped "
                                "before one); options given with it must equal the run's, except a larger "
                                "--max-steps, which extends it")
+    finetune.add_argument("--trust-unverified-checkpoint", action="store_true",
+                          help="with --resume: a checkpoint written before galore-plus wrote manifests gets one "
+                               "(you vouch for its files) instead of being refused (default: off)")
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a model (e.g. a run's final/) on a data file or task, as finetune does",
+        description="The evaluation finetune runs after training, for any model: answer loss and perplexity, "
+                    "and exact-match accuracy of the final number ('#### N' data) or BLEU and ROUGE-L (text). "
+                    "Prints the metrics as JSON.")
+    add_arguments(evaluate, EvaluateConfig)
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[FinetuneConfig, str | None]:
     """``galore-plus finetune`` arguments → ``(config, resume directory or None)``, checked."""
     given: dict[str, Any] = vars(build_parser().parse_args(argv))
+    return _finetune_config(given)
+
+
+def _finetune_config(given: dict[str, Any]) -> tuple[FinetuneConfig, str | None]:
+    given = dict(given)
     given.pop("command")
+    given.pop("trust_unverified_checkpoint", None)
     resume = given.pop("resume")
     if resume is None:
         return validated(from_arguments(given)), None
@@ -47,11 +68,19 @@ def parse_config(argv: list[str] | None = None) -> tuple[FinetuneConfig, str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .finetune import finetune
-
     try:
-        config, resume = parse_config(argv)
-        finetune(config, resume)
+        args = vars(build_parser().parse_args(argv))
+        if args["command"] == "evaluate":
+            from .evaluate import evaluate_model
+
+            args.pop("command")
+            evaluate_model(validated_evaluate(EvaluateConfig(**args)), print_json=True)
+            return 0
+        from .finetune import finetune
+
+        trust = args.get("trust_unverified_checkpoint", False)
+        config, resume = _finetune_config(args)
+        finetune(config, resume, trust_unverified_checkpoint=trust)
     except (CommandError, DataError) as err:
         # a data file's problems are one FILE:LINE line each
         for line in str(err).splitlines() or [type(err).__name__]:
@@ -59,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_code", 2)
     return 0
 
+
+__all__ = ["main", "build_parser", "parse_config"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

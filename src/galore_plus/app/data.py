@@ -1,17 +1,21 @@
-"""Fine-tuning data: math word problems and text-to-text pairs, prompts, token encodings, batches.
+"""Fine-tuning data: math word problems, users' own files in the common SFT forms, prompts, token
+encodings, batches.
 
-Application layer: nothing here is imported by the optimizers. Three sources, all
-offline:
+Application layer: nothing here is imported by the optimizers. Three kinds of source, all offline:
 
 - ``"gsm_symbolic"``: reasoning-gym's symbolic GSM8K (~85 templates re-instantiated with new
   numbers); the target is a GSM8K-style worked solution ending in ``#### N``.
 - ``"arithmetic"``: reasoning-gym's ``basic_arithmetic`` with 2–3 terms of 1–2 digits, the MAWPS
   analog: the target is the number alone.
-- a local ``.jsonl`` file, GSM8K form ``{"question", "answer"}`` or text-to-text form
-  ``{"input", "output"}``.
+- a local ``.jsonl``, ``.json`` (an array of records), ``.parquet`` or ``.csv`` file, read with
+  ``datasets``, in one of the :data:`FORMS`: ``question``/``answer`` (GSM8K), ``input``/``output``,
+  Alpaca ``instruction``/``input``/``output``, ``prompt``/``completion``, or chat ``messages``
+  (role/content, multi-turn). A file's held-out share is :func:`eval_count`; ``eval_data`` gives a
+  separate evaluation file instead.
 
-Training encodes ``prompt → answer + EOS`` with the loss on the answer only; evaluation
-(``galore_plus.app.evaluate``) tokenizes prompts with the same :func:`prompt_ids`, so generation sees
+Training encodes the context (the prompt in the tokenizer's chat template, when it has one) and the
+response with the loss on the response tokens only (every assistant turn of a conversation);
+evaluation (``galore_plus.app.evaluate``) generates from :func:`context_ids`, so generation sees
 exactly the tokens training conditioned on.
 
 Quirks of reasoning-gym 0.1.25 handled here (found by generating 15,000 items):
@@ -51,13 +55,17 @@ __all__ = [
     "DataError",
     "Example",
     "Task",
-    "DATA_CHOICES",
     "TASKS",
+    "FILE_TYPES",
+    "FORMS",
     "check_source",
     "load_task",
-    "read_jsonl",
+    "read_examples",
+    "eval_count",
+    "eval_examples",
     "build_prompt",
     "prompt_ids",
+    "context_ids",
     "encode",
     "collate",
     "normalize_number",
@@ -69,8 +77,7 @@ IGNORE_INDEX = -100
 """Label value that cross-entropy skips (prompt tokens and padding)."""
 
 TASKS = ("arithmetic", "gsm_symbolic")
-"""The built-in sources (generated offline by reasoning-gym); anything else is a ``.jsonl`` path."""
-DATA_CHOICES = (*TASKS, "a path to a .jsonl file")
+"""The built-in sources (generated offline by reasoning-gym); anything else is a data file's path."""
 SPLITS = ("question", "template")
 SEED_STRIDE = 10**7
 """reasoning-gym seed = ``seed * SEED_STRIDE``: its item ``i`` uses ``Random(seed + i)``, so
@@ -94,16 +101,21 @@ class DataError(ValueError):
 class Example:
     """One problem.
 
-    ``prompt``: the question text (before any chat template). ``answer``: the text the model must
-    produce (GSM8K form: the worked solution ending in ``#### N``). ``final``: the final answer
-    as a normalised number string (``"42"``) for math data, ``None`` for text-to-text.
-    ``template``: the reasoning-gym template index (gsm_symbolic only).
+    ``prompt``: the question text (before any chat template; a conversation's last user message).
+    ``answer``: the text the model must produce (GSM8K form: the worked solution ending in ``#### N``;
+    a conversation's last assistant message). ``final``: the number after the answer's final ``#### ``
+    (normalised, ``"42"``) when it has one, else ``None``. ``template``: the reasoning-gym template
+    index (gsm_symbolic only). ``context``: a conversation's messages before the answer, as
+    ``(role, content)`` pairs (earlier assistant turns are trained on too); ``None`` for one turn.
+    ``where``: the record's ``FILE:LINE`` (files only), for errors found later (a chat template's).
     """
 
     prompt: str
     answer: str
     final: str | None = None
     template: int | None = None
+    context: tuple[tuple[str, str], ...] | None = None
+    where: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -153,31 +165,51 @@ def normalize_number(text: str) -> str | None:
 
 # ---------------------------------------------------------------------- loading
 
-def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str = "question") -> Task:
-    """Load ``data`` and split it into ``n_train`` training and ``n_test`` test examples.
+def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str = "question",
+              eval_data: str | None = None, eval_fraction: float = 0.1) -> Task:
+    """Load ``data`` and split it into at most ``n_train`` training and ``n_test`` test examples.
 
-    ``data``: ``"gsm_symbolic"``, ``"arithmetic"`` or a path to a ``.jsonl`` file (see the module
-    docstring). ``split="question"``: no question is in both sets. ``split="template"``
+    ``data``: ``"gsm_symbolic"``, ``"arithmetic"`` (``n_train`` and ``n_test`` generated) or a data
+    file's path (see the module docstring; :func:`eval_count` of its examples are held out, at most
+    ``n_test``). ``split="question"``: no question is in both sets. ``split="template"``
     (gsm_symbolic only): no template is in both; the held-out templates are drawn by ``seed``,
     about ``n_test / (n_train + n_test)`` of them, and items are generated until both sets are
     full. The test set does not depend on ``n_train`` under the question split.
+
+    ``eval_data``: a data file to evaluate on instead (a seeded sample of ``n_test`` when it holds
+    more); the training data then holds nothing out.
     """
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
         raise ValueError(f"n_train must be an integer >= 0, got {n_train!r}")
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 0:
         raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
+    if not is_real_fraction(eval_fraction):
+        raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
     check_source(data, split)
     data = os.fspath(data)
+    if eval_data is not None:
+        check_source(eval_data)
+        if os.fspath(eval_data) in TASKS:
+            raise DataError(f"eval_data must be a data file, not the task {eval_data!r}")
+    held = 0 if eval_data is not None else n_test
     if data == "gsm_symbolic":
-        return _gsm_symbolic(n_train, n_test, seed, split)
-    if data == "arithmetic":
-        return _arithmetic(n_train, n_test, seed)
-    return _jsonl_task(data, n_train, n_test, seed)
+        task = _gsm_symbolic(n_train, held, seed, split)
+    elif data == "arithmetic":
+        task = _arithmetic(n_train, held, seed)
+    else:
+        task = _file_task(data, n_train, n_test, seed, 0.0 if eval_data is not None else eval_fraction)
+    return task if eval_data is None else _eval_file(task, os.fspath(eval_data), n_test, seed)
+
+
+def is_real_fraction(value: Any) -> bool:
+    """A number in ``[0, 1]``: a held-out fraction (1: as many as ``n_test`` allows)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def check_source(data: str, split: str = "question") -> None:
-    """Raise :class:`DataError` unless ``data`` names a task or an existing ``.jsonl`` file and
-    ``split`` suits it; reads nothing (the command calls it before anything slow)."""
+    """Raise :class:`DataError` unless ``data`` names a task or an existing data file
+    (:data:`FILE_TYPES`) and ``split`` suits it; reads nothing (the command calls it before anything
+    slow)."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(data, (str, os.PathLike)):
@@ -187,17 +219,15 @@ def check_source(data: str, split: str = "question") -> None:
         raise DataError(f"split 'template' needs data 'gsm_symbolic' (the only source with templates), got {data!r}")
     if data in TASKS:
         return
-    forms = f"use {' or '.join(TASKS)}, or a .jsonl file (one JSON object per line: {_FORM_LIST})"
+    forms = f"use {' or '.join(TASKS)}, or {_FORMATS} of records with {_FORM_LIST}"
     if os.path.isdir(data):
         raise DataError(f"{data!r} is a directory; {forms}")
-    if data.lower().endswith(".jsonl"):
+    if os.path.splitext(data)[1].lower() in FILE_TYPES:
         if not os.path.isfile(data):
             raise DataError(f"{data!r}: no such file")
         return
-    if data.lower().endswith(".json"):
-        raise DataError(f"{data!r} is a .json file; the data must be JSON Lines: {forms}")
     if os.path.exists(data):
-        raise DataError(f"{data!r} is not a .jsonl file; {forms}")
+        raise DataError(f"{data!r} is not {_FORMATS}; {forms}")
     raise DataError(f"{data!r} is neither a task nor a file; {forms}")
 
 
@@ -333,13 +363,27 @@ def _arithmetic(n_train: int, n_test: int, seed: int) -> Task:
     return Task(name="arithmetic", kind="math", train=train, test=test, info=info)
 
 
-# ---------------------------------------------------------------------- JSONL files
+# ---------------------------------------------------------------------- data files
 
-_FORMS = {"gsm8k": ("question", "answer"), "text": ("input", "output")}
-_FORM_NAMES = {"gsm8k": "GSM8K-form ('question', 'answer')", "text": "text-to-text ('input', 'output')"}
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+"""The data files ``--data`` and ``--eval-data`` take, by extension, and the ``datasets`` builder that reads them."""
+
+#: each form: its name as printed, the keys it needs, the keys it may have, the keys that mark it
+FORMS = {
+    "gsm8k": ("question/answer (GSM8K: the answer ends in '#### N')", ("question", "answer"), (),
+              ("question", "answer")),
+    "text": ("input/output", ("input", "output"), (), ("input", "output")),
+    "alpaca": ("Alpaca instruction/input/output", ("instruction", "output"), ("input",), ("instruction",)),
+    "completion": ("prompt/completion", ("prompt", "completion"), (), ("prompt", "completion")),
+    "chat": ("chat messages (role/content)", ("messages",), (), ("messages",)),
+}
+ROLES = ("system", "user", "assistant")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
-_FORM_LIST = "GSM8K form 'question'/'answer' with the answer ending in '#### N', or 'input'/'output'"
+_FORM_LIST = ("'question'/'answer' (the answer ending in '#### N'), 'input'/'output', Alpaca 'instruction'/'input'/"
+              "'output', 'prompt'/'completion', or chat 'messages' (a list of role/content objects ending with the "
+              "assistant's)")
+_FORMATS = "a .jsonl, .json, .parquet or .csv file"
 _MAX_LISTED_ERRORS = 20
 
 
@@ -347,138 +391,372 @@ def _json_type(value) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def read_jsonl(path: str) -> tuple[str, list[Example]]:
-    """Parse and check a whole ``.jsonl`` file; returns ``(kind, examples)`` in file order.
+def read_examples(path: str) -> tuple[str, str, list[Example]]:
+    """Read and check a whole data file; returns ``(kind, form, examples)`` in file order.
 
-    Blank lines are skipped. Every other line must be a JSON object with string, non-empty
-    ``question`` and ``answer`` (GSM8K form; the answer ends in ``#### N``, N a number) or
-    ``input`` and ``output`` (text-to-text form), the same form on every line; other keys are
-    ignored. All problems are collected first and raised together as one :class:`DataError`
-    whose lines read ``FILE:LINE: what is wrong``.
+    The file is read with ``datasets`` (``load_dataset("json" | "parquet" | "csv")``; CSV cells as
+    text). Each record must be in one of :data:`FORMS`, the same form throughout; other keys are
+    ignored; blank JSONL lines are skipped. ``kind`` is ``"math"`` for question/answer data and for
+    any form whose every answer ends in ``#### N`` (scored by the final number), else ``"text"``.
+
+    Every problem is collected first and raised together as one :class:`DataError` whose lines read
+    ``FILE:LINE: what is wrong`` (JSON Lines and CSV: the record's line; a JSON array or Parquet:
+    ``FILE:record N``). For JSON, Python's own parser then names the problem where ``datasets``
+    (pyarrow) cannot read a file or fills a missing key with null.
     """
+    builder = FILE_TYPES[os.path.splitext(path)[1].lower()]
+    try:
+        rows, failure = _load_rows(path, builder), None
+    except _read_errors() as err:
+        rows, failure = None, _reason(err)
+    records = None
+    if rows is not None:
+        positions = _positions(path, builder, len(rows))
+        if positions is not None:
+            records = [(where, {k: v for k, v in row.items() if v is not None}) for where, row in zip(positions, rows)]
+    if records is not None:
+        try:
+            return _examples(path, records)
+        except DataError:
+            if builder != "json":
+                raise
+    if builder != "json":
+        raise DataError(f"{path}: cannot be read: {failure}")
+    # JSON: Python's own parser says which line is wrong (and keeps null apart from a missing key)
+    return _examples(path, _parse_json(path))
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+    from datasets.exceptions import DatasetGenerationError
+
+    return (DatasetGenerationError, pyarrow.ArrowException, ValueError, UnicodeDecodeError, StopIteration, OSError)
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong reading a file, on one line (the cause ``datasets`` wraps, when there is one)."""
+    cause = err.__cause__ or err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text[:300]
+
+
+def _load_rows(path: str, builder: str) -> list[dict[str, Any]]:
+    """The file's records, read by ``datasets`` into a throw-away cache (nothing is kept or downloaded)."""
+    import tempfile
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    options: dict[str, Any] = {}
+    if builder == "csv":  # every cell as text: "042" stays "042", "NA" and "" stay strings
+        header = _csv_header(path)
+        options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+                   "keep_default_na": False}
+    # quiet: a file it cannot read is reported by read_examples as FILE:LINE lines, not by its logger
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="galore-plus-data-") as cache:
+            dataset = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train",
+                                            cache_dir=cache, keep_in_memory=True, **options)
+            return dataset.to_list()
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _csv_header(path: str) -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise ValueError("no header line (a CSV file's first line names its columns)")
+    return header
+
+
+def _positions(path: str, builder: str, count: int) -> list[str] | None:
+    """``FILE:LINE`` (JSON Lines, CSV) or ``FILE:record N`` (a JSON array, Parquet) of each of the
+    ``count`` records, or None when the file's lines do not match the records one to one."""
+    if builder == "parquet":
+        return [f"{path}:record {i}" for i in range(1, count + 1)]
+    if builder == "csv":
+        return _csv_positions(path, count)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith(b"["):
+        return [f"{path}:record {i}" for i in range(1, count + 1)]
+    with open(path, "rb") as f:
+        lines = [f"{path}:{n}" for n, raw in enumerate(f, 1) if raw.strip()]
+    return lines if len(lines) == count else None
+
+
+def _csv_positions(path: str, count: int) -> list[str] | None:
+    import csv
+
+    positions = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        line = reader.line_num
+        for row in reader:
+            if row:  # datasets (pandas) skips blank lines
+                positions.append(f"{path}:{line + 1}")
+            line = reader.line_num
+    return positions if len(positions) == count else None
+
+
+class _Unparsed(str):
+    """A record that is not JSON: what is wrong with it."""
+
+
+def _parse_json(path: str) -> list[tuple[str, Any]]:
+    """``(where, record)`` of a JSON array file, or of a JSON Lines file line by line (an unparsable
+    line's record is :class:`_Unparsed`), read with Python's parser: the diagnosis when ``datasets``
+    cannot read the file or a record is wrong. A file that is wrong as a whole raises."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.lstrip().startswith(b"["):
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        return [(f"{path}:record {i}", record) for i, record in enumerate(value, 1)]
+    if len([line for line in data.splitlines() if line.strip()]) > 1:
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = None
+        if isinstance(value, dict):
+            raise DataError(f"{path}: holds one JSON object; give an array of records, or JSON Lines (one record "
+                            "per line)")
+    records: list[tuple[str, Any]] = []
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            records.append((where, _Unparsed(f"not valid UTF-8 ({exc.reason} at byte {exc.start})")))
+            continue
+        if not line.strip():
+            continue
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            records.append((where, _Unparsed(f"not valid JSON ({exc.msg} at column {exc.colno})")))
+    return records
+
+
+def _raise(errors: list[str]) -> None:
+    listed = errors[:_MAX_LISTED_ERRORS]
+    if len(errors) > len(listed):
+        listed.append(f"... and {len(errors) - len(listed)} more")
+    raise DataError("\n".join(listed), errors)
+
+
+def _examples(path: str, records: list[tuple[str, Any]]) -> tuple[str, str, list[Example]]:
+    """Check ``(where, record)`` pairs: one form throughout, every record well formed."""
     errors: list[str] = []
     examples: list[Example] = []
     form: str | None = None
-    form_line = 0
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                errors.append(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.strip())
-            except json.JSONDecodeError as exc:
-                errors.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(record, dict):
-                errors.append(f"{where}: expected a JSON object, got {_json_type(record)}")
-                continue
-            line_form, problem = _record_form(record)
-            if problem:
-                errors.append(f"{where}: {problem}")
-                continue
-            if form is None:
-                form, form_line = line_form, lineno
-            elif line_form != form:
-                errors.append(f"{where}: {_FORM_NAMES[line_form]} line in a file of {_FORM_NAMES[form]} "
-                              f"lines (see line {form_line}); use one form per file")
-                continue
-            problem = _record_problem(record, line_form)
-            if problem:
-                errors.append(f"{where}: {problem}")
-                continue
-            examples.append(_record_example(record, line_form))
+    form_where = ""
+    for where, record in records:
+        if isinstance(record, _Unparsed):
+            errors.append(f"{where}: {record}")
+            continue
+        if not isinstance(record, dict):
+            errors.append(f"{where}: expected a JSON object, got {_json_type(record)}")
+            continue
+        record_form, problem = _record_form(record)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        if form is None:
+            form, form_where = record_form, where
+        elif record_form != form:
+            errors.append(f"{where}: a record of the {FORMS[record_form][0]} form in a file whose first record "
+                          f"({form_where}) is of the {FORMS[form][0]} form; use one form per file")
+            continue
+        problem = _record_problem(record, record_form)
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        examples.append(_record_example(record, record_form, where))
     if errors:
-        listed = errors[:_MAX_LISTED_ERRORS]
-        if len(errors) > len(listed):
-            listed.append(f"... and {len(errors) - len(listed)} more")
-        raise DataError("\n".join(listed), errors)
+        _raise(errors)
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
-    return ("math" if form == "gsm8k" else "text"), examples
+    kind = "math" if all(ex.final is not None for ex in examples) else "text"
+    return kind, form, examples
 
 
 def _record_form(record: dict) -> tuple[str | None, str | None]:
-    present = {form for form, keys in _FORMS.items() if any(k in record for k in keys)}
-    if len(present) == 2:
-        return None, "has keys of both forms ('question'/'answer' and 'input'/'output'); use one"
+    present = [name for name, (_, _, _, marks) in FORMS.items() if any(k in record for k in marks)]
+    if "alpaca" in present and "text" in present:  # Alpaca's input/output are its own
+        present.remove("text")
+    if len(present) > 1:
+        described = " and ".join(f"{FORMS[name][0]} ({', '.join(repr(k) for k in FORMS[name][3] if k in record)})"
+                                 for name in present)
+        return None, f"ambiguous: has keys of the {described} forms; use one"
     if not present:
         keys = ", ".join(repr(k) for k in record) or "none"
-        return None, (f"expected keys 'question' and 'answer' (GSM8K form) or 'input' and 'output' "
-                      f"(text-to-text form); got {keys}")
+        return None, f"expected the keys of one form: {_FORM_LIST}; got {keys}"
     (form,) = present
-    missing = [k for k in _FORMS[form] if k not in record]
+    missing = [k for k in FORMS[form][1] if k not in record]
     if missing:
-        return None, f"missing key {missing[0]!r}"
+        return None, f"missing key {missing[0]!r} ({FORMS[form][0]} form)"
     return form, None
 
 
+def _text_problem(key: str, value: Any, *, empty_ok: bool = False) -> str | None:
+    if not isinstance(value, str):
+        return f"{key} must be a string, got {_json_type(value)}"
+    if not empty_ok and not value.strip():
+        return f"{key} is empty"
+    try:  # JSON can escape a lone surrogate (\ud800), which no tokenizer can encode
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{key} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1}, not text"
+    return None
+
+
 def _record_problem(record: dict, form: str) -> str | None:
-    for key in _FORMS[form]:
-        value = record[key]
-        if not isinstance(value, str):
-            return f"{key!r} must be a string, got {_json_type(value)}"
-        if not value.strip():
-            return f"{key!r} is empty"
-        try:  # JSON can escape a lone surrogate (\ud800), which no tokenizer can encode
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"{key!r} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1}, not text"
+    if form == "chat":
+        return _messages_problem(record["messages"])
+    _, needed, optional, _ = FORMS[form]
+    for key in needed + tuple(k for k in optional if k in record):
+        problem = _text_problem(repr(key), record[key], empty_ok=key in optional)
+        if problem:
+            return problem
     if form == "gsm8k":
         answer = record["answer"]
         if "####" not in answer:
             return "'answer' has no final '#### N' line"
-        match = _FINAL_LINE.search(answer.rstrip())
-        if match is None or normalize_number(match["number"]) is None:
+        if _final_number(answer) is None:
             tail = answer[answer.rindex("####"):].strip()
             return (f"'answer' must end with '#### N', N a number of at most {MAX_DIGITS} digits; "
                     f"it ends with {tail[:40]!r}")
     return None
 
 
-def _record_example(record: dict, form: str) -> Example:
-    if form == "gsm8k":
-        answer = record["answer"].strip()
-        return Example(prompt=record["question"].strip(), answer=answer,
-                       final=normalize_number(_FINAL_LINE.search(answer)["number"]))
-    return Example(prompt=record["input"].strip(), answer=record["output"].strip())
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"'messages' must be a non-empty array of {{'role', 'content'}} objects, got {_json_type(messages)}"
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            return f"message {i} must be an object with 'role' and 'content', got {_json_type(message)}"
+        for key in ("role", "content"):
+            if key not in message:
+                return f"message {i} has no {key!r}"
+        if message["role"] not in ROLES:
+            return f"message {i}: role {message['role']!r} is not one of {', '.join(ROLES)}"
+        if message["role"] == "system" and i > 1:
+            return f"message {i}: a system message may only come first"
+        problem = _text_problem(f"message {i}'s content", message["content"], empty_ok=message["role"] == "system")
+        if problem:
+            return problem
+    if messages[-1]["role"] != "assistant":
+        return f"the last message must be the assistant's (the answer to learn), not the {messages[-1]['role']}'s"
+    first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if not any(m["role"] == "user" for m in messages[:first_assistant]):
+        return "no user message before the first assistant message"
+    return None
 
 
-def _jsonl_task(path: str, n_train: int, n_test: int, seed: int) -> Task:
-    """Split by ``seed``: test gets ``n_test`` examples, train the rest, capped at ``n_train``.
+def _final_number(answer: str) -> str | None:
+    match = _FINAL_LINE.search(answer.rstrip())
+    return normalize_number(match["number"]) if match else None
 
-    Examples with the same prompt (a text-to-text file may hold several references per input)
-    stay on one side: whole prompts are drawn for test until it is full; the surplus of the last
-    drawn prompt is dropped rather than put into train.
+
+def _record_example(record: dict, form: str, where: str) -> Example:
+    if form == "chat":
+        messages = tuple((m["role"], m["content"].strip() if m["role"] != "system" else m["content"])
+                         for m in record["messages"])
+        last_user = next(content for role, content in reversed(messages) if role == "user")
+        answer = messages[-1][1]
+        return Example(prompt=last_user, answer=answer, final=_final_number(answer), context=messages[:-1],
+                       where=where)
+    if form == "alpaca":
+        extra = record.get("input", "").strip()
+        prompt = record["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+        answer = record["output"].strip()
+    else:
+        prompt_key, answer_key = FORMS[form][1]
+        prompt, answer = record[prompt_key].strip(), record[answer_key].strip()
+    return Example(prompt=prompt, answer=answer, final=_final_number(answer), where=where)
+
+
+def eval_count(n_examples: int, n_groups: int, n_test: int, fraction: float) -> int:
+    """How many of a file's ``n_examples`` are held out: ``fraction`` of them (rounded up), at most
+    ``n_test``, and never all of them (one prompt group at least stays for training: a file of one
+    prompt holds nothing out)."""
+    if fraction <= 0 or n_groups < 2:
+        return 0
+    return min(n_test, math.ceil(fraction * n_examples), n_examples - 1)
+
+
+def _file_task(path: str, n_train: int, n_test: int, seed: int, eval_fraction: float) -> Task:
+    """Split by ``seed``: :func:`eval_count` examples are held out, the rest train (at most ``n_train``).
+
+    Examples with the same prompt (a text-to-text file may hold several references per input, a chat
+    file several conversations with the same last question) stay on one side: whole prompts are drawn
+    for the held-out set until it is full; the surplus of the last drawn prompt is dropped rather than
+    put into train.
     """
-    kind, examples = read_jsonl(path)
-    if n_test > len(examples):
-        raise DataError(f"{path}: {len(examples)} examples, fewer than n_test={n_test}")
-    groups: dict[str, list[Example]] = {}
+    kind, form, examples = read_examples(path)
+    groups: dict[Any, list[Example]] = {}
     for ex in examples:
-        groups.setdefault(ex.prompt, []).append(ex)
-    prompts = list(groups)
-    random.Random(seed).shuffle(prompts)
+        groups.setdefault((ex.context, ex.prompt), []).append(ex)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    n_held = eval_count(len(examples), len(keys), n_test, eval_fraction)
     test: list[Example] = []
-    rest = 0
-    while len(test) < n_test:
-        test.extend(groups[prompts[rest]])
-        rest += 1
-    test = test[:n_test]
-    train = [ex for prompt in prompts[rest:] for ex in groups[prompt]][:n_train]
+    drawn = 0
+    while len(test) < n_held:
+        test.extend(groups[keys[drawn]])
+        drawn += 1
+    test = test[:n_held]
+    train = [ex for key in keys[drawn:] for ex in groups[key]][:n_train]
     if n_train > 0 and not train:
-        raise DataError(f"{path}: {len(examples)} examples leave none for training after n_test={n_test}")
+        raise DataError(f"{path}: {len(examples)} examples leave none for training after holding out {n_held}")
     name = os.path.splitext(os.path.basename(path))[0]
-    info = {"split": "question", "seed": seed, "source": path, "n_file": len(examples)}
+    info = {"split": "question", "seed": seed, "source": path, "n_file": len(examples), "form": form,
+            "form_name": FORMS[form][0]}
     return Task(name=name, kind=kind, train=train, test=test, info=info)
 
 
+def eval_examples(path: str, n_test: int, seed: int) -> tuple[str, str, list[Example]]:
+    """``(kind, form, examples)`` of an evaluation file: all its examples, or a sample of ``n_test``
+    drawn by ``seed`` when it holds more (``finetune --eval-data`` and ``galore-plus evaluate`` draw
+    the same)."""
+    kind, form, examples = read_examples(path)
+    if len(examples) > n_test:
+        examples = random.Random(seed).sample(examples, n_test)
+    return kind, form, examples
+
+
+def _eval_file(task: Task, path: str, n_test: int, seed: int) -> Task:
+    """``task`` with its held-out set replaced by :func:`eval_examples` of ``path``; its kind, and so
+    the metrics, are the evaluation file's."""
+    kind, form, examples = eval_examples(path, n_test, seed)
+    info = dict(task.info, eval_source=path, eval_form=form, eval_form_name=FORMS[form][0])
+    return Task(name=task.name, kind=kind, train=task.train, test=examples, info=info)
+
+
 # ---------------------------------------------------------------------- tokens
+
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+                       "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer: "
+                       "{% else %}{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}")
+"""A conversation for a tokenizer without a chat template, in the plain prompt's words
+(:func:`build_prompt`): each user turn is ``Question: ...\\nAnswer: `` and each assistant turn its
+text and EOS."""
+
 
 def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -515,31 +793,88 @@ def _eos_id(tokenizer) -> int:
     return eos
 
 
-def encode(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]:
-    """``input_ids = prompt + answer + [EOS]``; ``labels`` are −100 over the prompt, so the loss
-    covers the answer tokens and the EOS only; ``attention_mask`` is all ones.
+def _render(tokenizer, messages: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
+    template = None if _has_chat_template(tokenizer) else PLAIN_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], chat_template=template,
+                                         tokenize=False, add_generation_prompt=generation_prompt)
 
-    Longer than ``max_length``: the prompt loses tokens from its left (the question's start; the
-    end of the chat template stays), the answer is never cut — unless the answer and EOS alone
-    do not fit in ``max_length - 1``: then one prompt token is kept (the last of the generation
-    prompt), the answer is cut on the right to the remaining ``max_length - 1`` tokens and the
-    EOS is dropped (the answer did not end there).
+
+def _segments(tokenizer, example: Example) -> list[tuple[list[int], bool]]:
+    """``(token ids, is a response)`` pieces whose concatenation is the example's training sequence.
+
+    One turn (every form but chat): the prompt (:func:`prompt_ids`), then the answer and EOS.
+    A conversation: rendered by the chat template (:data:`PLAIN_CHAT_TEMPLATE` without one) at each
+    assistant turn, before it with the generation prompt and after it; what the template writes for
+    the turn is a response, everything else is context. A response's tokens after its last EOS (a
+    template's newline after the end-of-turn token) are context; a response with no EOS gets one.
+    """
+    if example.context is None:
+        return [(prompt_ids(tokenizer, example.prompt), False),
+                (_answer_ids(tokenizer, example.answer) + [_eos_id(tokenizer)], True)]
+    messages = (*example.context, ("assistant", example.answer))
+    eos = _eos_id(tokenizer)
+    pieces: list[tuple[list[int], bool]] = []
+    done = ""
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        before, after = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[:i + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise ValueError("the chat template does not write this conversation's turns one after another (a "
+                             "conversation rendered up to a turn is not the start of it rendered further), so the "
+                             "assistant's turns cannot be told apart")
+        context = tokenizer(before[len(done):], add_special_tokens=not done and not _has_chat_template(tokenizer))
+        response = _answer_ids(tokenizer, after[len(before):])
+        tail: list[int] = []
+        if eos in response:
+            last = len(response) - 1 - response[::-1].index(eos)
+            response, tail = response[:last + 1], response[last + 1:]
+        else:
+            response = response + [eos]
+        pieces += [(list(context["input_ids"]), False), (response, True)]
+        if tail:
+            pieces.append((tail, False))
+        done = after
+    return pieces
+
+
+def context_ids(tokenizer, example: Example) -> list[int]:
+    """The tokens before the example's (last) answer, exactly as training sees them: what generation
+    continues. One turn: :func:`prompt_ids`."""
+    if example.context is None:
+        return prompt_ids(tokenizer, example.prompt)
+    pieces = _segments(tokenizer, example)
+    last = max(i for i, (_, response) in enumerate(pieces) if response)
+    return [t for ids, _ in pieces[:last] for t in ids]
+
+
+def encode(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` = the example's context and responses (:func:`_segments`; one turn: ``prompt +
+    answer + [EOS]``); ``labels`` are −100 outside the responses, so the loss covers the responses
+    (and their EOS) only; ``attention_mask`` is all ones.
+
+    Longer than ``max_length``: tokens go from the left (the question's start, earlier turns; the end
+    of the chat template stays), the last answer is never cut — unless it and its EOS alone do not
+    fit in ``max_length - 1``: then one token before it is kept (the last of the generation prompt),
+    the answer is cut on the right to the remaining ``max_length - 1`` tokens and the EOS is dropped
+    (the answer did not end there).
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
-    prompt = prompt_ids(tokenizer, example.prompt)
-    target = _answer_ids(tokenizer, example.answer) + [_eos_id(tokenizer)]
-    if len(prompt) + len(target) > max_length:
-        if len(target) <= max_length - 1:
-            prompt = prompt[len(prompt) - (max_length - len(target)):]
+    pieces = _segments(tokenizer, example)
+    last = max(i for i, (_, response) in enumerate(pieces) if response)
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if response else IGNORE_INDEX for piece, response in pieces for t in piece]
+    start = sum(len(piece) for piece, _ in pieces[:last])  # where the last answer begins
+    final = len(ids) - start  # the last answer and anything after it
+    if len(ids) > max_length:
+        if final <= max_length - 1:
+            ids, labels = ids[-max_length:], labels[-max_length:]
         else:
-            prompt = prompt[-1:]
-            target = target[: max_length - len(prompt)]
-    return {
-        "input_ids": prompt + target,
-        "labels": [IGNORE_INDEX] * len(prompt) + target,
-        "attention_mask": [1] * (len(prompt) + len(target)),
-    }
+            keep = max(start - 1, 0)  # one context token, to predict the answer's first
+            ids = ids[keep:keep + max_length]
+            labels = [IGNORE_INDEX] * (start - keep) + labels[start:keep + max_length]
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 
 
 def collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,29 +1,31 @@
 """Evaluation of a causal LM on a task's examples: answer loss, greedy generation, answer metrics.
 
 Application layer, like ``galore_plus.app.data``, whose :func:`~galore_plus.app.data.encode` and
-:func:`~galore_plus.app.data.prompt_ids` it shares so that what is scored is exactly what was trained:
+:func:`~galore_plus.app.data.context_ids` it shares so that what is scored is exactly what was trained:
 
 - :func:`answer_loss`: teacher-forced cross-entropy over the answer tokens (and EOS) only,
   ``Σ token losses / number of answer tokens`` over the whole set (not a mean of batch means, which
-  would weight short batches up).
+  would weight short batches up); its exponential is the answer perplexity.
 - :func:`generate`: batched greedy decoding with left padding; returns the new text only.
-- :func:`extract_final` and :func:`evaluate`: exact-match accuracy of the final number for math,
-  corpus BLEU (sacrebleu, 0–100) and mean ROUGE-L F-measure (rouge-score, 0–1) for text.
+- :func:`extract_final` and :func:`evaluate`: exact-match accuracy of the final number for math
+  (``#### N`` data), corpus BLEU (sacrebleu, 0–100) and mean ROUGE-L F-measure (rouge-score, 0–1)
+  for text.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, encode, normalize_number, prompt_ids
+from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, context_ids, encode, normalize_number
 
-__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "check_prerequisites", "KINDS"]
+__all__ = ["answer_loss", "generate", "extract_final", "evaluate", "evaluate_model", "check_prerequisites", "KINDS"]
 
 KINDS = ("math", "text")
 PROGRESS_MIN_BATCHES = 5
@@ -131,7 +133,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
              progress: bool | None = None) -> list[str]:
     """Greedy answers to ``examples`` (in their order): the new text only, up to the first EOS.
 
-    Prompts are :func:`galore_plus.app.data.prompt_ids` (the training tokens), left-padded by hand with
+    Prompts are :func:`galore_plus.app.data.context_ids` (the training tokens), left-padded by hand with
     the pad token (EOS when there is none) — the tokenizer is not modified — and grouped by length
     to waste little padding. Stops at the tokenizer's EOS or any of the model's generation-config
     EOS ids. ``progress``: show a tqdm bar; ``None`` shows it from
@@ -145,7 +147,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not examples:
         return []
-    prompts = [prompt_ids(tokenizer, ex.prompt) for ex in examples]
+    prompts = [context_ids(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pad_id = _pad_id(tokenizer)
     eos_ids = _eos_ids(model, tokenizer)
@@ -186,7 +188,8 @@ def extract_final(text: str) -> str | None:
 
 def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, max_new_tokens: int, batch_size: int,
              generate_answers: bool = True, max_length: int = 512, return_generations: bool = False) -> dict:
-    """``{"n", "answer_loss"}`` plus, when ``generate_answers``, ``"accuracy"`` (math: exact match of
+    """``{"n", "answer_loss", "perplexity"}`` (``exp(answer_loss)``) plus, when ``generate_answers``,
+    ``"accuracy"`` (math: exact match of
     :func:`extract_final` of the greedy answer with ``example.final``) or ``"bleu"`` (sacrebleu
     corpus BLEU, 0–100) and ``"rouge_l"`` (mean rouge-score ROUGE-L F-measure with stemming, 0–1)
     for text. ``return_generations`` adds the generated texts under ``"generations"``.
@@ -197,9 +200,9 @@ def evaluate(model, tokenizer, task_examples: Sequence[Example], kind: str, *, m
         raise ValueError("evaluate needs at least one example")
     if kind == "math" and any(ex.final is None for ex in task_examples):
         raise ValueError("math examples need a final answer (Example.final)")
-    result: dict = {"n": len(task_examples),
-                    "answer_loss": answer_loss(model, tokenizer, task_examples, batch_size=batch_size,
-                                               max_length=max_length)}
+    loss = answer_loss(model, tokenizer, task_examples, batch_size=batch_size, max_length=max_length)
+    result: dict = {"n": len(task_examples), "answer_loss": loss,
+                    "perplexity": math.exp(loss) if loss < 700 else math.inf}
     if not generate_answers:
         return result
     generations = generate(model, tokenizer, task_examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -237,3 +240,50 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     return {"bleu": float(bleu), "rouge_l": float(sum(scores) / len(scores))}
+
+
+def evaluate_model(config, *, print_json: bool = False) -> dict:
+    """``galore-plus evaluate``: :func:`evaluate` of ``config.model`` on ``config.data``, as ``finetune``
+    evaluates (``config``: a checked :class:`~galore_plus.app.config.EvaluateConfig`).
+
+    A data file gives :func:`~galore_plus.app.data.eval_examples` (all of it, or the seeded sample of
+    ``n_test`` that ``finetune --eval-data`` draws); a task gives the held-out set ``finetune`` draws
+    for the same ``seed``, ``n_test`` (and ``split``, ``n_train``). Returns ``{"model", "data", "form",
+    **metrics}``; ``print_json`` prints it, and ``config.output`` is written too."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .checkpoint import write_json
+    from .config import default_max_new_tokens, torch_dtype
+    from .data import TASKS, eval_examples, load_task
+    from .errors import ConfigError
+    from .models import load_model
+
+    if config.data in TASKS:
+        task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
+                         split=config.split)
+        kind, form, examples = task.kind, None, task.test
+    else:
+        kind, form, examples = eval_examples(config.data, config.n_test, config.seed)
+    try:
+        check_prerequisites(kind)
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    try:
+        model, tokenizer = load_model(config.model, seed=config.seed, dtype=torch_dtype(config.dtype, device))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {config.model} cannot be loaded: {' '.join(str(err).split())[:300]}") from None
+    model.to(device)
+    print(f"evaluating {config.model} on {len(examples)} examples of {config.data}...", file=sys.stderr)
+    metrics = evaluate(model, tokenizer, examples, kind, batch_size=config.eval_batch_size,
+                       max_new_tokens=config.max_new_tokens or default_max_new_tokens(config.data),
+                       max_length=config.max_length)
+    result = {"model": config.model, "data": config.data, "form": form, **metrics}
+    if config.output is not None:
+        write_json(Path(config.output), result)
+    if print_json:
+        print(json.dumps(result, indent=1))
+    return result

@@ -2,16 +2,18 @@
 
 Loads a task and a model offline, trains with a cosine schedule, evaluates before and after on the
 held-out split, and writes ``metrics.json``, ``log.jsonl`` (one line per step), ``loss.png``,
-``run.json`` and a resumable checkpoint (:mod:`galore_plus.app.checkpoint`) to the output directory.
+``run.json``, a resumable checkpoint (:mod:`galore_plus.app.checkpoint`) and ``final/`` (the trained
+model as a Hugging Face model directory, adapters merged) to the output directory.
 ``finetune(config, resume=DIR)`` continues a run and ends where the uninterrupted run would,
 bitwise: data order, optimizer randomness and schedule are pure functions of the seed and the step.
 
 What the user can get wrong is found before the model loads: the options
 (:func:`~galore_plus.app.config.validated`), a run already in the output directory (refused without
 ``--overwrite``), the checkpoint to resume (verified against its manifest; the same world size and
-data file), the data, the evaluation's dependencies, and whether the low-rank options fit the
-model's matrices (the optimizer built for the model on the ``meta`` device). A non-finite training
-loss stops the run before its step is applied; what was saved is kept.
+data file), the data, the evaluation's dependencies, whether the low-rank options fit the
+model's matrices (the optimizer built for the model on the ``meta`` device), and the encoding of every
+example with the model's tokenizer (a chat template's refusal is a ``FILE:LINE`` error). A non-finite
+training loss stops the run before its step is applied; what was saved is kept.
 """
 
 from __future__ import annotations
@@ -29,22 +31,25 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, resumed, validated
-from .data import TASKS, Task
+from .config import (LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, default_max_new_tokens,
+                     projected_backward, resumed, torch_dtype, validated)
+from .data import TASKS, DataError, Task
 from .errors import CheckpointError, ConfigError, RunError
 
 LOG = "log.jsonl"
 METRICS = "metrics.json"
 PLOT = "loss.png"
+FINAL = "final"
 #: what a run writes in its directory: a directory holding any of them holds a run
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
-           checkpoint.CHECKPOINT + ".old")
+           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
 
 
 @dataclass
 class Run:
     """What set-up established: the checked config, where the run writes, this process's place in
-    it, the task, and when resuming, the verified checkpoint state (None before the first save)."""
+    it, the task and its data files' sha256, when resuming the verified checkpoint state (None before
+    the first save), and the model's tokenizer with the training examples it encoded."""
 
     config: FinetuneConfig
     out: Path
@@ -54,7 +59,10 @@ class Run:
     world: int
     task: Task
     data_sha256: str | None
+    eval_data_sha256: str | None
     state: dict[str, Any] | None
+    tokenizer: Any
+    features: list[dict[str, list[int]]]
 
 
 @dataclass
@@ -70,17 +78,25 @@ class Built:
     features: list[dict[str, list[int]]]
     total_steps: int
     max_new_tokens: int
+    dtype: torch.dtype
 
 
-def finetune(config: FinetuneConfig, resume: str | Path | None = None) -> dict[str, Any]:
+def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
+             trust_unverified_checkpoint: bool = False) -> dict[str, Any]:
     """Run a fine-tune, or continue the one in directory ``resume``; returns the metrics written to
     ``metrics.json``.
 
     Resuming, ``config`` is the run's (``checkpoint.saved_config(resume)``); it may differ only by a
-    larger ``max_steps`` (the run is extended), and its ``output_dir`` is ignored. Raises
+    larger ``max_steps`` (the run is extended), and its ``output_dir`` is ignored.
+    ``trust_unverified_checkpoint``: a checkpoint from before manifests gets one
+    (:func:`~galore_plus.app.checkpoint.trust_unverified`) instead of being refused. Raises
     :class:`~galore_plus.app.errors.CommandError` for what the user can fix (before anything slow)
     and :class:`~galore_plus.app.errors.RunError` when training has to stop.
     """
+    if trust_unverified_checkpoint:
+        if resume is None:
+            raise ConfigError("--trust-unverified-checkpoint applies to the checkpoint of --resume DIR")
+        checkpoint.trust_unverified(Path(resume))
     run = setup(config, resume)
     built = build(run)
     start_step, history = start(run, built)
@@ -126,16 +142,72 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
             raise ConfigError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
                               f"{world} ranks")
     data_sha256 = None if config.data in TASKS else checkpoint.sha256_file(config.data)
+    eval_data_sha256 = None if config.eval_data is None else checkpoint.sha256_file(config.eval_data)
     if resume is not None:
-        checkpoint.check_resumable(state, record, out, config.data, data_sha256, world)
+        checkpoint.check_resumable(state, record, out, config.data, data_sha256, world,
+                                   eval_data=config.eval_data, eval_data_sha256=eval_data_sha256)
     task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
-                     split=config.split)  # a malformed file raises DataError: FILE:LINE: problem
-    try:
-        check_prerequisites(task.kind)
-    except ImportError as err:
-        raise ConfigError(str(err)) from None
+                     split=config.split, eval_data=config.eval_data,
+                     eval_fraction=config.eval_fraction)  # a malformed file raises DataError: FILE:LINE: problem
+    if task.test:
+        try:
+            check_prerequisites(task.kind)
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     check_fits(config)
-    return Run(config, out, resume is not None, device, rank, world, task, data_sha256, state)
+    tokenizer, features = _encode(config, task)
+    if rank == 0:
+        print(describe_data(task), file=sys.stderr)
+    return Run(config, out, resume is not None, device, rank, world, task, data_sha256, eval_data_sha256, state,
+               tokenizer, features)
+
+
+def describe_data(task: Task) -> str:
+    """What the run trains and evaluates on, in a line: the source, its detected form, the split."""
+    info = task.info
+    source = f"{info['source']} ({info['n_file']} examples, {info['form_name']})" if "form" in info else task.name
+    held = (f"{len(task.test)} from {info['eval_source']} ({info['eval_form_name']})" if "eval_source" in info
+            else f"{len(task.test)} held out" if task.test else "none held out: no evaluation")
+    scored = {"math": "accuracy of the final number, answer loss", "text": "BLEU, ROUGE-L, answer loss"}[task.kind]
+    return (f"data: {source}: {len(task.train)} for training, {held}"
+            + (f"; scored by {scored}" if task.test else ""))
+
+
+def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, list[int]]]]:
+    """The model's tokenizer and the training examples' encodings; every held-out example is encoded
+    too, so an example the tokenizer (its chat template) refuses is a ``FILE:LINE`` error now."""
+    from jinja2 import TemplateError  # what transformers' chat templates raise
+
+    from .data import encode
+    from .models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {config.model}: its tokenizer cannot be loaded: {_one_line(err)}") from None
+    features, errors = [], []
+    for i, example in enumerate(task.train + task.test):
+        try:
+            encoded = encode(tokenizer, example, config.max_length)
+        except (TemplateError, ValueError) as err:  # a template's raise_exception(), or turns it cannot split
+            errors.append(f"{example.where or 'example ' + str(i + 1)}: the tokenizer of --model {config.model} "
+                          f"refuses it: {_one_line(err)}")
+            continue
+        if i < len(task.train):
+            features.append(encoded)
+    if errors:
+        errors.sort(key=_position)  # in file order (the split shuffled the examples)
+        listed = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise DataError("\n".join(listed), errors)
+    return tokenizer, features
+
+
+def _position(error: str) -> tuple[str, int]:
+    """``(FILE, N)`` of an error that starts ``FILE:N:`` or ``FILE:record N:``."""
+    import re
+
+    match = re.match(r"(.*?):(?:record )?(\d+): ", error)
+    return (match[1], int(match[2])) if match else (error, 0)
 
 
 def check_fits(config: FinetuneConfig) -> None:
@@ -169,16 +241,23 @@ def build(run: Run) -> Built:
     """Load the model, encode the training set, build the optimizer and the schedule."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import encode
     from .models import load_model
 
     config = run.config
+    dtype = torch_dtype(config.dtype, run.device)
     try:
-        model, tokenizer = load_model(config.model, seed=config.seed)
+        model, tokenizer = load_model(config.model, seed=config.seed, dtype=dtype, tokenizer=run.tokenizer)
     except (OSError, ValueError) as err:  # e.g. a model directory without its weights
         raise ConfigError(f"--model {config.model} cannot be loaded: {_one_line(err)}") from None
-    max_new_tokens = config.max_new_tokens or (16 if config.data == "arithmetic" else 256)
-    features = [encode(tokenizer, ex, config.max_length) for ex in run.task.train]
+    if config.gradient_checkpointing:  # non-reentrant: works with layer-wise hooks and the projected backward
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    max_new_tokens = config.max_new_tokens or default_max_new_tokens(config.data)
+    features = run.features
     steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum))
     total_steps = config.max_steps if config.max_steps is not None else math.ceil(config.epochs * steps_per_epoch)
 
@@ -200,7 +279,7 @@ def build(run: Run) -> Built:
         from ..integration import optimizer_summary
 
         print(optimizer_summary(optimizer), file=sys.stderr)
-    return Built(model, train_model, tokenizer, optimizer, scheduler, features, total_steps, max_new_tokens)
+    return Built(model, train_model, tokenizer, optimizer, scheduler, features, total_steps, max_new_tokens, dtype)
 
 
 def build_method(config: FinetuneConfig, model: torch.nn.Module):
@@ -232,8 +311,17 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
     if config.layerwise:
         options["accumulation_steps"] = config.grad_accum
     optimizer = build_optimizer(model, config.method, config.rank, lr=config.lr, weight_decay=config.weight_decay,
-                                eightbit=config.eightbit, layerwise=config.layerwise, seed=config.seed, **options)
+                                eightbit=config.eightbit, layerwise=config.layerwise, seed=config.seed,
+                                projected_backward=projected_backward(config), embeddings=config.embeddings,
+                                stochastic_rounding=config.stochastic_rounding, **options)
     return model, optimizer
+
+
+def uses_projected_backward(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether backward hands ``optimizer`` projected gradients (``build_optimizer(projected_backward=True)``
+    installed it on at least one matrix)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # a LayerwiseOptimizer's engine
+    return getattr(inner, "projected_backward", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------- start
@@ -257,10 +345,11 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
         if not run.resume:  # only with --overwrite: set-up refused a run's directory otherwise
             for name in OUTPUTS:
                 _remove(run.out / name)
-        checkpoint.write_run(run.out, run.config, run.data_sha256)  # first: from here on --resume finds the run
+        # first: from here on --resume finds the run
+        checkpoint.write_run(run.out, run.config, run.data_sha256, run.eval_data_sha256)
         _truncate_log(run.out / LOG, step)
     _barrier(run)
-    if step == 0 and run.config.eval_before:
+    if step == 0 and run.config.eval_before and run.task.test:
         history["eval_before"] = _evaluate(run, built, "before training")
     return step, history
 
@@ -399,9 +488,15 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
     if saved_step != built.total_steps:
         saved_step = _save(run, built, built.total_steps, history, saved_step)
     train_peak = peak_memory_bytes(run.device)  # the evaluation's batches (logits of 32 long answers) can exceed it
-    eval_after = _evaluate(run, built, "after training")  # on every rank: an FSDP2 forward is collective
+    # on every rank: an FSDP2 forward is collective
+    eval_after = _evaluate(run, built, "after training") if run.task.test else None
+    task = run.task
     metrics = {
-        "method": config.method, "rank": config.rank, "model": config.model, "data": run.task.name,
+        "method": config.method, "rank": config.rank, "model": config.model, "data": task.name,
+        "data_form": task.info.get("form"), "n_train": len(task.train), "n_test": len(task.test),
+        "dtype": str(built.dtype).removeprefix("torch."),
+        "projected_backward": uses_projected_backward(built.optimizer),
+        "gradient_checkpointing": config.gradient_checkpointing,
         "steps": built.total_steps, "train_seconds": round(history["train_seconds"], 2),
         "tokens_per_second": round(history["tokens"] / max(history["train_seconds"], 1e-9), 1),
         "peak_memory_bytes": train_peak, "peak_memory_bytes_with_eval": peak_memory_bytes(run.device),
@@ -417,6 +512,9 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
         except ValueError:  # NaN or infinity: not JSON, and not a result
             raise _stop(run, built.total_steps, f"the evaluation after training gave a non-finite result "
                                                 f"({eval_after}), so {METRICS} is not written", saved_step) from None
+    if config.export:  # after the evaluation: merging LoRA/DoRA adapters changes the model in place
+        export(run, built)
+    if run.rank == 0:
         print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after")},
                          indent=1))
     if config.distributed != "none":
@@ -441,8 +539,35 @@ def _save(run: Run, built: Built, step: int, history: dict[str, Any], saved_step
         raise _stop(run, step, f"the update left {int(bad)} parameter entries non-finite, so the run stopped "
                                "without saving them", saved_step)
     checkpoint.save(run.out, built.model, built.optimizer, built.scheduler, step, run.config, history,
-                    world_size=run.world, data_sha256=run.data_sha256)
+                    world_size=run.world, data_sha256=run.data_sha256, eval_data_sha256=run.eval_data_sha256)
     return step
+
+
+def export(run: Run, built: Built) -> Path:
+    """``OUTPUT/final/``: the trained model as a Hugging Face model directory (``save_pretrained``, the
+    tokenizer beside it; LoRA/DoRA adapters merged into the weights by PEFT's ``merge_and_unload``)
+    that ``AutoModelForCausalLM.from_pretrained`` and ``galore-plus evaluate`` load. Written to
+    ``final.tmp`` and renamed into place, so a previous ``final/`` is replaced whole or not at all.
+    Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes."""
+    from .models import save_model
+
+    model, state_dict = built.model, None
+    if run.config.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = run.out / FINAL
+    if run.rank == 0:
+        if run.config.method in ("lora", "dora"):
+            model = model.merge_and_unload()
+        tmp = run.out / (FINAL + ".tmp")
+        _remove(tmp)
+        save_model(model, built.tokenizer, tmp, state_dict)
+        _remove(final)
+        tmp.replace(final)
+        print(f"saved the model to {final} (from_pretrained loads it)", file=sys.stderr)
+    _barrier(run)
+    return final
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -450,7 +575,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def _evaluate(run: Run, built: Built, label: str) -> dict[str, Any]:
+def _evaluate(run: Run, built: Built, label: str) -> dict[str, Any] | None:
     from .evaluate import evaluate
 
     print(f"evaluating {label} on {len(run.task.test)} held-out examples...", file=sys.stderr)

@@ -63,12 +63,14 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 ``--rank`` is checked against them without parsing the 2.6 s of GGUF metadata first."""
 
 
-def tiny_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised :data:`TINY` LLaMA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A randomly initialised :data:`TINY` LLaMA with weights in ``dtype`` (the float32 ones, rounded),
+    made as ``from_pretrained`` makes a model in ``dtype``: buffers such as the rotary frequencies stay
+    float32 (``model.to(dtype)`` would round them too, and an exported model would compute otherwise)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY))
+    return AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=vocab_size, **TINY), dtype=dtype)
 
 
 def check_spec(spec: str) -> None:
@@ -111,22 +113,64 @@ def shape_config(spec: str):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def load_model(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` for ``smollm2``, ``tiny``, a local model directory or a ``.gguf`` file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(spec: str):
+    """The tokenizer of ``smollm2``, ``tiny``, a local model directory or a ``.gguf`` file, with a pad
+    token (the EOS when it has none). Cheap next to the weights: the command encodes the data with it
+    before the model loads, so a chat template's refusal is a ``FILE:LINE`` error first."""
+    from transformers import AutoTokenizer
 
     _offline()
     if spec == "tiny":
-        tokenizer = tiny_tokenizer()
-        return tiny_model(len(tokenizer), seed), tokenizer
+        return tiny_tokenizer()
     check_spec(spec)
     path = smollm2_path() if spec == "smollm2" else Path(spec)
     if path.suffix == ".gguf":
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """``(model, tokenizer)`` for ``smollm2``, ``tiny``, a local model directory or a ``.gguf`` file,
+    the weights in ``dtype``; ``tokenizer``: one :func:`load_tokenizer` already gave."""
+    from transformers import AutoModelForCausalLM
+
+    _offline()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    if spec == "tiny":
+        return tiny_model(len(tokenizer), seed, dtype), tokenizer
+    check_spec(spec)
+    path = smollm2_path() if spec == "smollm2" else Path(spec)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model, tokenizer
+
+
+def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` into ``directory``: a Hugging Face
+    model directory that ``AutoModelForCausalLM.from_pretrained`` and :func:`load_model` load.
+
+    A model read from a GGUF file was dequantized when it loaded, but transformers still marks it as
+    quantized (and refuses to save it): the mark is dropped for the save and put back.
+    ``state_dict``: the full weights, when the model's own are shards (FSDP2)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = model.config
+    had = hasattr(config, "quantization_config")
+    saved = getattr(config, "quantization_config", None)
+    try:
+        if quantizer is not None:
+            model.hf_quantizer = None
+        if had:
+            del config.quantization_config
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    finally:
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
+        if had:
+            config.quantization_config = saved
+    tokenizer.save_pretrained(directory)
