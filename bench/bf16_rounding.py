@@ -45,7 +45,12 @@ import pretrain  # bench/pretrain.py; it also sets OMP_WAIT_POLICY before torch 
 import torch  # noqa: E402
 
 OPTIMIZERS = ("adamw", "galore+")
-PRECISIONS = {"fp32": (torch.float32, True), "bf16-rn": (torch.bfloat16, False), "bf16-sr": (torch.bfloat16, True)}
+# name -> (parameter dtype, stochastic rounding, plain-group moments in float32)
+PRECISIONS = {"fp32": (torch.float32, True, False), "bf16-rn": (torch.bfloat16, False, False),
+              "bf16-sr": (torch.bfloat16, True, False),
+              # diagnostics, not run by default: the plain groups' Adam moments in float32 (see Float32Moments)
+              "bf16-rn-m32": (torch.bfloat16, False, True), "bf16-sr-m32": (torch.bfloat16, True, True)}
+MAIN_PRECISIONS = ("fp32", "bf16-rn", "bf16-sr")
 CATEGORIES = ("matrices", "embeddings", "norms")
 
 MODES = {
@@ -62,9 +67,36 @@ def stem(mode: str) -> str:
 
 # ----------------------------------------------------------------------------------------- optimizers
 
-def make_optimizer(name: str, model, cfg: dict, lr: float, seed: int, stochastic: bool):
+def float32_moments_rule():
+    """AdamW's rule with a plain group's moments in float32 whatever the parameter's dtype.
+
+    The library keeps a plain group's moments in the parameter's dtype, as torch does. In bf16,
+    ``exp_avg_sq.mul_(0.999)`` rounds back to the same value (a relative change of 1e-3 is below
+    half a unit in the last place), so the second moment never decays; this rule tells how much
+    of a bf16 run's gap to fp32 comes from that rather than from the parameter writes. Diagnostic
+    only: a one-method rule given to the optimizer instance, the library untouched.
+    """
+    from galore_plus.adamw import AdamWRule
+
+    class Float32Moments(AdamWRule):
+        def apply_full(self, grad, state, group, lr, write):
+            write.sub(self.direction(grad.float(), state, group, lr))
+
+    return Float32Moments()
+
+
+def make_optimizer(name: str, model, cfg: dict, lr: float, seed: int, stochastic: bool, moments32: bool = False):
     """``(optimizer, settings)``."""
     import galore_plus as gp
+
+    opt, settings = _make_optimizer(gp, name, model, cfg, lr, seed, stochastic)
+    if moments32:
+        opt.rule = float32_moments_rule()
+        settings["plain_group_moments"] = "float32 (diagnostic rule)"
+    return opt, settings
+
+
+def _make_optimizer(gp, name: str, model, cfg: dict, lr: float, seed: int, stochastic: bool):
 
     if name == "adamw":
         opt = gp.GaLoreAdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=seed,
@@ -120,10 +152,10 @@ def changed_fraction(model, before: dict, cats: dict) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ run
 
 def run_one(opt_name, precision, seed, lr, cfg, train_ids, val_windows, vocab, clip) -> dict:
-    dtype, stochastic = PRECISIONS[precision]
+    dtype, stochastic, moments32 = PRECISIONS[precision]
     model = pretrain.build_model(cfg, vocab, seed).to(dtype)
     cats = categories(model)
-    opt, settings = make_optimizer(opt_name, model, cfg, lr, seed, stochastic)
+    opt, settings = make_optimizer(opt_name, model, cfg, lr, seed, stochastic, moments32)
     steps, warmup = cfg["steps"], max(1, round(cfg["warmup"] * cfg["steps"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: pretrain.schedule(s, steps, warmup))
     data = pretrain.Windows(train_ids, cfg["seq"], cfg["batch"], seed)
@@ -209,7 +241,7 @@ def markdown(r: dict) -> str:
     c, d = r["config"], r["data"]
     lines = [
         f"# bf16 rounding benchmark ({r['mode']})", "",
-        f"Command: `{r['command']}`  ",
+        "Command: " + "; then ".join(f"`{c}`" for c in r.get("commands", [r["command"]])) + "  ",
         f"Machine: {r['machine']}; load average at start {r['loadavg_start'][0]:.2f}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + "  ",
         f"Data: {d['source']}; {d['train_docs']} training documents ({d['train_tokens']:,} tokens), {d['val_docs']} "
@@ -267,7 +299,8 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"fp32": "black", "bf16-rn": "tab:red", "bf16-sr": "tab:blue"}
+    colors = {"fp32": "black", "bf16-rn": "tab:red", "bf16-sr": "tab:blue", "bf16-rn-m32": "tab:orange",
+              "bf16-sr-m32": "tab:cyan"}
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(11, 4.2), sharey=True)
     lows = []
@@ -335,7 +368,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CI)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--precisions", default=",".join(MAIN_PRECISIONS),
+                    help=f"comma list of {', '.join(PRECISIONS)} (the -m32 ones are diagnostics)")
     ap.add_argument("--seeds", help="comma list (default: the mode's)")
     ap.add_argument("--steps", type=int, help="override the mode's step count")
     ap.add_argument("--lr", action="append", default=[], metavar="OPT=LR", help="override a peak lr, e.g. adamw=1e-4")
@@ -381,7 +415,7 @@ def main(argv=None) -> int:
         "data": data, "parameters": sum(p.numel() for p in pretrain.build_model(cfg, vocab, 0).parameters()),
         "runs": [],
     }
-    done = {}
+    done, run_seeds = {}, list(cfg["seeds"])
     prev_file = args.out / f"{stem(mode)}.json"
     if args.resume and prev_file.exists():
         prev = json.loads(prev_file.read_text())
@@ -389,16 +423,18 @@ def main(argv=None) -> int:
             k: v for k, v in cfg.items() if k != "seeds"}
         if same and prev.get("data") == data and prev.get("clip") == args.clip:
             done = {(x["optimizer"], x["precision"], x["seed"]): x for x in prev["runs"]}
+            result["runs"] = list(done.values())  # every finished run, whatever this invocation runs
             result["notes"] = prev.get("notes", [])
+            result["commands"] = prev.get("commands", [prev["command"]]) + [result["command"]]
+            cfg["seeds"] = sorted(set(prev["config"]["seeds"]) | set(cfg["seeds"]))
             print(f"resuming: {len(done)} runs already done", flush=True)
     print(f"{mode}: {result['parameters']:,} parameters, {cfg['steps']} steps × {cfg['batch']}×{cfg['seq']} tokens",
           flush=True)
     # seeds outermost: a run cut short still leaves every configuration of the first seed
-    for seed in cfg["seeds"]:
+    for seed in run_seeds:
         for o in optimizers:
             for p in precisions:
                 if (o, p, seed) in done:
-                    result["runs"].append(done[o, p, seed])
                     continue
                 print(f"{o} {p} seed {seed}: peak lr {cfg['lr'][o]:g}", flush=True)
                 result["runs"].append(run_one(o, p, seed, cfg["lr"][o], cfg, train_ids, val_windows, vocab, args.clip))
