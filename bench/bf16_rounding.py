@@ -61,8 +61,10 @@ MODES = {
 MODES["smoke"]["lr"] = dict(MODES["full"]["lr"])
 
 
-def stem(mode: str) -> str:
-    return "bf16_rounding" if mode == "full" else f"bf16_rounding_{mode}"
+def stem(result: dict) -> str:
+    """``bf16_rounding`` for the full run, ``bf16_rounding_smoke`` for the smoke, ``_TAG`` appended."""
+    name = "bf16_rounding" if result["mode"] == "full" else f"bf16_rounding_{result['mode']}"
+    return f"{name}_{result['tag']}" if result.get("tag") else name
 
 
 # ----------------------------------------------------------------------------------------- optimizers
@@ -225,6 +227,7 @@ def summarize(result: dict) -> list[dict]:
                 "final_val_loss": finals, "mean": statistics.fmean(finals),
                 "sd": statistics.stdev(finals) if len(finals) > 1 else None,
                 "gap_to_fp32": gaps, "gap_mean": statistics.fmean(gaps) if gaps else None,
+                "gap_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,
                 "fp32_seed_sd": noise,
                 "gap_over_noise": (statistics.fmean(gaps) / noise) if gaps and noise else None,
                 "changed_over_run": changed,
@@ -240,7 +243,7 @@ def fmt(x, spec=".4f", none="—"):
 def markdown(r: dict) -> str:
     c, d = r["config"], r["data"]
     lines = [
-        f"# bf16 rounding benchmark ({r['mode']})", "",
+        f"# bf16 rounding benchmark ({r['mode']}{', ' + r['tag'] if r.get('tag') else ''})", "",
         "Command: " + "; then ".join(f"`{c}`" for c in r.get("commands", [r["command"]])) + "  ",
         f"Machine: {r['machine']}; load average at start {r['loadavg_start'][0]:.2f}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + "  ",
@@ -252,22 +255,25 @@ def markdown(r: dict) -> str:
         f"10% of the peak lr; gradient clipping {r['clip']}; no weight decay; GaLore+ rank {c['rank']}, "
         f"update_proj_gap {c['update_proj_gap']}, α 0.25; seeds {c['seeds']} (a seed sets the initialisation, the "
         "data order and the optimizer's random streams)", "",
-        "| optimizer | precision | peak lr | final val loss per seed | mean | gap to fp32 (paired, per seed) | "
+        "| optimizer | precision | peak lr | final val loss per seed | mean | gap to fp32 per seed | gap mean ± sd | "
         "gap / fp32 seed sd | weights changed over the run: matrices / embeddings / norms | wall s per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summarize(r):
         ch = row["changed_over_run"]
         gaps = ", ".join(f"{g:+.4f}" for g in row["gap_to_fp32"]) if row["precision"] != "fp32" else "—"
+        paired = "—" if row["precision"] == "fp32" else (
+            f"{row['gap_mean']:+.4f} ± {fmt(row['gap_sd'])}" if row["gap_mean"] is not None else "—")
         ratio = fmt(row["gap_over_noise"], "+.1f") if row["precision"] != "fp32" else (
             f"sd {fmt(row['fp32_seed_sd'])}")
         lines.append(
             f"| {row['optimizer']} | {row['precision']} | {row['lr']:g} | "
-            f"{', '.join(f'{v:.4f}' for v in row['final_val_loss'])} | {row['mean']:.4f} | {gaps} | {ratio} | "
+            f"{', '.join(f'{v:.4f}' for v in row['final_val_loss'])} | {row['mean']:.4f} | {gaps} | {paired} | {ratio} | "
             f"{ch['matrices']:.1%} / {ch['embeddings']:.1%} / {ch['norms']:.1%} | "
             f"{', '.join(f'{w:.0f}' for w in row['wall_s'])} |")
     lines += ["", "Final val loss: mean next-token loss (nats) over the fixed validation windows after the last step. "
-              "Gap: the configuration's final validation loss minus fp32's with the same optimizer and seed. "
+              "Gap: the configuration's final validation loss minus fp32's with the same optimizer and seed "
+              "(same initialisation and data order); mean ± sample sd over the seeds. "
               "fp32 seed sd: the sample standard deviation of fp32's final validation loss over the seeds "
               "(the run-to-run noise). Weights changed: fraction of stored elements that differ from their "
               "initial value after the last step (seed mean).", ""]
@@ -301,28 +307,37 @@ def plot(r: dict, path: Path) -> None:
 
     colors = {"fp32": "black", "bf16-rn": "tab:red", "bf16-sr": "tab:blue", "bf16-rn-m32": "tab:orange",
               "bf16-sr-m32": "tab:cyan"}
-    styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(11, 4.2), sharey=True)
+    styles = ["-", "--", ":", "-.", (0, (1, 3))]
+    seeds = sorted({x["seed"] for x in r["runs"]})
+    fp32 = {(x["optimizer"], x["seed"]): dict((e["step"], e["val_loss"]) for e in x["val_curve"])
+            for x in r["runs"] if x["precision"] == "fp32"}
+    fig, axes = plt.subplots(2, len(OPTIMIZERS), figsize=(11, 7.5), sharex=True, sharey="row",
+                             gridspec_kw={"height_ratios": [3, 2]})
     lows = []
-    for ax, o in zip(axes, OPTIMIZERS):
-        for x in r["runs"]:
-            if x["optimizer"] != o:
-                continue
+    for col, o in enumerate(OPTIMIZERS):
+        top, bottom = axes[0][col], axes[1][col]
+        for x in sorted((x for x in r["runs"] if x["optimizer"] == o), key=lambda x: (x["seed"], x["precision"])):
             pts = [(e["step"], e["val_loss"]) for e in x["val_curve"] if math.isfinite(e["val_loss"])]
             lows += [v for s, v in pts if s > 0]
-            ax.plot([s for s, _ in pts], [v for _, v in pts], color=colors[x["precision"]],
-                    linestyle=styles[r["config"]["seeds"].index(x["seed"]) % len(styles)]
-                    if x["seed"] in r["config"]["seeds"] else "-",
-                    label=f"{x['precision']} seed {x['seed']}: {x['final_val_loss']:.3f}")
-        ax.set_title(f"{o} (peak lr {r['config']['lr'][o]:g})", fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("validation loss (nats/token)")
+            style = dict(color=colors[x["precision"]], linestyle=styles[seeds.index(x["seed"]) % len(styles)])
+            top.plot([s for s, _ in pts], [v for _, v in pts], **style,
+                     label=f"{x['precision']} seed {x['seed']}: {x['final_val_loss']:.3f}")
+            ref = fp32.get((o, x["seed"]))
+            if ref and x["precision"] != "fp32":
+                gap = [(s, v - ref[s]) for s, v in pts if s in ref and s > 0]
+                bottom.plot([s for s, _ in gap], [g for _, g in gap], marker="o", markersize=2, **style)
+        top.set_title(f"{o} (peak lr {r['config']['lr'][o]:g})", fontsize=10)
+        top.grid(alpha=0.3)
+        top.legend(fontsize=7, ncol=2)
+        bottom.axhline(0, color="black", linewidth=0.8)
+        bottom.set_xlabel("step")
+        bottom.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    axes[1][0].set_ylabel("minus fp32 of the same seed")
     if lows:
-        axes[0].set_ylim(min(lows) - 0.05, min(max(lows), min(lows) + 2.0) + 0.05)
-    fig.suptitle(f"LLaMA {r['parameters'] / 1e6:.1f}M on SOTU: fp32 vs bf16 round-to-nearest vs bf16 stochastic "
-                 "rounding", fontsize=10)
+        axes[0][0].set_ylim(min(lows) - 0.05, min(max(lows), min(lows) + 1.5) + 0.05)
+    fig.suptitle(f"LLaMA {r['parameters'] / 1e6:.1f}M on SOTU: fp32 vs bf16 round-to-nearest (rn) vs bf16 "
+                 "stochastic rounding (sr)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -330,7 +345,7 @@ def plot(r: dict, path: Path) -> None:
 
 def write_outputs(out: Path, result: dict, png: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    name = stem(result["mode"])
+    name = stem(result)
     result["summary"] = summarize(result)
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
@@ -379,7 +394,12 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="synthetic text instead of the corpus (smoke only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--resume", action="store_true", help="keep the runs of a matching JSON in --out")
+    ap.add_argument("--tag", help="appended to the output names (a second regime, e.g. another lr)")
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="rewrite the table and plot of a result file and exit")
     args = ap.parse_args(argv)
+    if args.replot:
+        write_outputs(args.replot.parent, json.loads(args.replot.read_text()))
+        return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -408,7 +428,7 @@ def main(argv=None) -> int:
     train_ids, val_windows, vocab, data = load_data(mode, cfg, args.cache, args.synthetic)
     print(f"data: {data} ({time.perf_counter() - t0:.1f} s)", flush=True)
     result = {
-        "benchmark": "bf16_rounding", "mode": mode,
+        "benchmark": "bf16_rounding", "mode": mode, "tag": args.tag,
         "command": "python bench/bf16_rounding.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": pretrain.machine(), "versions": pretrain.versions(), "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "clip": args.clip, "config": cfg,
@@ -416,7 +436,7 @@ def main(argv=None) -> int:
         "runs": [],
     }
     done, run_seeds = {}, list(cfg["seeds"])
-    prev_file = args.out / f"{stem(mode)}.json"
+    prev_file = args.out / f"{stem(result)}.json"
     if args.resume and prev_file.exists():
         prev = json.loads(prev_file.read_text())
         same = {k: v for k, v in prev.get("config", {}).items() if k != "seeds"} == {
