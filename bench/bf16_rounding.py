@@ -311,10 +311,11 @@ def plot(r: dict, path: Path) -> None:
     seeds = sorted({x["seed"] for x in r["runs"]})
     fp32 = {(x["optimizer"], x["seed"]): dict((e["step"], e["val_loss"]) for e in x["val_curve"])
             for x in r["runs"] if x["precision"] == "fp32"}
-    fig, axes = plt.subplots(2, len(OPTIMIZERS), figsize=(11, 7.5), sharex=True, sharey="row",
-                             gridspec_kw={"height_ratios": [3, 2]})
+    present = [o for o in OPTIMIZERS if any(x["optimizer"] == o for x in r["runs"])]
+    fig, axes = plt.subplots(2, len(present), figsize=(5.5 * len(present) + 0.5, 7.5), sharex=True, sharey="row",
+                             gridspec_kw={"height_ratios": [3, 2]}, squeeze=False)
     lows = []
-    for col, o in enumerate(OPTIMIZERS):
+    for col, o in enumerate(present):
         top, bottom = axes[0][col], axes[1][col]
         for x in sorted((x for x in r["runs"] if x["optimizer"] == o), key=lambda x: (x["seed"], x["precision"])):
             pts = [(e["step"], e["val_loss"]) for e in x["val_curve"] if math.isfinite(e["val_loss"])]
@@ -336,7 +337,7 @@ def plot(r: dict, path: Path) -> None:
     axes[1][0].set_ylabel("minus fp32 of the same seed")
     if lows:
         axes[0][0].set_ylim(min(lows) - 0.05, min(max(lows), min(lows) + 1.5) + 0.05)
-    fig.suptitle(f"LLaMA {r['parameters'] / 1e6:.1f}M on SOTU: fp32 vs bf16 round-to-nearest (rn) vs bf16 "
+    fig.suptitle(f"LLaMA {r['parameters'] / 1e6:.1f}M on SOTU:\nfp32 vs bf16 round-to-nearest (rn) vs bf16 "
                  "stochastic rounding (sr)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
