@@ -29,7 +29,10 @@ step all-reduces for the layer's targets, counted by the optimizer on a one-proc
 
     python bench/projected_backward.py --smoke     # seconds: tiny random LLaMA, synthetic batches
     python bench/projected_backward.py --quick     # arithmetic only, 1 repeat, part B at 512 tokens
-    python bench/projected_backward.py             # the whole grid, 2 repeats: ~1.5 h on 2 cores
+    python bench/projected_backward.py             # the whole grid, 2 repeats: ~1.5 h on one core
+    python bench/projected_backward.py --tasks arithmetic --out /tmp/a &   # or split over the 2 cores,
+    python bench/projected_backward.py --tasks gsm_symbolic --no-layer --out /tmp/g; wait
+    python bench/projected_backward.py --merge /tmp/a/projected_backward.json /tmp/g/projected_backward.json
 
 Writes ``projected_backward.json`` and ``.md`` to ``--out`` (default ``bench/results``;
 ``_quick``/``_smoke`` suffixes in those modes), rewritten after every configuration.
@@ -291,6 +294,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--no-layer", dest="layer", action="store_false",
+                    help="skip part B (the LLaMA-7B layer), e.g. in a second invocation over other --tasks")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="write the table of these result files together (e.g. two invocations' --out) and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -298,6 +305,16 @@ def main():
         print(json.dumps(worker(job["config"], job["warmup"], job["steps"], job["smoke"])))
         return
     suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+    if args.merge:
+        records = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {"mode": records[0]["mode"], "command": [r["command"] for r in records], "torch": records[0]["torch"],
+                  "results": {k: v for r in records for k, v in r["results"].items()},
+                  "part_b": next((r["part_b"] for r in records if r["part_b"]), None)}
+        out = Path(args.out)
+        (out / f"projected_backward{suffix}.json").write_text(json.dumps(merged, indent=1))
+        (out / f"projected_backward{suffix}.md").write_text(table(merged["results"], merged["part_b"]))
+        print(table(merged["results"], merged["part_b"]))
+        return
     repeat = args.repeat or (1 if args.smoke or args.quick else 2)
     steps = args.steps or (2 if args.smoke else 5)
     tasks = args.tasks.split(",") if args.tasks else (["arithmetic"] if args.quick or args.smoke else list(TASKS))
@@ -326,7 +343,8 @@ def main():
                   f"{result['tokens_per_second_amortized']:7.0f} amortized, train peak "
                   f"{result['train_peak_bytes'] / 2**30:.2f} GiB", flush=True)
             path.write_text(json.dumps(record, indent=1))
-    record["part_b"] = llama7b_layer((64,) if args.smoke else (512,) if args.quick else (512, 2048), args.smoke)
+    if args.layer:
+        record["part_b"] = llama7b_layer((64,) if args.smoke else (512,) if args.quick else (512, 2048), args.smoke)
     path.write_text(json.dumps(record, indent=1))
     (out / f"projected_backward{suffix}.md").write_text(table(record["results"], record["part_b"]))
     print(table(record["results"], record["part_b"]))
