@@ -245,3 +245,28 @@ def test_embedding_choices():
         assert (id(model.lm_head.weight) in projected) == (not tied)
         train(model, low, batches(1, steps=3))
         assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_refresh_in_backward_equals_the_step_refresh_with_one_backward_per_step():
+    data = batches(1)
+    a, b = tiny(), tiny()
+    train(a, optimizer_for(a, projected_backward=True), data)
+    train(b, optimizer_for(b, projected_backward=True, refresh_in_backward=True), data)
+    assert_same(a, b, 1e-12)
+
+
+def test_refresh_in_backward_leaves_no_full_target_gradient():
+    """At a refresh step each target's m×n gradient is made, used for its projector and dropped in
+    its own backward: none is left in ``.grad``, every projector is refreshed, and the projected
+    gradients wait for ``step()``."""
+    model = tiny(torch.float32)
+    opt = optimizer_for(model, projected_backward=True, refresh_in_backward=True)
+    weights = list(opt.projected_backward.targets.values())
+    ids = batches(1, steps=1)[0][0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(w.grad is None for w in weights)
+    assert all(opt.projected_gradient(w) is not None for w in weights)
+    assert all(opt.state[w]["refresh_count"] == 1 for w in weights)
+    opt.step()
+    with pytest.raises(ValueError, match="option of the projected backward"):
+        optimizer_for(tiny(), refresh_in_backward=True)

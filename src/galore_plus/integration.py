@@ -234,6 +234,7 @@ def build_optimizer(
     stochastic_rounding: bool = True,
     embeddings: str = "full",
     projected_backward: bool = False,
+    refresh_in_backward: bool = False,
     **low_rank_options: Any,
 ) -> LowRankOptimizer | LayerwiseOptimizer:
     """A GaLore or GaLore+ optimizer for ``model``'s trainable parameters.
@@ -269,6 +270,8 @@ def build_optimizer(
     ``projected_backward=True`` makes backward compute the targets' projected gradients directly
     between refreshes (``projected.enable_projected_backward``; ``W.grad`` of a target is then None
     between refreshes): the same optimizer, faster and without the ``m×n`` weight gradients.
+    ``refresh_in_backward`` (with it) refreshes each projector inside backward at a refresh step, so
+    the full gradients never pile up (one backward per step; not under DDP).
     ``stochastic_rounding`` is the optimizer's (bf16/fp16 parameters).
 
     ``low_rank_options``: keys of ``LOW_RANK_DEFAULTS`` (``update_proj_gap``, ``scale``,
@@ -348,7 +351,9 @@ def build_optimizer(
     if projected_backward:
         from .projected import enable_projected_backward
 
-        enable_projected_backward(model, optimizer)
+        enable_projected_backward(model, optimizer, refresh_in_backward=refresh_in_backward)
+    elif refresh_in_backward:
+        raise ValueError("refresh_in_backward=True is an option of the projected backward (projected_backward=True)")
     return optimizer
 
 

@@ -27,7 +27,9 @@ undoes it. What users see:
   (``p.grad``, and the projected gradient of a target between refreshes, whose norm is that of the
   gradient's component in the projector's subspace).
 - Gradient accumulation adds projected gradients (``r``-sized buffers); layer-wise mode and
-  non-reentrant gradient checkpointing work unchanged.
+  non-reentrant gradient checkpointing work unchanged. At a refresh step the targets' full gradients
+  exist until ``step()`` (the refresh needs them) unless ``refresh_in_backward`` refreshes each one
+  as it comes (one backward per step; see ``enable_projected_backward``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
   ``distributed.distribute(optimizer)`` makes each step all-reduce their projected gradients (and
   their full ones at refresh steps) instead: ``r``-sized traffic per target matrix.
@@ -97,13 +99,19 @@ class ProjectedBackward:
     module docstring). ``targets`` maps each patched module to its weight; ``remove()`` restores the
     modules' own ``forward``."""
 
-    def __init__(self, model: nn.Module, optimizer: Any):
+    def __init__(self, model: nn.Module, optimizer: Any, refresh_in_backward: bool = False):
+        import torch.distributed as dist
+
         from .layerwise import LayerwiseOptimizer
 
         engine = optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
         if not isinstance(engine, LowRankOptimizer):
             raise TypeError(f"projected backward needs a galore_plus optimizer, got {type(optimizer).__name__}")
+        if refresh_in_backward and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("refresh_in_backward=True under DDP would refresh each rank from its own, not yet "
+                             "averaged, gradient (different projectors on each rank); refresh at step() there")
         self.engine, self.sink = engine, optimizer
+        self.refresh_in_backward = refresh_in_backward
         self.reduce_group: Any = None
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
@@ -140,10 +148,18 @@ class ProjectedBackward:
     @torch.no_grad()
     def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
         """Backward of one target: the full ``dyᵀ x`` when the projector is due (autograd puts it in
-        ``weight.grad``), else the projected gradient handed to the optimizer (and ``None``)."""
+        ``weight.grad``; with ``refresh_in_backward`` the projector is refreshed from it here, and it is
+        projected and freed at once), else the projected gradient handed to the optimizer (and
+        ``None``)."""
         engine = self.engine
         if engine.projector_due(weight):
-            return (dy.T @ x.to(dy.dtype)).to(weight.dtype)
+            full = (dy.T @ x.to(dy.dtype)).to(weight.dtype)
+            if not self.refresh_in_backward:
+                return full
+            engine.check_gradient(weight, full)
+            engine.refresh_projector(weight, full)
+            self.sink.add_projected_gradient(weight, engine.project(weight, full))
+            return None
         dtype = compute_dtype(weight)
         left, right = engine.projector(weight)
         grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), left, right, engine.residual_index(weight),
@@ -188,12 +204,20 @@ def _projected_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return _ProjectedLinear.apply(x, self.weight, self.bias, self._galore_route)
 
 
-def enable_projected_backward(model: nn.Module, optimizer: Any) -> ProjectedBackward:
+def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backward: bool = False) -> ProjectedBackward:
     """Install the projected backward on ``model``'s linears whose weights are low-rank in
     ``optimizer`` (a ``LowRankOptimizer`` or a ``LayerwiseOptimizer``); returns the handle (also
     ``optimizer.projected_backward``). For models and groups you built yourself;
-    ``build_optimizer(..., projected_backward=True)`` calls it."""
-    return ProjectedBackward(model, optimizer)
+    ``build_optimizer(..., projected_backward=True)`` calls it.
+
+    ``refresh_in_backward``: at a refresh step, refresh each projector inside backward from the
+    gradient of the first micro-batch that reaches it, and project and free that gradient at once,
+    so the targets' full gradients never all exist together (the refresh step's memory peak is the
+    activations plus one ``m×n`` gradient). With one backward per step this is exactly the ``step()``
+    refresh; with several micro-batches the projector comes from the first (as in layer-wise mode).
+    Not under DDP (each rank would refresh from its own gradient). Layer-wise mode refreshes in
+    backward anyway."""
+    return ProjectedBackward(model, optimizer, refresh_in_backward)
 
 
 def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:

@@ -310,9 +310,15 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
                        residual_mode=config.residual_mode)
     if config.layerwise:
         options["accumulation_steps"] = config.grad_accum
+    projected = projected_backward(config)
+    # one backward per step, one process, step() mode: refreshing each projector inside backward is the
+    # same refresh and keeps the targets' full gradients from piling up at a refresh step (layer-wise
+    # mode does so anyway)
+    options["refresh_in_backward"] = (projected and config.grad_accum == 1 and config.distributed == "none"
+                                      and not config.layerwise)
     optimizer = build_optimizer(model, config.method, config.rank, lr=config.lr, weight_decay=config.weight_decay,
                                 eightbit=config.eightbit, layerwise=config.layerwise, seed=config.seed,
-                                projected_backward=projected_backward(config), embeddings=config.embeddings,
+                                projected_backward=projected, embeddings=config.embeddings,
                                 stochastic_rounding=config.stochastic_rounding, **options)
     return model, optimizer
 
