@@ -55,7 +55,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -462,7 +461,7 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
               f"{common['warmup_steps']} warm-up steps, weight decay 0, held-out n_test = {common['n_test']} per seed "
               f"(the test sample, data order and optimizer/adapter randomness all follow the seed). "
               f"max_new_tokens: " + ", ".join(f"{t} {o['max_new_tokens']}" for t, o in settings["tasks"].items()) + ". "
-              f"Learning rates: " + ", ".join(f"{m} {v:g}" for m, v in settings["lr"].items()) + ". "
+              "Learning rates: " + ", ".join(f"{m} {v:g}" for m, v in settings["lr"].items()) + ". "
               f"GaLore / GaLore+: exact SVD for GaLore, GaLore+ = randomized SVD + cross-head q/k + sparse residual "
               f"(ρ 1.2% on q/k, exact mode, unless the row says otherwise), α {common.get('scale', 4.0):g}, "
               f"T = {common['update_proj_gap']}, residual warm-up {common['residual_warmup']}. "

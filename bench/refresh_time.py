@@ -46,7 +46,7 @@ with warnings.catch_warnings():
     from galore_torch.galore_projector import GaLoreProjector
 
 from galore_plus.projection import (  # noqa: E402
-    LEFT, cross_head_projector, project, projection_side, randomized_projector, svd_projector,
+    cross_head_projector, project, projection_side, randomized_projector, svd_projector,
 )
 
 METHODS = ["galore-torch", "ours exact", "ours randomized", "GaLore+", "cross-head exact"]

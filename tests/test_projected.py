@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from galore_plus import LayerwiseOptimizer, build_optimizer
+from galore_plus import build_optimizer
 from galore_plus.projected import clip_grad_norm_, enable_projected_backward, projected_weight_gradient
 
 CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,

@@ -1,6 +1,7 @@
 """The low-rank engine: project → inner rule → project back, with tensor-only state.
 
-``LowRankOptimizer`` is composed of two parts it does not implement itself (DESIGN.md, "Shape"):
+``LowRankOptimizer`` is composed of parts it does not implement itself (DESIGN.md, "Shape of the
+code"):
 
 - an **inner rule** (``InnerRule``: AdamW in ``adamw.py``, 8-bit AdamW in ``adamw8bit.py``, Adafactor
   in ``adafactor.py``): its group keys, their checks, its state and the update it makes from a
@@ -383,7 +384,7 @@ class LowRankOptimizer(Optimizer):
         scheduled refresh; at the very first refresh, where there is none, a seeded random
         orthonormal basis is used instead. Either way training goes on, with a warning. Directions
         of the new basis along which the gradient is numerically zero are zeroed (DESIGN.md,
-        "Rank above the gradient's rank")."""
+        "Projectors", rank above the gradient's rank)."""
         if not self.projector_due(p):
             return False
         group, _, index = self._locate(p)
@@ -405,7 +406,7 @@ class LowRankOptimizer(Optimizer):
             if "proj_side" in state:
                 warnings.warn(f"projector refresh failed for {self.name_of(p)} (shape {tuple(p.shape)}) at step "
                               f"{state['step']}; keeping the previous projector", RuntimeWarning)
-                basis, side = self.projector(p), state["proj_side"]
+                basis = self.projector(p)
             else:
                 warnings.warn(f"projector refresh failed for {self.name_of(p)} (shape {tuple(p.shape)}) at its "
                               "first step; using a seeded random orthonormal projector", RuntimeWarning)

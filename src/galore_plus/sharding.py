@@ -129,7 +129,7 @@ class WholeTensor:
         A gradient of rank ``k < r`` (fewer tokens than the rank, say) has ``r − k`` singular vectors
         that only carry round-off; Adam would normalise that round-off into full-size steps outside
         the gradient's row space. A zeroed vector projects every later gradient to exactly 0 there,
-        so its moments stay 0 and so does the update (DESIGN.md, "Rank above the gradient's rank")."""
+        so its moments stay 0 and so does the update (DESIGN.md, "Projectors")."""
         norms = self.direction_norms(grad, left, right)
         tol = null_tolerance(tuple(grad.shape), grad.dtype)
         out = []
