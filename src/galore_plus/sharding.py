@@ -187,7 +187,8 @@ class RowShards(WholeTensor):
     def all_finite(self, grad: Tensor) -> bool:
         import torch.distributed as dist
 
-        finite = torch.tensor([int(all_finite(grad.to_local()))], dtype=torch.int32, device=grad.to_local().device)
+        shard = grad.to_local()
+        finite = torch.tensor([int(all_finite(shard))], dtype=torch.int32, device=shard.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
         return bool(finite.item())
 
@@ -294,7 +295,7 @@ class RowShards(WholeTensor):
     @staticmethod
     def flat_local(t: Tensor) -> Tensor:
         """This rank's rows of ``t``, flattened (a view): the residual runs on them with local indices."""
-        return (t.to_local() if is_dtensor(t) else t).reshape(-1)
+        return local(t).reshape(-1)
 
     def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
         """This rank's local flat indices of the global top-ρ of ``|P M'|`` (``residual.select_indices``

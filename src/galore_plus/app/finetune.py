@@ -34,6 +34,7 @@ from . import checkpoint
 from .config import (LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, default_max_new_tokens,
                      projected_backward, resumed, torch_dtype, validated)
 from .data import TASKS, DataError, Task
+from ..sharding import local
 from .errors import CheckpointError, ConfigError, RunError
 
 LOG = "log.jsonl"
@@ -536,7 +537,7 @@ def _save(run: Run, built: Built, step: int, history: dict[str, Any], saved_step
     out (an overflowing gradient makes Adam's update NaN), and no checkpoint may hold them."""
     if not run.config.save_checkpoint:
         return saved_step
-    bad = sum(int((~torch.isfinite(_local(p))).sum()) for p in built.model.parameters())
+    bad = sum(int((~torch.isfinite(local(p))).sum()) for p in built.model.parameters())
     if run.world > 1:  # every rank stops, or none
         from .. import distributed
 
@@ -574,11 +575,6 @@ def export(run: Run, built: Built) -> Path:
         print(f"saved the model to {final} (from_pretrained loads it)", file=sys.stderr)
     _barrier(run)
     return final
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter (FSDP2's are DTensors)."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _evaluate(run: Run, built: Built, label: str) -> dict[str, Any] | None:
