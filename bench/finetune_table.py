@@ -280,6 +280,8 @@ def run_job(job, runs_dir):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     keep = ("steps", "train_seconds", "tokens_per_second", "refresh_seconds", "eval_after")
     result = {k: metrics[k] for k in keep}
+    if metrics.get("eval_validation") is not None:  # --n-validation (bench/lr_sweep.py)
+        result["eval_validation"] = metrics["eval_validation"]
     # The grid was recorded with the process's peak through the evaluation after (the table's column);
     # the peak through training alone is kept beside it.
     result.update(peak_memory_bytes=metrics["peak_memory_bytes_with_eval"],

@@ -19,6 +19,7 @@ from galore_plus.app.data import (  # noqa: E402
     Example,
     _exact_value,
     _gsm_example,
+    _gsm_symbolic,
     build_prompt,
     collate,
     encode,
@@ -478,3 +479,34 @@ def test_a_chat_template_that_cannot_split_turns_is_refused():
     example = Example(prompt="q", answer="a", context=(("user", "q"),))
     with pytest.raises(ValueError, match="the chat template does not write this conversation's turns one after"):
         encode(tokenizer, example, max_length=64)
+
+
+# ---------------------------------------------------------------------- validation set
+
+
+@pytest.mark.parametrize("data, split", [("arithmetic", "question"), ("gsm_symbolic", "question"),
+                                         ("gsm_symbolic", "template")])
+def test_a_validation_set_is_the_training_head_and_leaves_the_test_set_alone(data, split):
+    plain = load_task(data, n_train=40, n_test=15, seed=3, split=split)
+    # what the training side would hold with 10 more (the template split: with the same held-out templates)
+    longer = (load_task(data, n_train=50, n_test=15, seed=3, split=split) if split == "question"
+              else _gsm_symbolic(50, 15, 3, split, n_templates_train=40))
+    held = load_task(data, n_train=40, n_test=15, seed=3, split=split, n_validation=10)
+    assert held.test == plain.test and held.info.get("test_templates") == plain.info.get("test_templates")
+    assert held.validation == longer.train[:10] and held.train == longer.train[10:50]
+    assert plain.validation == [] and held.info["n_validation"] == 10
+    assert len({ex.prompt for ex in held.train + held.validation + held.test}) == 65
+
+
+def test_a_files_validation_set_takes_whole_prompts_after_the_test_share(tmp_path):
+    records = [gsm_line(i) for i in range(30)] + [gsm_line(i) for i in range(5)]  # prompts 0-4 twice
+    path = write_jsonl(tmp_path / "mine.jsonl", records)
+    plain = load_task(path, n_train=10_000, n_test=200, seed=1, eval_fraction=0.1)
+    held = load_task(path, n_train=10_000, n_test=200, seed=1, eval_fraction=0.1, n_validation=6)
+    assert held.test == plain.test and len(held.validation) == 6 and held.validation == plain.train[:6]
+    prompts = [{ex.prompt for ex in part} for part in (held.train, held.validation, held.test)]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    with pytest.raises(DataError, match="leave none for training after holding out 40 for validation"):
+        load_task(path, n_train=10, n_test=200, seed=1, n_validation=40)
+    with pytest.raises(ValueError, match="n_validation must be an integer >= 0, got -1"):
+        load_task("arithmetic", n_train=1, n_test=1, n_validation=-1)

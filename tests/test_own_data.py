@@ -312,3 +312,26 @@ def test_a_changed_eval_file_is_refused_at_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["finetune", "--resume", str(tmp_path / "run"), "--max-steps", "3"]) == 2
     assert f"the data file {held} has changed since the run started" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def test_a_validation_set_is_scored_by_answer_loss_and_generation_can_be_skipped(tmp_path, capsys):
+    from galore_plus.app.data import load_task
+    from galore_plus.app.evaluate import evaluate
+
+    common = dict(data="arithmetic", n_train=20, n_test=6, max_steps=2, eval_before=False)
+    plain = finetune(config(tmp_path, name="plain", **common))
+    held = finetune(config(tmp_path, name="held", n_validation=8, generate=False, **common))
+    assert "20 for training, 8 for validation, 6 held out" in capsys.readouterr().err
+    assert held["n_validation"] == 8 and plain["n_validation"] == 0 and plain["eval_validation"] is None
+    assert set(held["eval_validation"]) == {"n", "answer_loss", "perplexity"} and held["eval_validation"]["n"] == 8
+    assert "accuracy" in plain["eval_after"] and set(held["eval_after"]) == {"n", "answer_loss", "perplexity"}
+    # the validation metrics are the trained model's on the examples load_task holds out (final/ is it)
+    model, tokenizer = models.load_model(str(tmp_path / "held" / "final"))
+    task = load_task("arithmetic", n_train=20, n_test=6, seed=0, n_validation=8)
+    again = evaluate(model, tokenizer, task.validation, "math", max_new_tokens=4, batch_size=8, max_length=64,
+                     generate_answers=False)
+    assert again["answer_loss"] == pytest.approx(held["eval_validation"]["answer_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "held" / "metrics.json").read_text())["config"]["n_validation"] == 8

@@ -98,11 +98,15 @@ class FinetuneConfig:
                                   shown="unset, --max-steps gives the length", group="length")
     n_train: int = option(2000, "training examples")
     n_test: int = option(200, "held-out examples (of a data file: at most this many)")
+    n_validation: int = option(0, "training examples held out for choosing hyperparameters: their answer loss after "
+                                  "training is eval_validation in metrics.json (the test set does not change)")
     max_length: int = option(384, "tokens per example (the context is cut from the left, never the last answer)")
     max_new_tokens: int | None = option(None, "tokens generated per held-out answer",
                                         shown="16 for arithmetic, 256 otherwise")
     eval_batch_size: int = option(32, "held-out examples per evaluation batch")
     eval_before: bool = option(True, "evaluate the model before training too")
+    generate: bool = option(True, "generate the held-out answers for accuracy (BLEU, ROUGE-L); off: answer loss "
+                                  "only, much faster")
     seed: int = option(0, "the data sample and order, the tiny model's weights, the optimizer's and adapters' "
                           "randomness")
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
@@ -124,7 +128,8 @@ class FinetuneConfig:
 #: before the held-out fraction keeps its ``--n-test`` held-out examples), and the benchmark's recorded
 #: runs are keyed without them.
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
-                 "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False}
+                 "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
+                 "n_validation": 0, "generate": True}
 
 
 @dataclass(frozen=True)
@@ -249,8 +254,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"--seed must be in [0, 2**32), got {c.seed}")
     if not (is_real(c.eval_fraction) and 0 <= c.eval_fraction <= 1):
         raise ConfigError(f"--eval-fraction must be a number in [0, 1], got {c.eval_fraction}")
-    for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("eval_batch_size", 1),
-                        ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
+    for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("n_validation", 0),
+                        ("eval_batch_size", 1), ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
                         ("max_new_tokens", 1)):
         value = getattr(c, name)
         if value is not None and value < least:

@@ -38,6 +38,7 @@ Quirks of reasoning-gym 0.1.25 handled here (found by generating 15,000 items):
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import operator
@@ -128,6 +129,7 @@ class Task:
     train: list[Example]
     test: list[Example]
     info: dict[str, Any] = field(default_factory=dict)
+    validation: list[Example] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- numbers
@@ -166,7 +168,7 @@ def normalize_number(text: str) -> str | None:
 # ---------------------------------------------------------------------- loading
 
 def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str = "question",
-              eval_data: str | None = None, eval_fraction: float = 0.1) -> Task:
+              eval_data: str | None = None, eval_fraction: float = 0.1, n_validation: int = 0) -> Task:
     """Load ``data`` and split it into at most ``n_train`` training and ``n_test`` test examples.
 
     ``data``: ``"gsm_symbolic"``, ``"arithmetic"`` (``n_train`` and ``n_test`` generated) or a data
@@ -178,11 +180,18 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
 
     ``eval_data``: a data file to evaluate on instead (a seeded sample of ``n_test`` when it holds
     more); the training data then holds nothing out.
+
+    ``n_validation``: that many examples of the training side are held out as ``task.validation``
+    (for choosing hyperparameters without touching the test set): the first ones the training set
+    would have had, whole prompt groups of a file. The test set does not depend on it; the training
+    set is the next ``n_train`` (0: exactly the training set without it).
     """
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
         raise ValueError(f"n_train must be an integer >= 0, got {n_train!r}")
     if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 0:
         raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
+    if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 0:
+        raise ValueError(f"n_validation must be an integer >= 0, got {n_validation!r}")
     if not is_real_fraction(eval_fraction):
         raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
     check_source(data, split)
@@ -193,12 +202,29 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
             raise DataError(f"eval_data must be a data file, not the task {eval_data!r}")
     held = 0 if eval_data is not None else n_test
     if data == "gsm_symbolic":
-        task = _gsm_symbolic(n_train, held, seed, split)
+        task = _gsm_symbolic(n_train + n_validation, held, seed, split, n_train)
     elif data == "arithmetic":
-        task = _arithmetic(n_train, held, seed)
+        task = _arithmetic(n_train + n_validation, held, seed)
     else:
-        task = _file_task(data, n_train, n_test, seed, 0.0 if eval_data is not None else eval_fraction)
+        task = _file_task(data, n_train + n_validation, n_test, seed, 0.0 if eval_data is not None else eval_fraction)
+    if n_validation:
+        task = _hold_validation(task, n_train, n_validation, data)
     return task if eval_data is None else _eval_file(task, os.fspath(eval_data), n_test, seed)
+
+
+def _hold_validation(task: Task, n_train: int, n_validation: int, data: str) -> Task:
+    """``task`` with the head of its training set (whole prompt groups, at least ``n_validation``
+    examples' worth, cut to that many) as its validation set and the next ``n_train`` as its training set."""
+    keys = [(ex.context, ex.prompt) for ex in task.train]
+    cut = min(n_validation, len(keys))
+    while 0 < cut < len(keys) and keys[cut] == keys[cut - 1]:  # a prompt group stays on one side
+        cut += 1
+    validation, train = task.train[:cut][:n_validation], task.train[cut:][:n_train]
+    if n_train > 0 and not train:
+        raise DataError(f"{data}: {len(task.train)} training examples leave none for training after holding out "
+                        f"{n_validation} for validation")
+    return dataclasses.replace(task, train=train, validation=validation,
+                               info=dict(task.info, n_validation=len(validation)))
 
 
 def is_real_fraction(value: Any) -> bool:
@@ -272,7 +298,9 @@ def _gsm_example(item: dict, template: int) -> Example | None:
     return Example(prompt=item["question"].strip(), answer=answer, final=final, template=template)
 
 
-def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str) -> Task:
+def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str, n_templates_train: int | None = None) -> Task:
+    """``n_templates_train`` (default ``n_train``): the training size the template split's share of
+    held-out templates is computed from (so that holding out validation examples leaves it alone)."""
     import reasoning_gym
 
     budget = _generation_budget(n_train, n_test)
@@ -290,7 +318,7 @@ def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str) -> Task:
     else:
         templates = _gsm_templates(ds)
         shuffled = random.Random(seed).sample(templates, len(templates))
-        total = max(n_train + n_test, 1)
+        total = max((n_train if n_templates_train is None else n_templates_train) + n_test, 1)
         k = min(max(math.ceil(len(templates) * n_test / total), 1), len(templates) - 1)
         held_out = set(shuffled[:k])
         train, test = _fill(stream(), n_train, n_test, lambda ex: ex.template in held_out, "gsm_symbolic", budget)
@@ -745,7 +773,7 @@ def _eval_file(task: Task, path: str, n_test: int, seed: int) -> Task:
     the metrics, are the evaluation file's."""
     kind, form, examples = eval_examples(path, n_test, seed)
     info = dict(task.info, eval_source=path, eval_form=form, eval_form_name=FORMS[form][0])
-    return Task(name=task.name, kind=kind, train=task.train, test=examples, info=info)
+    return dataclasses.replace(task, kind=kind, test=examples, info=info)
 
 
 # ---------------------------------------------------------------------- tokens

@@ -149,7 +149,7 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
                                    eval_data=config.eval_data, eval_data_sha256=eval_data_sha256)
     task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
                      split=config.split, eval_data=config.eval_data,
-                     eval_fraction=config.eval_fraction)  # a malformed file raises DataError: FILE:LINE: problem
+                     eval_fraction=config.eval_fraction, n_validation=config.n_validation)  # a malformed file raises DataError: FILE:LINE: problem
     if task.test:
         try:
             check_prerequisites(task.kind)
@@ -170,7 +170,8 @@ def describe_data(task: Task) -> str:
     held = (f"{len(task.test)} from {info['eval_source']} ({info['eval_form_name']})" if "eval_source" in info
             else f"{len(task.test)} held out" if task.test else "none held out: no evaluation")
     scored = {"math": "accuracy of the final number, answer loss", "text": "BLEU, ROUGE-L, answer loss"}[task.kind]
-    return (f"data: {source}: {len(task.train)} for training, {held}"
+    validation = f", {len(task.validation)} for validation" if task.validation else ""
+    return (f"data: {source}: {len(task.train)} for training{validation}, {held}"
             + (f"; scored by {scored}" if task.test else ""))
 
 
@@ -187,7 +188,7 @@ def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, lis
     except (OSError, ValueError) as err:
         raise ConfigError(f"--model {config.model}: its tokenizer cannot be loaded: {_one_line(err)}") from None
     features, errors = [], []
-    for i, example in enumerate(task.train + task.test):
+    for i, example in enumerate(task.train + task.validation + task.test):
         try:
             encoded = encode(tokenizer, example, config.max_length)
         except (TemplateError, ValueError) as err:  # a template's raise_exception(), or turns it cannot split
@@ -497,10 +498,12 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
     train_peak = peak_memory_bytes(run.device)  # the evaluation's batches (logits of 32 long answers) can exceed it
     # on every rank: an FSDP2 forward is collective
     eval_after = _evaluate(run, built, "after training") if run.task.test else None
+    eval_validation = _evaluate(run, built, "after training", validation=True) if run.task.validation else None
     task = run.task
     metrics = {
         "method": config.method, "rank": config.rank, "model": config.model, "data": task.name,
         "data_form": task.info.get("form"), "n_train": len(task.train), "n_test": len(task.test),
+        "n_validation": len(task.validation),
         "dtype": str(built.dtype).removeprefix("torch."),
         "projected_backward": uses_projected_backward(built.optimizer),
         "gradient_checkpointing": config.gradient_checkpointing,
@@ -508,7 +511,7 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
         "tokens_per_second": round(history["tokens"] / max(history["train_seconds"], 1e-9), 1),
         "peak_memory_bytes": train_peak, "peak_memory_bytes_with_eval": peak_memory_bytes(run.device),
         "refresh_seconds": round(history["refresh_seconds"], 3),
-        "eval_before": history.get("eval_before"), "eval_after": eval_after,
+        "eval_before": history.get("eval_before"), "eval_after": eval_after, "eval_validation": eval_validation,
         "config": dataclasses.asdict(config),
     }
     if run.rank == 0:
@@ -518,11 +521,12 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
             checkpoint.write_json(run.out / METRICS, metrics)
         except ValueError:  # NaN or infinity: not JSON, and not a result
             raise _stop(run, built.total_steps, f"the evaluation after training gave a non-finite result "
-                                                f"({eval_after}), so {METRICS} is not written", saved_step) from None
+                                                f"({eval_after}; validation {eval_validation}), so {METRICS} is not written", saved_step) from None
     if config.export:  # after the evaluation: merging LoRA/DoRA adapters changes the model in place
         export(run, built)
     if run.rank == 0:
-        print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after")},
+        print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after",
+                                                        "eval_validation") if k != "eval_validation" or eval_validation},
                          indent=1))
     if config.distributed != "none":
         from .. import distributed
@@ -577,12 +581,17 @@ def export(run: Run, built: Built) -> Path:
     return final
 
 
-def _evaluate(run: Run, built: Built, label: str) -> dict[str, Any] | None:
+def _evaluate(run: Run, built: Built, label: str, validation: bool = False) -> dict[str, Any] | None:
+    """The test set's metrics (with ``--generate``: accuracy or BLEU/ROUGE-L too), or the validation
+    set's answer loss."""
     from .evaluate import evaluate
 
-    print(f"evaluating {label} on {len(run.task.test)} held-out examples...", file=sys.stderr)
-    return evaluate(built.model, built.tokenizer, run.task.test, run.task.kind, max_new_tokens=built.max_new_tokens,
-                    batch_size=run.config.eval_batch_size, max_length=run.config.max_length)
+    examples = run.task.validation if validation else run.task.test
+    print(f"evaluating {label} on {len(examples)} {'validation' if validation else 'held-out'} examples...",
+          file=sys.stderr)
+    return evaluate(built.model, built.tokenizer, examples, run.task.kind, max_new_tokens=built.max_new_tokens,
+                    batch_size=run.config.eval_batch_size, max_length=run.config.max_length,
+                    generate_answers=run.config.generate and not validation)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,0 +1,423 @@
+"""Each method at its own best learning rate: a sweep on a validation split, then seeds on the test split.
+
+The paper's claim (GaLore+ ≥ GaLore ≥ LoRA/DoRA at equal rank) compared at one learning rate per
+family says little: a method can lose only because its rate was off. So, for every method (AdamW,
+LoRA, DoRA, GaLore, GaLore+) at ranks 8 and 32 on each task:
+
+1. **Sweep** learning rates on a ladder with ~3× steps (1e-5, 3e-5, 1e-4, ...), seed 0, each run
+   trained by ``galore_plus.app.finetune`` exactly as the command trains (its defaults: the projected
+   backward, α 4, T 50) with ``--n-validation 200``: 200 examples held out of the training side, so the
+   test set is not touched. The rate with the lowest **validation answer loss** after training wins. A
+   winner at either end of the rates tried adds the next rung beyond it (up to :data:`MAX_RUNGS`), so
+   the chosen rate has a worse neighbour on both sides, or the ladder's limit is reported.
+2. **Finals**: seeds 0, 1, 2 at each method's chosen rate, scored on the **test** split (answer loss
+   and, where the task's budget generates, accuracy). Seed 0's final is the sweep's run where the
+   sweep generated (same settings: one run).
+
+Runs go through ``bench/finetune_table.py``'s machinery: one fresh subprocess per run (its peak RSS
+is its own), one torch thread, results appended at once to ``bench/results/lr_sweep.json`` keyed by
+the complete settings (an interrupted invocation resumes; a diverged run is recorded as such), and
+claims so that two invocations on the two cores share the grid. The next jobs follow from what is
+recorded, so an invocation that finds everything claimed waits for the other's results.
+
+    python bench/lr_sweep.py --smoke              # seconds: tiny model, in-process (CI)
+    python bench/lr_sweep.py --tasks arithmetic   # the arithmetic grid (~5 CPU-hours on this machine)
+    python bench/lr_sweep.py                      # both tasks (gsm_symbolic: see BENCHMARKS.md for its budget)
+    python bench/lr_sweep.py --table-only         # rewrite lr_sweep.md/.png and tuned_table.json
+
+Outputs (``bench/results``): ``lr_sweep.json`` (every run), ``tuned_table.json`` (per task and method:
+the sweep curve, the chosen rate, the finals per seed and their mean ± half-range), ``lr_sweep.md``
+(the tables) and ``lr_sweep.png`` (the sweep curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_table as ft  # noqa: E402  (the run/claim/record machinery)
+
+ROOT = ft.ROOT
+GIB = 2**30
+
+#: learning rates tried, ~3× apart; each method starts at three adjacent rungs
+LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+START = {"adamw": (1e-5, 3e-5, 1e-4), "galore": (1e-5, 3e-5, 1e-4), "galore+": (1e-5, 3e-5, 1e-4),
+         "lora": (1e-4, 3e-4, 1e-3), "dora": (1e-4, 3e-4, 1e-3)}
+MAX_RUNGS = 6  # rates per method at most (3 to start, 3 extensions)
+SEEDS = (0, 1, 2)
+#: the order of the grid: the central comparison first
+METHODS = (("galore+", 32), ("lora", 32), ("galore", 32), ("galore+", 8), ("lora", 8), ("galore", 8),
+           ("dora", 32), ("dora", 8), ("adamw", None))
+
+
+def label_of(method, rank):
+    return method if rank is None else f"{method} r{rank}"
+
+
+def mode_settings(mode):
+    """The common options, per-task options (``sweep_generate``: whether the sweep's runs generate, so
+    that seed 0's final is the sweep run) and the methods of a mode."""
+    if mode == "smoke":
+        common = dict(model="tiny", max_steps=3, batch_size=2, n_train=16, n_test=4, n_validation=4, max_length=64,
+                      eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1)
+        tasks = {"arithmetic": dict(max_new_tokens=4, sweep_generate=True)}
+        methods = (("galore+", 4), ("lora", 4))
+        start = {"galore+": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2)}
+        seeds = (0, 1)
+    else:
+        # the command's defaults (150 steps, T 50, α 4, the projected backward, float32 on CPU), 200
+        # validation examples, 200 test examples
+        common = dict(model="smollm2", max_steps=150, batch_size=4, n_train=2000, n_test=200, n_validation=200,
+                      max_length=384, eval_batch_size=32)
+        tasks = {"arithmetic": dict(max_new_tokens=16, sweep_generate=True),
+                 # 4×~280-token examples: ~12 s a step on one thread; 256-token generation on 200 answers
+                 # ~15 min, and at 40 steps accuracy did not move (1% → 1%, finetune_table.md): the
+                 # budget is shorter, and the finals are scored by answer loss (BENCHMARKS.md §8)
+                 "gsm_symbolic": dict(max_new_tokens=256, max_steps=40, generate=False, sweep_generate=False)}
+        methods, start, seeds = METHODS, START, SEEDS
+    return {"mode": mode, "common": common, "tasks": tasks, "methods": methods, "start": start, "seeds": seeds}
+
+
+def job(settings_of_mode, task, method, rank, lr, seed, stage):
+    """One run: its complete settings (the FinetuneConfig fields that say what it computes) and key."""
+    from galore_plus.app.config import FinetuneConfig
+
+    task_opts = dict(settings_of_mode["tasks"][task])
+    sweep_generate = task_opts.pop("sweep_generate")
+    final_generate = task_opts.pop("generate", True)
+    generate = final_generate if stage == "final" else sweep_generate
+    options = dict(settings_of_mode["common"], **task_opts, data=task, method=method, seed=seed, lr=lr,
+                   eval_before=False, generate=generate)
+    if rank is not None:
+        options["rank"] = rank
+    config = dataclasses.asdict(FinetuneConfig(**options))
+    for name in ft.NOT_SETTINGS:
+        config.pop(name)
+    if rank is None:
+        config["rank"] = None  # AdamW has none
+    settings = {"kind": "train", **config}
+    label = f"{label_of(method, rank)} lr{lr:g}"
+    return {"key": ft._key(settings), "settings": settings, "tables": {stage: label}, "label": label, "task": task,
+            "stage": stage}
+
+
+def eval_before_job(settings_of_mode, task, seed):
+    common = dict(settings_of_mode["common"], **settings_of_mode["tasks"][task])
+    return ft.eval_job(common, task, common, seed)
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def val_loss(record):
+    """The validation answer loss of a recorded run; infinity for a diverged one."""
+    if record["result"].get("diverged"):
+        return math.inf
+    return record["result"]["eval_validation"]["answer_loss"]
+
+
+def sweep_state(settings_of_mode, task, method, rank, by_key):
+    """(jobs to run, curve, chosen lr or None): the sweep's pending rungs, the recorded (lr, loss)
+    pairs, and the chosen rate once the winner has a recorded worse neighbour on both sides (or the
+    ladder / MAX_RUNGS ends it)."""
+    tried = list(settings_of_mode["start"][method])
+    while True:
+        jobs = [job(settings_of_mode, task, method, rank, lr, 0, "sweep") for lr in tried]
+        pending = [j for j in jobs if j["key"] not in by_key]
+        if pending:
+            return pending, _curve(jobs, by_key), None
+        curve = _curve(jobs, by_key)
+        best = min(curve, key=lambda c: c[1])[0]
+        if math.isinf(min(loss for _, loss in curve)):  # every rate diverged: go lower
+            best = min(tried)
+        if len(tried) >= MAX_RUNGS:
+            return [], curve, best
+        step = LADDER.index(best)
+        if best == min(tried) and step > 0:
+            tried.append(LADDER[step - 1])
+        elif best == max(tried) and step < len(LADDER) - 1:
+            tried.append(LADDER[step + 1])
+        else:
+            return [], curve, best
+
+
+def _curve(jobs, by_key):
+    return sorted((j["settings"]["lr"], val_loss(by_key[j["key"]])) for j in jobs if j["key"] in by_key)
+
+
+def plan(settings_of_mode, by_key, tasks=None):
+    """Everything still to run, in order, given what is recorded: per task, each method's sweep rungs,
+    then (once its rate is chosen) the eval before and the finals. A method whose sweep waits on a
+    running rung contributes nothing yet."""
+    out = []
+    for task in settings_of_mode["tasks"]:
+        if tasks and task not in tasks:
+            continue
+        for method, rank in settings_of_mode["methods"]:
+            pending, _, chosen = sweep_state(settings_of_mode, task, method, rank, by_key)
+            out += pending
+            if chosen is None:
+                continue
+            for seed in settings_of_mode["seeds"]:
+                before = eval_before_job(settings_of_mode, task, seed)
+                if before["key"] not in by_key:
+                    out.append(dict(before, stage="before"))
+                final = job(settings_of_mode, task, method, rank, chosen, seed, "final")
+                if final["key"] not in by_key:
+                    out.append(final)
+    return ft._dedupe(out)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def summary(settings_of_mode, by_key):
+    """tuned_table.json's content: per task and method, the curve, the chosen rate and the finals."""
+    out = {"mode": settings_of_mode["mode"], "common": settings_of_mode["common"],
+           "tasks": settings_of_mode["tasks"], "rows": []}
+    for task in settings_of_mode["tasks"]:
+        for method, rank in settings_of_mode["methods"]:
+            pending, curve, chosen = sweep_state(settings_of_mode, task, method, rank, by_key)
+            row = {"task": task, "method": method, "rank": rank, "label": label_of(method, rank),
+                   "curve": [{"lr": lr, "validation_answer_loss": loss} for lr, loss in curve],
+                   "chosen_lr": chosen, "edge": None, "finals": []}
+            if chosen is not None:
+                lrs = [lr for lr, _ in curve]
+                row["edge"] = "lowest tried" if chosen == min(lrs) else "highest tried" if chosen == max(lrs) else None
+                for seed in settings_of_mode["seeds"]:
+                    rec = by_key.get(job(settings_of_mode, task, method, rank, chosen, seed, "final")["key"])
+                    before = by_key.get(eval_before_job(settings_of_mode, task, seed)["key"])
+                    if rec is None:
+                        continue
+                    r = rec["result"]
+                    row["finals"].append({
+                        "seed": seed, "diverged": bool(r.get("diverged")),
+                        "train_seconds": r.get("train_seconds"), "tokens_per_second": r.get("tokens_per_second"),
+                        "train_peak_gib": r["train_peak_memory_bytes"] / GIB if r.get("train_peak_memory_bytes") else None,
+                        "test": r.get("eval_after"), "validation": r.get("eval_validation"),
+                        "before": before["result"]["eval"] if before else None})
+            done = [f for f in row["finals"] if not f["diverged"]]
+            row["mean"] = {name: ft._stats([get(f) for f in done]) for name, get in (
+                ("train_seconds", lambda f: f["train_seconds"]), ("train_peak_gib", lambda f: f["train_peak_gib"]),
+                ("test_answer_loss", lambda f: f["test"]["answer_loss"]),
+                ("test_accuracy", lambda f: f["test"].get("accuracy")),
+                ("before_answer_loss", lambda f: f["before"]["answer_loss"] if f["before"] else None),
+                ("before_accuracy", lambda f: f["before"].get("accuracy") if f["before"] else None))}
+            out["rows"].append(row)
+    return out
+
+
+def render(table, command, path_md, path_png=None, machine=None):
+    c = table["common"]
+    lines = ["# Each method at its own best learning rate", "",
+             f"Command: `{command}`. Raw runs: `lr_sweep.json`; per method: `tuned_table.json`.", "",
+             f"Machine: {(machine or {}).get('processor', '?')}, {(machine or {}).get('cpu_count', '?')} cores "
+             "shared with other jobs, one torch thread per run (each run's load averages in the JSON).", "",
+             f"Settings: model {c['model']}, batch {c['batch_size']}, max_length {c['max_length']}, n_train "
+             f"{c['n_train']}, {c['n_validation']} validation examples (held out of the training side), "
+             f"{c['n_test']} test examples; otherwise `galore-plus finetune`'s defaults (cosine schedule with "
+             f"warm-up {c.get('warmup_steps', 10)}, weight decay 0, GaLore/GaLore+: α 4, T 50, the projected backward; LoRA/DoRA: α = 2r, "
+             "all linear layers). Per task: " + "; ".join(
+                 f"{t} {o.get('max_steps', c['max_steps'])} steps, sweep {'with' if o['sweep_generate'] else 'without'}"
+                 f" generation, finals {'with' if o.get('generate', True) else 'without'} generation"
+                 for t, o in table["tasks"].items()) + ".", "",
+             "Sweep: seed 0, validation answer loss after training (lower is better; ∞: diverged); the chosen "
+             "rate in bold. Finals: the chosen rate, seeds " + ", ".join(map(str, sorted({f['seed'] for r in
+             table['rows'] for f in r['finals']}))) + " on the test split, mean ± half-range; train s: the "
+             "optimizer steps only; train peak GiB: the run process's peak RSS through training.", ""]
+    for task in table["tasks"]:
+        rows = [r for r in table["rows"] if r["task"] == task]
+        lrs = sorted({p["lr"] for r in rows for p in r["curve"]})
+        lines += [f"## {task}: sweep (validation answer loss)", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |",
+                  "|---|" + "---|" * (len(lrs) + 1)]
+        for r in rows:
+            cells = {p["lr"]: p["validation_answer_loss"] for p in r["curve"]}
+            def cell(lr):
+                if lr not in cells:
+                    return ""
+                text = "∞" if math.isinf(cells[lr]) else f"{cells[lr]:.3f}"
+                return f"**{text}**" if lr == r["chosen_lr"] else text
+            chosen = "—" if r["chosen_lr"] is None else f"{r['chosen_lr']:g}" + (f" ({r['edge']})" if r["edge"] else "")
+            lines.append(f"| {r['label']} | " + " | ".join(cell(lr) for lr in lrs) + f" | {chosen} |")
+        lines += ["", f"## {task}: at the chosen rate (test split)", "",
+                  "| method | lr | seeds | train s | train peak GiB | answer loss before → after | "
+                  "accuracy % before → after |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            m = r["mean"]
+            if not r["finals"]:
+                lines.append(f"| {r['label']} | {'—' if r['chosen_lr'] is None else format(r['chosen_lr'], 'g')} | "
+                             "none yet | | | | |")
+                continue
+            seeds = ",".join(str(f["seed"]) + ("✗" if f["diverged"] else "") for f in r["finals"])
+            lines.append(f"| {r['label']} | {r['chosen_lr']:g} | {seeds} | {ft._fmt(m['train_seconds'], 0)} | "
+                         f"{ft._fmt(m['train_peak_gib'], 2)} | {ft._fmt(m['before_answer_loss'], 3)} → "
+                         f"{ft._fmt(m['test_answer_loss'], 3)} | {ft._fmt(m['before_accuracy'], 1, 100)} → "
+                         f"{ft._fmt(m['test_accuracy'], 1, 100)} |")
+        lines.append("")
+    Path(path_md).write_text("\n".join(lines))
+    if path_png:
+        plot(table, path_png)
+
+
+def plot(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(table["tasks"])
+    ranks = sorted({r["rank"] for r in table["rows"] if r["rank"] is not None})
+    fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5.5 * len(ranks), 4 * len(tasks)), squeeze=False)
+    colors = {"adamw": "k", "lora": "tab:blue", "dora": "tab:cyan", "galore": "tab:orange", "galore+": "tab:red"}
+    for i, task in enumerate(tasks):
+        for j, rank in enumerate(ranks):
+            ax = axes[i][j]
+            for r in table["rows"]:
+                if r["task"] != task or r["rank"] not in (rank, None) or not r["curve"]:
+                    continue
+                pts = [(p["lr"], p["validation_answer_loss"]) for p in r["curve"] if not math.isinf(p["validation_answer_loss"])]
+                if not pts:
+                    continue
+                ax.plot(*zip(*pts), "o-", color=colors[r["method"]], label=r["label"], ls="--" if r["rank"] is None else "-")
+                if r["chosen_lr"] is not None:
+                    best = dict(pts).get(r["chosen_lr"])
+                    if best is not None:
+                        ax.plot([r["chosen_lr"]], [best], "*", color=colors[r["method"]], ms=14)
+            ax.set_xscale("log")
+            ax.set_xlabel("peak learning rate")
+            ax.set_ylabel("validation answer loss (seed 0)")
+            ax.set_title(f"{task}, rank {rank} (AdamW dashed; ★ chosen)", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_one(job_, runs_dir, in_process):
+    """The job's result; a run that stopped on a non-finite loss or update is recorded as diverged
+    (a learning rate too high is a result of the sweep, not a failure to retry)."""
+    try:
+        if in_process:
+            result = ft.run_job(job_, runs_dir)
+            if job_["settings"]["kind"] == "train":
+                result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None
+            return result
+        return ft.run_subprocess(job_, runs_dir)
+    except Exception as err:  # noqa: BLE001 - classified below
+        text = str(err) if not in_process else "".join(traceback.format_exception(err))
+        if "A smaller --lr" in text:  # the command's message when a run stops on a non-finite loss or update
+            return {"diverged": True, "error": text.strip().splitlines()[-1][:500]}
+        raise
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
+    ap.add_argument("--results-dir", default=None, help="default bench/results (smoke: runs/lr_sweep/smoke)")
+    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/lr_sweep)")
+    ap.add_argument("--tasks", default=None, help="only these tasks (comma-separated)")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
+    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    mode = "smoke" if args.smoke else "full"
+    settings = mode_settings(mode)
+    results_dir = Path(args.results_dir or (ROOT / ("runs/lr_sweep/smoke" if args.smoke else "bench/results")))
+    runs_dir = Path(args.runs_dir or (ROOT / "runs/lr_sweep" / ("smoke" if args.smoke else "")))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / "lr_sweep.json"
+    tasks = set(args.tasks.split(",")) if args.tasks else None
+    command = "python bench/lr_sweep.py" + (" --smoke" if args.smoke else "")
+    in_process = args.in_process or args.smoke
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    machine = ft.machine_info()
+    if not args.smoke:
+        ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
+        reuse_evals_before(settings, json_path, results_dir / "finetune_table.json")
+    new = 0
+    while not args.table_only and (args.max_runs is None or new < args.max_runs):
+        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
+        todo = plan(settings, by_key, tasks)
+        if not todo:
+            break
+        claimed = None
+        for job_ in todo:
+            claimed = ft.claim(job_, runs_dir, json_path)
+            if claimed is not None:
+                break
+        if claimed is None:  # all claimed by another invocation: its results decide what comes next
+            print(f"  {len(todo)} runs pending, all running elsewhere; waiting", flush=True)
+            time.sleep(30)
+            continue
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        load_before = os.getloadavg()
+        print(f"[{started}] {len(todo)} pending; {ft.describe(job_)} ({job_['stage']})", flush=True)
+        try:
+            result = run_one(job_, runs_dir, in_process)
+        except Exception:  # record nothing: the next invocation retries it
+            traceback.print_exc()
+            print(f"  FAILED (not recorded): {job_['label']}", flush=True)
+            claimed.unlink(missing_ok=True)
+            if args.smoke:
+                raise
+            continue
+        record = {"key": job_["key"], "settings": job_["settings"], "label": job_["label"], "task": job_["task"],
+                  "stage": job_["stage"], "result": result, "machine": machine, "in_process": in_process,
+                  "started": started, "loadavg_before": [round(x, 2) for x in load_before],
+                  "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+        ft.append_result(json_path, record)
+        claimed.unlink(missing_ok=True)
+        new += 1
+        shown = result.get("eval_validation") or result.get("eval_after") or result.get("eval") or result
+        print(f"  done in {result.get('wall_seconds', '?')} s: {json.dumps(shown)}", flush=True)
+        write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
+    table = write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
+    left = plan(settings, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, tasks)
+    print(f"wrote {results_dir / 'lr_sweep.md'}; {len(left)} runs known to be pending", flush=True)
+    return table
+
+
+def reuse_evals_before(settings, json_path, table_json):
+    """Copy the base model's evaluations that ``finetune_table.py`` recorded with the same settings
+    (the test set does not depend on the validation set): the same key, so the same computation."""
+    wanted = {eval_before_job(settings, task, seed)["key"] for task in settings["tasks"] for seed in settings["seeds"]}
+    found = [r for r in ft.load_results(table_json)["runs"] if r["key"] in wanted]
+    with ft._results_lock(json_path):
+        have = {r["key"] for r in ft.load_results(json_path)["runs"]}
+    for record in found:
+        if record["key"] not in have:
+            ft.append_result(json_path, dict(record, stage="before", copied_from="finetune_table.json"))
+
+
+def write_tables(settings, json_path, results_dir, command, machine, plot_too=True):
+    with ft._results_lock(json_path):
+        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
+        table = summary(settings, by_key)
+        tmp = results_dir / "tuned_table.json.tmp"
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, results_dir / "tuned_table.json")
+        render(table, command, results_dir / "lr_sweep.md", results_dir / "lr_sweep.png" if plot_too else None,
+               machine)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``bench/lr_sweep.py``: the sweep's plan (which rates it adds, which it chooses, what the finals
+reuse) on made-up records, and ``--smoke``: the whole harness on the tiny model (in-process, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "lr_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))  # it imports finetune_table beside it
+    spec = importlib.util.spec_from_file_location("lr_sweep", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(job, loss):
+    result = {"diverged": True} if loss is None else {"eval_validation": {"answer_loss": loss}}
+    return {"key": job["key"], "settings": job["settings"], "result": result}
+
+
+def fill(bench, settings, by_key, losses):
+    """Record every pending sweep rung of arithmetic / galore+ r32 with ``losses[lr]``; returns what
+    the plan then says."""
+    while True:
+        pending, curve, chosen = bench.sweep_state(settings, "arithmetic", "galore+", 32, by_key)
+        if not pending:
+            return curve, chosen
+        for job in pending:
+            by_key[job["key"]] = record(job, losses[job["settings"]["lr"]])
+
+
+def test_the_sweep_extends_past_a_winner_at_either_end_and_stops_at_an_interior_one(bench):
+    settings = bench.mode_settings("full")
+    assert settings["start"]["galore+"] == (1e-5, 3e-5, 1e-4)
+    # falling to 3e-4, rising after: 3e-4 is added, then 1e-3 (to see it rise), and 3e-4 is chosen
+    losses = {1e-5: 3.0, 3e-5: 2.0, 1e-4: 1.5, 3e-4: 1.2, 1e-3: 1.4}
+    curve, chosen = fill(bench, settings, {}, losses)
+    assert chosen == 3e-4 and [lr for lr, _ in curve] == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    # the lowest rate best: one rung lower, and the ladder's order is kept
+    curve, chosen = fill(bench, settings, {}, {3e-6: 1.1, 1e-5: 1.0, 3e-5: 2.0, 1e-4: 3.0})
+    assert chosen == 1e-5 and [lr for lr, _ in curve] == [3e-6, 1e-5, 3e-5, 1e-4]
+    # interior at once: nothing added
+    curve, chosen = fill(bench, settings, {}, {1e-5: 2.0, 3e-5: 1.0, 1e-4: 2.5})
+    assert chosen == 3e-5 and len(curve) == 3
+    # a diverged rate is infinitely bad; all diverged: go lower
+    curve, chosen = fill(bench, settings, {}, {1e-5: 1.0, 3e-5: 1.1, 1e-4: None, 3e-6: 1.2})
+    assert chosen == 1e-5 and dict(curve)[1e-4] == math.inf
+    lower = {lr: None for lr in bench.LADDER}
+    lower[1e-6] = 5.0
+    curve, chosen = fill(bench, settings, {}, lower)
+    assert chosen == 1e-6 and len(curve) == 5
+    # always falling: stops after MAX_RUNGS rates, the winner reported at the edge
+    curve, chosen = fill(bench, settings, {}, {lr: -math.log10(lr) for lr in bench.LADDER})
+    assert len(curve) == bench.MAX_RUNGS and chosen == max(lr for lr, _ in curve) == 3e-3
+
+
+def test_finals_follow_the_choice_and_reuse_the_sweep_run_where_it_generated(bench):
+    settings = bench.mode_settings("full")
+    by_key = {}
+    fill(bench, settings, by_key, {1e-5: 2.0, 3e-5: 1.0, 1e-4: 2.5})
+    todo = bench.plan(settings, by_key, {"arithmetic"})
+    finals = [j for j in todo if j["stage"] == "final" and j["label"] == "galore+ r32 lr3e-05"]
+    assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0 is the sweep's run
+    assert {j["settings"]["n_validation"] for j in finals} == {200} and all(j["settings"]["generate"] for j in finals)
+    assert [j["settings"]["seed"] for j in todo if j["stage"] == "before"] == [0, 1, 2]
+    # gsm_symbolic's sweep does not generate: all three seeds are finals; its budget is its own
+    gsm = bench.job(settings, "gsm_symbolic", "galore+", 32, 3e-5, 0, "sweep")["settings"]
+    assert gsm["generate"] is False and gsm["max_steps"] == 40 and gsm["n_validation"] == 200
+    # every sweep run has the command's defaults otherwise (the projected backward: on)
+    s = bench.job(settings, "arithmetic", "galore+", 32, 3e-5, 0, "sweep")["settings"]
+    assert s["projected_backward"] is None and s["max_steps"] == 150 and s["eval_before"] is False
+
+
+def test_smoke(bench, tmp_path):
+    table = bench.main(["--smoke", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    runs = json.loads((tmp_path / "lr_sweep.json").read_text())["runs"]
+    rows = {r["label"]: r for r in table["rows"]}
+    assert set(rows) == {"galore+ r4", "lora r4"}
+    for row in rows.values():
+        assert row["chosen_lr"] == min(row["curve"], key=lambda p: p["validation_answer_loss"])["lr"]
+        assert [f["seed"] for f in row["finals"]] == [0, 1]
+        for final in row["finals"]:
+            assert final["test"]["n"] == 4 and final["validation"]["n"] == 4 and "accuracy" in final["test"]
+    sweep = [r for r in runs if r["stage"] == "sweep"]
+    assert len(sweep) == 6 and all(r["result"]["eval_validation"]["n"] == 4 for r in sweep)
+    md = (tmp_path / "lr_sweep.md").read_text()
+    assert "| galore+ r4 |" in md and "at the chosen rate" in md
+    assert json.loads((tmp_path / "tuned_table.json").read_text()) == json.loads(json.dumps(table))
+    # a second invocation finds everything recorded and runs nothing
+    bench.main(["--smoke", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert len(json.loads((tmp_path / "lr_sweep.json").read_text())["runs"]) == len(runs)
