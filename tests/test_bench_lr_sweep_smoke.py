@@ -73,9 +73,10 @@ def test_finals_follow_the_choice_and_reuse_the_sweep_run_where_it_generated(ben
     assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0 is the sweep's run
     assert {j["settings"]["n_validation"] for j in finals} == {200} and all(j["settings"]["generate"] for j in finals)
     assert [j["settings"]["seed"] for j in todo if j["stage"] == "before"] == [0, 1, 2]
-    # gsm_symbolic's sweep does not generate: all three seeds are finals; its budget is its own
-    gsm = bench.job(settings, "gsm_symbolic", "galore+", 32, 3e-5, 0, "sweep")["settings"]
-    assert gsm["generate"] is False and gsm["max_steps"] == 40 and gsm["n_validation"] == 200
+    # gsm_symbolic neither sweeps nor finals with generation (see the module): seed 0's final is its sweep run too
+    gsm = bench.job(settings, "gsm_symbolic", "galore+", 32, 3e-5, 0, "sweep")
+    assert gsm["settings"]["generate"] is False and gsm["settings"]["max_steps"] == 40
+    assert gsm["key"] == bench.job(settings, "gsm_symbolic", "galore+", 32, 3e-5, 0, "final")["key"]
     # every sweep run has the command's defaults otherwise (the projected backward: on)
     s = bench.job(settings, "arithmetic", "galore+", 32, 3e-5, 0, "sweep")["settings"]
     assert s["projected_backward"] is None and s["max_steps"] == 150 and s["eval_before"] is False
