@@ -58,6 +58,17 @@ SEEDS = (0, 1, 2)
 #: the order of the grid: the central comparison first
 METHODS = (("galore+", 32), ("lora", 32), ("galore", 32), ("galore+", 8), ("lora", 8), ("galore", 8),
            ("dora", 32), ("dora", 8), ("adamw", None))
+#: where GaLore+ loses to LoRA at both their chosen rates (validation answer loss, seed 0), one run per
+#: hypothesis of why, at GaLore+'s chosen rate × the factor, seed 0, compared with GaLore+'s sweep run:
+#: (name, options, lr factor). α/lr coupling: the projected update is α·lr while the embeddings, lm_head
+#: and norms step at lr, so a rate chosen for one part may suit the other badly (the same low-rank
+#: step with 4× / ¼ the plain step); the update gap T; the sparse residual; the embeddings and norms,
+#: which LoRA leaves frozen. (Cross-head projection is what GaLore+ adds over GaLore besides the
+#: randomized SVD and the residual: GaLore's row against GaLore+'s is that comparison.)
+DIAGNOSES = (("alpha 1, lr x4", {"scale": 1.0}, 4.0), ("alpha 16, lr /4", {"scale": 16.0}, 0.25),
+             ("T 10", {"update_proj_gap": 10}, 1.0), ("rho 0", {"residual_ratio": 0.0}, 1.0),
+             ("embeddings frozen", {"embeddings": "frozen"}, 1.0))
+DIAGNOSE_AFTER = 6  # in the grid's order: after the central six methods' runs
 
 
 def label_of(method, rank):
@@ -88,21 +99,22 @@ def mode_settings(mode):
     return {"mode": mode, "common": common, "tasks": tasks, "methods": methods, "start": start, "seeds": seeds}
 
 
-def job(settings_of_mode, task, method, rank, lr, seed, stage):
-    """One run: its complete settings (the FinetuneConfig fields that say what it computes) and key."""
+def job(settings_of_mode, task, method, rank, lr, seed, stage, extra=None, name=None):
+    """One run: its complete settings (the FinetuneConfig fields that say what it computes) and key;
+    ``extra`` options (a diagnosis, ``name``) on top of the grid's."""
     from galore_plus.app.config import FinetuneConfig
 
     options = dict(settings_of_mode["common"], **settings_of_mode["tasks"][task], data=task, method=method, seed=seed,
-                   lr=lr, eval_before=False)
+                   lr=lr, eval_before=False, **(extra or {}))
     if rank is not None:
         options["rank"] = rank
     config = dataclasses.asdict(FinetuneConfig(**options))
-    for name in ft.NOT_SETTINGS:
-        config.pop(name)
+    for where in ft.NOT_SETTINGS:
+        config.pop(where)
     if rank is None:
         config["rank"] = None  # AdamW has none
     settings = {"kind": "train", **config}
-    label = f"{label_of(method, rank)} lr{lr:g}"
+    label = f"{label_of(method, rank)} lr{lr:g}" + (f" {name}" if name else "")
     return {"key": ft._key(settings), "settings": settings, "tables": {stage: label}, "label": label, "task": task,
             "stage": stage}
 
@@ -159,7 +171,9 @@ def plan(settings_of_mode, by_key, tasks=None):
     for task in settings_of_mode["tasks"]:
         if tasks and task not in tasks:
             continue
-        for method, rank in settings_of_mode["methods"]:
+        for i, (method, rank) in enumerate(settings_of_mode["methods"]):
+            if i == DIAGNOSE_AFTER:
+                out += [j for j in diagnose_jobs(settings_of_mode, task, by_key) if j["key"] not in by_key]
             pending, _, chosen = sweep_state(settings_of_mode, task, method, rank, by_key)
             out += pending
             if chosen is None:
@@ -171,7 +185,25 @@ def plan(settings_of_mode, by_key, tasks=None):
                 final = job(settings_of_mode, task, method, rank, chosen, seed, "final")
                 if final["key"] not in by_key:
                     out.append(final)
+        if len(settings_of_mode["methods"]) <= DIAGNOSE_AFTER:
+            out += [j for j in diagnose_jobs(settings_of_mode, task, by_key) if j["key"] not in by_key]
     return ft._dedupe(out)
+
+
+def diagnose_jobs(settings_of_mode, task, by_key):
+    """The :data:`DIAGNOSES` runs of GaLore+ at each rank where LoRA's chosen rate beats GaLore+'s on
+    validation answer loss (nothing while either sweep is open)."""
+    out = []
+    for rank in sorted({r for m, r in settings_of_mode["methods"] if m == "galore+"}, reverse=True):
+        if ("lora", rank) not in settings_of_mode["methods"]:
+            continue
+        _, plus_curve, plus = sweep_state(settings_of_mode, task, "galore+", rank, by_key)
+        _, lora_curve, lora = sweep_state(settings_of_mode, task, "lora", rank, by_key)
+        if plus is None or lora is None or dict(plus_curve)[plus] <= dict(lora_curve)[lora]:
+            continue
+        out += [job(settings_of_mode, task, "galore+", rank, plus * factor, 0, "diagnose", extra, name)
+                for name, extra, factor in DIAGNOSES]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -210,6 +242,36 @@ def summary(settings_of_mode, by_key):
                 ("before_answer_loss", lambda f: f["before"]["answer_loss"] if f["before"] else None),
                 ("before_accuracy", lambda f: f["before"].get("accuracy") if f["before"] else None))}
             out["rows"].append(row)
+    out["diagnoses"] = diagnoses(settings_of_mode, by_key)
+    return out
+
+
+def diagnoses(settings_of_mode, by_key):
+    """Per task and rank diagnosed: GaLore+'s and LoRA's seed-0 runs at their chosen rates and each
+    recorded :data:`DIAGNOSES` run beside them."""
+    def scores(rec):
+        if rec is None:
+            return None
+        r = rec["result"]
+        if r.get("diverged"):
+            return {"diverged": True}
+        return {"validation_answer_loss": r["eval_validation"]["answer_loss"],
+                "test_answer_loss": r["eval_after"]["answer_loss"], "test_accuracy": r["eval_after"].get("accuracy"),
+                "train_seconds": r["train_seconds"]}
+
+    out = []
+    for task in settings_of_mode["tasks"]:
+        jobs = diagnose_jobs(settings_of_mode, task, by_key)
+        for rank in sorted({j["settings"]["rank"] for j in jobs}, reverse=True):
+            chosen = {m: sweep_state(settings_of_mode, task, m, rank, by_key)[2] for m in ("galore+", "lora")}
+            entry = {"task": task, "rank": rank, "chosen_lr": chosen, "runs": [
+                {"name": f"{m} at its chosen rate", "lr": chosen[m],
+                 **scores(by_key.get(job(settings_of_mode, task, m, rank, chosen[m], 0, "sweep")["key"]))}
+                for m in ("galore+", "lora")]}
+            for (name, extra, _), j in zip(DIAGNOSES, [j for j in jobs if j["settings"]["rank"] == rank]):
+                entry["runs"].append({"name": f"galore+ {name}", "lr": j["settings"]["lr"], "options": extra,
+                                      **(scores(by_key.get(j["key"])) or {"pending": True})})
+            out.append(entry)
     return out
 
 
@@ -261,6 +323,18 @@ def render(table, command, path_md, path_png=None, machine=None):
                          f"{ft._fmt(m['test_answer_loss'], 3)} | {ft._fmt(m['before_accuracy'], 1, 100)} → "
                          f"{ft._fmt(m['test_accuracy'], 1, 100)} |")
         lines.append("")
+        for entry in [d for d in table.get("diagnoses", []) if d["task"] == task]:
+            lines += [f"## {task}: GaLore+ r{entry['rank']} trails LoRA r{entry['rank']}: one run per hypothesis "
+                      "(seed 0)", "", "| run | lr | validation answer loss | test answer loss | test accuracy % | "
+                      "train s |", "|---|---|---|---|---|---|"]
+            for run in entry["runs"]:
+                if run.get("pending") or run.get("diverged"):
+                    lines.append(f"| {run['name']} | {run['lr']:g} | {'pending' if run.get('pending') else '∞'} | | | |")
+                    continue
+                acc = "—" if run["test_accuracy"] is None else f"{100 * run['test_accuracy']:.1f}"
+                lines.append(f"| {run['name']} | {run['lr']:g} | {run['validation_answer_loss']:.3f} | "
+                             f"{run['test_answer_loss']:.3f} | {acc} | {run['train_seconds']:.0f} |")
+            lines.append("")
     Path(path_md).write_text("\n".join(lines))
     if path_png:
         plot(table, path_png)

@@ -100,3 +100,41 @@ def test_smoke(bench, tmp_path):
     # a second invocation finds everything recorded and runs nothing
     bench.main(["--smoke", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     assert len(json.loads((tmp_path / "lr_sweep.json").read_text())["runs"]) == len(runs)
+
+
+def test_galore_plus_trailing_lora_gets_one_run_per_hypothesis(bench, tmp_path):
+    settings = bench.mode_settings("full")
+    by_key = {}
+    fill(bench, settings, by_key, {1e-5: 2.0, 3e-5: 1.0, 1e-4: 2.5})  # GaLore+ r32: 3e-5, loss 1.0
+    assert bench.diagnose_jobs(settings, "arithmetic", by_key) == []  # LoRA's sweep is open
+    lora = {1e-4: 1.2, 3e-4: 0.9, 1e-3: 1.5}
+    for lr, loss in lora.items():
+        j = bench.job(settings, "arithmetic", "lora", 32, lr, 0, "sweep")
+        by_key[j["key"]] = record(j, loss)
+    jobs = bench.diagnose_jobs(settings, "arithmetic", by_key)
+    assert [j["settings"]["lr"] for j in jobs] == [pytest.approx(1.2e-4), pytest.approx(7.5e-6), 3e-5, 3e-5, 3e-5]
+    assert [j["settings"]["scale"] for j in jobs[:3]] == [1.0, 16.0, 4.0] and jobs[2]["settings"]["update_proj_gap"] == 10
+    assert jobs[3]["settings"]["residual_ratio"] == 0.0 and jobs[4]["settings"]["embeddings"] == "frozen"
+    assert all(j["settings"]["seed"] == 0 and j["settings"]["rank"] == 32 for j in jobs)
+    todo = bench.plan(settings, by_key, {"arithmetic"})
+    assert all(j in todo for j in jobs)
+    # the table: both baselines and each hypothesis, recorded or pending
+    by_key[jobs[0]["key"]] = {"key": jobs[0]["key"], "settings": jobs[0]["settings"], "result": {
+        "eval_validation": {"answer_loss": 0.95}, "eval_after": {"answer_loss": 0.97, "accuracy": 0.2},
+        "train_seconds": 300.0}}
+    for j in [bench.job(settings, "arithmetic", m, 32, lr, 0, "sweep") for m, lr in (("galore+", 3e-5), ("lora", 3e-4))]:
+        by_key[j["key"]]["result"].update(eval_after={"answer_loss": 1.0, "accuracy": 0.1}, train_seconds=280.0)
+    table = bench.summary(settings, by_key)
+    (entry,) = table["diagnoses"]
+    assert [r["name"] for r in entry["runs"]] == ["galore+ at its chosen rate", "lora at its chosen rate"] + [
+        f"galore+ {name}" for name, _, _ in bench.DIAGNOSES]
+    assert entry["runs"][2]["validation_answer_loss"] == 0.95 and entry["runs"][3] == {
+        "name": "galore+ alpha 16, lr /4", "lr": pytest.approx(7.5e-6), "options": {"scale": 16.0}, "pending": True}
+    bench.render(table, "cmd", tmp_path / "t.md")
+    md = (tmp_path / "t.md").read_text()
+    assert "GaLore+ r32 trails LoRA r32" in md and "| galore+ alpha 1, lr x4 | 0.00012 | 0.950 | 0.970 | 20.0 | 300 |" in md
+    # LoRA no better: nothing to diagnose
+    for lr in lora:
+        j = bench.job(settings, "arithmetic", "lora", 32, lr, 0, "sweep")
+        by_key[j["key"]] = record(j, lora[lr] + 0.2)
+    assert bench.diagnose_jobs(settings, "arithmetic", by_key) == []
