@@ -55,6 +55,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -295,6 +296,7 @@ def run_job(job, runs_dir):
 def _slug(job):
     s = job["settings"]
     name = job["label"].replace(" ", "_").replace("%", "pct").replace("=", "")
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", name)  # a file name: no "/" or "," from a label
     return f"{name}_s{s['seed']}"
 
 

@@ -422,11 +422,13 @@ def main(argv=None):
     if not args.smoke:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
         reuse_evals_before(settings, json_path, results_dir / "finetune_table.json")
-    new = 0
+    new, failed = 0, set()
     while not args.table_only and (args.max_runs is None or new < args.max_runs):
         by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
-        todo = plan(settings, by_key, tasks)
+        todo = [j for j in plan(settings, by_key, tasks) if j["key"] not in failed]
         if not todo:
+            if failed:
+                raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
             break
         claimed = None
         for job_ in todo:
@@ -444,7 +446,8 @@ def main(argv=None):
             result = run_one(job_, runs_dir, in_process)
         except Exception:  # record nothing: the next invocation retries it
             traceback.print_exc()
-            print(f"  FAILED (not recorded): {job_['label']}", flush=True)
+            print(f"  FAILED (not recorded; not retried by this invocation): {job_['label']}", flush=True)
+            failed.add(job_["key"])
             claimed.unlink(missing_ok=True)
             if args.smoke:
                 raise
