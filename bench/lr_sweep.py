@@ -359,16 +359,21 @@ def plot(table, path):
                 pts = [(p["lr"], p["validation_answer_loss"]) for p in r["curve"] if not math.isinf(p["validation_answer_loss"])]
                 if not pts:
                     continue
-                ax.plot(*zip(*pts), "o-", color=colors[r["method"]], label=r["label"], ls="--" if r["rank"] is None else "-")
+                ax.plot(*zip(*pts), marker="o", color=colors[r["method"]], label=r["label"], ls="--" if r["rank"] is None else "-")
                 if r["chosen_lr"] is not None:
                     best = dict(pts).get(r["chosen_lr"])
                     if best is not None:
                         ax.plot([r["chosen_lr"]], [best], "*", color=colors[r["method"]], ms=14)
-            ax.set_xscale("log")
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no runs recorded yet", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.set_xscale("log")
+                ax.legend(fontsize=7)
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel("validation answer loss (seed 0)")
             ax.set_title(f"{task}, rank {rank} (AdamW dashed; ★ chosen)", fontsize=9)
-            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
