@@ -179,24 +179,30 @@ NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwr
 
 
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
+    from galore_plus.app.config import LEGACY_VALUES
 
     # the options added since the grid was recorded keep the values its runs had (float32, the full
     # backward, ...), and are left out of the key at those values, so recorded runs stay reachable
     options = dict(LEGACY_VALUES, **common, data=task, method=method, seed=seed, lr=lr, eval_before=False,
                    **task_opts, **extra)
-    if rank is not None:
-        options["rank"] = rank
-    config = dataclasses.asdict(FinetuneConfig(**options))
+    settings = train_settings(options, rank)
+    for name, value in LEGACY_VALUES.items():
+        if settings[name] == value:
+            settings.pop(name)
+    return {"key": _key(settings), "settings": settings, "tables": {table: label}, "label": label, "task": task}
+
+
+def train_settings(options, rank):
+    """A training run's settings (its key's content): every FinetuneConfig field that says what it
+    computes, from ``options`` and ``rank`` (``None`` for AdamW, which has none)."""
+    from galore_plus.app.config import FinetuneConfig
+
+    config = dataclasses.asdict(FinetuneConfig(**options, **({} if rank is None else {"rank": rank})))
     for name in NOT_SETTINGS:
         config.pop(name)
-    for name, value in LEGACY_VALUES.items():
-        if config[name] == value:
-            config.pop(name)
     if rank is None:
         config["rank"] = None  # AdamW ignores it
-    settings = {"kind": "train", **config}
-    return {"key": _key(settings), "settings": settings, "tables": {table: label}, "label": label, "task": task}
+    return {"kind": "train", **config}
 
 
 # ---------------------------------------------------------------------------------------------- running a job
@@ -305,6 +311,24 @@ def worker(job_file):
     job = json.loads(Path(job_file).read_text())
     result = run_job(job, job["runs_dir"])
     Path(job_file).with_suffix(".result.json").write_text(json.dumps(result))
+
+
+def run(job, runs_dir, in_process):
+    """The job's result, run in this process or in a fresh one (:func:`run_subprocess`)."""
+    if not in_process:
+        return run_subprocess(job, runs_dir)
+    result = run_job(job, runs_dir)
+    if job["settings"]["kind"] == "train":  # in-process, ru_maxrss is the whole invocation's peak, not the run's
+        result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None
+    return result
+
+
+def record_of(job, result, machine, in_process, started, load_before, **extra):
+    """What the results file records of a finished job (``extra``: a caller's own fields)."""
+    return {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"], **extra,
+            "result": result, "machine": machine, "in_process": in_process, "started": started,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_subprocess(job, runs_dir):
@@ -626,23 +650,13 @@ def main(argv=None):
             load_before = os.getloadavg()
             print(f"[{started}] {i}/{len(todo)} {describe(job)}", flush=True)
             try:
-                if in_process:
-                    result = run_job(job, runs_dir)
-                    if job["settings"]["kind"] == "train":
-                        # in-process, ru_maxrss is the whole invocation's peak, not the run's
-                        result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None
-                else:
-                    result = run_subprocess(job, runs_dir)
+                result = run(job, runs_dir, in_process)
             except Exception:  # record nothing: the next invocation retries it
                 traceback.print_exc()
                 print(f"  FAILED (not recorded): {job['label']}", flush=True)
                 claimed.unlink(missing_ok=True)
                 continue
-            record = {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"],
-                      "result": result, "machine": machine, "in_process": in_process, "started": started,
-                      "loadavg_before": [round(x, 2) for x in load_before],
-                      "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-            append_result(json_path, record)
+            append_result(json_path, record_of(job, result, machine, in_process, started, load_before))
             claimed.unlink(missing_ok=True)
             new += 1
             summary = result.get("eval") or result.get("eval_after")

@@ -33,7 +33,6 @@ the sweep curve, the chosen rate, the finals per seed and their mean ± half-ran
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -102,18 +101,9 @@ def mode_settings(mode):
 def job(settings_of_mode, task, method, rank, lr, seed, stage, extra=None, name=None):
     """One run: its complete settings (the FinetuneConfig fields that say what it computes) and key;
     ``extra`` options (a diagnosis, ``name``) on top of the grid's."""
-    from galore_plus.app.config import FinetuneConfig
-
     options = dict(settings_of_mode["common"], **settings_of_mode["tasks"][task], data=task, method=method, seed=seed,
                    lr=lr, eval_before=False, **(extra or {}))
-    if rank is not None:
-        options["rank"] = rank
-    config = dataclasses.asdict(FinetuneConfig(**options))
-    for where in ft.NOT_SETTINGS:
-        config.pop(where)
-    if rank is None:
-        config["rank"] = None  # AdamW has none
-    settings = {"kind": "train", **config}
+    settings = ft.train_settings(options, rank)
     label = f"{label_of(method, rank)} lr{lr:g}" + (f" {name}" if name else "")
     return {"key": ft._key(settings), "settings": settings, "tables": {stage: label}, "label": label, "task": task,
             "stage": stage}
@@ -386,12 +376,7 @@ def run_one(job_, runs_dir, in_process):
     """The job's result; a run that stopped on a non-finite loss or update is recorded as diverged
     (a learning rate too high is a result of the sweep, not a failure to retry)."""
     try:
-        if in_process:
-            result = ft.run_job(job_, runs_dir)
-            if job_["settings"]["kind"] == "train":
-                result["peak_memory_bytes"] = result["train_peak_memory_bytes"] = None
-            return result
-        return ft.run_subprocess(job_, runs_dir)
+        return ft.run(job_, runs_dir, in_process)
     except Exception as err:  # noqa: BLE001 - classified below
         text = str(err) if not in_process else "".join(traceback.format_exception(err))
         if "A smaller --lr" in text:  # the command's message when a run stops on a non-finite loss or update
@@ -457,11 +442,8 @@ def main(argv=None):
             if args.smoke:
                 raise
             continue
-        record = {"key": job_["key"], "settings": job_["settings"], "label": job_["label"], "task": job_["task"],
-                  "stage": job_["stage"], "result": result, "machine": machine, "in_process": in_process,
-                  "started": started, "loadavg_before": [round(x, 2) for x in load_before],
-                  "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-        ft.append_result(json_path, record)
+        ft.append_result(json_path, ft.record_of(job_, result, machine, in_process, started, load_before,
+                                                 stage=job_["stage"]))
         claimed.unlink(missing_ok=True)
         new += 1
         shown = result.get("eval_validation") or result.get("eval_after") or result.get("eval") or result

@@ -186,12 +186,9 @@ def load_task(data: str, *, n_train: int, n_test: int, seed: int = 0, split: str
     would have had, whole prompt groups of a file. The test set does not depend on it; the training
     set is the next ``n_train`` (0: exactly the training set without it).
     """
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
-        raise ValueError(f"n_train must be an integer >= 0, got {n_train!r}")
-    if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 0:
-        raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
-    if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 0:
-        raise ValueError(f"n_validation must be an integer >= 0, got {n_validation!r}")
+    for name, count in (("n_train", n_train), ("n_test", n_test), ("n_validation", n_validation)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {count!r}")
     if not is_real_fraction(eval_fraction):
         raise ValueError(f"eval_fraction must be a number in [0, 1], got {eval_fraction!r}")
     check_source(data, split)
@@ -298,9 +295,9 @@ def _gsm_example(item: dict, template: int) -> Example | None:
     return Example(prompt=item["question"].strip(), answer=answer, final=final, template=template)
 
 
-def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str, n_templates_train: int | None = None) -> Task:
-    """``n_templates_train`` (default ``n_train``): the training size the template split's share of
-    held-out templates is computed from (so that holding out validation examples leaves it alone)."""
+def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str, n_templates_train: int) -> Task:
+    """``n_templates_train``: the training size the template split's share of held-out templates is
+    computed from (``n_train`` less the validation examples, so that holding them out leaves it alone)."""
     import reasoning_gym
 
     budget = _generation_budget(n_train, n_test)
@@ -318,7 +315,7 @@ def _gsm_symbolic(n_train: int, n_test: int, seed: int, split: str, n_templates_
     else:
         templates = _gsm_templates(ds)
         shuffled = random.Random(seed).sample(templates, len(templates))
-        total = max((n_train if n_templates_train is None else n_templates_train) + n_test, 1)
+        total = max(n_templates_train + n_test, 1)
         k = min(max(math.ceil(len(templates) * n_test / total), 1), len(templates) - 1)
         held_out = set(shuffled[:k])
         train, test = _fill(stream(), n_train, n_test, lambda ex: ex.template in held_out, "gsm_symbolic", budget)

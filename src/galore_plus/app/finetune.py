@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
+from ..sharding import local
 from . import checkpoint
 from .config import (LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, default_max_new_tokens,
                      projected_backward, resumed, torch_dtype, validated)
 from .data import TASKS, DataError, Task
-from ..sharding import local
 from .errors import CheckpointError, ConfigError, RunError
 
 LOG = "log.jsonl"
@@ -149,7 +149,8 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
                                    eval_data=config.eval_data, eval_data_sha256=eval_data_sha256)
     task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
                      split=config.split, eval_data=config.eval_data,
-                     eval_fraction=config.eval_fraction, n_validation=config.n_validation)  # a malformed file raises DataError: FILE:LINE: problem
+                     eval_fraction=config.eval_fraction,
+                     n_validation=config.n_validation)  # a malformed file raises DataError: FILE:LINE: problem
     if task.test:
         try:
             check_prerequisites(task.kind)
@@ -521,13 +522,14 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
             checkpoint.write_json(run.out / METRICS, metrics)
         except ValueError:  # NaN or infinity: not JSON, and not a result
             raise _stop(run, built.total_steps, f"the evaluation after training gave a non-finite result "
-                                                f"({eval_after}; validation {eval_validation}), so {METRICS} is not written", saved_step) from None
+                                                f"({eval_after}; validation {eval_validation}), so {METRICS} is "
+                                                "not written", saved_step) from None
     if config.export:  # after the evaluation: merging LoRA/DoRA adapters changes the model in place
         export(run, built)
     if run.rank == 0:
-        print(json.dumps({k: metrics[k] for k in ("method", "steps", "train_seconds", "eval_before", "eval_after",
-                                                        "eval_validation") if k != "eval_validation" or eval_validation},
-                         indent=1))
+        shown = ("method", "steps", "train_seconds", "eval_before", "eval_after") + (
+            ("eval_validation",) if eval_validation else ())
+        print(json.dumps({k: metrics[k] for k in shown}, indent=1))
     if config.distributed != "none":
         from .. import distributed
 
