@@ -352,6 +352,59 @@ def run_subprocess(job, runs_dir):
     return json.loads(result_file.read_text())
 
 
+def drive(plan, json_path: Path, runs_dir: Path, *, in_process, machine, max_runs=None, run_job=None,
+          wait_for_others=False, after_each=None, stop_on_failure=False):
+    """Run a grid to the end, resumably and shared with other invocations: ``plan(by_key)`` lists the
+    jobs wanted given what is recorded (keyed), in order; each round takes the first that is neither
+    recorded nor claimed by a live process, runs it (``run_job``, default :func:`run`), records it at
+    once and calls ``after_each`` (the tables). Re-planning after every run lets a plan depend on
+    results (a learning-rate sweep). When all that is left runs elsewhere, wait for it
+    (``wait_for_others``: its results may decide what comes next) or stop. A failed run is printed,
+    left unrecorded for the next invocation and not retried by this one (``stop_on_failure``: raise).
+    Returns (runs made, keys of the runs that failed)."""
+    run_job = run_job or run
+    new, failed = 0, set()
+    while max_runs is None or new < max_runs:
+        by_key = {r["key"]: r for r in load_results(json_path)["runs"]}
+        todo = [j for j in plan(by_key) if j["key"] not in by_key and j["key"] not in failed]
+        claimed = None
+        for job in todo:
+            claimed = claim(job, runs_dir, json_path)
+            if claimed is not None:
+                break
+        if claimed is None:
+            if todo:
+                print(f"  {len(todo)} runs to do, all running in other invocations"
+                      + ("; waiting" if wait_for_others else ""), flush=True)
+            if todo and wait_for_others:
+                time.sleep(30)
+                continue
+            break
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        load_before = os.getloadavg()
+        stage = {"stage": job["stage"]} if "stage" in job else {}
+        print(f"[{started}] {len(todo)} to run; {describe(job)}" + (f" ({job['stage']})" if stage else ""),
+              flush=True)
+        try:
+            result = run_job(job, runs_dir, in_process)
+        except Exception:  # record nothing: the next invocation retries it
+            traceback.print_exc()
+            print(f"  FAILED (not recorded; not retried by this invocation): {job['label']}", flush=True)
+            failed.add(job["key"])
+            claimed.unlink(missing_ok=True)
+            if stop_on_failure:
+                raise
+            continue
+        append_result(json_path, record_of(job, result, machine, in_process, started, load_before, **stage))
+        claimed.unlink(missing_ok=True)
+        new += 1
+        shown = result.get("eval_validation") or result.get("eval_after") or result.get("eval") or result
+        print(f"  done in {result.get('wall_seconds', '?')} s: {json.dumps(shown)}", flush=True)
+        if after_each is not None:  # after every run, so a partial invocation leaves current tables
+            after_each()
+    return new, failed
+
+
 # ---------------------------------------------------------------------------------------------- results file
 
 
@@ -636,34 +689,12 @@ def main(argv=None):
     print(f"{mode_name}: {len(settings['jobs'])} runs configured, {recorded} already recorded in {json_path}, "
           f"{len(todo)} to run" + (f" (tasks {args.tasks})" if tasks else "")
           + (f" (seeds {args.seeds})" if seeds else ""), flush=True)
-    new = 0
     if not args.table_only:
-        for i, job in enumerate(todo, 1):
-            if args.max_runs is not None and new >= args.max_runs:
-                break
-            claimed = claim(job, runs_dir, json_path)
-            if claimed is None:
-                print(f"  {i}/{len(todo)} {describe(job)}: recorded or running in another invocation, skipped",
-                      flush=True)
-                continue
-            started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            load_before = os.getloadavg()
-            print(f"[{started}] {i}/{len(todo)} {describe(job)}", flush=True)
-            try:
-                result = run(job, runs_dir, in_process)
-            except Exception:  # record nothing: the next invocation retries it
-                traceback.print_exc()
-                print(f"  FAILED (not recorded): {job['label']}", flush=True)
-                claimed.unlink(missing_ok=True)
-                continue
-            append_result(json_path, record_of(job, result, machine, in_process, started, load_before))
-            claimed.unlink(missing_ok=True)
-            new += 1
-            summary = result.get("eval") or result.get("eval_after")
-            print(f"  done in {result['wall_seconds']} s: {json.dumps(summary)}", flush=True)
-            # tables after every run, so a partial invocation leaves current tables behind
-            render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
-                   None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
+        wanted = {j["key"] for j in todo}
+        drive(lambda by_key: [j for j in settings["jobs"] if j["key"] in wanted], json_path, runs_dir,
+              in_process=in_process, machine=machine, max_runs=args.max_runs,
+              after_each=lambda: render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
+                                        None if mode_name == "smoke" else results_dir / f"{stem}.png", machine))
     missing = render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
                      None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
     print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)

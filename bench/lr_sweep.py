@@ -33,12 +33,10 @@ the sweep curve, the chosen rate, the finals per seed and their mean ± half-ran
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -412,43 +410,14 @@ def main(argv=None):
     if not args.smoke:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
         reuse_evals_before(settings, json_path, results_dir / "finetune_table.json")
-    new, failed = 0, set()
-    while not args.table_only and (args.max_runs is None or new < args.max_runs):
-        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
-        todo = [j for j in plan(settings, by_key, tasks) if j["key"] not in failed]
-        if not todo:
-            if failed:
-                raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
-            break
-        claimed = None
-        for job_ in todo:
-            claimed = ft.claim(job_, runs_dir, json_path)
-            if claimed is not None:
-                break
-        if claimed is None:  # all claimed by another invocation: its results decide what comes next
-            print(f"  {len(todo)} runs pending, all running elsewhere; waiting", flush=True)
-            time.sleep(30)
-            continue
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        load_before = os.getloadavg()
-        print(f"[{started}] {len(todo)} pending; {ft.describe(job_)} ({job_['stage']})", flush=True)
-        try:
-            result = run_one(job_, runs_dir, in_process)
-        except Exception:  # record nothing: the next invocation retries it
-            traceback.print_exc()
-            print(f"  FAILED (not recorded; not retried by this invocation): {job_['label']}", flush=True)
-            failed.add(job_["key"])
-            claimed.unlink(missing_ok=True)
-            if args.smoke:
-                raise
-            continue
-        ft.append_result(json_path, ft.record_of(job_, result, machine, in_process, started, load_before,
-                                                 stage=job_["stage"]))
-        claimed.unlink(missing_ok=True)
-        new += 1
-        shown = result.get("eval_validation") or result.get("eval_after") or result.get("eval") or result
-        print(f"  done in {result.get('wall_seconds', '?')} s: {json.dumps(shown)}", flush=True)
-        write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
+    if not args.table_only:
+        _, failed = ft.drive(lambda by_key: plan(settings, by_key, tasks), json_path, runs_dir,
+                             in_process=in_process, machine=machine, max_runs=args.max_runs, run_job=run_one,
+                             wait_for_others=True, stop_on_failure=args.smoke,
+                             after_each=lambda: write_tables(settings, json_path, results_dir, command, machine,
+                                                             plot_too=not args.smoke))
+        if failed:
+            raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
     table = write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
     left = plan(settings, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, tasks)
     print(f"wrote {results_dir / 'lr_sweep.md'}; {len(left)} runs known to be pending", flush=True)

@@ -127,3 +127,37 @@ def test_the_recorded_grid_keeps_its_keys(bench):
     FinetuneConfig gains fields (those that are not settings are left out of the key)."""
     recorded = json.loads((BENCH.parents[0] / "results" / "finetune_table.json").read_text())
     assert {r["key"] for r in recorded["runs"]} == {j["key"] for j in bench.mode_settings("full")["jobs"]}
+
+
+def test_drive_replans_after_each_run_and_leaves_a_failed_run_unrecorded(bench, tmp_path):
+    """The shared driver re-plans from what is recorded (a later job may depend on an earlier result),
+    records each run at once, and neither records nor retries a run that raised."""
+    json_path, runs_dir = tmp_path / "grid.json", tmp_path / "runs"
+
+    def job(name, stage=None):
+        return {"key": name, "settings": {"seed": 0}, "label": name, "task": "t", **({"stage": stage} if stage else {})}
+
+    def plan(by_key):  # "b" is wanted only once "a" is recorded with value 1; "bad" always fails
+        out = [job("a", "sweep"), job("bad")]
+        if "a" in by_key and by_key["a"]["result"]["value"] == 1:
+            out.append(job("b"))
+        return out
+
+    ran, tables = [], []
+
+    def run_job(job_, runs_dir_, in_process):
+        ran.append(job_["key"])
+        if job_["key"] == "bad":
+            raise RuntimeError("boom")
+        return {"value": 1}
+
+    new, failed = bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job,
+                              after_each=lambda: tables.append(1))
+    records = json.loads(json_path.read_text())["runs"]
+    assert ran == ["a", "bad", "b"] and new == 2 and failed == {"bad"} and len(tables) == 2
+    assert [r["key"] for r in records] == ["a", "b"] and records[0]["stage"] == "sweep" and "stage" not in records[1]
+    assert not list((runs_dir / "claims").iterdir())  # every claim released, the failed run's too
+    with pytest.raises(RuntimeError, match="boom"):  # smoke: a failure stops the grid
+        bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job, stop_on_failure=True)
+    assert bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job,
+                       max_runs=0) == (0, set())
