@@ -689,14 +689,15 @@ def main(argv=None):
     print(f"{mode_name}: {len(settings['jobs'])} runs configured, {recorded} already recorded in {json_path}, "
           f"{len(todo)} to run" + (f" (tasks {args.tasks})" if tasks else "")
           + (f" (seeds {args.seeds})" if seeds else ""), flush=True)
-    if not args.table_only:
-        wanted = {j["key"] for j in todo}
-        drive(lambda by_key: [j for j in settings["jobs"] if j["key"] in wanted], json_path, runs_dir,
-              in_process=in_process, machine=machine, max_runs=args.max_runs,
-              after_each=lambda: render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
-                                        None if mode_name == "smoke" else results_dir / f"{stem}.png", machine))
-    missing = render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
-                     None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
+
+    def tables():
+        return render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
+                      None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
+
+    if not args.table_only:  # a static plan: drive leaves out what gets recorded meanwhile
+        drive(lambda by_key: todo, json_path, runs_dir, in_process=in_process, machine=machine,
+              max_runs=args.max_runs, after_each=tables)
+    missing = tables()
     print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)
     return missing
 

@@ -410,15 +410,17 @@ def main(argv=None):
     if not args.smoke:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
         reuse_evals_before(settings, json_path, results_dir / "finetune_table.json")
+
+    def tables():
+        return write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
+
     if not args.table_only:
         _, failed = ft.drive(lambda by_key: plan(settings, by_key, tasks), json_path, runs_dir,
                              in_process=in_process, machine=machine, max_runs=args.max_runs, run_job=run_one,
-                             wait_for_others=True, stop_on_failure=args.smoke,
-                             after_each=lambda: write_tables(settings, json_path, results_dir, command, machine,
-                                                             plot_too=not args.smoke))
+                             wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
-    table = write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
+    table = tables()
     left = plan(settings, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, tasks)
     print(f"wrote {results_dir / 'lr_sweep.md'}; {len(left)} runs known to be pending", flush=True)
     return table
