@@ -64,6 +64,24 @@ def test_the_sweep_extends_past_a_winner_at_either_end_and_stops_at_an_interior_
     assert len(curve) == bench.MAX_RUNGS and chosen == max(lr for lr, _ in curve) == 3e-3
 
 
+def test_a_task_can_start_a_method_elsewhere_and_the_bracketing_rule_still_decides(bench):
+    settings = bench.mode_settings("full")
+    rungs = {task: [j["settings"]["lr"] for j in bench.sweep_state(settings, task, "dora", 32, {})[0]]
+             for task in ("arithmetic", "gsm_symbolic")}
+    assert rungs == {"arithmetic": [1e-4, 3e-4, 1e-3], "gsm_symbolic": [1e-3, 3e-3, 1e-2]}
+    assert [j["settings"]["lr"] for j in bench.sweep_state(settings, "gsm_symbolic", "galore+", 8, {})[0]] == \
+        [1e-5, 3e-5, 1e-4]
+    # a winner at the start's low end still extends downwards
+    by_key = {}
+    losses = {1e-3: 1.0, 3e-3: 1.5, 1e-2: 2.0, 3e-4: 0.9, 1e-4: 1.2}
+    while True:
+        pending, curve, chosen = bench.sweep_state(settings, "gsm_symbolic", "dora", 32, by_key)
+        if not pending:
+            break
+        by_key.update({job["key"]: record(job, losses[job["settings"]["lr"]]) for job in pending})
+    assert chosen == 3e-4 and [lr for lr, _ in curve] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+
+
 def test_finals_follow_the_choice_and_reuse_the_sweep_run_where_it_generated(bench):
     settings = bench.mode_settings("full")
     by_key = {}
