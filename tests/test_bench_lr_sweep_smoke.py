@@ -28,11 +28,11 @@ def record(job, loss):
     return {"key": job["key"], "settings": job["settings"], "result": result}
 
 
-def fill(bench, settings, by_key, losses):
-    """Record every pending sweep rung of arithmetic / galore+ r32 with ``losses[lr]``; returns what
-    the plan then says."""
+def fill(bench, settings, by_key, losses, task="arithmetic", method="galore+", rank=32):
+    """Record every pending sweep rung of ``task`` / ``method`` r``rank`` (by default arithmetic /
+    galore+ r32) with ``losses[lr]``; returns what the plan then says."""
     while True:
-        pending, curve, chosen = bench.sweep_state(settings, "arithmetic", "galore+", 32, by_key)
+        pending, curve, chosen = bench.sweep_state(settings, task, method, rank, by_key)
         if not pending:
             return curve, chosen
         for job in pending:
@@ -72,13 +72,8 @@ def test_a_task_can_start_a_method_elsewhere_and_the_bracketing_rule_still_decid
     assert [j["settings"]["lr"] for j in bench.sweep_state(settings, "gsm_symbolic", "galore+", 8, {})[0]] == \
         [1e-5, 3e-5, 1e-4]
     # a winner at the start's low end still extends downwards
-    by_key = {}
     losses = {1e-3: 1.0, 3e-3: 1.5, 1e-2: 2.0, 3e-4: 0.9, 1e-4: 1.2}
-    while True:
-        pending, curve, chosen = bench.sweep_state(settings, "gsm_symbolic", "dora", 32, by_key)
-        if not pending:
-            break
-        by_key.update({job["key"]: record(job, losses[job["settings"]["lr"]]) for job in pending})
+    curve, chosen = fill(bench, settings, {}, losses, "gsm_symbolic", "dora", 32)
     assert chosen == 3e-4 and [lr for lr, _ in curve] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 
 
