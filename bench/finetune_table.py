@@ -382,8 +382,8 @@ def drive(plan, json_path: Path, runs_dir: Path, *, in_process, machine, max_run
             break
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         load_before = os.getloadavg()
-        stage = {"stage": job["stage"]} if "stage" in job else {}
-        print(f"[{started}] {len(todo)} to run; {describe(job)}" + (f" ({job['stage']})" if stage else ""),
+        stage = {name: job[name] for name in ("stage", "row") if name in job}  # a plan's own labels
+        print(f"[{started}] {len(todo)} to run; {describe(job)}" + (f" ({job['stage']})" if "stage" in job else ""),
               flush=True)
         try:
             result = run_job(job, runs_dir, in_process)

@@ -25,7 +25,7 @@ from typing import Any
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, check_low_rank, is_int, is_real
 from .errors import ConfigError
 
-METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora")
+METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")
 LOW_RANK_METHODS = ("galore", "galore+")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
@@ -60,7 +60,7 @@ class FinetuneConfig:
     split: str = option("question", "gsm_symbolic: no question (question) or no template (template) in both "
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
-                                    "AdamW, LoRA and DoRA adapters)", choices=METHODS)
+                                    "AdamW, LoRA and DoRA adapters, Fira from its own package)", choices=METHODS)
     rank: int = option(32, "projection rank (LoRA/DoRA: adapter rank)")
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
     # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
@@ -367,6 +367,15 @@ def _check_method(c: FinetuneConfig) -> None:
             if name == "embeddings":
                 given += f" {c.embeddings}"
             raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
+    if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
+        raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
+                          "state, which a checkpoint must not unpickle, and has no distributed path: run it with "
+                          "--no-save-checkpoint and without --distributed")
+    if c.method == "fira":
+        import importlib.util
+
+        if importlib.util.find_spec("fira") is None:
+            raise ConfigError("--method fira needs the fira package: pip install --no-deps fira==1.0.2")
     if c.distributed != "none" and c.layerwise:
         from ..distributed import layerwise_unsupported_reason
 

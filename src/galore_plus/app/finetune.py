@@ -297,6 +297,8 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
         return model, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.method == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.method == "fira":
+        return model, fira_optimizer(config, model)
     if config.method == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -324,6 +326,24 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
                                 projected_backward=projected, embeddings=config.embeddings,
                                 stochastic_rounding=config.stochastic_rounding, **options)
     return model, optimizer
+
+
+#: the matrices Fira projects: the same q/k/v/o and MLP projections GaLore(+) targets in a LLaMA
+FIRA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Fira (arXiv 2410.01623) from its own package, the published subspace peer (BENCHMARKS.md §9): its
+    ``divide_params`` groups at ``--rank`` and ``--update-proj-gap``, α 1 (the package's default; Fira
+    subtracts the unscaled projection from the gradient for its residual, so α ≠ 1 mis-sizes it)."""
+    import contextlib
+    import io
+
+    from fira import FiraAdamW, divide_params  # checked by the config
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints one line per matrix
+        groups = divide_params(model, target_modules_list=list(FIRA_TARGETS), rank=config.rank,
+                               update_proj_gap=config.update_proj_gap, alpha=1.0, proj_type="std")
+    return FiraAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def uses_projected_backward(optimizer: torch.optim.Optimizer) -> bool:

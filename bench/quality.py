@@ -1,0 +1,316 @@
+"""Full-parameter quality (issue 29): each method at its own tuned rate, 200 steps, rank 16, 3 seeds.
+
+The fine-tuning protocol: gsm_symbolic on SmolLM2-135M-Instruct, rank 16, 200 optimizer steps (4
+refreshes at the command's T 50), 200 validation examples held out of the training side for every
+choice, the test split only for reporting, scored by answer loss (no generation; BENCHMARKS.md §8
+says why). Methods: LoRA, DoRA (PEFT), AdamW (full), Fira (its own package, α 1), GaLore and GaLore+
+as the command runs them today ("galore+ (old recipe)": α 4, T 50, lr as swept), and the new recipe
+and ablations as issue 29's mechanisms land (:data:`METHODS`).
+
+1. **Sweep** (seed 0): three rungs ~3× apart on :data:`LADDER`, started at §8's optima; a winner at
+   either end adds the next rung beyond it (at most :data:`MAX_RUNGS`), so the chosen rate has a worse
+   neighbour on both sides or the ladder's end is reported. Chosen by validation answer loss.
+2. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
+
+Runs go through ``bench/finetune_table.py``'s ``drive`` (one fresh subprocess and one torch thread
+per run, each finished run recorded at once in ``bench/results/quality_runs.json``, claims so that two
+invocations share the grid; resumable: run the same command again).
+
+    python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
+    python bench/quality.py                  # the grid (~33 min a run on one thread here)
+    python bench/quality.py --methods lora,dora   # only these rows
+    python bench/quality.py --table-only     # rewrite quality.{json,md,png}
+
+Outputs (``bench/results``): ``quality_runs.json`` (every run, raw, with its loss curve),
+``quality.json`` (one record per finished run: task, method, rank, seed, lr, steps, test_loss,
+``final`` on the runs that make the table), ``quality.md`` (sweeps, finals, paired differences with
+t) and ``quality.png`` (the sweeps and the finals' training-loss curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_table as ft  # noqa: E402  (the run/claim/record machinery)
+
+ROOT = ft.ROOT
+LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+MAX_RUNGS = 6
+SEEDS = (0, 1, 2)
+RANK = 16
+#: row name → (the command's --method, rank or None, extra FinetuneConfig options, starting rungs).
+#: Starts: §8's chosen rates at 40 steps (LoRA/DoRA 3e-3, AdamW 3e-4 and 1e-4, GaLore(+) 3e-4) in the
+#: middle; Fira, new here, at GaLore's. In this order: the peers first (they need no new code).
+METHODS = {
+    "lora": ("lora", RANK, {}, (1e-3, 3e-3, 1e-2)),
+    "dora": ("dora", RANK, {}, (1e-3, 3e-3, 1e-2)),
+    "adamw": ("adamw", None, {}, (3e-5, 1e-4, 3e-4)),
+    "fira": ("fira", RANK, {}, (1e-4, 3e-4, 1e-3)),
+    "galore+ (old recipe)": ("galore+", RANK, {}, (1e-4, 3e-4, 1e-3)),
+    "galore": ("galore", RANK, {}, (1e-4, 3e-4, 1e-3)),
+}
+#: pairs reported with paired differences over the seeds (when both rows are final)
+PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
+         ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
+         ("fira", "adamw"), ("lora", "dora"))
+
+
+def protocol(mode):
+    """The options every run shares (FinetuneConfig fields), the seeds and the rows of ``mode``."""
+    if mode == "smoke":
+        common = dict(model="tiny", data="arithmetic", max_steps=3, batch_size=2, n_train=16, n_test=4, n_validation=4,
+                      max_length=64, eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1,
+                      generate=False, max_new_tokens=4)
+        methods = {"lora": ("lora", 4, {}, (1e-3, 3e-3, 1e-2)), "galore+ (old recipe)": ("galore+", 4, {}, (1e-3, 3e-3, 1e-2))}
+        return {"common": common, "seeds": (0, 1), "methods": methods}
+    common = dict(model="smollm2", data="gsm_symbolic", max_steps=200, batch_size=4, n_train=2000, n_test=200,
+                  n_validation=200, max_length=384, eval_batch_size=32, generate=False, max_new_tokens=256)
+    return {"common": common, "seeds": SEEDS, "methods": METHODS}
+
+
+def job(proto, name, lr, seed, stage):
+    method, rank, extra, _ = proto["methods"][name]
+    options = dict(proto["common"], method=method, seed=seed, lr=lr, eval_before=False, **extra)
+    settings = ft.train_settings(options, rank)
+    label = f"{name} lr{lr:g}"
+    return {"key": json.dumps(settings, sort_keys=True), "settings": settings, "tables": {stage: label},
+            "label": label, "task": proto["common"]["data"], "stage": stage, "row": name}
+
+
+def val_loss(record):
+    result = record["result"]
+    return math.inf if result.get("diverged") else result["eval_validation"]["answer_loss"]
+
+
+def next_rungs(tried, curve):
+    """The bracketing rule: given the rates ``tried`` (all recorded) and their ``curve`` {lr: loss},
+    the rate to add, or None when the best has a worse neighbour on both sides (or the ladder or
+    :data:`MAX_RUNGS` ends the sweep)."""
+    best = min(tried, key=lambda lr: curve[lr])
+    if math.isinf(curve[best]):  # every rate diverged: go lower
+        best = min(tried)
+    step = LADDER.index(best)
+    if len(tried) >= MAX_RUNGS:
+        return None
+    if best == min(tried) and step > 0:
+        return LADDER[step - 1]
+    if best == max(tried) and step < len(LADDER) - 1:
+        return LADDER[step + 1]
+    return None
+
+
+def sweep_state(proto, name, by_key):
+    """(pending sweep jobs, curve {lr: validation loss}, chosen lr or None)."""
+    tried = list(proto["methods"][name][3])
+    while True:
+        jobs = {lr: job(proto, name, lr, 0, "sweep") for lr in tried}
+        curve = {lr: val_loss(by_key[j["key"]]) for lr, j in jobs.items() if j["key"] in by_key}
+        pending = [j for j in jobs.values() if j["key"] not in by_key]
+        if pending:
+            return pending, curve, None
+        nxt = next_rungs(tried, curve)
+        if nxt is None:
+            best = min(tried, key=lambda lr: curve[lr])
+            return [], curve, (min(tried) if math.isinf(curve[best]) else best)
+        tried.append(nxt)
+
+
+def plan(proto, by_key, names=None):
+    """Everything still to run, in order: each row's sweep, then (rate chosen) its finals."""
+    out = []
+    for name in proto["methods"]:
+        if names and name not in names:
+            continue
+        pending, _, chosen = sweep_state(proto, name, by_key)
+        out += pending
+        if chosen is not None:
+            out += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
+                    if j["key"] not in by_key]
+    return out
+
+
+def run_one(job_, runs_dir, in_process):
+    """The run's result with its training-loss curve; a run that stopped on a non-finite loss or
+    update is recorded as diverged (a rate too high is a result of the sweep)."""
+    try:
+        result = ft.run(job_, runs_dir, in_process)
+    except Exception as err:  # noqa: BLE001 - classified below
+        text = str(err) if not in_process else "".join(traceback.format_exception(err))
+        if "A smaller --lr" in text:
+            return {"diverged": True, "error": text.strip().splitlines()[-1][:500]}
+        raise
+    log = Path(result["output_dir"]) / "log.jsonl"
+    result["curve"] = [[r["step"], round(r["loss"], 4)] for r in map(json.loads, log.read_text().splitlines())
+                       if r.get("loss") is not None]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def summary(proto, by_key):
+    """Per row: the sweep curve, the chosen rate, the finals per seed; and the flat records."""
+    rows, records = [], []
+    finals = set()
+    for name in proto["methods"]:
+        _, curve, chosen = sweep_state(proto, name, by_key)
+        per_seed = {}
+        if chosen is not None:
+            for seed in proto["seeds"]:
+                j = job(proto, name, chosen, seed, "final")
+                if j["key"] in by_key and not by_key[j["key"]]["result"].get("diverged"):
+                    per_seed[seed] = by_key[j["key"]]["result"]["eval_after"]["answer_loss"]
+                    finals.add(j["key"])
+        rows.append({"method": name, "rank": proto["methods"][name][1], "curve": sorted(curve.items()),
+                     "chosen_lr": chosen, "test_loss": per_seed})
+    for rec in by_key.values():
+        if rec["settings"].get("kind") != "train" or "row" not in rec:
+            continue
+        res = rec["result"]
+        records.append({"task": rec["task"], "method": rec["row"], "rank": rec["settings"]["rank"],
+                        "seed": rec["settings"]["seed"], "lr": rec["settings"]["lr"],
+                        "steps": rec["settings"]["max_steps"], "stage": rec.get("stage"),
+                        "test_loss": None if res.get("diverged") else res["eval_after"]["answer_loss"],
+                        "validation_loss": None if res.get("diverged") else res["eval_validation"]["answer_loss"],
+                        "diverged": bool(res.get("diverged")), "train_seconds": res.get("train_seconds"),
+                        "final": rec["key"] in finals})
+    return rows, records
+
+
+def paired(rows, a, b, seeds):
+    """(differences a − b per seed, mean, t) where both rows have every seed, else None."""
+    ra = next((r for r in rows if r["method"] == a), None)
+    rb = next((r for r in rows if r["method"] == b), None)
+    if not ra or not rb or any(s not in ra["test_loss"] or s not in rb["test_loss"] for s in seeds):
+        return None
+    d = [ra["test_loss"][s] - rb["test_loss"][s] for s in seeds]
+    mean = statistics.mean(d)
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    t = mean / (sd / math.sqrt(len(d))) if sd > 0 else math.inf * (1 if mean > 0 else -1 if mean < 0 else 0)
+    return d, mean, t
+
+
+def render(proto, rows, path_md, command):
+    lines = ["# Quality protocol (issue 29)", "", f"Written by `{command}`; BENCHMARKS.md §9 discusses it.",
+             f"Options shared by every run: `{json.dumps(proto['common'])}`.", "",
+             "## Sweeps (seed 0, validation answer loss; * chosen)", "", "| method | rates tried |", "|---|---|"]
+    for r in rows:
+        cells = ", ".join(f"{lr:g}: {'diverged' if math.isinf(v) else f'{v:.3f}'}{'*' if lr == r['chosen_lr'] else ''}"
+                          for lr, v in r["curve"])
+        lines.append(f"| {r['method']} | {cells or 'not run'} |")
+    lines += ["", "## Finals (test answer loss at the chosen rate)", "",
+              "| method | lr | seeds | mean ± sd | per seed |", "|---|---|---|---|---|"]
+    for r in rows:
+        v = [r["test_loss"][s] for s in sorted(r["test_loss"])]
+        if not v:
+            continue
+        spread = f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else ""
+        lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {statistics.mean(v):.3f}{spread} | "
+                     f"{', '.join(f'{x:.3f}' for x in v)} |")
+    lines += ["", "## Paired differences (a − b, test answer loss; negative: a better)", "",
+              "| pair | per seed | mean | t |", "|---|---|---|---|"]
+    for a, b in PAIRS:
+        p = paired(rows, a, b, proto["seeds"])
+        if p is not None:
+            d, mean, t = p
+            lines.append(f"| {a} − {b} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} | {t:.1f} |")
+    path_md.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows, by_key, proto, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        pts = [(lr, v) for lr, v in r["curve"] if not math.isinf(v)]
+        if pts:
+            a.plot(*zip(*pts), marker="o", label=r["method"])
+        if r["chosen_lr"] is not None:
+            rec = by_key.get(job(proto, r["method"], r["chosen_lr"], 0, "final")["key"])
+            if rec and rec["result"].get("curve"):
+                steps, losses = zip(*rec["result"]["curve"])
+                k = 10  # a moving mean over 10 steps: single-batch losses are noisy
+                smooth = [statistics.mean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+                b.plot(steps, smooth, label=f"{r['method']} {r['chosen_lr']:g}")
+    a.set(xscale="log", xlabel="learning rate", ylabel="validation answer loss", title="sweeps (seed 0)")
+    b.set(xlabel="step", ylabel="training loss (10-step mean)", title="seed 0 at the chosen rate")
+    for ax in (a, b):
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not a.lines:
+        a.text(0.5, 0.5, "no runs recorded yet", ha="center", transform=a.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_tables(proto, json_path, results_dir, command, plot_too=True):
+    with ft._results_lock(json_path):
+        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
+    rows, records = summary(proto, by_key)
+    tmp = results_dir / "quality.json.tmp"
+    tmp.write_text(json.dumps({"runs": records, "rows": rows}, indent=1))
+    os.replace(tmp, results_dir / "quality.json")
+    render(proto, rows, results_dir / "quality.md", command)
+    if plot_too:
+        plot(rows, by_key, proto, results_dir / "quality.png")
+    return rows, records
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
+    ap.add_argument("--results-dir", default=None, help="default bench/results (smoke: runs/quality/smoke)")
+    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/quality)")
+    ap.add_argument("--methods", default=None, help="only these rows (comma-separated names of METHODS)")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
+    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default)")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    proto = protocol("smoke" if args.smoke else "full")
+    names = args.methods.split(",") if args.methods else None
+    unknown = sorted(set(names or ()) - set(proto["methods"]))
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} not among {', '.join(proto['methods'])}")
+    results_dir = Path(args.results_dir or (ROOT / ("runs/quality/smoke" if args.smoke else "bench/results")))
+    runs_dir = Path(args.runs_dir or (ROOT / "runs/quality" / ("smoke" if args.smoke else "")))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / "quality_runs.json"
+    command = "python bench/quality.py" + (" --smoke" if args.smoke else "")
+    in_process = args.in_process or args.smoke
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.smoke:
+        ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
+
+    def tables():
+        return write_tables(proto, json_path, results_dir, command, plot_too=not args.smoke)
+
+    if not args.table_only:
+        _, failed = ft.drive(lambda by_key: plan(proto, by_key, names), json_path, runs_dir, in_process=in_process,
+                             machine=ft.machine_info(), max_runs=args.max_runs, run_job=run_one,
+                             wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
+        if failed:
+            raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
+    out = tables()
+    left = plan(proto, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, names)
+    print(f"wrote {results_dir / 'quality.md'}; {len(left)} runs known to be pending", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``bench/quality.py`` (issue 29's protocol): the bracketing rule and the pairing on made-up records,
+and ``--smoke``: the whole harness on the tiny model (in-process, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))  # it imports finetune_table beside it
+    spec = importlib.util.spec_from_file_location("quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fill(bench, proto, name, losses, by_key):
+    while True:
+        pending, curve, chosen = bench.sweep_state(proto, name, by_key)
+        if not pending:
+            return curve, chosen
+        for j in pending:
+            loss = losses[j["settings"]["lr"]]
+            result = {"diverged": True} if loss is None else {"eval_validation": {"answer_loss": loss},
+                                                               "eval_after": {"answer_loss": loss + 0.1}}
+            by_key[j["key"]] = {"key": j["key"], "settings": j["settings"], "result": result, "row": name,
+                                "task": j["task"], "stage": j["stage"]}
+
+
+def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
+    proto = bench.protocol("full")
+    assert proto["common"]["max_steps"] == 200 and proto["methods"]["lora"][1] == 16
+    by_key = {}
+    # LoRA starts at 1e-3, 3e-3, 1e-2; falling to 1e-2 adds 3e-2, which is worse: 1e-2 chosen
+    curve, chosen = fill(bench, proto, "lora", {1e-3: 1.0, 3e-3: 0.9, 1e-2: 0.8, 3e-2: 0.85}, by_key)
+    assert chosen == 1e-2 and sorted(curve) == [1e-3, 3e-3, 1e-2, 3e-2]
+    finals = [j for j in bench.plan(proto, by_key, ["lora"]) if j["stage"] == "final"]
+    assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0's final is the sweep's run
+    assert all(j["settings"]["lr"] == 1e-2 for j in finals)
+    # every rate diverging moves the sweep down the ladder
+    curve, chosen = fill(bench, proto, "fira", {1e-5: 1.3, 3e-5: 1.2, 1e-4: None, 3e-4: None, 1e-3: None}, {})
+    assert chosen == 3e-5 and math.isinf(curve[1e-3])
+
+
+def test_paired_differences_and_t(bench):
+    rows = [{"method": "a", "test_loss": {0: 1.0, 1: 1.1, 2: 0.9}}, {"method": "b", "test_loss": {0: 1.2, 1: 1.2, 2: 1.2}}]
+    d, mean, t = bench.paired(rows, "a", "b", (0, 1, 2))
+    assert d == pytest.approx([-0.2, -0.1, -0.3]) and mean == pytest.approx(-0.2)
+    assert t == pytest.approx(-0.2 / (0.1 / math.sqrt(3)))
+    assert bench.paired(rows, "a", "missing", (0, 1, 2)) is None
+
+
+def test_smoke_writes_one_record_per_run_with_the_issue_fields(bench, tmp_path):
+    bench.main(["--smoke", "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")])
+    data = json.loads((tmp_path / "r" / "quality.json").read_text())
+    raw = json.loads((tmp_path / "r" / "quality_runs.json").read_text())["runs"]
+    assert len(data["runs"]) == len(raw) >= 2 * 4  # two rows, 3 rungs + at least one more or finals
+    for rec in data["runs"]:
+        assert {"task", "method", "rank", "seed", "lr", "steps", "test_loss", "final"} <= set(rec)
+    finals = [r for r in data["runs"] if r["final"]]
+    assert sorted((r["method"], r["seed"]) for r in finals) == sorted(
+        (m, s) for m in ("lora", "galore+ (old recipe)") for s in (0, 1))
+    assert all(len(r["result"]["curve"]) == 3 for r in raw)
+    assert "Paired differences" in (tmp_path / "r" / "quality.md").read_text()
