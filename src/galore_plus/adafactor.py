@@ -9,16 +9,18 @@ import torch
 from torch import Tensor
 
 from .functional import adafactor_update
-from .lowrank import InnerRule, LowRankOptimizer
+from .lowrank import InnerRule, LowRankOptimizer, register_rule
 from .options import is_real
 
 
+@register_rule("adafactor")
 class AdafactorRule(InnerRule):
     """``transformers.Adafactor``'s update (see ``GaLoreAdafactor``); statistics in the compute dtype
     (float32, float64 for float64 parameters)."""
 
     name = "Adafactor"
-    keys = ("eps", "clip_threshold", "decay_rate", "beta1", "scale_parameter", "relative_step", "warmup_init")
+    defaults = {"eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
+                "scale_parameter": True, "relative_step": True, "warmup_init": False}
     lr_may_be_none = True
     shards = False
     shard_reason = ("its factored second moment needs column means over all rows of a sharded matrix, an all-reduce "

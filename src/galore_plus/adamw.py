@@ -9,17 +9,23 @@ import torch
 from torch import Tensor
 
 from .functional import adam_direction
-from .lowrank import InnerRule, LowRankOptimizer
+from .lowrank import InnerRule, LowRankOptimizer, register_rule
 from .options import LOW_RANK_DEFAULTS, is_real
+from .spec import RECIPES
 
 
+@register_rule("adamw")
 class AdamWRule(InnerRule):
     """``torch.optim.AdamW``'s update on a (projected or full) gradient: moments ``exp_avg`` and
     ``exp_avg_sq`` in the gradient's dtype (the compute dtype for a projected one)."""
 
     name = "AdamW"
-    keys = ("betas", "eps")
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-8}
     has_moments = True
+
+    def moment_decay(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        beta1, beta2 = group["betas"]
+        return beta1, beta2, group["eps"]
 
     def check(self, group: dict[str, Any], where: str) -> None:
         betas = group["betas"]
@@ -49,7 +55,9 @@ class AdamWRule(InnerRule):
 
 
 class GaLoreAdamW(LowRankOptimizer):
-    r"""AdamW whose moments live in a low-rank subspace of each matrix's gradient.
+    r"""AdamW whose moments live in a low-rank subspace of each matrix's gradient: the ``adamw`` rule's
+    alias, ``LowRankOptimizer.from_spec(params, LowRankSpec(rank, rule="adamw", ...))`` with
+    galore-torch's signature.
 
     For a group with ``rank``, each 2-D parameter's gradient ``G`` is projected, ``R = Pᵀ G`` (or
     ``G Q``, ``Pᵀ G Q``, by ``proj_type``), Adam runs on ``R`` and the normalised update is projected
@@ -118,5 +126,5 @@ class GaLorePlusAdamW(GaLoreAdamW):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *args: Any, **kwargs: Any):
-        kwargs.setdefault("svd", "randomized")
+        kwargs.setdefault("svd", RECIPES["galore+"]["svd"])
         super().__init__(params, *args, **kwargs)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .adamw import AdamWRule, GaLoreAdamW
 from .functional import adam_direction
-from .lowrank import ParameterWrite
+from .lowrank import ParameterWrite, register_rule
 from .sharding import is_dtensor
 
 #: bitsandbytes' block size for its 8-bit blockwise optimizers, and its threshold below which a
@@ -54,6 +54,7 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
         codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCK_SIZE)
 
 
+@register_rule("adamw8bit")
 class AdamW8bitRule(AdamWRule):
     """AdamW with blockwise 8-bit moments (see ``GaLoreAdamW8bit``)."""
 

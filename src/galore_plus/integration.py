@@ -23,22 +23,18 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .adafactor import GaLoreAdafactor
-from .adamw import GaLoreAdamW, GaLorePlusAdamW
-from .adamw8bit import GaLoreAdamW8bit
+from . import adafactor, adamw8bit  # noqa: F401  (register their rules)
+from .adamw import GaLorePlusAdamW
 from .groups import galore_plus_param_groups
 from .layerwise import LayerwiseOptimizer
-from .lowrank import LowRankOptimizer
+from .lowrank import RULES, LowRankOptimizer
 from .memory import estimate_state_bytes
-from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
+from .spec import METHODS, LowRankSpec, spec_for
 
-METHODS = ("galore", "galore+")
+__all__ = ["METHODS", "EMBEDDINGS", "KINDS", "Target", "find_targets", "build_optimizer", "optimizer_summary"]
 #: how ``build_optimizer`` trains the input and output embeddings (``lm_head``)
 EMBEDDINGS = ("full", "frozen", "low_rank")
 KINDS = ("q", "k", "v", "o", "qkv", "mlp", "embedding", "other")
-
-#: The inner rules ``build_optimizer`` can put under GaLore / GaLore+ (for the error of a bad combination).
-_COMBOS = "AdamW (default), 8-bit AdamW (eightbit=True), Adafactor (adafactor=True)"
 
 #: Module names (the last component) and their role. ``dense`` is the attention output only under an
 #: attention module (GPT-NeoX ``attention.dense``); elsewhere it is left to the parent rule below.
@@ -218,14 +214,12 @@ def _num_heads(kind: str, name: str, weight: Tensor, config: Any) -> int | None:
 
 def build_optimizer(
     model: nn.Module,
-    method: str,
-    rank: int,
+    spec: LowRankSpec | str | None = None,
+    rank: int | None = None,
     *,
     lr: float | None,
     weight_decay: float = 0.0,
     patterns: list[str] | None = None,
-    eightbit: bool = False,
-    adafactor: bool = False,
     layerwise: bool = False,
     accumulation_steps: int = 1,
     clip: str | None = None,
@@ -235,27 +229,37 @@ def build_optimizer(
     embeddings: str = "full",
     projected_backward: bool = False,
     refresh_in_backward: bool = False,
+    method: str | None = None,
+    eightbit: bool = False,
+    adafactor: bool = False,
     **low_rank_options: Any,
 ) -> LowRankOptimizer | LayerwiseOptimizer:
-    """A GaLore or GaLore+ optimizer for ``model``'s trainable parameters.
+    """A GaLore or GaLore+ optimizer for ``model``'s trainable parameters, as ``spec`` describes.
+
+    ``spec`` is a :class:`~galore_plus.spec.LowRankSpec` (``LowRankSpec.recipe("galore+", 32, scale=1)``),
+    or the older spelling: a method name (``"galore"``, ``"galore+"``; also as ``method=``), ``rank``,
+    ``eightbit``/``adafactor`` for the inner rule and loose ``low_rank_options`` (keys of
+    ``LOW_RANK_DEFAULTS`` such as ``update_proj_gap``, ``scale``, ``svd``, ``residual_ratio``, and the
+    rule's own keys such as ``betas``), converted by ``spec.spec_for`` (unknown keys raise
+    ``TypeError``, and so does ``num_heads``: each q/k matrix's head count comes from the config).
 
     ``find_targets(model, patterns)`` chooses the matrices trained through a rank-``rank``
     projection; every other trainable parameter (embeddings, ``lm_head``, norms, biases, untargeted
-    matrices) is in one plain group (full AdamW / 8-bit AdamW / Adafactor). Parameters with
+    matrices) is in one plain group (the inner rule on the full gradient). Parameters with
     ``requires_grad=False`` are left out. Every group carries ``param_names``, so the optimizer's
     errors name parameters.
 
-    - ``method="galore"``: GaLore as published: all targets in one low-rank group, exact SVD.
-    - ``method="galore+"``: the GaLore+ recipe (``galore_plus_param_groups``): q/k matrices with a head
-      count get cross-head projection and the sparse residual (ρ = ``PAPER_RESIDUAL_RATIO`` unless
-      ``residual_ratio`` is given), one group per head count; every low-rank group uses the
-      randomized SVD (``svd="randomized"`` unless given).
+    - plain GaLore (``cross_head=False``): all targets in one low-rank group with the spec's fields.
+    - the GaLore+ recipe (``cross_head=True``; ``galore_plus_param_groups``): q/k matrices with a head
+      count get cross-head projection and the sparse residual (the spec's ``residual_ratio``, ρ =
+      ``PAPER_RESIDUAL_RATIO`` in the recipe), one group per head count; the others neither.
 
-    The optimizer: ``GaLoreAdamW`` / ``GaLorePlusAdamW`` by default, ``GaLoreAdamW8bit`` with
-    ``eightbit``, ``GaLoreAdafactor`` with ``adafactor`` (fixed ``lr``, ``relative_step=False`` and
-    ``scale_parameter=False``; ``lr=None`` gives Adafactor's relative step instead). 8-bit Adafactor
-    does not exist, and the sparse residual needs Adam moments, so ``galore+`` with ``adafactor``
-    needs ``residual_ratio=0``. ``weight_decay`` applies to every group.
+    The optimizer is ``LowRankOptimizer.from_spec``: the rule's alias (``GaLoreAdamW`` /
+    ``GaLorePlusAdamW`` for the GaLore+ recipe, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``) or any rule
+    registered in ``lowrank.RULES``. Adafactor gets ``relative_step`` and ``scale_parameter`` from
+    ``lr`` (fixed ``lr``: off; ``lr=None``: Adafactor's relative step) unless the spec's rule options
+    say. The sparse residual needs Adam moments, so GaLore+ with Adafactor needs ``residual_ratio=0``.
+    ``weight_decay`` applies to every group.
 
     ``layerwise=True`` wraps it in ``LayerwiseOptimizer`` (updates inside ``backward()``), which is
     where ``accumulation_steps``, ``clip`` and ``max_grad_norm`` belong; without it they must stay at
@@ -274,21 +278,17 @@ def build_optimizer(
     the full gradients never pile up (one backward per step; not under DDP).
     ``stochastic_rounding`` is the optimizer's (bf16/fp16 parameters).
 
-    ``low_rank_options``: keys of ``LOW_RANK_DEFAULTS`` (``update_proj_gap``, ``scale``,
-    ``proj_type``, ``svd``, ``residual_ratio``, ``residual_warmup``, ``residual_mode``, ...) go to the
-    low-rank groups; the chosen optimizer's own keys (AdamW: ``betas``, ``eps``; Adafactor:
-    ``clip_threshold``, ``beta1``, ...) go to its constructor; anything else raises ``TypeError``, and
-    so does ``num_heads`` (each q/k matrix's head count comes from the config).
-
     A ``rank`` larger than a matrix allows (``min(m, n)``, or what a cross-head matrix's heads can
     reach) raises ``ValueError`` from the optimizer, naming the matrix.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if method is not None:
+        if spec is not None:
+            raise TypeError("give the method once: build_optimizer(model, spec) or build_optimizer(model, method=...)")
+        spec = method
+    spec = spec_for("galore+" if spec is None else spec, rank, eightbit=eightbit, adafactor=adafactor,
+                    **low_rank_options)
     if embeddings not in EMBEDDINGS:
         raise ValueError(f"embeddings={embeddings!r} is not one of {EMBEDDINGS}")
-    if eightbit and adafactor:
-        raise ValueError(f"eightbit=True and adafactor=True cannot be combined; the optimizers are {_COMBOS}")
     if not layerwise:
         given = {"accumulation_steps": accumulation_steps, "clip": clip, "max_grad_norm": max_grad_norm}
         defaults = {"accumulation_steps": 1, "clip": None, "max_grad_norm": None}
@@ -296,23 +296,10 @@ def build_optimizer(
         if extra:
             raise ValueError(f"{extra} are options of layer-wise mode (layerwise=True); with step() accumulate "
                              "gradients and clip (torch.nn.utils.clip_grad_norm_) around it yourself")
-    cls = (GaLoreAdamW8bit if eightbit else GaLoreAdafactor if adafactor
-           else GaLorePlusAdamW if method == "galore+" else GaLoreAdamW)
-    group_options = {k: v for k, v in low_rank_options.items() if k in LOW_RANK_DEFAULTS}
-    inner_options = {k: v for k, v in low_rank_options.items() if k in cls.rule.keys}
-    unknown = sorted(set(low_rank_options) - set(group_options) - set(inner_options))
-    if "num_heads" in group_options:
-        raise TypeError("build_optimizer: num_heads is not an option here: each q/k matrix gets its own head count "
-                        "from the model's config (find_targets), the other matrices none")
-    if unknown:
-        raise TypeError(f"build_optimizer: unknown option(s) {unknown}; low-rank options are "
-                        f"{sorted(LOW_RANK_DEFAULTS)} and {cls.__name__}'s own are {sorted(cls.rule.keys)}")
-    if method == "galore+":
-        group_options.setdefault("svd", "randomized")
-        if adafactor and group_options.get("residual_ratio", PAPER_RESIDUAL_RATIO) > 0:
-            raise ValueError("method='galore+' with adafactor=True: GaLore+'s sparse residual needs Adam moments "
-                             "and GaLoreAdafactor has none; pass residual_ratio=0 (GaLore+ without the residual) "
-                             "or use AdamW / 8-bit AdamW")
+    if spec.residual_ratio > 0 and not RULES[spec.rule].has_moments:
+        raise ValueError(f"the GaLore+ recipe with the {spec.rule} rule: GaLore+'s sparse residual needs Adam moments "
+                         f"and the {spec.rule} rule has none; pass residual_ratio=0 (GaLore+ without the residual) "
+                         "or use AdamW / 8-bit AdamW")
 
     embedding_targets = _embedding_targets(model) if embeddings != "full" else []
     if embeddings == "frozen":
@@ -328,23 +315,27 @@ def build_optimizer(
     target_ids = {id(t.param) for t in targets}
     plain = [(n, p) for n, p in trainable if id(p) not in target_ids]
 
-    if method == "galore":
+    options = spec.group_options()
+    if spec.cross_head:  # the residual on the q/k groups only
+        ratio = options.pop("residual_ratio")
+        groups = galore_plus_param_groups(
+            [(t.name, t.param, t.num_heads) for t in targets], spec.rank, plain=plain, residual_ratio=ratio, **options)
+    else:
         groups: list[dict[str, Any]] = [
-            {"params": [t.param for t in targets], "param_names": [t.name for t in targets], "rank": rank,
-             **group_options}]
+            {"params": [t.param for t in targets], "param_names": [t.name for t in targets], "rank": spec.rank,
+             **options}]
         if plain:
             groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
-    else:
-        groups = galore_plus_param_groups(
-            [(t.name, t.param, t.num_heads) for t in targets], rank, plain=plain, **group_options)
     _check_assignment(groups, trainable)
 
-    kwargs: dict[str, Any] = dict(inner_options, lr=lr, weight_decay=weight_decay, seed=seed,
-                                  stochastic_rounding=stochastic_rounding)
-    if adafactor:
-        kwargs.setdefault("relative_step", lr is None)
-        kwargs.setdefault("scale_parameter", lr is None)
-    optimizer = cls(groups, **kwargs)
+    if spec.rule == "adafactor":
+        rule_options = {"relative_step": lr is None, "scale_parameter": lr is None, **spec.rule_options}
+        spec = spec.replace(rule_options=rule_options)
+    cls = GaLorePlusAdamW if spec.cross_head and spec.rule == "adamw" else LowRankOptimizer
+    if spec.cross_head:  # the groups carry the residual where it applies; a group added later gets none
+        spec = spec.replace(residual_ratio=0.0)
+    optimizer = cls.from_spec(groups, spec, lr=lr, weight_decay=weight_decay, seed=seed,
+                              stochastic_rounding=stochastic_rounding)
     if layerwise:
         optimizer = LayerwiseOptimizer(optimizer, model.named_parameters(), accumulation_steps=accumulation_steps,
                                        clip=clip, max_grad_norm=max_grad_norm)

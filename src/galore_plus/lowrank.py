@@ -10,8 +10,12 @@ code"):
   tensor (one process, or DDP after its all-reduce) or an FSDP2 row shard, where the projection
   math talks to the other ranks;
 
-plus a **refresher** (``LocalRefresh`` by default; ``distributed.distribute`` installs one that splits
-projector refreshes across DDP ranks). It owns everything else once: validation, the refresh
+plus a **refresh policy** per group (``REFRESH_POLICIES``: when a projector refreshes; ``interval``, every
+``update_proj_gap`` updates, by default), a **sparse residual** (``residual.SparseResidual``, with GaLore+'s
+``residual_ratio``) and a **refresher** (``LocalRefresh`` by default; ``distributed.distribute``
+installs one that splits projector refreshes across DDP ranks). Inner rules and refresh policies are
+found by name in :data:`RULES` and :data:`REFRESH_POLICIES`: a new one is one class and one
+``register_rule`` / ``register_refresh_policy`` line (DESIGN.md, "Shape of the code"). It owns everything else once: validation, the refresh
 schedule and its bookkeeping, the fallbacks when an SVD fails, the NaN check, the residual, loading
 and copying.
 
@@ -75,24 +79,95 @@ def compute_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+#: The inner rules by name: ``LowRankSpec.rule`` and ``LowRankOptimizer.from_spec`` pick one.
+RULES: dict[str, type[InnerRule]] = {}
+#: When projectors refresh, by name: a low-rank group's ``refresh`` key picks one.
+REFRESH_POLICIES: dict[str, type[RefreshPolicy]] = {}
+#: The optimizer class that stands for a rule (``GaLoreAdamW`` for ``adamw``; filled by the aliases)
+_ALIASES: dict[str, type[LowRankOptimizer]] = {}
+
+
+def register_rule(name: str) -> Callable[[type[InnerRule]], type[InnerRule]]:
+    """Class decorator: make an ``InnerRule`` subclass available as ``rule=name`` (spec, from_spec)."""
+    def add(cls: type[InnerRule]) -> type[InnerRule]:
+        if name in RULES and RULES[name] is not cls:
+            raise ValueError(f"an inner rule named {name!r} is already registered ({RULES[name].__name__})")
+        RULES[name] = cls
+        cls.registry_name = name
+        return cls
+    return add
+
+
+def register_refresh_policy(name: str) -> Callable[[type[RefreshPolicy]], type[RefreshPolicy]]:
+    """Class decorator: make a ``RefreshPolicy`` subclass available as a group's ``refresh=name``."""
+    def add(cls: type[RefreshPolicy]) -> type[RefreshPolicy]:
+        if name in REFRESH_POLICIES and REFRESH_POLICIES[name] is not cls:
+            raise ValueError(f"a refresh policy named {name!r} is already registered")
+        REFRESH_POLICIES[name] = cls
+        _POLICY.pop(name, None)
+        return cls
+    return add
+
+
+_POLICY: dict[str, RefreshPolicy] = {}
+
+
+def refresh_policy(name: str) -> RefreshPolicy:
+    """The (stateless, shared) instance of the registered policy ``name``."""
+    policy = _POLICY.get(name)
+    if policy is None:
+        policy = _POLICY[name] = REFRESH_POLICIES[name]()
+    return policy
+
+
+class RefreshPolicy:
+    """When a low-rank parameter's projector refreshes after its first one (which is always at its
+    first update); asked before an update that has not refreshed yet (at most one refresh per update). Stateless: what it needs is in the parameter's state (tensors and numbers: ``step``,
+    ``last_refresh``, ``refresh_count``) and its group's keys."""
+
+    def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+
+@register_refresh_policy("interval")
+class IntervalRefresh(RefreshPolicy):
+    """Every ``update_proj_gap`` updates: galore-torch's ``iter % T == 0`` with ``iter`` the updates taken."""
+
+    def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        return state.get("step", 0) - state["last_refresh"] >= group["update_proj_gap"]
+
+
 class InnerRule:
     """What the engine needs of an inner update rule (a small protocol; subclasses override).
 
-    ``keys``: the rule's group keys (their defaults come from the optimizer's constructor).
+    ``defaults``: the rule's own group keys and their defaults (``keys`` lists them); the aliases'
+    constructors (``GaLoreAdamW``'s ``betas``, ``eps``) repeat them as their signatures.
     ``lr_may_be_none``: the rule computes its own step size (Adafactor's relative step).
     ``has_moments``: it keeps Adam moments ``(M, V)``, which the sparse residual needs.
     ``shards``: it works on FSDP2 row shards.
     """
 
     name = "rule"
+    registry_name = ""
+    defaults: dict[str, Any] = {}
     keys: tuple[str, ...] = ()
     lr_may_be_none = False
     has_moments = False
     shards = True
     shard_reason = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__:
+            cls.keys = tuple(cls.defaults)
+
     def check(self, group: dict[str, Any], where: str) -> None:
         """Raise ``ValueError`` naming a bad value of the rule's own keys."""
+
+    def moment_decay(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        """``(β1, β2, ε)`` of the rule's Adam moments (only when ``has_moments``): the sparse residual
+        keeps exact moments with the same constants."""
+        raise NotImplementedError(f"the {self.name} rule has no moments")
 
     def step_lr(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> float:
         """The learning rate of this update (the group's; relative-step rules compute their own)."""
@@ -232,6 +307,11 @@ class LowRankOptimizer(Optimizer):
 
     rule: InnerRule = InnerRule()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__ and cls.rule.registry_name:
+            _ALIASES.setdefault(cls.rule.registry_name, cls)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -239,7 +319,16 @@ class LowRankOptimizer(Optimizer):
         low_rank_defaults: dict[str, Any],
         seed: int = 0,
         stochastic_rounding: bool = True,
+        *,
+        rule: str | InnerRule | None = None,
     ):
+        if rule is not None:  # an instance's own rule (``from_spec``); the aliases set theirs on the class
+            if isinstance(rule, str):
+                if rule not in RULES:
+                    raise ValueError(f"rule={rule!r} is not one of {sorted(RULES)}")
+                rule = RULES[rule]()
+            self.rule = rule
+            defaults = {**rule.defaults, **defaults}
         unknown = sorted(set(low_rank_defaults) - set(LOW_RANK_DEFAULTS))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; low-rank options are "
@@ -249,6 +338,23 @@ class LowRankOptimizer(Optimizer):
         defaults = dict(defaults, seed=seed, stochastic_rounding=stochastic_rounding)
         self._check_common(defaults, where="optimizer defaults")
         super().__init__(params, defaults)
+
+    @classmethod
+    def from_spec(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], spec: Any, *, lr: float | Tensor | None,
+                  weight_decay: float = 0.0, seed: int = 0, stochastic_rounding: bool = True) -> LowRankOptimizer:
+        """The optimizer a ``spec.LowRankSpec`` describes: its inner rule (the rule's alias class, e.g.
+        ``GaLoreAdamW`` for ``adamw``, where one exists) with the spec's rule options, and its group
+        fields as the defaults of the low-rank groups among ``params``."""
+        alias = cls if cls is not LowRankOptimizer else _ALIASES.get(spec.rule)
+        options = dict(spec.rule_options, lr=lr, weight_decay=weight_decay, seed=seed,
+                       stochastic_rounding=stochastic_rounding)
+        low_rank = spec.group_options()
+        if alias is not None:
+            if alias.rule.registry_name != spec.rule:
+                raise ValueError(f"{alias.__name__} runs the {alias.rule.registry_name} rule, not {spec.rule!r}")
+            return alias(params, **options, **low_rank)
+        defaults = {k: options.pop(k) for k in list(options) if k not in ("seed", "stochastic_rounding")}
+        return LowRankOptimizer(params, defaults, low_rank, rule=spec.rule, **options)
 
     def _init_runtime(self) -> None:
         """What is not state: caches, diagnostics, the refresher (rebuilt after a copy)."""
@@ -361,7 +467,9 @@ class LowRankOptimizer(Optimizer):
         state = self.state.get(p, {})
         if "proj_side" not in state:
             return True
-        return state.get("step", 0) - state["last_refresh"] >= group["update_proj_gap"]
+        if state["last_refresh"] == state.get("step", 0):  # refreshed for this very update: once is enough
+            return False
+        return refresh_policy(group["refresh"]).due(state, group)
 
     def check_gradient(self, p: Tensor, grad: Tensor, name: str | None = None) -> None:
         """Raise on a gradient that must not be used; changes nothing.
@@ -475,7 +583,9 @@ class LowRankOptimizer(Optimizer):
         direction = self.rule.direction(grad.low, state, group, lr)
         index = correction = None
         if group["residual_ratio"] > 0:
-            index, correction = self._residual(p, group, state, grad, direction, refreshed, lr)
+            index, correction = residual.SparseResidual(self.rule).correction(
+                state, group, grad.residual, grad.low, direction, left, right, p.shape[1], refreshed, lr,
+                compute_dtype(p), layout_of(p, self.comm).select_residual, local)
         write.sub_product(*projection.back_factors(direction, left, right), alpha=group["scale"], index=index,
                           correction=correction)
 
@@ -545,49 +655,6 @@ class LowRankOptimizer(Optimizer):
         super().zero_grad(set_to_none)
         self._projected.clear()
 
-    # ------------------------------------------------------------------ the sparse residual
-    def _residual(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: LowRankGradient,
-                  direction: Tensor, refreshed: bool, lr: float) -> tuple[Tensor | None, Tensor | None]:
-        """The residual's correction of the projected-back update at its index set, as ``(index,
-        values added to the update there)`` (``(None, None)`` before the set is fixed); fixes the set
-        at the end of warm-up (and at each later refresh with ``residual_reselect``).
-
-        Entries of the projected-back update are computed at the index set only
-        (``projection.project_back_at``). The residual moments are kept in the compute dtype whatever
-        the rule stores (they are ρ-sized); the low-rank moments are the rule's, cast to it."""
-        layout = layout_of(p, self.comm)
-        dtype = compute_dtype(p)
-        step, (beta1, beta2), eps = state["step"], group["betas"], group["eps"]
-        left, right = self.projector(p)
-        at = None
-        if "residual_index" in state:
-            index = state["residual_index"].long()
-            n = p.shape[1]
-
-            def back_at(low: Tensor) -> Tensor:
-                return projection.project_back_at(local(low), local(left), local(right), index, n)
-
-            if group["residual_mode"] == "exact":  # the update there becomes AdamW's exactly
-                since = step - state["residual_start"]
-                exact = residual.exact_residual(grad.residual, state["residual_m"], state["residual_v"], since,
-                                                beta1, beta2, eps).mul_(lr)
-                at = (index, exact - back_at(direction))
-            else:
-                back_v_s = back_at(self.rule.moments(state)[1].to(dtype))
-                delta = residual.paper_residual(grad.residual, back_at(grad.low), back_v_s, state["residual_m"],
-                                                state["residual_v"], step, beta1, beta2, eps)
-                at = (index, delta.mul_(lr))
-        fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
-            "residual_index" in state and refreshed and group["residual_reselect"])
-        if fix_now:
-            reconstructed = projection.project_back(self.rule.moments(state)[0].to(dtype), left, right)
-            index = layout.select_residual(reconstructed, group["residual_ratio"])
-            state["residual_index"] = index
-            state["residual_m"] = torch.zeros(index.numel(), dtype=dtype, device=index.device)
-            state["residual_v"] = torch.zeros_like(state["residual_m"])
-            state["residual_start"] = step
-        return at if at is not None else (None, None)
-
     # ------------------------------------------------------------------ state loading
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, marked with the inner rule that wrote it (strings and numbers only)."""
@@ -613,6 +680,9 @@ class LowRankOptimizer(Optimizer):
             old.clear()
             old.update(new)
             old.setdefault("stochastic_rounding", self.defaults["stochastic_rounding"])  # older checkpoints
+            if "rank" in old:  # keys added since (``refresh``) take the values those runs had: the defaults
+                for key, value in LOW_RANK_DEFAULTS.items():
+                    old.setdefault(key, value)
         loaded, self.param_groups = self.state, groups
         state.clear()
         state.update(loaded)

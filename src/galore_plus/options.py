@@ -15,49 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import projection, residual
+from . import projection
+from .spec import GROUP_DEFAULTS, PAPER_RESIDUAL_RATIO, PROJ_DTYPES, SVD_METHODS, check_group_values, is_int, is_real
 
-#: Low-rank group keys and their defaults, defined once. T=200 and α=0.25 are GaLore's pre-training
-#: settings (galore-torch README); fine-tuning usually wants a larger α (the GaLore+ paper uses 16–128
-#: at lr 1e-6). The GaLore+ keys default to plain GaLore: exact SVD, no cross-head, no residual
-#: (DESIGN.md, "Options").
-LOW_RANK_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    # "exact" (galore-torch's SVD) or "randomized" subspace iteration (DESIGN.md, "Projectors").
-    "svd": "exact",
-    "oversample": 8,
-    "power_iters": 2,
-    "warm_start": False,
-    # heads stacked along the rows (q_proj: attention heads, k_proj: key/value heads).
-    "num_heads": None,
-    # fraction of entries with a sparse residual (0 = off); GaLore+ uses PAPER_RESIDUAL_RATIO on q/k.
-    "residual_ratio": 0.0,
-    "residual_warmup": 20,
-    "residual_mode": "exact",
-    "residual_reselect": False,
-    # storage dtype of the projector (None: the compute dtype). torch.bfloat16 halves its memory;
-    # it is cast back to the compute dtype for each use (the math stays in the compute dtype).
-    "proj_dtype": None,
-}
+__all__ = ["LOW_RANK_DEFAULTS", "PAPER_RESIDUAL_RATIO", "PROJ_DTYPES", "SVD_METHODS", "is_int", "is_real", "as_float",
+           "check_common", "check_low_rank", "check_matrix"]
 
-#: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
-PAPER_RESIDUAL_RATIO = 0.012
-
-#: projector storage dtypes accepted by ``proj_dtype`` (names are accepted too: "bfloat16")
-PROJ_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-SVD_METHODS = ("exact", "randomized")
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_real(x: Any) -> bool:
-    """A real number that is not a bool and not NaN (infinities pass; callers bound them)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
+#: Low-rank group keys and their defaults, defined once: the group fields of ``spec.LowRankSpec``
+#: (T=200 and α=0.25 are GaLore's pre-training settings; DESIGN.md, "Options").
+LOW_RANK_DEFAULTS: dict[str, Any] = GROUP_DEFAULTS
 
 
 def as_float(x: Any) -> float:
@@ -85,46 +51,14 @@ def check_common(group: dict[str, Any], where: str, lr_may_be_none: bool = False
 
 
 def check_low_rank(group: dict[str, Any], where: str) -> None:
-    """The low-rank keys of ``group`` (``rank`` and every key of ``LOW_RANK_DEFAULTS`` present).
+    """The low-rank keys of ``group`` (``rank`` and every key of ``LOW_RANK_DEFAULTS`` present), checked
+    by the spec's one check (``spec.check_group_values``).
 
     Normalises ``proj_dtype`` given as a name (``"bfloat16"``) to the dtype, in place.
     """
-    rank = group["rank"]
-    if not is_int(rank) or rank < 1:
-        raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1")
-    gap = group.get("update_proj_gap", 1)
-    if not is_int(gap) or gap < 1:
-        raise ValueError(f"{where}: update_proj_gap={gap!r} must be an int ≥ 1")
-    scale = group.get("scale", 1.0)
-    if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{where}: scale={scale!r} must be a finite number > 0")
-    if group.get("proj_type", "std") not in projection.PROJ_TYPES:
-        raise ValueError(f"{where}: proj_type={group['proj_type']!r} is not one of {projection.PROJ_TYPES}")
-    if group.get("svd", "exact") not in SVD_METHODS:
-        raise ValueError(f"{where}: svd={group['svd']!r} is not one of {SVD_METHODS}")
-    for key in ("oversample", "power_iters"):
-        if key in group and (not is_int(group[key]) or group[key] < 0):
-            raise ValueError(f"{where}: {key}={group[key]!r} must be an int ≥ 0")
-    for key in ("warm_start", "residual_reselect"):
-        if key in group and not isinstance(group[key], bool):
-            raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
-    heads = group.get("num_heads")
-    if heads is not None and (not is_int(heads) or heads < 1):
-        raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
-    ratio = group.get("residual_ratio", 0.0)
-    if not is_real(ratio) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
-    warmup = group.get("residual_warmup", 1)
-    if not is_int(warmup) or warmup < 1:
-        raise ValueError(f"{where}: residual_warmup={warmup!r} must be an int ≥ 1")
-    if group.get("residual_mode", "exact") not in residual.RESIDUAL_MODES:
-        raise ValueError(f"{where}: residual_mode={group['residual_mode']!r} is not one of {residual.RESIDUAL_MODES}")
-    proj_dtype = group.get("proj_dtype")
-    if isinstance(proj_dtype, str):
-        proj_dtype = group["proj_dtype"] = getattr(torch, proj_dtype, proj_dtype)
-    if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
-        raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
-                         f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
+    check_group_values(group, where)
+    if isinstance(group.get("proj_dtype"), str):
+        group["proj_dtype"] = getattr(torch, group["proj_dtype"])
 
 
 def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:

@@ -72,3 +72,60 @@ def paper_residual(
     delta = (dm_s / (1 - beta1**step)) / (radicand.clamp_min(0).sqrt() + eps)
     bound = 1 / math.sqrt(1 - beta2)
     return torch.nan_to_num(delta, nan=0.0, posinf=bound, neginf=-bound).clamp_(-bound, bound)
+
+
+class SparseResidual:
+    """The residual as a component of the low-rank engine (``lowrank.LowRankOptimizer.apply``): its
+    state in a parameter's state dict (``residual_index``, ``residual_m``, ``residual_v``,
+    ``residual_start``), the correction it adds to the projected-back update at ``S``, and when ``S``
+    is chosen (at the end of warm-up; again at each refresh with ``residual_reselect``).
+
+    It asks the inner rule for what it needs of it — its moments and their constants
+    (``rule.moments(state)``, ``rule.moment_decay(group)``) — and the layout for where the parameter
+    lives (``select``: the top-ρ choice over this process's part; ``local``: a tensor's local part),
+    so the engine reads neither the rule's hyper-parameters nor the residual's state.
+    """
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def correction(self, state: dict, group: dict, entries: Tensor | None, low: Tensor, direction: Tensor,
+                   left: Tensor | None, right: Tensor | None, n: int, refreshed: bool, lr: float, dtype: torch.dtype,
+                   select, local) -> tuple[Tensor | None, Tensor | None]:
+        """``(index, values added to the update there)``, ``(None, None)`` before ``S`` is fixed.
+
+        ``entries`` are the gradient's values at ``S``; ``low`` the projected gradient and ``direction``
+        the rule's step on it; entries of the projected-back update are computed at ``S`` only
+        (``projection.project_back_at``). The residual moments are kept in ``dtype`` (the compute
+        dtype) whatever the rule stores (they are ρ-sized); the low-rank moments are cast to it."""
+        from .projection import project_back, project_back_at
+
+        step = state["step"]
+        beta1, beta2, eps = self.rule.moment_decay(group)
+        at = None
+        if "residual_index" in state:
+            index = state["residual_index"].long()
+
+            def back_at(t: Tensor) -> Tensor:
+                return project_back_at(local(t), local(left), local(right), index, n)
+
+            if group["residual_mode"] == "exact":  # the update there becomes AdamW's exactly
+                since = step - state["residual_start"]
+                exact = exact_residual(entries, state["residual_m"], state["residual_v"], since,
+                                       beta1, beta2, eps).mul_(lr)
+                at = (index, exact - back_at(direction))
+            else:
+                back_v_s = back_at(self.rule.moments(state)[1].to(dtype))
+                delta = paper_residual(entries, back_at(low), back_v_s, state["residual_m"], state["residual_v"],
+                                       step, beta1, beta2, eps)
+                at = (index, delta.mul_(lr))
+        fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
+            "residual_index" in state and refreshed and group["residual_reselect"])
+        if fix_now:
+            reconstructed = project_back(self.rule.moments(state)[0].to(dtype), left, right)
+            index = select(reconstructed, group["residual_ratio"])
+            state["residual_index"] = index
+            state["residual_m"] = torch.zeros(index.numel(), dtype=dtype, device=index.device)
+            state["residual_v"] = torch.zeros_like(state["residual_m"])
+            state["residual_start"] = step
+        return at if at is not None else (None, None)

@@ -3,9 +3,9 @@
 Each option is a field of :class:`FinetuneConfig`; its metadata carries the flag (when it is not the
 field's name), a one-line help and the choices, so an option is declared once and
 :func:`add_arguments` builds the parser from the fields. The defaults of the low-rank options the
-library defines are read from ``galore_plus.options``, and the values the library checks are checked
-by its own functions (``options.check_low_rank``, ``options.check_common``), so a bad value gets the
-library's message. :func:`validated` adds what is the command's own (batch sizes, steps, paths,
+library defines are read from ``galore_plus.options``, and the low-rank values are checked once, by
+building the run's ``spec.LowRankSpec`` (:func:`low_rank_spec`; ``options.check_common`` for the
+rest), so a bad value gets the library's message. :func:`validated` adds what is the command's own (batch sizes, steps, paths,
 devices, launch) and is the one place a config is checked; :func:`resumed` says which options a
 ``--resume`` may take.
 """
@@ -22,14 +22,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, check_low_rank, is_int, is_real
+from ..integration import EMBEDDINGS
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
+from ..spec import METHODS as LOW_RANK_METHODS
+from ..spec import LowRankSpec
 from .errors import ConfigError
 
-METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")
-LOW_RANK_METHODS = ("galore", "galore+")
+METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
-EMBEDDINGS = ("full", "frozen", "low_rank")  # integration.EMBEDDINGS (checked equal by a test)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SEED_LIMIT = 2**32
@@ -241,10 +242,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     the weights)."""
     _check_types(config)
     c = config
-    try:  # the values the library owns, with its messages
-        check_low_rank({"rank": c.rank, "update_proj_gap": c.update_proj_gap, "scale": c.scale,
-                        "residual_ratio": residual_ratio(c), "residual_warmup": c.residual_warmup,
-                        "residual_mode": c.residual_mode}, "finetune")
+    try:  # the values the library owns, with its messages: the spec checks its own
+        low_rank_spec(c)
         check_common({"lr": c.lr, "weight_decay": c.weight_decay, "seed": c.seed}, "finetune")
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -300,6 +299,18 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(str(err)) from None
     return dataclasses.replace(c, data=absolute_data(c.data),
                                eval_data=None if c.eval_data is None else absolute_data(c.eval_data))
+
+
+def low_rank_spec(config: FinetuneConfig) -> LowRankSpec:
+    """The library's spec of the run's low-rank method (``galore`` or ``galore+``; for the other methods
+    the GaLore+ recipe at the config's values, which validation checks all the same): the command's
+    fields are the spec's, with the method's recipe and the command's own defaults (α 4, T 50)."""
+    method = config.method if config.method in LOW_RANK_METHODS else "galore+"
+    residual = {"residual_ratio": residual_ratio(config)} if (
+        method == "galore+" or config.residual_ratio) else {}
+    return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=config.update_proj_gap, scale=config.scale,
+                              residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
+                              rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
 def residual_ratio(config: FinetuneConfig) -> float:

@@ -33,7 +33,7 @@ import torch
 from ..sharding import local
 from . import checkpoint
 from .config import (LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, default_max_new_tokens,
-                     projected_backward, resumed, torch_dtype, validated)
+                     low_rank_spec, projected_backward, resumed, torch_dtype, validated)
 from .data import TASKS, DataError, Task
 from .errors import CheckpointError, ConfigError, RunError
 
@@ -305,26 +305,17 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
         return model, bnb.optim.AdamW8bit(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     from ..integration import build_optimizer
 
-    options: dict[str, Any] = {"update_proj_gap": config.update_proj_gap, "scale": config.scale}
-    if config.method == "galore+":
-        options.update(residual_warmup=config.residual_warmup, residual_mode=config.residual_mode)
-        if config.residual_ratio is not None:
-            options["residual_ratio"] = config.residual_ratio
-    elif config.residual_ratio:
-        options.update(residual_ratio=config.residual_ratio, residual_warmup=config.residual_warmup,
-                       residual_mode=config.residual_mode)
-    if config.layerwise:
-        options["accumulation_steps"] = config.grad_accum
     projected = projected_backward(config)
     # one backward per step, one process, step() mode: refreshing each projector inside backward is the
     # same refresh and keeps the targets' full gradients from piling up at a refresh step (layer-wise
     # mode does so anyway)
-    options["refresh_in_backward"] = (projected and config.grad_accum == 1 and config.distributed == "none"
-                                      and not config.layerwise)
-    optimizer = build_optimizer(model, config.method, config.rank, lr=config.lr, weight_decay=config.weight_decay,
-                                eightbit=config.eightbit, layerwise=config.layerwise, seed=config.seed,
-                                projected_backward=projected, embeddings=config.embeddings,
-                                stochastic_rounding=config.stochastic_rounding, **options)
+    refresh_in_backward = (projected and config.grad_accum == 1 and config.distributed == "none"
+                           and not config.layerwise)
+    layerwise = {"accumulation_steps": config.grad_accum} if config.layerwise else {}
+    optimizer = build_optimizer(model, low_rank_spec(config), lr=config.lr, weight_decay=config.weight_decay,
+                                layerwise=config.layerwise, seed=config.seed, projected_backward=projected,
+                                refresh_in_backward=refresh_in_backward, embeddings=config.embeddings,
+                                stochastic_rounding=config.stochastic_rounding, **layerwise)
     return model, optimizer
 
 

@@ -1,0 +1,232 @@
+"""The typed spec of a low-rank method: every option with its default, defined once, checked once.
+
+A :class:`LowRankSpec` says how the matrices of a low-rank group train (DESIGN.md, "Options"): the
+rank and the refresh (``update_proj_gap``, ``refresh``), the projector (``proj_type``, ``svd`` and
+its sketch sizes, ``num_heads`` for cross-head projection, ``proj_dtype``), the update's scale α,
+the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment)
+and the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
+registry, ``lowrank.RULES``). Constructing one checks every field and raises ``ValueError`` naming
+the value and what is allowed; :meth:`LowRankSpec.from_options` rejects unknown names with
+``TypeError`` listing the allowed ones.
+
+Parameter groups carry a spec *flattened*: its group fields are the group's keys (``spec.group()``;
+``LowRankSpec.from_group(group)`` reads one back). That keeps galore-torch's group keys working and
+keeps optimizer state dicts strings and numbers, which ``torch.load(weights_only=True)`` needs
+(torch saves ``param_groups`` in them). The old spellings — ``build_optimizer(model, "galore+", 32,
+scale=..., eightbit=True)``, loose group keys — go through one conversion, :func:`spec_for`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+
+from . import projection, residual
+
+#: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
+PAPER_RESIDUAL_RATIO = 0.012
+#: projector storage dtypes accepted by ``proj_dtype`` (names are accepted too: "bfloat16")
+PROJ_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SVD_METHODS = ("exact", "randomized")
+#: the low-rank methods: plain GaLore, and the GaLore+ recipe (:meth:`LowRankSpec.recipe`)
+METHODS = ("galore", "galore+")
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    """A real number that is not a bool and not NaN (infinities pass; callers bound them)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
+
+
+def _group(default: Any, doc: str) -> Any:
+    """A field that is also a parameter-group key."""
+    return field(default=default, metadata={"group": True, "doc": doc})
+
+
+def _method(default: Any, doc: str, **kw: Any) -> Any:
+    """A field of the method only (how groups are built, which optimizer), not a group key."""
+    return field(default=default, metadata={"group": False, "doc": doc}, **kw)
+
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """How a low-rank method trains its matrices (see the module docstring; DESIGN.md, "Options").
+
+    Defaults are plain GaLore's pre-training settings (galore-torch README): T 200, α 0.25, exact
+    SVD, no cross-head, no residual; :meth:`recipe` gives GaLore+'s.
+    """
+
+    rank: int = _group(None, "projection rank r, 1 ≤ r ≤ min(m, n) of every matrix")
+    update_proj_gap: int = _group(200, "T: refresh the projector at the first step and every T steps")
+    scale: float = _group(0.25, "α: the projected-back update is multiplied by it")
+    proj_type: str = _group("std", f"projection side, one of {projection.PROJ_TYPES}")
+    svd: str = _group("exact", "exact (galore-torch's SVD) or randomized subspace iteration (DESIGN.md, "
+                               "'Projectors')")
+    oversample: int = _group(8, "randomized SVD: extra sketch columns")
+    power_iters: int = _group(2, "randomized SVD: power iterations")
+    warm_start: bool = _group(False, "randomized SVD: start the sketch from the previous projector")
+    num_heads: int | None = _group(None, "heads stacked along the rows, for cross-head projection (q: attention "
+                                         "heads, k: key/value heads); set per matrix by the recipe")
+    residual_ratio: float = _group(0.0, "sparse residual ρ: fraction of entries with exact Adam moments (0: off)")
+    residual_warmup: int = _group(20, "steps before the residual's entries are chosen")
+    residual_mode: str = _group("exact", f"the residual's rule, one of {residual.RESIDUAL_MODES}")
+    residual_reselect: bool = _group(False, "choose the residual's entries again at each refresh")
+    proj_dtype: torch.dtype | None = _group(None, "the projector's storage dtype (None: the compute dtype)")
+    refresh: str = _group("interval", "when projectors refresh: a name of lowrank.REFRESH_POLICIES")
+    cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
+                                      "projection and the residual (the others neither)")
+    rule: str = _method("adamw", "the inner rule: a name of lowrank.RULES (adamw, adamw8bit, adafactor, ...)")
+    rule_options: Mapping[str, Any] = _method(None, "the inner rule's own hyper-parameters (AdamW: betas, eps)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.proj_dtype, str):
+            object.__setattr__(self, "proj_dtype", getattr(torch, self.proj_dtype, self.proj_dtype))
+        object.__setattr__(self, "rule_options", dict(self.rule_options or {}))
+        check_group_values(self.group(), "LowRankSpec")
+        if not isinstance(self.cross_head, bool):
+            raise ValueError(f"LowRankSpec: cross_head={self.cross_head!r} must be a bool")
+        from .lowrank import RULES
+
+        if self.rule not in RULES:
+            raise ValueError(f"LowRankSpec: rule={self.rule!r} is not one of {sorted(RULES)}")
+
+    # ------------------------------------------------------------------ conversions
+    def group(self) -> dict[str, Any]:
+        """The group keys (every group field, including ``rank``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"]}
+
+    def group_options(self) -> dict[str, Any]:
+        """The group keys but ``rank`` and ``num_heads`` (which the recipe sets per matrix)."""
+        return {k: v for k, v in self.group().items() if k not in ("rank", "num_heads")}
+
+    def replace(self, **changes: Any) -> LowRankSpec:
+        return LowRankSpec.from_options({**self.options(), **changes})
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str = "LowRankSpec") -> LowRankSpec:
+        """A spec from a mapping of field names; unknown names raise ``TypeError`` listing the allowed."""
+        unknown = sorted(set(options) - FIELDS)
+        if unknown:
+            raise TypeError(f"{where}: unknown option(s) {unknown}; the options are {sorted(FIELDS)}")
+        try:
+            return cls(**options)
+        except ValueError as err:  # the message names the caller's place
+            raise ValueError(str(err).replace("LowRankSpec:", f"{where}:", 1)) from None
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> LowRankSpec:
+        """The spec a low-rank parameter group carries (its group keys; missing ones take defaults)."""
+        return cls(**{k: group[k] for k in GROUP_FIELDS if k in group})
+
+    @classmethod
+    def recipe(cls, method: str, rank: int, where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
+        """``"galore"``: GaLore as published (exact SVD, no cross-head, no residual). ``"galore+"``:
+        the GaLore+ recipe: randomized SVD, cross-head projection and the residual (ρ =
+        :data:`PAPER_RESIDUAL_RATIO`) on q/k. ``options`` override fields."""
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}")
+        base = RECIPES[method]
+        return cls.from_options({**base, "rank": rank, **options}, where)
+
+
+#: every field name, the group fields, and the group fields' defaults (``LOW_RANK_DEFAULTS``)
+FIELDS = frozenset(f.name for f in fields(LowRankSpec))
+GROUP_FIELDS = tuple(f.name for f in fields(LowRankSpec) if f.metadata["group"])
+GROUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LowRankSpec)
+                                  if f.metadata["group"] and f.name != "rank"}
+#: the methods' own defaults, over the spec's (GaLore+: arXiv 2412.19820, Section 4)
+RECIPES: dict[str, dict[str, Any]] = {
+    "galore": {},
+    "galore+": {"svd": "randomized", "cross_head": True, "residual_ratio": PAPER_RESIDUAL_RATIO},
+}
+
+
+def check_group_values(group: Mapping[str, Any], where: str) -> None:
+    """Check the group keys present in ``group`` (``rank`` required); ``ValueError`` naming the bad
+    value and what is allowed. The one check of the low-rank values (the spec's and the groups')."""
+    rank = group["rank"]
+    if not is_int(rank) or rank < 1:
+        raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1")
+    gap = group.get("update_proj_gap", GROUP_DEFAULTS["update_proj_gap"])
+    if not is_int(gap) or gap < 1:
+        raise ValueError(f"{where}: update_proj_gap={gap!r} must be an int ≥ 1")
+    scale = group.get("scale", GROUP_DEFAULTS["scale"])
+    if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where}: scale={scale!r} must be a finite number > 0")
+    if group.get("proj_type", "std") not in projection.PROJ_TYPES:
+        raise ValueError(f"{where}: proj_type={group['proj_type']!r} is not one of {projection.PROJ_TYPES}")
+    if group.get("svd", "exact") not in SVD_METHODS:
+        raise ValueError(f"{where}: svd={group['svd']!r} is not one of {SVD_METHODS}")
+    for key in ("oversample", "power_iters"):
+        if key in group and (not is_int(group[key]) or group[key] < 0):
+            raise ValueError(f"{where}: {key}={group[key]!r} must be an int ≥ 0")
+    for key in ("warm_start", "residual_reselect"):
+        if key in group and not isinstance(group[key], bool):
+            raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
+    heads = group.get("num_heads")
+    if heads is not None and (not is_int(heads) or heads < 1):
+        raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
+    ratio = group.get("residual_ratio", 0.0)
+    if not is_real(ratio) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
+    warmup = group.get("residual_warmup", GROUP_DEFAULTS["residual_warmup"])
+    if not is_int(warmup) or warmup < 1:
+        raise ValueError(f"{where}: residual_warmup={warmup!r} must be an int ≥ 1")
+    if group.get("residual_mode", "exact") not in residual.RESIDUAL_MODES:
+        raise ValueError(f"{where}: residual_mode={group['residual_mode']!r} is not one of {residual.RESIDUAL_MODES}")
+    proj_dtype = group.get("proj_dtype")
+    if isinstance(proj_dtype, str):
+        proj_dtype = getattr(torch, proj_dtype, proj_dtype)
+    if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
+        raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
+                         f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
+    if "refresh" in group:
+        from .lowrank import REFRESH_POLICIES
+
+        if group["refresh"] not in REFRESH_POLICIES:
+            raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")
+
+
+def spec_for(method: str | LowRankSpec, rank: int | None = None, *, eightbit: bool = False, adafactor: bool = False,
+             **options: Any) -> LowRankSpec:
+    """The one conversion from the old spellings to a spec: ``build_optimizer``'s ``method``, ``rank``,
+    ``eightbit``/``adafactor`` and loose low-rank keys (``scale``, ``update_proj_gap``, ``svd``,
+    ``residual_ratio``, ...) or the inner rule's own keys (``betas``, ``eps``, Adafactor's ...). A spec
+    given as ``method`` is returned as it is (``rank`` and options must then be absent)."""
+    if isinstance(method, LowRankSpec):
+        if rank is not None or options or eightbit or adafactor:
+            raise TypeError("a LowRankSpec already holds the rank and every option; change it with spec.replace(...)")
+        return method
+    if eightbit and adafactor:
+        raise ValueError("eightbit=True and adafactor=True cannot be combined; the inner rules are AdamW (default), "
+                         "8-bit AdamW (eightbit=True), Adafactor (adafactor=True)")
+    rule = "adamw8bit" if eightbit else "adafactor" if adafactor else options.pop("rule", "adamw")
+    from .lowrank import RULES
+
+    rule_keys = set(RULES[rule].defaults) if rule in RULES else set()
+    if "num_heads" in options:
+        raise TypeError("num_heads is not an option here: each q/k matrix gets its own head count from the "
+                        "model's config (find_targets), the other matrices none")
+    rule_options = {k: options.pop(k) for k in list(options) if k in rule_keys}
+    rule_options.update(options.pop("rule_options", None) or {})
+    unknown = sorted(set(options) - FIELDS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; low-rank options are {sorted(GROUP_DEFAULTS)} and the "
+                        f"{rule} rule's own are {sorted(rule_keys)}")
+    return LowRankSpec.recipe(method, rank, rule=rule, rule_options=rule_options, **options)
+
+
+def spec_fields_doc() -> dict[str, str]:
+    """Field name → one line of help (for generated parsers and docs)."""
+    return {f.name: f.metadata["doc"] for f in fields(LowRankSpec)}
+
