@@ -270,3 +270,97 @@ def test_refresh_in_backward_leaves_no_full_target_gradient():
     opt.step()
     with pytest.raises(ValueError, match="option of the projected backward"):
         optimizer_for(tiny(), refresh_in_backward=True)
+
+
+def snapshot(module):
+    """A module's ``__dict__`` with its dict values copied (hook tables are mutated in place)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_installing_leaves_the_model_as_it_is_and_remove_restores_it_exactly():
+    """Forward pre-hooks, not a patched ``forward``: while installed the modules keep their class,
+    ``forward``, attributes, parameter names and ``state_dict`` keys; after ``remove()`` every
+    module's ``__dict__`` is what it was, and loss and gradients equal an untouched copy's bitwise."""
+    model = tiny()
+    untouched = copy.deepcopy(model)
+    before = {name: snapshot(m) for name, m in model.named_modules()}
+    types = {name: type(m) for name, m in model.named_modules()}
+    keys, names = list(model.state_dict()), [n for n, _ in model.named_parameters()]
+    opt = optimizer_for(model, projected_backward=True)
+    handle = opt.projected_backward
+    assert len(handle.targets) == 14  # 7 per layer (the embeddings stay full)
+    assert {name: type(m) for name, m in model.named_modules()} == types
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == names
+    for name, m in model.named_modules():
+        assert set(m.__dict__) == set(before[name]) and "forward" not in m.__dict__, name
+    data = batches(1, steps=2)
+    train(model, opt, data[:1])  # the refresh step
+    train(untouched, optimizer_for(untouched), data[:1])
+    ids = data[1][0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(w.grad is None for w in handle.targets.values())  # the projected path ran
+    opt.zero_grad()
+    handle.remove()
+    handle.remove()  # a second remove does nothing
+    assert opt.projected_backward is None
+    for name, m in model.named_modules():
+        assert snapshot(m) == before[name], name
+    loss, grads = loss_and_grads(model, ids)
+    loss_ref, grads_ref = loss_and_grads(untouched, ids)
+    assert torch.equal(loss, loss_ref)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_ref[name]), name
+
+
+def test_the_optimizer_holds_the_projected_backward_through_its_accessor():
+    from galore_plus import engine_of
+
+    model = tiny()
+    opt = optimizer_for(model, layerwise=True, projected_backward=True)
+    handle = engine_of(opt).projected_backward
+    assert handle is not None and handle.sink is opt and handle.engine is engine_of(opt)
+    with pytest.raises(AttributeError):
+        engine_of(opt).projected_backward = None  # read-only: attach_projected_backward is the way in
+    with pytest.raises(ValueError, match="installed twice"):
+        engine_of(opt).attach_projected_backward(object())
+    handle.remove()
+    assert engine_of(opt).projected_backward is None
+    again = enable_projected_backward(model, opt)  # installs again after remove()
+    assert engine_of(opt).projected_backward is again and again.process_group is None
+
+
+def test_a_bare_linear_called_with_a_keyword_input():
+    """Hooks work on the model's root module and on ``linear(input=x)``; bias and input gradients
+    are the full path's."""
+    from galore_plus import GaLoreAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    results = []
+    for projected in (False, True):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(6, 5).double()
+        opt = GaLoreAdamW([{"params": [lin.weight], "rank": 2, "update_proj_gap": 4}, {"params": [lin.bias]}], lr=1e-2)
+        if projected:
+            enable_projected_backward(lin, opt)
+        seen = []
+        for x in xs:
+            x.grad = None
+            lin(input=x).square().sum().backward()
+            seen.append((lin.weight.grad is None, x.grad.clone(), lin.bias.grad.clone()))
+            opt.step()
+            opt.zero_grad()
+        results.append((lin.weight.detach().clone(), seen))
+    (w_full, full), (w_proj, proj) = results
+    assert [s[0] for s in full] == [False, False] and [s[0] for s in proj] == [False, True]
+    for (_, dx, db), (_, dx2, db2) in zip(full, proj):
+        torch.testing.assert_close(dx, dx2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(db, db2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w_full, w_proj, rtol=1e-12, atol=1e-12)

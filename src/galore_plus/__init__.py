@@ -16,7 +16,7 @@ from .adamw8bit import GaLoreAdamW8bit
 from .groups import galore_plus_param_groups
 from .integration import Target, build_optimizer, find_targets, optimizer_summary
 from .layerwise import LayerwiseOptimizer
-from .lowrank import InnerRule, LowRankGradient, LowRankOptimizer
+from .lowrank import InnerRule, LowRankGradient, LowRankOptimizer, engine_of
 from .memory import estimate_state_bytes, state_bytes
 from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 
@@ -36,6 +36,7 @@ __all__ = [
     "LowRankOptimizer",
     "LowRankGradient",
     "InnerRule",
+    "engine_of",
     "LOW_RANK_DEFAULTS",
     "PAPER_RESIDUAL_RATIO",
 ]

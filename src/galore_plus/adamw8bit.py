@@ -11,7 +11,7 @@ from torch import Tensor
 from .adamw import AdamWRule, GaLoreAdamW
 from .functional import adam_direction
 from .lowrank import ParameterWrite, register_rule
-from .sharding import is_dtensor
+from .sharding import is_dtensor, local, placed_blocks, placed_like
 
 #: bitsandbytes' block size for its 8-bit blockwise optimizers, and its threshold below which a
 #: tensor's state stays 32-bit (``min_8bit_size``): tiny tensors gain nothing from quantization.
@@ -63,17 +63,15 @@ class AdamW8bitRule(AdamWRule):
     def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
         if not self._quantized(grad, state):
             return super().direction(grad, state, group, lr)
-        sharded = is_dtensor(grad)
-        local = grad.to_local() if sharded else grad
-        out = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
+        part = local(grad)
+        out = torch.empty(part.numel(), dtype=torch.float32, device=part.device)
 
         def sink(a: int, b: int, step: Tensor) -> None:
             out[a:b] = step
 
-        adam = self._sharded_quantized_adam if sharded else self._quantized_adam
+        adam = self._sharded_quantized_adam if is_dtensor(grad) else self._quantized_adam
         adam(grad, state, group, lr, sink)
-        step = out.view(local.shape).to(grad.dtype)
-        return _like(step, grad) if sharded else step
+        return placed_like(out.view(part.shape).to(grad.dtype), grad)
 
     def apply_full(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
                    write: ParameterWrite) -> None:
@@ -129,33 +127,33 @@ class AdamW8bitRule(AdamWRule):
 
     def _sharded_quantized_adam(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
                                 sink: Callable[[int, int, Tensor], None]) -> None:
-        """``_quantized_adam`` on this rank's shard of a DTensor moment (FSDP2): the local codes and
+        """``_quantized_adam`` on this rank's shard of a sharded moment (FSDP2): the local codes and
         the used part of the local absmax are viewed (updated in place); at the first step the
-        fresh local state is wrapped into DTensors (see the class docstring)."""
-        local = grad.to_local()
-        blocks = -(-local.numel() // BLOCK_SIZE)
+        fresh local state is placed like the moment (see the class docstring)."""
+        part = local(grad)
+        blocks = -(-part.numel() // BLOCK_SIZE)
         local_state: dict[str, Any] = {"step": state["step"]}
         if "exp_avg_q" in state:
             for key in ("exp_avg", "exp_avg_sq"):
-                local_state[f"{key}_q"] = state[f"{key}_q"].to_local()
-                local_state[f"{key}_absmax"] = state[f"{key}_absmax"].to_local()[:blocks]
-        if local.numel():
-            self._quantized_adam(local, local_state, group, lr, sink)
+                local_state[f"{key}_q"] = local(state[f"{key}_q"])
+                local_state[f"{key}_absmax"] = local(state[f"{key}_absmax"])[:blocks]
+        if part.numel():
+            self._quantized_adam(part, local_state, group, lr, sink)
         else:  # a rank without rows of this matrix (fewer rows than ranks)
             for key in ("exp_avg", "exp_avg_sq"):
-                local_state.setdefault(f"{key}_q", torch.empty(local.shape, dtype=torch.uint8, device=local.device))
-                local_state.setdefault(f"{key}_absmax", torch.empty(0, dtype=torch.float32, device=local.device))
+                local_state.setdefault(f"{key}_q", torch.empty(part.shape, dtype=torch.uint8, device=part.device))
+                local_state.setdefault(f"{key}_absmax", torch.empty(0, dtype=torch.float32, device=part.device))
         if "exp_avg_q" not in state:
             for key in ("exp_avg", "exp_avg_sq"):
-                state[f"{key}_q"] = _like(local_state[f"{key}_q"].reshape(local.shape), grad)
-                state[f"{key}_absmax"] = _sharded_absmax(local_state[f"{key}_absmax"], grad)
+                state[f"{key}_q"] = placed_like(local_state[f"{key}_q"].reshape(part.shape), grad)
+                state[f"{key}_absmax"] = placed_blocks(local_state[f"{key}_absmax"], grad, BLOCK_SIZE)
 
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if "exp_avg" in state:
             return state["exp_avg"], state["exp_avg_sq"]
         if is_dtensor(state["exp_avg_q"]):
-            return tuple(_like(_dequantize_local(state[f"{key}_q"].to_local(), state[f"{key}_absmax"].to_local(),
-                                                 signed), state[f"{key}_q"])
+            return tuple(placed_like(_dequantize_local(local(state[f"{key}_q"]), local(state[f"{key}_absmax"]),
+                                                       signed), state[f"{key}_q"])
                          for key, signed in (("exp_avg", True), ("exp_avg_sq", False)))
         return (dequantize(state["exp_avg_q"], state["exp_avg_absmax"], signed=True),
                 dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False))
@@ -206,15 +204,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     State per quantized moment: ``exp_avg_q``/``exp_avg_sq_q`` (uint8) and
     ``exp_avg_absmax``/``exp_avg_sq_absmax`` (float32); 32-bit ones keep ``exp_avg``/``exp_avg_sq``.
 
-    Under FSDP2 (the moment is a DTensor placed like the low-rank
-    gradient, or like the parameter in a group without ``rank``), each rank quantizes its own shard:
-    the codes are a DTensor placed like the moment, the absmax a ``Shard(0)`` DTensor of
-    ``world × B`` blocks (``B`` the blocks of the largest shard; a shorter last shard leaves its tail
-    unused), or replicated with a replicated moment. Whether a moment is 8-bit is decided on its
-    global size, as in one process. Blocks are per shard: when the rows of a full shard hold a
-    multiple of 256 elements (``⌈m/N⌉·cols``), they are exactly the single-process blocks and the
-    run equals the single-process one; otherwise a block does not straddle two shards, which changes
-    only the quantization blocking (results differ at the quantizer's resolution, not the math).
+    Under FSDP2 (the moment is sharded like the low-rank gradient, or like the parameter in a group
+    without ``rank``), each rank quantizes its own shard: the codes are placed like the moment, the
+    absmax ``Shard(0)`` as ``world × B`` blocks (``B`` the blocks of the largest shard; a shorter last
+    shard leaves its tail unused), or replicated with a replicated moment (``sharding.placed_blocks``).
+    Whether a moment is 8-bit is decided on its global size, as in one process. Blocks are per shard:
+    when the rows of a full shard hold a multiple of 256 elements (``⌈m/N⌉·cols``), they are exactly
+    the single-process blocks and the run equals the single-process one; otherwise a block does not
+    straddle two shards, which changes only the quantization blocking (results differ at the
+    quantizer's resolution, not the math).
     """
 
     rule = AdamW8bitRule()
@@ -227,36 +225,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 # ---------------------------------------------------------------------------------------------- FSDP2 shards
 
 
-def _like(local: Tensor, like: Tensor) -> Tensor:
-    """A DTensor of ``like``'s mesh, placements and global shape from this rank's ``local`` part."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local.contiguous(), like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride())
-
-
 def _dequantize_local(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     if codes.numel() == 0:
         return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
     return dequantize(codes, absmax[: -(-codes.numel() // BLOCK_SIZE)], signed)
-
-
-def _sharded_absmax(local: Tensor, moment: Tensor) -> Tensor:
-    """This rank's per-block absmax as a DTensor: replicated with a replicated moment; for a
-    ``Shard(0)`` one, ``Shard(0)`` of ``world × B`` entries, ``B`` the blocks of a full shard
-    (``⌈m/N⌉`` rows), this rank's padded to ``B`` (torch.chunk's even split, as DCP expects)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    mesh = moment.device_mesh
-    if all(isinstance(pl, Replicate) for pl in moment.placements):
-        return DTensor.from_local(local.contiguous(), mesh, [Replicate()], run_check=False)
-    if moment.placements != (Shard(0),) or mesh.ndim != 1:
-        raise ValueError(f"GaLoreAdamW8bit shards 8-bit moments placed Shard(0) or Replicate on a 1-D mesh; got "
-                         f"{moment.placements} on a {mesh.ndim}-D mesh")
-    world = mesh.size()
-    rows = -(-moment.shape[0] // world)
-    full = -(-rows * math.prod(moment.shape[1:]) // BLOCK_SIZE)
-    padded = local.new_zeros(full)
-    padded[: local.numel()] = local
-    return DTensor.from_local(padded, mesh, [Shard(0)], run_check=False, shape=torch.Size((world * full,)),
-                              stride=(1,))

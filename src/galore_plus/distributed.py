@@ -1,7 +1,7 @@
 """Data-parallel training with GaLore: DDP's split refresh, checkpoints, launching (DESIGN.md, "Distributed").
 
 **FSDP2** needs nothing from here: an optimizer built with its plain constructor on ``fully_shard``
-parameters (``Shard(0)`` DTensors over a 1-D mesh) runs the low-rank math on the row shards without
+parameters (sharded ``Shard(0)`` over a 1-D mesh) runs the low-rank math on the row shards without
 gathering a full gradient (``sharding.RowShards``).
 
 **DDP** works with the plain constructor too: DDP averages the gradients, and every rank computes the
@@ -14,9 +14,9 @@ single-process one. It sets ``optimizer.refresher`` and nothing else.
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2 (``layerwise.py`` says why).
 
 Checkpoints go through ``torch.distributed.checkpoint`` (``save_checkpoint`` / ``load_checkpoint``):
-every value is a tensor (numbers as 0-d tensors), so nothing is unpickled on load. DTensors are
-saved sharded; per-rank state (an FSDP2 parameter's residual) under per-rank keys, so a resume needs
-the same world size, which ``load_checkpoint`` checks.
+every value is a tensor (numbers as 0-d tensors), so nothing is unpickled on load. Sharded tensors
+are saved sharded; per-rank state (an FSDP2 parameter's residual) under per-rank keys, so a resume
+needs the same world size, which ``load_checkpoint`` checks.
 
 Bytes the optimizer itself communicates are counted in ``optimizer.comm_bytes`` (per phase, ``"step"``
 and ``"refresh"``, and per collective); DDP's gradient all-reduce and FSDP2's all-gather /
@@ -32,11 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import projection
 from .layerwise import LayerwiseOptimizer, layerwise_unsupported_reason
 from .lowrank import LowRankOptimizer, compute_dtype
+from .sharding import checkpoint_placement, empty_placed, is_dtensor, layout_of
 
 __all__ = ["distribute", "SplitRefresh", "save_checkpoint", "load_checkpoint", "init_from_env", "wrap_model",
            "layerwise_unsupported_reason", "process_rank", "barrier", "sum_across_ranks", "shutdown"]
@@ -123,11 +123,12 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
         raise RuntimeError("distribute() needs an initialised torch.distributed process group "
                            "(launch with torchrun and call torch.distributed.init_process_group)")
     group = process_group if process_group is not None else dist.group.WORLD
-    sharded = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+    sharded = any(layout_of(p, optimizer.comm).sharded for g in optimizer.param_groups for p in g["params"])
     if not sharded and dist.get_world_size(group) > 1:
         optimizer.refresher = SplitRefresh(group)
-        if optimizer.projected_backward is not None:  # the targets' gradients are averaged by us, not DDP
-            optimizer.projected_backward.reduce_over(group)
+        projected = optimizer.projected_backward
+        if projected is not None:  # it averages the targets' gradients (DDP leaves them out), over this group
+            projected.reduce_over(group)
     return optimizer
 
 
@@ -138,9 +139,9 @@ def _flat_state(model: torch.nn.Module, optimizer: LowRankOptimizer) -> dict[str
     """Model and optimizer as one flat dict of tensors for ``torch.distributed.checkpoint``.
 
     Keys: ``model/<name>``; ``optim/state/<param name>/<key>/<layout>`` with layout ``shard`` or
-    ``replicate`` (DTensors), ``rank<r>`` (this rank's local state of a sharded parameter), ``tensor``
-    (replicated plain tensor), ``int``/``float`` (numbers as 0-d tensors); ``optim/group/<i>/<key>/...``
-    for the groups' numeric hyper-parameters."""
+    ``replicate`` (sharded tensors, ``sharding.checkpoint_placement``), ``rank<r>`` (this rank's local
+    state of a sharded parameter), ``tensor`` (replicated plain tensor), ``int``/``float`` (numbers as
+    0-d tensors); ``optim/group/<i>/<key>/...`` for the groups' numeric hyper-parameters."""
     rank = process_rank()
     out: dict[str, Any] = {f"model/{k}": v for k, v in model.state_dict().items()}
     out[WORLD_SIZE_KEY] = torch.tensor(dist.get_world_size() if dist.is_initialized() else 1)
@@ -155,11 +156,11 @@ def _flat_state(model: torch.nn.Module, optimizer: LowRankOptimizer) -> dict[str
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 base = f"optim/state/{names[id(p)]}/{key}"
-                if isinstance(value, DTensor):
-                    layout = "shard" if value.placements == (Shard(0),) else "replicate"
-                    out[f"{base}/{layout}"] = value
+                placement = checkpoint_placement(value)
+                if placement is not None:
+                    out[f"{base}/{placement}"] = value
                 elif isinstance(value, Tensor):
-                    out[f"{base}/rank{rank}" if isinstance(p, DTensor) and value.dim() > 0 else f"{base}/tensor"] = value
+                    out[f"{base}/rank{rank}" if is_dtensor(p) and value.dim() > 0 else f"{base}/tensor"] = value
                 else:
                     encoded = _encode_number(value)
                     if encoded is None:
@@ -211,7 +212,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     the optimizer's state is replaced. Call it on every rank. A checkpoint written by another number
     of ranks raises ``ValueError`` (an FSDP2 parameter's residual is per rank; it is not resharded)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import empty as dtensor_empty
 
     rank = process_rank()
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -232,10 +232,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         layout = key.rsplit("/", 1)[1]
         size, dtype = tuple(meta.size), meta.properties.dtype
         if layout in ("shard", "replicate"):
-            name = _param_of(key)
-            mesh = params[name].device_mesh
-            placement = Shard(0) if layout == "shard" else Replicate()
-            template[key] = dtensor_empty(*size, dtype=dtype, device_mesh=mesh, placements=[placement])
+            template[key] = empty_placed(size, dtype, params[_param_of(key)], layout)
         elif layout.startswith("rank"):
             if layout == f"rank{rank}":
                 template[key] = torch.empty(size, dtype=dtype)
@@ -297,7 +294,8 @@ def wrap_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch
     model itself); matrices with the projected backward are left out of DDP's all-reduce (call
     ``distribute(optimizer)``, which averages them). ``mode="fsdp"``: ``fully_shard`` on every block
     of each ``nn.ModuleList`` (a transformer's decoder layers), then on the root, over a 1-D mesh of
-    all ranks; returns ``model``, sharded in place. Build the optimizer after ``fsdp`` wrapping (its parameters become DTensors)."""
+    all ranks; returns ``model``, sharded in place. Build the optimizer after ``fsdp`` wrapping (its
+    parameters become sharded tensors)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -365,8 +365,7 @@ class LowRankOptimizer(Optimizer):
         #: projectors this process computed itself (DDP with a split refresh: its share)
         self.projectors_computed = 0
         self.refresher: Any = LocalRefresh()
-        #: the ``projected.ProjectedBackward`` feeding this optimizer, if one is installed
-        self.projected_backward: Any = None
+        self._projected_backward: Any = None  # see attach_projected_backward
         self._projected: dict[Tensor, LowRankGradient] = {}
         self._where: dict[int, tuple[dict[str, Any], int, int]] = {}
 
@@ -758,6 +757,33 @@ class LowRankOptimizer(Optimizer):
         if got not in layouts:
             raise ValueError(f"{where}: saved state {got} is not what the {self.rule.name} rule keeps for a "
                              f"{shape} gradient ({' or '.join(map(str, layouts))})")
+
+    # ------------------------------------------------------------------ the projected backward's seam
+    @property
+    def projected_backward(self) -> Any:
+        """The ``projected.ProjectedBackward`` feeding this optimizer, or None (read-only: it comes and
+        goes through ``attach_projected_backward``)."""
+        return self._projected_backward
+
+    def attach_projected_backward(self, source: Any) -> None:
+        """Record ``source`` (a ``projected.ProjectedBackward``; ``None`` detaches) as what computes
+        this optimizer's projected gradients in backward. ``enable_projected_backward`` attaches,
+        ``ProjectedBackward.remove()`` detaches; one at a time (``ValueError`` otherwise). The
+        optimizer itself only records it: ``distributed``, the Trainer glue and the app read it."""
+        if source is not None and self._projected_backward is not None and source is not self._projected_backward:
+            raise ValueError(f"{type(self).__name__} already has a projected backward attached (projected backward "
+                             "installed twice?); remove() the first one before installing another")
+        self._projected_backward = source
+
+
+def engine_of(optimizer: Any) -> LowRankOptimizer | None:
+    """The low-rank engine behind ``optimizer``: itself for a ``LowRankOptimizer``, the one a
+    ``LayerwiseOptimizer`` drives, None for any other optimizer. The one place that unwraps."""
+    if isinstance(optimizer, LowRankOptimizer):
+        return optimizer
+    from .layerwise import LayerwiseOptimizer  # layerwise builds on this module
+
+    return optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else None
 
 
 def _sync(p: Tensor) -> None:

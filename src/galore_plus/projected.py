@@ -17,8 +17,14 @@ refreshes need it); at the others it hands a ``LowRankGradient`` to the optimize
 ``LayerwiseOptimizer``'s, applied in backward) and ``W.grad`` stays ``None``.
 
 ``enable_projected_backward(model, optimizer)`` installs it on every ``nn.Linear`` whose weight is a
-low-rank parameter of ``optimizer`` (an FSDP2 ``DTensor`` weight keeps the full path); ``remove()``
-undoes it. What users see:
+low-rank parameter of ``optimizer`` (an FSDP2-sharded weight keeps the full path) and attaches it to
+the optimizer (``LowRankOptimizer.attach_projected_backward``; ``optimizer.projected_backward`` reads
+it); ``remove()`` undoes both. How it is installed (DESIGN.md, "Projected backward"): a forward
+pre-hook on each target linear (its ``RemovableHandle`` kept) hands the linear's own ``forward`` its
+input wrapped in a carrier tensor, whose ``F.linear`` runs this module's autograd function instead of
+torch's. The user's modules keep their class, ``forward``, attributes, parameter names and
+``state_dict`` keys; nothing is computed twice; ``remove()`` leaves each module's ``__dict__`` as it
+was. What users see:
 
 - ``W.grad`` of a target matrix is ``None`` between refreshes (full at refresh steps);
   ``optimizer.projected_gradient(W)`` holds what the next ``step()`` applies.
@@ -31,22 +37,24 @@ undoes it. What users see:
   exist until ``step()`` (the refresh needs them) unless ``refresh_in_backward`` refreshes each one
   as it comes (one backward per step; see ``enable_projected_backward``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
-  ``distributed.distribute(optimizer)`` makes each step all-reduce their projected gradients (and
-  their full ones at refresh steps) instead: ``r``-sized traffic per target matrix.
+  each step all-reduces their projected gradients (and their full ones at refresh steps) over the
+  projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
+  is given to ``enable_projected_backward(process_group=...)`` or set by
+  ``distributed.distribute(optimizer)`` (``reduce_over``); ``process_group`` reads it.
 """
 
 from __future__ import annotations
 
 import math
-import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lowrank import LowRankGradient, LowRankOptimizer, compute_dtype
-from .sharding import is_dtensor
+from .lowrank import LowRankGradient, compute_dtype, engine_of
+from .sharding import layout_of
 
 #: at most this many ``tokens × indices`` products at a time when computing residual entries
 RESIDUAL_CHUNK_ELEMENTS = 2**22
@@ -94,25 +102,88 @@ class _ProjectedLinear(torch.autograd.Function):
         return dx, dw, db, None
 
 
+class _Carrier(Tensor):
+    """A target linear's input on its way from the pre-hook into the linear's own ``forward``.
+
+    It only carries: ``source`` (the input itself), ``weight`` (the target's) and ``route`` (the
+    ``ProjectedBackward``). Every torch function called on it runs on ``source`` instead, so nothing
+    computes with it and it never escapes; the one exception is ``F.linear`` with the target's
+    weight (``nn.Linear.forward``), which becomes ``_ProjectedLinear`` on ``source``: the autograd
+    graph and the numbers are those of calling ``_ProjectedLinear`` directly."""
+
+    source: Tensor
+    weight: Tensor
+    route: ProjectedBackward
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        carriers: list[_Carrier] = []
+        args, kwargs = _unwrap(args, carriers), _unwrap(kwargs or {}, carriers)
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            carrier = carriers[0]
+            if weight is carrier.weight and x is carrier.source:
+                return _ProjectedLinear.apply(x, weight, bias, carrier.route)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def wrap(x: Tensor, weight: Tensor, route: ProjectedBackward) -> _Carrier:
+        """A carrier of input ``x`` into the forward of the linear whose weight is ``weight``."""
+        if type(x) is Tensor:
+            carrier = Tensor._make_subclass(_Carrier, x, False)  # an alias outside autograd: it only carries
+        else:
+            with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+                carrier = x.as_subclass(_Carrier)
+        carrier.source, carrier.weight, carrier.route = x, weight, route
+        return carrier
+
+
+def _unwrap(value: Any, carriers: list[_Carrier]) -> Any:
+    """``value`` (a torch function's arguments) with every ``_Carrier`` replaced by its source,
+    collected in ``carriers``; only the containers torch functions take are searched (measured:
+    ``torch.utils._pytree`` costs 50 µs a call here, more than the linear itself)."""
+    if isinstance(value, _Carrier):
+        carriers.append(value)
+        return value.source
+    if type(value) in (tuple, list):
+        return type(value)(_unwrap(v, carriers) for v in value)
+    if type(value) is dict:
+        return {k: _unwrap(v, carriers) for k, v in value.items()}
+    return value
+
+
+def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``F.linear``'s arguments by name, however they were passed."""
+    return input, weight, bias
+
+
+#: every module a projected backward is installed on, and which (weak: a module that is garbage
+#: collected leaves); ``is_projected`` reads it, so nothing is stored on the user's modules
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, ProjectedBackward] = weakref.WeakKeyDictionary()
+
+
 class ProjectedBackward:
     """The projected backward installed on a model's target linears for one optimizer (see the
-    module docstring). ``targets`` maps each patched module to its weight; ``remove()`` restores the
-    modules' own ``forward``."""
+    module docstring). ``targets`` maps each target module to its weight; ``remove()`` removes the
+    hooks and detaches from the optimizer, leaving the modules exactly as they were.
 
-    def __init__(self, model: nn.Module, optimizer: Any, refresh_in_backward: bool = False):
-        import torch.distributed as dist
+    ``process_group``: the group the targets' gradients are averaged over before each step (DDP;
+    ``reduce_over`` sets it later, as ``distributed.distribute`` does); None in one process."""
 
-        from .layerwise import LayerwiseOptimizer
-
-        engine = optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
-        if not isinstance(engine, LowRankOptimizer):
+    def __init__(self, model: nn.Module, optimizer: Any, refresh_in_backward: bool = False,
+                 process_group: Any = None):
+        engine = engine_of(optimizer)
+        if engine is None:
             raise TypeError(f"projected backward needs a galore_plus optimizer, got {type(optimizer).__name__}")
-        if refresh_in_backward and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if refresh_in_backward and _world_size(process_group) > 1:
             raise ValueError("refresh_in_backward=True under DDP would refresh each rank from its own, not yet "
                              "averaged, gradient (different projectors on each rank); refresh at step() there")
+        if engine.projected_backward is not None:
+            raise ValueError(f"{type(engine).__name__} already has a projected backward attached (projected backward "
+                             "installed twice?); remove() it first")
         self.engine, self.sink = engine, optimizer
         self.refresh_in_backward = refresh_in_backward
-        self.reduce_group: Any = None
+        self._group = process_group
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
@@ -121,29 +192,49 @@ class ProjectedBackward:
         for module in model.modules():
             weight = getattr(module, "weight", None)
             # a weight shared with another module (a tied embedding) gets gradient from both: full path;
-            # an FSDP2 DTensor weight keeps the full path too (DESIGN.md, "Projected backward")
+            # an FSDP2-sharded weight keeps the full path too (DESIGN.md, "Projected backward")
             if (isinstance(module, nn.Linear) and weight is not None and id(weight) in low_rank
-                    and uses[id(weight)] == 1 and not is_dtensor(weight)):
-                if "forward" in module.__dict__:
-                    raise ValueError(f"{type(module).__name__} {module} already has its forward replaced "
-                                     "(projected backward installed twice?)")
-                module.forward = types.MethodType(_projected_forward, module)
-                module._galore_route = self
+                    and uses[id(weight)] == 1 and not layout_of(weight, engine.comm).sharded):
+                if module in _INSTALLED:
+                    raise ValueError(f"{type(module).__name__} {module} already has a projected backward (projected "
+                                     "backward installed twice?)")
                 self.targets[module] = weight
         if not self.targets:
             raise ValueError("no nn.Linear of the model has a low-rank weight in this optimizer: nothing to project")
         self.weights = {id(w) for w in self.targets.values()}
+        # nothing was changed until here: a refusal above leaves model and optimizer as they were
+        self._hooks = [module.register_forward_pre_hook(self._carry_input, with_kwargs=True)
+                       for module in self.targets]
+        for module in self.targets:
+            _INSTALLED[module] = self
         self.handle = engine.register_step_pre_hook(self._before_step)
-        engine.projected_backward = self
+        engine.attach_projected_backward(self)
 
     def remove(self) -> None:
-        """Give every patched module its own ``forward`` back and detach from the optimizer."""
+        """Remove the hooks from every target module (each is left exactly as it was) and detach from
+        the optimizer. Removing twice does nothing."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for module in self.targets:
-            del module.forward
-            del module._galore_route
+            if _INSTALLED.get(module) is self:
+                del _INSTALLED[module]
         self.targets.clear()
+        self.weights = set()
         self.handle.remove()
-        self.engine.projected_backward = None
+        if self.engine.projected_backward is self:
+            self.engine.attach_projected_backward(None)
+
+    def _carry_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of a target: hand its ``forward`` the input in a ``_Carrier`` (not when no
+        graph is recorded, e.g. evaluation: the forward is the same ``F.linear`` either way)."""
+        if not torch.is_grad_enabled():
+            return None
+        if args and isinstance(args[0], Tensor):
+            return (_Carrier.wrap(args[0], self.targets[module], self), *args[1:]), kwargs
+        if isinstance(kwargs.get("input"), Tensor):
+            return args, {**kwargs, "input": _Carrier.wrap(kwargs["input"], self.targets[module], self)}
+        return None
 
     @torch.no_grad()
     def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
@@ -168,47 +259,62 @@ class ProjectedBackward:
         return None
 
     # ---------------------------------------------------------------- DDP
+    @property
+    def process_group(self) -> Any:
+        """The process group the targets' gradients are averaged over before each step, or None."""
+        return self._group
+
     def reduce_over(self, group: Any) -> None:
         """Average the targets' gradients over ``group`` before each step (DDP, whose own all-reduce
-        leaves the targets out: ``distributed.wrap_model``)."""
-        self.reduce_group = group
+        leaves the targets out: ``distributed.wrap_model``); ``distributed.distribute`` calls it."""
+        if self.refresh_in_backward and _world_size(group) > 1:
+            raise ValueError("refresh_in_backward=True cannot average over several ranks: each would refresh from "
+                             "its own gradient in backward")
+        self._group = group
 
     @torch.no_grad()
     def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         import torch.distributed as dist
 
-        if self.reduce_group is None:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._group is None:
+            if _world_size(None) > 1:
                 raise RuntimeError(
                     "projected backward under DDP: the target matrices' gradients are not averaged; wrap the model "
                     "with galore_plus.distributed.wrap_model(model, 'ddp', device) (it leaves the targets out of "
-                    "DDP's all-reduce) and call galore_plus.distributed.distribute(optimizer)")
+                    "DDP's all-reduce) and call galore_plus.distributed.distribute(optimizer) (or give "
+                    "enable_projected_backward the process_group)")
             return
-        world = dist.get_world_size(self.reduce_group)
+        world = dist.get_world_size(self._group)
         for weight in self.targets.values():
             projected = self.engine.projected_gradient(weight)
             tensors = [weight.grad] if weight.grad is not None else (
                 [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
             for t in tensors:
                 self.engine.comm.add("all_reduce", t)
-                dist.all_reduce(t, group=self.reduce_group)
+                dist.all_reduce(t, group=self._group)
                 t.div_(world)
+
+
+def _world_size(group: Any) -> int:
+    """Ranks in ``group`` (None: the default group); 1 without an initialised process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
 
 
 def is_projected(module: nn.Module) -> bool:
     """Whether ``module``'s weight gradient comes from the projected backward."""
-    return isinstance(getattr(module, "_galore_route", None), ProjectedBackward)
+    return module in _INSTALLED
 
 
-def _projected_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    return _ProjectedLinear.apply(x, self.weight, self.bias, self._galore_route)
-
-
-def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backward: bool = False) -> ProjectedBackward:
+def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backward: bool = False,
+                              process_group: Any = None) -> ProjectedBackward:
     """Install the projected backward on ``model``'s linears whose weights are low-rank in
     ``optimizer`` (a ``LowRankOptimizer`` or a ``LayerwiseOptimizer``); returns the handle (also
-    ``optimizer.projected_backward``). For models and groups you built yourself;
-    ``build_optimizer(..., projected_backward=True)`` calls it.
+    ``optimizer.projected_backward``, for a ``LayerwiseOptimizer`` its engine's). For models and groups
+    you built yourself; ``build_optimizer(..., projected_backward=True)`` calls it.
 
     ``refresh_in_backward``: at a refresh step, refresh each projector inside backward from the
     gradient of the first micro-batch that reaches it, and project and free that gradient at once,
@@ -216,19 +322,22 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     activations plus one ``m×n`` gradient). With one backward per step this is exactly the ``step()``
     refresh; with several micro-batches the projector comes from the first (as in layer-wise mode).
     Not under DDP (each rank would refresh from its own gradient). Layer-wise mode refreshes in
-    backward anyway."""
-    return ProjectedBackward(model, optimizer, refresh_in_backward)
+    backward anyway.
+
+    ``process_group``: under DDP, the group to average the targets' gradients over before each step
+    (``distributed.distribute(optimizer)`` sets it too, whichever comes first)."""
+    return ProjectedBackward(model, optimizer, refresh_in_backward, process_group)
 
 
 def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` over every gradient ``optimizer`` will apply: ``p.grad`` of
     its parameters and the projected gradients of targets between refreshes (their ``low`` part's
     norm counts; the residual entries are scaled with it). Returns the total norm before clipping."""
-    from .layerwise import LayerwiseOptimizer
-
-    if isinstance(optimizer, LayerwiseOptimizer):
-        return optimizer.clip_grad_norm_(max_norm)  # raises: nothing is left to clip in layer-wise mode
-    engine: LowRankOptimizer = optimizer
+    engine = engine_of(optimizer)
+    if engine is None:
+        raise TypeError(f"clip_grad_norm_ needs a galore_plus optimizer, got {type(optimizer).__name__}")
+    if engine is not optimizer:
+        return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
     grads = [p.grad for g in engine.param_groups for p in g["params"] if p.grad is not None]
     projected = [engine.projected_gradient(p) for g in engine.param_groups for p in g["params"]]
     projected = [g for g in projected if g is not None]

@@ -24,6 +24,13 @@ constructor works on an FSDP2 model (DESIGN.md, "Distributed"):
   Projectors are DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments DTensors
   placed like the low-rank gradient, the residual's indices and values this rank's local tensors.
 
+This module is the one place that handles distributed tensors (imports ``torch.distributed.tensor``,
+reads placements and meshes, wraps local parts; ``tests/test_seams.py`` checks it). The rest of the
+package goes through it: ``layout_of(p).sharded`` / ``is_dtensor`` to ask, ``local`` for this
+process's part, ``placed_like`` / ``placed_blocks`` to place a local result (8-bit state),
+``checkpoint_placement`` / ``empty_placed`` for checkpoints, and ``shard_rows`` (how many rows a full
+shard holds).
+
 Bytes the optimizer itself communicates are counted in ``CommCounter`` (per phase, ``"step"`` and
 ``"refresh"``, and per collective); FSDP2's own all-gather / reduce-scatter of parameters and
 gradients are the same as for any optimizer and not counted.
@@ -31,6 +38,7 @@ gradients are the same as for any optimizer and not counted.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
@@ -72,6 +80,66 @@ def is_dtensor(t: Any) -> bool:
 def local(t: Tensor | None) -> Tensor | None:
     """This process's part of ``t`` (a DTensor's local shard; a plain tensor itself)."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def shard_rows(rows: int, world: int) -> int:
+    """Rows of a full shard when ``rows`` rows are split over ``world`` ranks: ``⌈rows/world⌉``
+    (FSDP2's ``Shard(0)``, torch.chunk's even split; the last ranks hold fewer rows, or none). The
+    one place this formula is written."""
+    return -(-rows // world)
+
+
+def placed_like(part: Tensor, like: Tensor) -> Tensor:
+    """``part`` (this process's part) placed like ``like``: for a DTensor ``like``, a DTensor on its
+    mesh with its placements and global shape; for a plain ``like``, ``part`` itself."""
+    if not is_dtensor(like):
+        return part
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part.contiguous(), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def placed_blocks(part: Tensor, like: Tensor, block_size: int) -> Tensor:
+    """Per-block values (one per ``block_size`` elements of this process's part of ``like``, e.g. the
+    absmax of blockwise 8-bit codes) as a DTensor that checkpoints like ``like``: replicated with a
+    replicated ``like``; for a ``Shard(0)`` one, ``Shard(0)`` of ``world × B`` entries, ``B`` the blocks
+    of a full shard (``shard_rows`` rows), this rank's padded to ``B`` (the even split DCP expects)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = like.device_mesh
+    if all(isinstance(pl, Replicate) for pl in like.placements):
+        return DTensor.from_local(part.contiguous(), mesh, [Replicate()], run_check=False)
+    if like.placements != (Shard(0),) or mesh.ndim != 1:
+        raise ValueError(f"per-block state is sharded for tensors placed Shard(0) or Replicate on a 1-D mesh; got "
+                         f"{like.placements} on a {mesh.ndim}-D mesh")
+    world = mesh.size()
+    rows = shard_rows(like.shape[0], world)
+    full = -(-rows * math.prod(like.shape[1:]) // block_size)
+    padded = part.new_zeros(full)
+    padded[: part.numel()] = part
+    return DTensor.from_local(padded, mesh, [Shard(0)], run_check=False, shape=torch.Size((world * full,)),
+                              stride=(1,))
+
+
+def checkpoint_placement(t: Any) -> str | None:
+    """How a checkpoint stores ``t``: ``"shard"`` (a ``Shard(0)`` DTensor), ``"replicate"`` (any other
+    DTensor: the same on every rank), None (a plain tensor or not a tensor)."""
+    if not is_dtensor(t):
+        return None
+    from torch.distributed.tensor import Shard
+
+    return "shard" if t.placements == (Shard(0),) else "replicate"
+
+
+def empty_placed(size: tuple[int, ...], dtype: torch.dtype, like: Tensor, placement: str) -> Tensor:
+    """An empty DTensor of global ``size`` on the mesh of ``like`` (a DTensor parameter), placed as
+    ``checkpoint_placement`` named it: a template ``torch.distributed.checkpoint`` loads into."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import empty as dtensor_empty
+
+    placements = [Shard(0) if placement == "shard" else Replicate()]
+    return dtensor_empty(*size, dtype=dtype, device_mesh=like.device_mesh, placements=placements)
 
 
 def all_finite(t: Tensor) -> bool:
@@ -331,7 +399,7 @@ class ShardRows(projection.RowSharding):
         self.group = mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.global_rows = like.shape[0]
-        self.chunk = -(-self.global_rows // self.world)
+        self.chunk = shard_rows(self.global_rows, self.world)
         self.offset = min(self.rank * self.chunk, self.global_rows)
         self.rows = max(0, min(self.chunk, self.global_rows - self.offset))
         self.counter = counter

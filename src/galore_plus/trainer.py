@@ -27,12 +27,13 @@ from transformers import Trainer
 
 from .integration import build_optimizer
 from .layerwise import LayerwiseOptimizer
+from .lowrank import engine_of
 
 
 def check_trainer_arguments(args: Any, optimizer: torch.optim.Optimizer) -> None:
     """Refuse Trainer settings that would silently do nothing with ``optimizer``."""
-    engine = optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
-    if getattr(engine, "projected_backward", None) is not None and args.max_grad_norm and args.max_grad_norm > 0:
+    engine = engine_of(optimizer)
+    if engine is not None and engine.projected_backward is not None and args.max_grad_norm and args.max_grad_norm > 0:
         raise ValueError(
             f"max_grad_norm={args.max_grad_norm} with the projected backward: the Trainer clips "
             "model.parameters() .grad, which the target matrices do not have between projector refreshes (their "

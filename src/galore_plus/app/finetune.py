@@ -340,8 +340,10 @@ def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.opti
 def uses_projected_backward(optimizer: torch.optim.Optimizer) -> bool:
     """Whether backward hands ``optimizer`` projected gradients (``build_optimizer(projected_backward=True)``
     installed it on at least one matrix)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # a LayerwiseOptimizer's engine
-    return getattr(inner, "projected_backward", None) is not None
+    from ..lowrank import engine_of
+
+    engine = engine_of(optimizer)
+    return engine is not None and engine.projected_backward is not None
 
 
 # ---------------------------------------------------------------------------------------------- start
@@ -495,8 +497,11 @@ def batch_indices(micro_index: int, batch_size: int, n: int, seed: int) -> list[
 
 
 def refresh_seconds(optimizer: torch.optim.Optimizer) -> float:
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return float(getattr(inner, "refresh_seconds", 0.0))
+    """Seconds the low-rank engine behind ``optimizer`` spent computing projectors (0 for others)."""
+    from ..lowrank import engine_of
+
+    engine = engine_of(optimizer)
+    return float(engine.refresh_seconds) if engine is not None else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- finish
