@@ -32,6 +32,13 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "warm_start": False,
     # heads stacked along the rows (q_proj: attention heads, k_proj: key/value heads).
     "num_heads": None,
+    # --- fused q/k/v cross-head (integration.find_targets; check_head_blocks below) ---------------
+    # None, or {"count": c, "eligible": [i, ...], "dim": 0 | 1}: the matrix's rows (dim 0) or
+    # columns (dim 1, GPT-2's Conv1D) cut into c equal head blocks; the cross-head projector is
+    # computed from blocks drawn among ``eligible`` (the q and k blocks), then used for the whole
+    # matrix. Plain ints and lists, so state dicts load with torch.load(weights_only=True).
+    "head_blocks": None,
+    # -----------------------------------------------------------------------------------------------
     # fraction of entries with a sparse residual (0 = off); GaLore+ uses PAPER_RESIDUAL_RATIO on q/k.
     "residual_ratio": 0.0,
     "residual_warmup": 20,
@@ -111,6 +118,7 @@ def check_low_rank(group: dict[str, Any], where: str) -> None:
     heads = group.get("num_heads")
     if heads is not None and (not is_int(heads) or heads < 1):
         raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
+    check_head_blocks(group, where)  # fused q/k/v cross-head (the head_blocks block above)
     ratio = group.get("residual_ratio", 0.0)
     if not is_real(ratio) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
@@ -125,6 +133,42 @@ def check_low_rank(group: dict[str, Any], where: str) -> None:
     if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
         raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
                          f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
+
+
+# --- fused q/k/v cross-head: head_blocks -----------------------------------------------------------
+def check_head_blocks(group: dict[str, Any], where: str) -> None:
+    """``head_blocks``: None, or ``{"count": int ≥ 1, "eligible": strictly increasing block indices in
+    [0, count), at least one, "dim": 0 or 1}``; not together with ``num_heads``."""
+    blocks = group.get("head_blocks")
+    if blocks is None:
+        return
+    ok = isinstance(blocks, dict) and set(blocks) == {"count", "eligible", "dim"}
+    if ok:
+        count, eligible, dim = blocks["count"], blocks["eligible"], blocks["dim"]
+        ok = (is_int(count) and count >= 1 and is_int(dim) and dim in (0, 1) and isinstance(eligible, (list, tuple))
+              and len(eligible) >= 1 and all(map(is_int, eligible))
+              and all(0 <= a < b for a, b in zip(eligible, [*eligible[1:], count])))
+    if not ok:
+        raise ValueError(f"{where}: head_blocks={blocks!r} must be None or {{'count': int ≥ 1, 'eligible': "
+                         "strictly increasing block indices in [0, count), at least one, 'dim': 0 (row blocks) "
+                         "or 1 (column blocks)}")
+    if group.get("num_heads") is not None:
+        raise ValueError(f"{where}: num_heads={group['num_heads']!r} and head_blocks={blocks!r} cannot both be set "
+                         "(num_heads is head_blocks with every row block eligible)")
+
+
+def _check_head_blocks_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
+    """``p``'s head axis splits into ``count`` blocks, and its eligible blocks can reach ``rank``."""
+    blocks, rank = group["head_blocks"], group["rank"]
+    dim, count, eligible = blocks["dim"], blocks["count"], blocks["eligible"]
+    size, axis = p.shape[dim], ("rows" if dim == 0 else "columns")
+    if size % count:
+        raise ValueError(f"{where}: head_blocks count={count} does not divide the {size} {axis} of {name} "
+                         f"(shape {tuple(p.shape)})")
+    if projection.heads_needed(rank, size // count) > len(eligible):
+        raise ValueError(f"{where}: rank={rank} is more than the {len(eligible)} eligible head blocks of "
+                         f"{size // count} {axis} of {name} can reach")
+# ---------------------------------------------------------------------------------------------------
 
 
 def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
@@ -144,3 +188,5 @@ def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> Non
         if projection.heads_needed(rank, rows // heads) > heads:
             raise ValueError(f"{where}: rank={rank} is more than the {heads} heads of {rows // heads} rows of "
                              f"{name} can reach")
+    if group.get("head_blocks") is not None:  # fused q/k/v cross-head
+        _check_head_blocks_matrix(group, p, name, where)
