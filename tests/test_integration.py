@@ -67,7 +67,7 @@ def test_default_targets_are_the_decoder_linears_with_gqa_head_counts(family):
         assert "model.layers.0.self_attn.q_proj.bias" in params
 
 
-def test_gpt_neox_fused_qkv_is_an_ordinary_low_rank_matrix():
+def test_gpt_neox_fused_qkv_gets_its_q_and_k_row_blocks():
     targets = find_targets(tiny_neox())
     layer0 = [(t.name, t.kind, t.num_heads, t.shape) for t in targets if ".layers.0." in t.name]
     assert layer0 == [
@@ -78,6 +78,13 @@ def test_gpt_neox_fused_qkv_is_an_ordinary_low_rank_matrix():
     ]
     assert len(targets) == 8
     assert {t.kind for t in targets} <= set(KINDS)
+    # rows per head [q_i; k_i; v_i]: 12 blocks of 16 rows, the q and k ones eligible
+    qkv = [t for t in targets if t.kind == "qkv"]
+    assert len(qkv) == 2
+    for t in qkv:
+        assert t.head_blocks == {"count": 12, "eligible": [0, 1, 3, 4, 6, 7, 9, 10], "dim": 0}
+        assert t.heads is t.head_blocks
+    assert all(t.head_blocks is None for t in targets if t.kind != "qkv")
 
 
 def test_head_dim_from_config_when_it_is_not_hidden_over_heads():
@@ -189,13 +196,19 @@ def test_galore_plus_without_gqa_puts_q_and_k_in_one_cross_head_group():
     assert heads["num_heads"] == 4 and len(heads["params"]) == 4
 
 
-def test_galore_plus_on_gpt_neox_has_no_cross_head_group():
+def test_galore_plus_on_gpt_neox_gives_the_fused_qkv_a_cross_head_group_without_residual():
     model = tiny_neox()
     opt = build_optimizer(model, "galore+", 8, lr=1e-3)
     check_groups(model, opt)
-    low = [g for g in opt.param_groups if "rank" in g]
-    assert len(low) == 1 and low[0]["num_heads"] is None and low[0]["residual_ratio"] == 0
-    assert low[0]["svd"] == "randomized"
+    fused, low, plain = opt.param_groups
+    assert all(n.endswith("query_key_value.weight") for n in fused["param_names"]) and len(fused["params"]) == 2
+    assert fused["head_blocks"] == {"count": 12, "eligible": [0, 1, 3, 4, 6, 7, 9, 10], "dim": 0}
+    assert (fused["num_heads"], fused["residual_ratio"], fused["svd"]) == (None, 0, "randomized")
+    assert (low["num_heads"], low["head_blocks"], low["residual_ratio"], low["svd"]) == (None, None, 0, "randomized")
+    assert "rank" not in plain
+    # plain GaLore: one low-rank group, no head blocks
+    opt = build_optimizer(model, "galore", 8, lr=1e-3)
+    assert [g.get("head_blocks") for g in opt.param_groups] == [None, None]
 
 
 def test_frozen_parameters_are_left_out():

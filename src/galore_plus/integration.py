@@ -1,17 +1,20 @@
-"""Model integration: which matrices of a Hugging Face causal LM train low-rank, and the optimizer for them.
+"""Model integration: which matrices of a model train low-rank, and the optimizer for them.
 
-``find_targets`` picks the matrices (every linear weight of the decoder layers by default, or the
-modules named by full-match patterns) and labels each with its role and, for the query/key
-projections, its head count from the config. ``build_optimizer`` turns them into parameter groups
+``find_targets`` picks the matrices of any ``nn.Module`` (by default: a Hugging Face model's
+decoder-layer linears, or every linear layer of another module; or the modules named by full-match
+patterns) and labels each with its role and, for attention projections whose layout is known, the
+head blocks cross-head projection draws from. ``build_optimizer`` turns them into parameter groups
 (plain GaLore, or the GaLore+ recipe of ``groups.galore_plus_param_groups``) and the optimizer.
 ``optimizer_summary`` prints what was built. This is the only library module that knows model
-layouts. It reads a Hugging Face model's modules and ``config`` attributes without importing
-``transformers`` (the optimizers need torch alone).
+layouts. It reads a model's modules and ``config`` attributes without importing ``transformers``
+(the optimizers need torch alone); GPT-2's ``Conv1D`` is recognised by its shape, not its class.
 
-Covered layouts (tested on tiny random configs): LLaMA, Mistral, Qwen2 (``q/k/v/o_proj``,
-``gate/up/down_proj``; Qwen2's q/k/v biases go to the plain group, as every bias does) and
-GPT-NeoX (fused ``attention.query_key_value``, ``attention.dense``, ``mlp.dense_h_to_4h``,
-``mlp.dense_4h_to_h``).
+Head layouts (tested on tiny random configs): LLaMA, Mistral, Qwen2 (``q/k/v/o_proj``,
+``gate/up/down_proj``; Qwen2's q/k/v biases go to the plain group, as every bias does); the fused
+q/k/v matrices of GPT-NeoX and Bloom (``query_key_value``, rows per head ``[q_i; k_i; v_i]``), Phi-3
+(``qkv_proj``, rows ``[Q; K; V]`` with grouped key/value heads) and GPT-2 (``Conv1D`` ``c_attn``,
+columns ``[Q | K | V]``). Other models train through the same code with their matrices unlabelled
+by heads (an ordinary low-rank matrix each).
 """
 
 from __future__ import annotations
@@ -36,16 +39,29 @@ __all__ = ["METHODS", "EMBEDDINGS", "KINDS", "Target", "find_targets", "build_op
 EMBEDDINGS = ("full", "frozen", "low_rank")
 KINDS = ("q", "k", "v", "o", "qkv", "mlp", "embedding", "other")
 
-#: Module names (the last component) and their role. ``dense`` is the attention output only under an
-#: attention module (GPT-NeoX ``attention.dense``); elsewhere it is left to the parent rule below.
+#: Module names (the last component) and their role. ``dense``/``c_proj`` are the attention output
+#: only under an attention module (GPT-NeoX ``attention.dense``, GPT-2 ``attn.c_proj``); elsewhere
+#: they are left to the parent rule below.
 _KIND_OF_NAME = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-    "query_key_value": "qkv", "qkv_proj": "qkv",
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+    "query_key_value": "qkv", "qkv_proj": "qkv", "c_attn": "qkv",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "gate_up_proj": "mlp",
     "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp", "fc1": "mlp", "fc2": "mlp",
 }
-_ATTENTION_PARENTS = ("attention", "self_attn", "attn")
+_ATTENTION_OUTPUTS = ("dense", "c_proj")
+_ATTENTION_PARENTS = ("attention", "self_attn", "attn", "self_attention", "crossattention")
 _MLP_PARENTS = ("mlp", "feed_forward", "ffn")
+
+#: Fused q/k/v layouts, by ``(config.model_type, module name's tail)``: the roles of the head blocks
+#: along the output features, in order (``_fused_roles``). A fused matrix of a model not listed here
+#: is kind ``"qkv"`` without head blocks: an ordinary low-rank matrix (its layout is not guessed).
+_FUSED_LAYOUTS = {
+    ("gpt_neox", "query_key_value"): "per_head",       # [q_0; k_0; v_0; q_1; ...], 3·h blocks
+    ("bloom", "query_key_value"): "per_head",
+    ("phi3", "qkv_proj"): "stacked",                    # [Q (h blocks); K (kv); V (kv)]
+    ("gpt2", "c_attn"): "stacked",                      # Conv1D: the same along the columns
+    ("gpt2", "crossattention.c_attn"): "kv_stacked",    # cross-attention: [K | V] (h blocks each)
+}
 
 
 @dataclass(frozen=True)
@@ -57,17 +73,26 @@ class Target:
     ``"qkv"`` (a fused query/key/value matrix), ``"mlp"``, ``"embedding"`` (the input embedding or
     ``lm_head``, with ``build_optimizer(embeddings="low_rank")``), or ``"other"`` (a linear whose role
     the name does not tell); ``num_heads`` the head count stacked along the rows, for ``"q"`` (attention
-    heads) and ``"k"`` (key/value heads under grouped-query attention), else None.
+    heads) and ``"k"`` (key/value heads under grouped-query attention) ``nn.Linear`` weights, else None;
+    ``head_blocks`` for a fused ``"qkv"`` matrix of a known layout, the low-rank group key of that name
+    (``{"count": blocks, "eligible": [q and k block indices], "dim": 0 rows | 1 columns}``), else None.
     """
 
     name: str
     param: Tensor = field(repr=False, compare=False)
     kind: str
     num_heads: int | None = None
+    head_blocks: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.param.shape)
+
+    @property
+    def heads(self) -> int | dict[str, Any] | None:
+        """What ``galore_plus_param_groups`` takes as this matrix's heads: ``head_blocks``,
+        ``num_heads`` or None."""
+        return self.head_blocks if self.head_blocks is not None else self.num_heads
 
 
 # ---------------------------------------------------------------------- targets
@@ -75,30 +100,50 @@ class Target:
 def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Target]:
     """The matrices of ``model`` to train low-rank, in ``model.named_modules()`` order.
 
-    Without ``patterns``: the weight of every ``nn.Linear`` inside the decoder layers (the
-    ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks), i.e. "all-linear" minus ``lm_head``
-    and the embeddings: the attention q/k/v/o (or fused qkv) and the MLP linears. Biases are never
-    targets (they are 1-D; they train in the plain group).
+    A *linear layer* here is an ``nn.Linear`` (or subclass) or a GPT-2-style ``Conv1D`` (recognised
+    without importing ``transformers``: a module with a 2-D ``weight`` whose class is named ``Conv1D``
+    or whose integer ``nf`` is the weight's column count; its weight is ``in × out``, transposed
+    relative to ``nn.Linear``'s, and the optimizer sees it as stored). Biases are never targets
+    (they are 1-D; they train in the plain group).
+
+    Without ``patterns``:
+
+    - a model whose (text) ``config`` has ``num_hidden_layers`` (a Hugging Face transformer): the
+      weight of every linear layer inside the layer stack (the ``nn.ModuleList`` of
+      ``num_hidden_layers`` blocks), i.e. "all-linear" minus ``lm_head`` and the embeddings: the
+      attention q/k/v/o (or fused qkv) and the MLP linears. No such stack raises ``ValueError``.
+    - any other module (no ``config.num_hidden_layers``: a plain ``nn.Sequential``, your own model):
+      every linear layer's weight except the output head, which is the module returned by
+      ``model.get_output_embeddings()`` (if the model has that method), any module named ``lm_head``,
+      and any linear whose weight is shared with an ``nn.Embedding`` (a tied output head). A
+      classifier or an untied output layer of another name is a target too; pass patterns to leave
+      it out. Weights that are not a linear layer's (``nn.MultiheadAttention``'s ``in_proj_weight``,
+      convolutions, embeddings) are not. A module with no linear layer raises ``ValueError``.
 
     With ``patterns``: regular expressions that must match a module's whole name
     (``re.fullmatch``), e.g. ``[r".*\\.(q_proj|v_proj)"]``. A pattern that matches no module raises
-    ``ValueError`` naming it, and so does a matched module that is not a linear with a 2-D weight
-    (an embedding, a norm, an attention block); a module matched by several patterns is one target.
+    ``ValueError`` naming it, and so does a matched module that is not a linear layer with a 2-D
+    weight (an embedding, a norm, an attention block); a module matched by several patterns is one target.
 
-    Head counts come from the model's (text) config: ``q_proj`` gets ``num_attention_heads``,
-    ``k_proj`` ``num_key_value_heads`` (default ``num_attention_heads``), with ``head_dim`` (default
-    ``hidden_size // num_attention_heads``); ``num_heads · head_dim`` must equal the matrix's rows, or
-    ``ValueError`` says which matrix and which config values disagree.
+    Head counts come from the model's (text) config; a model without ``config`` has none (every
+    target is an ordinary low-rank matrix: for cross-head projection give its groups ``num_heads`` or
+    ``head_blocks`` yourself). From the config: ``num_attention_heads`` ``h``,
+    ``num_key_value_heads`` ``kv`` (default ``h``) and ``head_dim`` ``d`` (default
+    ``hidden_size // num_attention_heads``). ``q_proj`` gets ``num_heads=h``, ``k_proj``
+    ``num_heads=kv``; ``num_heads · d`` must equal the matrix's rows, or ``ValueError`` says which
+    matrix and which config values disagree.
 
-    GPT-NeoX's fused ``query_key_value`` (rows laid out per head as ``[q_i; k_i; v_i]``, ``3·h·d_k``
-    rows) is kind ``"qkv"`` with ``num_heads=None``: an ordinary low-rank matrix, with neither
-    cross-head projection nor the sparse residual. Why not cross-head over its ``3·h`` blocks of
-    ``d_k`` rows: cross-head projection (DESIGN.md, "Projectors") shares one right projector among heads on the
-    premise that every head's block plays the same role, so a few random heads stand for all; here
-    the random block could be a value block standing in for the queries and keys, and the paper's
-    recipe (cross-head and the residual for q/k only) would need the matrix split into its q, k and v
-    rows, i.e. separate parameters. So the fused matrix gets what v/o/MLP matrices get: plain
-    GaLore (exact SVD) or GaLore+'s randomized SVD, per ``build_optimizer``'s ``method``.
+    A fused q/k/v matrix (kind ``"qkv"``) of a layout in ``_FUSED_LAYOUTS`` gets ``head_blocks``: its
+    output features (rows of an ``nn.Linear``, ``dim=0``; columns of a ``Conv1D``, ``dim=1``) cut into
+    blocks of ``d``, the q and k blocks eligible. GPT-NeoX and Bloom ``query_key_value``: rows per head
+    ``[q_i; k_i; v_i]`` (``3h`` blocks, eligible ``3i`` and ``3i+1``); Phi-3 ``qkv_proj``: rows
+    ``[Q; K; V]`` (``h + 2·kv`` blocks, eligible the first ``h + kv``); GPT-2 ``c_attn``: columns
+    ``[Q | K | V]`` (``3h`` blocks, eligible the first ``2h``; in cross-attention ``[K | V]``, eligible
+    the first ``h``). GaLore+ then computes the matrix's cross-head projector from randomly drawn q/k
+    blocks only (a value block never stands in for them) and uses it for the whole matrix: a right
+    projector for row blocks, a left one for column blocks (``projection.cross_head_projector``). The
+    block count times ``d`` must equal that side of the matrix, or ``ValueError`` names the matrix. A
+    fused matrix of another model (Falcon, MPT, ...) gets no head blocks: an ordinary low-rank matrix.
 
     Frozen weights (``requires_grad=False``) are listed here too; ``build_optimizer`` leaves them out.
     """
@@ -106,7 +151,10 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Ta
     param_names = {id(p): n for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
     if patterns is None:
-        found = _decoder_layer_linears(model, config)
+        if getattr(config, "num_hidden_layers", None) is None:
+            found = _all_linears(model)
+        else:
+            found = _decoder_layer_linears(model, config)
         chosen = [name for name in modules if name in found]
     else:
         if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
@@ -127,19 +175,24 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Ta
                 if not _is_linear(modules[name]):
                     raise ValueError(f"pattern {pattern!r} matched module {name!r} "
                                      f"({type(modules[name]).__name__}), which is not a linear layer with a "
-                                     "2-D weight; only linear weights can be trained low-rank")
+                                     "2-D weight (nn.Linear or GPT-2's Conv1D); only linear weights can be "
+                                     "trained low-rank")
             chosen.extend(hits)
         order = {name: i for i, name in enumerate(modules)}
         chosen = sorted(set(chosen), key=order.__getitem__)
     targets, seen = [], set()
     for module_name in chosen:
-        weight = modules[module_name].weight
+        module = modules[module_name]
+        weight = module.weight
         if id(weight) in seen:  # a tied weight reached through two modules
             continue
         seen.add(id(weight))
         kind = _kind(module_name)
-        name = param_names.get(id(weight), f"{module_name}.weight")
-        targets.append(Target(name, weight, kind, _num_heads(kind, name, weight, config)))
+        name = param_names.get(id(weight), f"{module_name}.weight" if module_name else "weight")
+        transposed = _is_conv1d(module)
+        heads = None if transposed or config is None else _num_heads(kind, name, weight, config)
+        blocks = None if config is None else _head_blocks(kind, module_name, name, weight, transposed, config)
+        targets.append(Target(name, weight, kind, heads, blocks))
     return targets
 
 
@@ -150,15 +203,25 @@ def _text_config(model: nn.Module) -> Any:
     return config
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2-style ``Conv1D`` (``y = x W + b``, ``W`` is ``in × out``), duck-typed."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or isinstance(module, nn.Linear):
+        return False
+    nf = getattr(module, "nf", None)
+    return type(module).__name__ == "Conv1D" or (isinstance(nf, int) and nf == weight.shape[1])
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and isinstance(module.weight, Tensor) and module.weight.dim() == 2
+    """An ``nn.Linear`` with a 2-D weight, or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return isinstance(module.weight, Tensor) and module.weight.dim() == 2
+    return _is_conv1d(module)
 
 
 def _decoder_layer_linears(model: nn.Module, config: Any) -> set[str]:
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no config.num_hidden_layers, so its decoder layers "
-                         "cannot be found; pass patterns (full-match regexes on module names)")
+    """The linear layers inside the ``nn.ModuleList`` (s) of ``config.num_hidden_layers`` blocks."""
+    layers = config.num_hidden_layers
     stacks = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
     if not stacks:
         raise ValueError(f"found no nn.ModuleList of config.num_hidden_layers={layers} decoder layers in "
@@ -173,34 +236,57 @@ def _decoder_layer_linears(model: nn.Module, config: Any) -> set[str]:
     return found
 
 
+def _all_linears(model: nn.Module) -> set[str]:
+    """Every linear layer of a module without ``config.num_hidden_layers``, less its output head
+    (``get_output_embeddings()``, a module named ``lm_head``, a linear tied to an ``nn.Embedding``)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    found = {
+        name for name, m in model.named_modules()
+        if _is_linear(m) and m is not head and name.split(".")[-1] != "lm_head" and id(m.weight) not in embedded
+    }
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no linear layer (nn.Linear or Conv1D) besides its output head "
+                         "and embeddings; pass patterns (full-match regexes on module names)")
+    return found
+
+
 def _kind(module_name: str) -> str:
     parts = module_name.split(".")
     leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
     if leaf in _KIND_OF_NAME:
         return _KIND_OF_NAME[leaf]
-    if leaf == "dense" and parent in _ATTENTION_PARENTS:
+    if leaf in _ATTENTION_OUTPUTS and parent in _ATTENTION_PARENTS:
         return "o"
     if parent in _MLP_PARENTS:
         return "mlp"
     return "other"
 
 
-def _num_heads(kind: str, name: str, weight: Tensor, config: Any) -> int | None:
-    if kind not in ("q", "k"):
-        return None
+def _head_geometry(name: str, role: str, config: Any) -> tuple[int, int, int]:
+    """``(num_attention_heads, num_key_value_heads, head_dim)`` from the config, for the matrix
+    ``name`` (a ``role``, for the error)."""
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"{name} is a {'query' if kind == 'q' else 'key'} projection, but the model has no "
-                         f"config.num_attention_heads (got {heads!r}) to give its head count")
-    if kind == "k":
-        kv = getattr(config, "num_key_value_heads", None)
-        heads = heads if kv is None else kv
+        raise ValueError(f"{name} is a {role}, but the model has no config.num_attention_heads (got {heads!r}) "
+                         "to give its head count")
+    kv = getattr(config, "num_key_value_heads", None)
+    kv = heads if kv is None else kv
     head_dim = getattr(config, "head_dim", None)
     if head_dim is None:
         hidden = getattr(config, "hidden_size", None)
         if not isinstance(hidden, int):
             raise ValueError(f"{name}: the config has neither head_dim nor hidden_size to give its head size")
-        head_dim = hidden // config.num_attention_heads
+        head_dim = hidden // heads
+    return heads, kv, head_dim
+
+
+def _num_heads(kind: str, name: str, weight: Tensor, config: Any) -> int | None:
+    if kind not in ("q", "k"):
+        return None
+    heads, kv, head_dim = _head_geometry(name, "query projection" if kind == "q" else "key projection", config)
+    heads = heads if kind == "q" else kv
     rows = weight.shape[0]
     if heads * head_dim != rows:
         key = "num_attention_heads" if kind == "q" else "num_key_value_heads"
@@ -208,6 +294,40 @@ def _num_heads(kind: str, name: str, weight: Tensor, config: Any) -> int | None:
                          f"{key}={heads} × head_dim={head_dim} = {heads * head_dim}; the config does not "
                          "describe this model")
     return heads
+
+
+def _fused_roles(layout: str, heads: int, kv: int) -> list[str]:
+    """The role (``"q"``, ``"k"``, ``"v"``) of each head block of a fused layout, in order."""
+    if layout == "per_head":
+        return ["q", "k", "v"] * heads
+    if layout == "stacked":
+        return ["q"] * heads + ["k"] * kv + ["v"] * kv
+    if layout == "kv_stacked":
+        return ["k"] * kv + ["v"] * kv
+    raise ValueError(f"unknown fused layout {layout!r}")
+
+
+def _head_blocks(kind: str, module_name: str, name: str, weight: Tensor, transposed: bool,
+                 config: Any) -> dict[str, Any] | None:
+    """A fused q/k/v matrix's ``head_blocks`` (see ``find_targets``), or None."""
+    if kind != "qkv":
+        return None
+    model_type = getattr(config, "model_type", None)
+    parts = module_name.split(".")
+    layout = _FUSED_LAYOUTS.get((model_type, ".".join(parts[-2:]))) or _FUSED_LAYOUTS.get((model_type, parts[-1]))
+    if layout is None:
+        return None
+    heads, kv, head_dim = _head_geometry(name, "fused query/key/value projection", config)
+    roles = _fused_roles(layout, heads, kv)
+    dim = 1 if transposed else 0
+    size = weight.shape[dim]
+    if len(roles) * head_dim != size:
+        axis = "columns" if transposed else "rows"
+        raise ValueError(f"{name} has {size} {axis} of output features (shape {tuple(weight.shape)}) but its "
+                         f"{model_type} layout with num_attention_heads={heads}, num_key_value_heads={kv} and "
+                         f"head_dim={head_dim} has {len(roles)} head blocks = {len(roles) * head_dim}; the "
+                         "config does not describe this model")
+    return {"count": len(roles), "eligible": [i for i, role in enumerate(roles) if role in ("q", "k")], "dim": dim}
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -252,7 +372,9 @@ def build_optimizer(
     - plain GaLore (``cross_head=False``): all targets in one low-rank group with the spec's fields.
     - the GaLore+ recipe (``cross_head=True``; ``galore_plus_param_groups``): q/k matrices with a head
       count get cross-head projection and the sparse residual (the spec's ``residual_ratio``, ρ =
-      ``PAPER_RESIDUAL_RATIO`` in the recipe), one group per head count; the others neither.
+      ``PAPER_RESIDUAL_RATIO`` in the recipe), one group per head count; fused q/k/v matrices with
+      ``head_blocks`` get cross-head projection from their q/k blocks, without the residual; the
+      others neither.
 
     The optimizer is ``LowRankOptimizer.from_spec``: the rule's alias (``GaLoreAdamW`` /
     ``GaLorePlusAdamW`` for the GaLore+ recipe, ``GaLoreAdamW8bit``, ``GaLoreAdafactor``) or any rule
@@ -319,7 +441,7 @@ def build_optimizer(
     if spec.cross_head:  # the residual on the q/k groups only
         ratio = options.pop("residual_ratio")
         groups = galore_plus_param_groups(
-            [(t.name, t.param, t.num_heads) for t in targets], spec.rank, plain=plain, residual_ratio=ratio, **options)
+            [(t.name, t.param, t.heads) for t in targets], spec.rank, plain=plain, residual_ratio=ratio, **options)
     else:
         groups: list[dict[str, Any]] = [
             {"params": [t.param for t in targets], "param_names": [t.name for t in targets], "rank": spec.rank,
@@ -414,12 +536,15 @@ def _shapes(params: list[Tensor]) -> str:
 def _mode(group: dict[str, Any], inner: str) -> str:
     if "rank" not in group:
         return f"full {inner}"
-    heads, ratio = group["num_heads"], group["residual_ratio"]
-    plus = heads is not None or ratio > 0 or group["svd"] == "randomized"
+    heads, ratio, blocks = group["num_heads"], group["residual_ratio"], group.get("head_blocks")
+    plus = heads is not None or blocks is not None or ratio > 0 or group["svd"] == "randomized"
     parts = ["GaLore+" if plus else "GaLore"]
     parts.append(f"cross-head ({heads} heads)" if heads is not None else None)
+    if blocks is not None:
+        parts.append(f"cross-head (q/k: {len(blocks['eligible'])} of {blocks['count']} "
+                     f"{'row' if blocks['dim'] == 0 else 'column'} blocks)")
     parts.append(group["svd"])
-    parts.append(group["proj_type"] if heads is None else None)
+    parts.append(group["proj_type"] if heads is None and blocks is None else None)
     if ratio > 0:
         parts.append(f"+ residual {ratio:.1%} {group['residual_mode']}")
     mode = " ".join(p for p in parts if p)

@@ -522,10 +522,13 @@ class LowRankOptimizer(Optimizer):
         return True
 
     def projection_side(self, p: Tensor) -> int:
-        """The side ``p``'s projector is on: right for cross-head groups, else by ``proj_type``."""
+        """The side ``p``'s projector is on: right for cross-head groups (left for column head blocks),
+        else by ``proj_type``."""
         group = self.group_of(p)
         if group["num_heads"] is not None:
             return projection.RIGHT
+        if group.get("head_blocks") is not None:  # fused q/k/v cross-head
+            return projection.cross_head_side(group["head_blocks"]["dim"])
         return projection.projection_side(p.shape, group["proj_type"])
 
     def store_projector(self, p: Tensor, left: Tensor | None, right: Tensor | None) -> None:

@@ -61,6 +61,20 @@ def check_low_rank(group: dict[str, Any], where: str) -> None:
         group["proj_dtype"] = getattr(torch, group["proj_dtype"])
 
 
+def _check_head_blocks_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
+    """``p``'s head axis splits into ``count`` blocks, and its eligible blocks can reach ``rank``."""
+    blocks, rank = group["head_blocks"], group["rank"]
+    dim, count, eligible = blocks["dim"], blocks["count"], blocks["eligible"]
+    size, axis = p.shape[dim], ("rows" if dim == 0 else "columns")
+    if size % count:
+        raise ValueError(f"{where}: head_blocks count={count} does not divide the {size} {axis} of {name} "
+                         f"(shape {tuple(p.shape)})")
+    if projection.heads_needed(rank, size // count) > len(eligible):
+        raise ValueError(f"{where}: rank={rank} is more than the {len(eligible)} eligible head blocks of "
+                         f"{size // count} {axis} of {name} can reach")
+# ---------------------------------------------------------------------------------------------------
+
+
 def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
     """A low-rank group's parameter: 2-D, real floating point, and ``rank`` within what it allows."""
     rank, heads = group["rank"], group.get("num_heads")
@@ -78,3 +92,5 @@ def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> Non
         if projection.heads_needed(rank, rows // heads) > heads:
             raise ValueError(f"{where}: rank={rank} is more than the {heads} heads of {rows // heads} rows of "
                              f"{name} can reach")
+    if group.get("head_blocks") is not None:  # fused q/k/v cross-head
+        _check_head_blocks_matrix(group, p, name, where)

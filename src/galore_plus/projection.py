@@ -210,12 +210,26 @@ def heads_needed(rank: int, head_dim: int) -> int:
     return -(-rank // head_dim)
 
 
-def choose_heads(num_heads: int, rank: int, head_dim: int, generator: torch.Generator) -> list[int]:
-    """⌈r/d_k⌉ distinct heads drawn uniformly at random from ``generator`` (DESIGN.md, "Projectors"), sorted."""
+def choose_heads(num_heads: int, rank: int, head_dim: int, generator: torch.Generator,
+                 eligible: list[int] | None = None) -> list[int]:
+    """⌈r/d_k⌉ distinct heads drawn uniformly at random from ``generator`` (DESIGN.md, "Projectors"), sorted.
+
+    ``eligible``: the head blocks the draw is made from (a fused q/k/v matrix's q and k blocks; see
+    ``cross_head_projector``), or None for all ``num_heads``. The draw is one ``randperm`` of the
+    candidates, so with ``eligible=None`` it is the same as ever (and resumes bitwise)."""
     count = heads_needed(rank, head_dim)
-    if count > num_heads:
-        raise ValueError(f"rank={rank} needs {count} heads of {head_dim} rows but the matrix has {num_heads}")
-    return sorted(torch.randperm(num_heads, generator=generator)[:count].tolist())
+    candidates = num_heads if eligible is None else len(eligible)
+    if count > candidates:
+        raise ValueError(f"rank={rank} needs {count} heads of {head_dim} rows but the matrix has {candidates}"
+                         + ("" if eligible is None else " eligible"))
+    drawn = torch.randperm(candidates, generator=generator)[:count].tolist()
+    return sorted(drawn if eligible is None else (eligible[i] for i in drawn))
+
+
+def cross_head_side(dim: int) -> int:
+    """The side of a cross-head projector whose head blocks lie along ``dim``: row blocks (0) share a
+    right basis, column blocks (1, a transposed layout such as GPT-2's ``Conv1D``) a left one."""
+    return RIGHT if dim == 0 else LEFT
 
 
 def head_rows(grad: Tensor, num_heads: int, heads: list[int]) -> Tensor:
@@ -233,25 +247,47 @@ def cross_head_projector(
     oversample: int = 8,
     power_iters: int = 2,
     warm: Tensor | None = None,
-) -> tuple[None, Tensor]:
-    """A right projector shared by all heads, from randomly chosen heads' rows (GaLore+; DESIGN.md, "Projectors").
+    *,
+    eligible: list[int] | None = None,
+    dim: int = 0,
+) -> tuple[Tensor | None, Tensor | None]:
+    """A projector shared by all heads, from randomly chosen heads' blocks (GaLore+; DESIGN.md, "Projectors").
 
     The paper's ``P_i`` spans the ``d_model`` side of head ``i``'s gradient: in PyTorch layout the
     top-``rank`` right singular vectors of the head's ``d_k × d_model`` row block. With ``rank > d_k``
     the blocks of ⌈r/d_k⌉ distinct heads are stacked. The SVD then works on a ``d_k × d_model``
-    block instead of the whole ``h·d_k × d_model`` matrix. Always a right projection:
-    ``R = G Q`` (``h·d_k × r``). ``warm`` is the previous right basis (``r×n``).
+    block instead of the whole ``h·d_k × d_model`` matrix. A right projection:
+    ``R = G Q`` (``h·d_k × r``), returned as ``(None, Q)``. ``warm`` is the previous right basis (``r×n``).
+
+    ``eligible``: the blocks the heads are drawn from, None for all. A fused q/k/v matrix is cut
+    into ``num_heads`` blocks of ``d_k`` (its q, k and v heads, in the model's order) and the draw is
+    made among its q and k blocks only, so a value block never stands in for them; the basis is then
+    used for the whole matrix, v rows included, as a q/k matrix's is (``integration.find_targets``
+    gives the layouts). ``dim=1``: the blocks are *columns* (a transposed weight, ``in × out``, such
+    as GPT-2's ``Conv1D`` ``c_attn``): the basis is the top-``rank`` left singular vectors of the
+    chosen column blocks side by side, a left projection ``R = Pᵀ G`` returned as ``(P, None)``, and
+    ``warm`` is the previous left basis (``m×r``).
 
     With ``randomized`` the block is sketched only when the sketch is at most half the block's
     smaller side; otherwise (the usual case: a ``d_k``-row block with ``r`` near ``d_k``) the exact
     SVD of the small block is both cheaper and exact (measured: 0.05 s vs 0.5 s for 128×4096, r=128).
     """
-    m, n = grad.shape
-    if m % num_heads:
-        raise ValueError(f"num_heads={num_heads} does not divide the {m} rows of the matrix")
-    heads = choose_heads(num_heads, rank, m // num_heads, generator)
-    block = head_rows(grad, num_heads, heads)
-    return head_block_projector(block, rank, generator, randomized, oversample, power_iters, warm)
+    if dim not in (0, 1):
+        raise ValueError(f"dim={dim!r} must be 0 (row blocks) or 1 (column blocks)")
+    size = grad.shape[dim]
+    if size % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide the {size} {'rows' if dim == 0 else 'columns'} "
+                         "of the matrix")
+    heads = choose_heads(num_heads, rank, size // num_heads, generator, eligible)
+    if dim == 0:
+        block = head_rows(grad, num_heads, heads)
+        return head_block_projector(block, rank, generator, randomized, oversample, power_iters, warm)
+    # column blocks: the same computation on the transpose (its rows are the columns), whose right
+    # basis is the left basis of the chosen columns
+    block = head_rows(grad.T, num_heads, heads)
+    _, right = head_block_projector(block, rank, generator, randomized, oversample, power_iters,
+                                    None if warm is None else warm.T)
+    return right.T.contiguous(), None
 
 
 def head_block_projector(

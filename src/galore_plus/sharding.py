@@ -177,6 +177,12 @@ class WholeTensor:
                 return projection.cross_head_projector(
                     grad, rank, group["num_heads"], gen, group["svd"] == "randomized", group["oversample"],
                     group["power_iters"], warm=warm[1] if warm is not None else None)
+            blocks = group.get("head_blocks")
+            if blocks is not None:  # fused q/k/v cross-head; warm[side]: the previous basis on its side
+                return projection.cross_head_projector(
+                    grad, rank, blocks["count"], gen, group["svd"] == "randomized", group["oversample"],
+                    group["power_iters"], warm=warm[side] if warm is not None else None,
+                    eligible=blocks["eligible"], dim=blocks["dim"])
             if group["svd"] == "randomized":
                 return projection.randomized_projector(grad, rank, side, gen, group["oversample"],
                                                        group["power_iters"], warm)
@@ -278,6 +284,8 @@ class RowShards(WholeTensor):
                     left, right = projection.head_block_projector(
                         block, rank, gen, group["svd"] == "randomized", group["oversample"], group["power_iters"],
                         warm=warm[1] if warm is not None else None)
+                elif group.get("head_blocks") is not None:  # fused q/k/v cross-head
+                    left, right = self._head_blocks_projector(local, rows, group, gen, warm)
                 elif group["svd"] == "randomized":
                     left, right = projection.randomized_projector(
                         local, rank, side, gen, group["oversample"], group["power_iters"], warm, rows)
@@ -289,6 +297,28 @@ class RowShards(WholeTensor):
             except torch.linalg.LinAlgError:
                 return None
         return self._wrap(left, right, grad)
+
+    @staticmethod
+    def _head_blocks_projector(local: Tensor, rows: ShardRows, group: dict[str, Any], gen: torch.Generator,
+                               warm: tuple[Tensor | None, Tensor | None] | None):
+        """A fused q/k/v matrix's cross-head projector (``projection.cross_head_projector`` with
+        ``eligible``) on row shards. Row blocks: the chosen rows summed from the ranks holding them,
+        as for ``num_heads``. Column blocks (a ``Conv1D`` weight, ``in × out``, sharded along ``in``):
+        the thin ``m × c·d_k`` block of the chosen columns is all-gathered (never the gradient) and
+        every rank computes the same left basis, keeping its own rows."""
+        blocks, rank = group["head_blocks"], group["rank"]
+        count, eligible, dim = blocks["count"], blocks["eligible"], blocks["dim"]
+        options = (group["svd"] == "randomized", group["oversample"], group["power_iters"])
+        size = (rows.global_rows if dim == 0 else local.shape[1]) // count
+        chosen = projection.choose_heads(count, rank, size, gen, eligible)
+        if dim == 0:
+            block = rows.head_block(local, chosen, size)
+            return projection.head_block_projector(block, rank, gen, *options,
+                                                   warm=warm[1] if warm is not None else None)
+        block = rows.gather(torch.cat([local[:, i * size:(i + 1) * size] for i in chosen], dim=1))
+        start = None if warm is None or warm[0] is None else rows.gather(warm[0]).T
+        _, right = projection.head_block_projector(block.T.contiguous(), rank, gen, *options, warm=start)
+        return rows.local(right.T).contiguous(), None
 
     @staticmethod
     def _placements():

@@ -74,6 +74,10 @@ class LowRankSpec:
     warm_start: bool = _group(False, "randomized SVD: start the sketch from the previous projector")
     num_heads: int | None = _group(None, "heads stacked along the rows, for cross-head projection (q: attention "
                                          "heads, k: key/value heads); set per matrix by the recipe")
+    head_blocks: dict | None = _group(None, "a fused q/k/v matrix: {'count': c, 'eligible': [i, ...], 'dim': 0 | 1}, "
+                                            "its rows (0) or columns (1, GPT-2's Conv1D) cut into c head blocks, the "
+                                            "cross-head projector drawn among the eligible (q and k) ones; set per "
+                                            "matrix by the recipe (plain ints and lists: state dicts stay loadable)")
     residual_ratio: float = _group(0.0, "sparse residual ρ: fraction of entries with exact Adam moments (0: off)")
     residual_warmup: int = _group(20, "steps before the residual's entries are chosen")
     residual_mode: str = _group("exact", f"the residual's rule, one of {residual.RESIDUAL_MODES}")
@@ -103,8 +107,8 @@ class LowRankSpec:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"]}
 
     def group_options(self) -> dict[str, Any]:
-        """The group keys but ``rank`` and ``num_heads`` (which the recipe sets per matrix)."""
-        return {k: v for k, v in self.group().items() if k not in ("rank", "num_heads")}
+        """The group keys but ``rank``, ``num_heads`` and ``head_blocks`` (which the recipe sets per matrix)."""
+        return {k: v for k, v in self.group().items() if k not in ("rank", "num_heads", "head_blocks")}
 
     def replace(self, **changes: Any) -> LowRankSpec:
         return LowRankSpec.from_options({**self.options(), **changes})
@@ -176,6 +180,7 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     heads = group.get("num_heads")
     if heads is not None and (not is_int(heads) or heads < 1):
         raise ValueError(f"{where}: num_heads={heads!r} must be None or an int ≥ 1")
+    check_head_blocks(group, where)
     ratio = group.get("residual_ratio", 0.0)
     if not is_real(ratio) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{where}: residual_ratio={ratio!r} must be a number in [0, 1]")
@@ -197,6 +202,27 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
             raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")
 
 
+def check_head_blocks(group: dict[str, Any], where: str) -> None:
+    """``head_blocks``: None, or ``{"count": int ≥ 1, "eligible": strictly increasing block indices in
+    [0, count), at least one, "dim": 0 or 1}``; not together with ``num_heads``."""
+    blocks = group.get("head_blocks")
+    if blocks is None:
+        return
+    ok = isinstance(blocks, dict) and set(blocks) == {"count", "eligible", "dim"}
+    if ok:
+        count, eligible, dim = blocks["count"], blocks["eligible"], blocks["dim"]
+        ok = (is_int(count) and count >= 1 and is_int(dim) and dim in (0, 1) and isinstance(eligible, (list, tuple))
+              and len(eligible) >= 1 and all(map(is_int, eligible))
+              and all(0 <= a < b for a, b in zip(eligible, [*eligible[1:], count])))
+    if not ok:
+        raise ValueError(f"{where}: head_blocks={blocks!r} must be None or {{'count': int ≥ 1, 'eligible': "
+                         "strictly increasing block indices in [0, count), at least one, 'dim': 0 (row blocks) "
+                         "or 1 (column blocks)}")
+    if group.get("num_heads") is not None:
+        raise ValueError(f"{where}: num_heads={group['num_heads']!r} and head_blocks={blocks!r} cannot both be set "
+                         "(num_heads is head_blocks with every row block eligible)")
+
+
 def spec_for(method: str | LowRankSpec, rank: int | None = None, *, eightbit: bool = False, adafactor: bool = False,
              **options: Any) -> LowRankSpec:
     """The one conversion from the old spellings to a spec: ``build_optimizer``'s ``method``, ``rank``,
@@ -214,9 +240,10 @@ def spec_for(method: str | LowRankSpec, rank: int | None = None, *, eightbit: bo
     from .lowrank import RULES
 
     rule_keys = set(RULES[rule].defaults) if rule in RULES else set()
-    if "num_heads" in options:
-        raise TypeError("num_heads is not an option here: each q/k matrix gets its own head count from the "
-                        "model's config (find_targets), the other matrices none")
+    for key in ("num_heads", "head_blocks"):
+        if key in options:
+            raise TypeError(f"{key} is not an option here: each q/k (or fused qkv) matrix gets its own from the "
+                            "model's config (find_targets), the other matrices none")
     rule_options = {k: options.pop(k) for k in list(options) if k in rule_keys}
     rule_options.update(options.pop("rule_options", None) or {})
     unknown = sorted(set(options) - FIELDS)

@@ -1,0 +1,152 @@
+"""Fused q/k/v head blocks under DDP (split refresh) and FSDP2 (row shards) on CPU (gloo, 2 processes),
+against the single-process run: a row-blocked ``nn.Linear`` (right projector) and a column-blocked
+``Conv1D``-like weight (``in × out``, left projector; under FSDP2 its rows, the input features, are
+sharded, so the chosen column blocks are gathered). One spawn runs every scenario; it cannot hang
+(the process group times out, the spawn has a deadline)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from galore_plus import GaLorePlusAdamW
+from galore_plus.distributed import distribute
+
+WORLD = 2
+STEPS = 9
+GAP = 3
+BATCH = 8
+ROW_BLOCKS = {"count": 12, "eligible": [0, 1, 3, 4, 6, 7, 9, 10], "dim": 0}  # per head [q; k; v], 4 rows each
+COLUMN_BLOCKS = {"count": 12, "eligible": list(range(8)), "dim": 1}        # [Q | K | V], 4 columns each
+
+
+class Fused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48, bias=False)                # 48×16, row blocks
+        self.c_attn = nn.Parameter(torch.randn(16, 48) * 0.2)   # 16×48 (in × out), column blocks
+        self.out = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.qkv(x)) + torch.tanh(x @ self.c_attn))
+
+
+def make_model() -> Fused:
+    torch.manual_seed(0)
+    return Fused().double()
+
+
+def make_optimizer(model: nn.Module, warm: bool):
+    by_name = {n.removeprefix("module."): p for n, p in model.named_parameters()}
+    # rank 6 > 4 rows/columns per block: two blocks stacked; oversample 0 with rank 2 sketches them
+    groups = [{"params": [by_name["qkv.weight"]], "rank": 6, "head_blocks": ROW_BLOCKS},
+              {"params": [by_name["c_attn"]], "rank": 6 if not warm else 2, "head_blocks": COLUMN_BLOCKS,
+               "warm_start": warm, "oversample": 0},
+              {"params": [by_name["out.weight"], by_name["out.bias"]]}]
+    return GaLorePlusAdamW(groups, lr=1e-2, update_proj_gap=GAP, scale=1.0, seed=3)
+
+
+def data(step: int):
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.randn(BATCH, 16, generator=g, dtype=torch.float64), torch.randn(BATCH, 16, generator=g,
+                                                                              dtype=torch.float64)
+
+
+def train(model, optimizer, rank):
+    for step in range(STEPS):
+        x, y = data(step)
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def full_params(model):
+    return {n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def run(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    results = {}
+    for warm in (False, True):
+        model = make_model()
+        train(model, make_optimizer(model, warm), None)
+        results[("single", warm)] = full_params(model)
+        model = DistributedDataParallel(make_model())
+        train(model, distribute(make_optimizer(model, warm)), rank)
+        results[("ddp", warm)] = full_params(model)
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        optimizer = make_optimizer(model, warm)
+        train(model, optimizer, rank)
+        results[("fsdp", warm)] = full_params(model)
+        results[("fsdp", warm, "left")] = type(optimizer.state[model.c_attn]["proj_left"]).__name__
+    return results
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        results = run(rank)
+    except BaseException:
+        results = {"error": traceback.format_exc()}
+        raise
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_worker, args=(port, str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    end = time.monotonic() + 300
+    try:
+        while not context.join(timeout=max(1.0, end - time.monotonic())):
+            if time.monotonic() >= end:
+                pytest.fail("the ranks did not finish within 300 s")
+    except mp.ProcessRaisedException:
+        pass  # the rank files carry the traceback
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = []
+    for r in range(WORLD):
+        res = torch.load(out / f"rank{r}.pt", weights_only=False)
+        assert "error" not in res, res.get("error")
+        results.append(res)
+    return results
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_fused_head_blocks_equal_the_single_process_run(ranks, kind, warm):
+    reference = ranks[0][("single", warm)]
+    for res in ranks:
+        got = res[(kind, warm)]
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"{kind} {name}")
+    start = make_model()
+    assert not torch.allclose(reference["c_attn"], start.c_attn.detach(), atol=1e-3)
+    assert not torch.allclose(reference["qkv.weight"], start.qkv.weight.detach(), atol=1e-3)
+    assert ranks[0][("fsdp", warm, "left")] == "DTensor"
