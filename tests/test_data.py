@@ -13,13 +13,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("reasoning_gym")
 from _tokenizers import tiny_tokenizer  # noqa: E402
 
+from galore_plus.app.builtin_tasks import _exact_value, _gsm_example, _gsm_symbolic  # noqa: E402
 from galore_plus.app.data import (  # noqa: E402
     ARITHMETIC_CONFIG,
     DataError,
     Example,
-    _exact_value,
-    _gsm_example,
-    _gsm_symbolic,
     build_prompt,
     collate,
     encode,

@@ -26,7 +26,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import adafactor, adamw8bit  # noqa: F401  (register their rules)
 from .adamw import GaLorePlusAdamW
 from .groups import galore_plus_param_groups
 from .layerwise import LayerwiseOptimizer

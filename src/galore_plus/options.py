@@ -9,7 +9,6 @@ value and what is allowed (``TypeError`` for unknown keys is the optimizer's, wh
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch

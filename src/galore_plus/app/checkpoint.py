@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from .builtin_tasks import TASKS
 from .config import FinetuneConfig, from_dict
-from .data import TASKS
 from .errors import CheckpointError, ConfigError
+from .runtime import Runtime
 
 CHECKPOINT = "checkpoint"
 RUN = "run.json"
@@ -69,8 +70,9 @@ def _read_json(path: Path) -> Any:
 
 
 def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, history: dict[str, Any], *,
-         world_size: int = 1, data_sha256: str | None = None, eval_data_sha256: str | None = None) -> None:
-    """Write ``out/checkpoint`` atomically (see the module docstring).
+         runtime: Runtime, data_sha256: str | None = None, eval_data_sha256: str | None = None) -> None:
+    """Write ``out/checkpoint`` atomically (see the module docstring); ``runtime``: this process's place
+    in the run.
 
     Distributed runs call it on every rank: model and optimizer go to ``distributed/`` through
     ``torch.distributed.checkpoint`` (each rank writes its shards), rank 0 writes the rest, hashes
@@ -78,28 +80,26 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
     the directory into place."""
     from safetensors.torch import save_model
 
-    distributed = None
-    if config.distributed != "none":
-        from .. import distributed
-    rank0 = distributed is None or distributed.process_rank() == 0
     tmp = out / (CHECKPOINT + ".tmp")
-    if rank0:
+    if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if distributed is not None:
-        distributed.barrier()
+    if runtime.is_distributed:
+        from .. import distributed
+
+        runtime.barrier()
         distributed.save_checkpoint(str(tmp / "distributed"), model, optimizer)
-        distributed.barrier()
-        if not rank0:
-            distributed.barrier()  # rank 0 moves the directory into place
+        runtime.barrier()
+        if not runtime.is_main:
+            runtime.barrier()  # rank 0 moves the directory into place
             return
     else:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": world_size, "data_sha256": data_sha256,
-                             "eval_data_sha256": eval_data_sha256, "config": dataclasses.asdict(config),
-                             "history": history})
+    write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": runtime.world_size,
+                             "data_sha256": data_sha256, "eval_data_sha256": eval_data_sha256,
+                             "config": dataclasses.asdict(config), "history": history})
     _write_manifest(tmp)
     final = out / CHECKPOINT
     old = out / (CHECKPOINT + ".old")
@@ -108,8 +108,7 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    if distributed is not None:
-        distributed.barrier()
+    runtime.barrier()
 
 
 def _write_manifest(ckpt: Path) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from . import checkpoint
 from .config import (ArgumentParser, EvaluateConfig, FinetuneConfig, add_arguments, from_arguments, resumed,
                      validated, validated_evaluate)
-from .data import DataError
+from .examples import DataError
 from .errors import CommandError
 
 

@@ -1,7 +1,7 @@
 """Evaluation of a causal LM on a task's examples: answer loss, greedy generation, answer metrics.
 
-Application layer, like ``galore_plus.app.data``, whose :func:`~galore_plus.app.data.encode` and
-:func:`~galore_plus.app.data.context_ids` it shares so that what is scored is exactly what was trained:
+Application layer, like the data modules, whose :func:`~galore_plus.app.encoding.encode` and
+:func:`~galore_plus.app.templates.context_ids` it shares so that what is scored is exactly what was trained:
 
 - :func:`answer_loss`: teacher-forced cross-entropy over the answer tokens (and EOS) only,
   ``Σ token losses / number of answer tokens`` over the whole set (not a mean of batch means, which
@@ -23,7 +23,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, NUMBER_RE, Example, collate, context_ids, encode, normalize_number
+from .encoding import IGNORE_INDEX, collate, encode
+from .examples import NUMBER_RE, Example, normalize_number
+from .templates import context_ids
 
 __all__ = ["answer_loss", "generate", "extract_final", "evaluate", "evaluate_model", "check_prerequisites", "KINDS"]
 
@@ -79,7 +81,7 @@ def _takes_logits_to_keep(model) -> bool:
 def answer_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512) -> float:
     """Mean cross-entropy per answer token, teacher-forced, over all ``examples``.
 
-    Each example is encoded as in training (:func:`galore_plus.app.data.encode`, prompt masked, EOS
+    Each example is encoded as in training (:func:`galore_plus.app.encoding.encode`, prompt masked, EOS
     scored). Runs under ``torch.no_grad()`` in eval mode and restores the model's mode. Only the
     logits from the earliest answer position of a batch on are computed (``logits_to_keep``, where
     the model takes it): a 49k vocabulary × 512 positions × 8 rows is 800 MB of float32 logits.
@@ -133,7 +135,7 @@ def generate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: i
              progress: bool | None = None) -> list[str]:
     """Greedy answers to ``examples`` (in their order): the new text only, up to the first EOS.
 
-    Prompts are :func:`galore_plus.app.data.context_ids` (the training tokens), left-padded by hand with
+    Prompts are :func:`galore_plus.app.templates.context_ids` (the training tokens), left-padded by hand with
     the pad token (EOS when there is none) — the tokenizer is not modified — and grouped by length
     to waste little padding. Stops at the tokenizer's EOS or any of the model's generation-config
     EOS ids. ``progress``: show a tqdm bar; ``None`` shows it from
@@ -246,7 +248,7 @@ def evaluate_model(config, *, print_json: bool = False) -> dict:
     """``galore-plus evaluate``: :func:`evaluate` of ``config.model`` on ``config.data``, as ``finetune``
     evaluates (``config``: a checked :class:`~galore_plus.app.config.EvaluateConfig`).
 
-    A data file gives :func:`~galore_plus.app.data.eval_examples` (all of it, or the seeded sample of
+    A data file gives :func:`~galore_plus.app.tasks.eval_examples` (all of it, or the seeded sample of
     ``n_test`` that ``finetune --eval-data`` draws); a task gives the held-out set ``finetune`` draws
     for the same ``seed``, ``n_test`` (and ``split``, ``n_train``). Returns ``{"model", "data", "form",
     **metrics}``; ``print_json`` prints it, and ``config.output`` is written too."""
@@ -256,7 +258,7 @@ def evaluate_model(config, *, print_json: bool = False) -> dict:
 
     from .checkpoint import write_json
     from .config import default_max_new_tokens, torch_dtype
-    from .data import TASKS, eval_examples, load_task
+    from .tasks import TASKS, eval_examples, load_task
     from .errors import ConfigError
     from .models import load_model
 

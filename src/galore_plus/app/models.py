@@ -151,6 +151,17 @@ def load_model(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, 
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward instead of keeping them (``--gradient-checkpointing``),
+    non-reentrant: it works with layer-wise hooks and the projected backward."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def save_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """``model.save_pretrained`` and ``tokenizer.save_pretrained`` into ``directory``: a Hugging Face
     model directory that ``AutoModelForCausalLM.from_pretrained`` and :func:`load_model` load.

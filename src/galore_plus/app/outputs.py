@@ -1,0 +1,102 @@
+"""What a fine-tune writes in its output directory beside the checkpoint: the names of its files
+(:data:`OUTPUTS`), the per-step log (cut back on resume), the loss plot, and ``final/``, the
+trained model (:func:`export`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import checkpoint
+
+if TYPE_CHECKING:
+    from .finetune import Built
+    from .preflight import Run
+
+__all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "remove", "truncate_log", "export", "plot_losses"]
+
+LOG = "log.jsonl"
+METRICS = "metrics.json"
+PLOT = "loss.png"
+FINAL = "final"
+#: what a run writes in its directory: a directory holding any of them holds a run
+OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
+           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
+
+
+def remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log's lines up to ``step``; a line cut short by a crash is dropped."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def export(run: Run, built: Built) -> Path:
+    """``OUTPUT/final/``: the trained model as a Hugging Face model directory (``save_pretrained``, the
+    tokenizer beside it; LoRA/DoRA adapters merged into the weights by PEFT's ``merge_and_unload``)
+    that ``AutoModelForCausalLM.from_pretrained`` and ``galore-plus evaluate`` load. Written to
+    ``final.tmp`` and renamed into place, so a previous ``final/`` is replaced whole or not at all.
+    Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes."""
+    from .models import save_model
+
+    model, state_dict = built.model, None
+    if run.config.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = run.out / FINAL
+    if run.runtime.is_main:
+        if run.config.method in ("lora", "dora"):
+            model = model.merge_and_unload()
+        tmp = run.out / (FINAL + ".tmp")
+        remove(tmp)
+        save_model(model, built.tokenizer, tmp, state_dict)
+        remove(final)
+        tmp.replace(final)
+        print(f"saved the model to {final} (from_pretrained loads it)", file=sys.stderr)
+    run.runtime.barrier()
+    return final
+
+
+def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    losses = [r["loss"] for r in log]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""A fine-tune's set-up: every check that needs no weights, in the order a user would fix them,
+giving the :class:`Run` the other phases share (:func:`setup`).
+
+What the user can get wrong is found before the model loads: the options
+(:func:`~galore_plus.app.config.validated`), a run already in the output directory (refused without
+``--overwrite``), the checkpoint to resume (verified against its manifest; the same world size and
+data file), the data, the evaluation's dependencies, whether the low-rank options fit the
+model's matrices (the optimizer built for the model on the ``meta`` device), and the encoding of every
+example with the model's tokenizer (a chat template's refusal is a ``FILE:LINE`` error).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .config import LOW_RANK_METHODS, FinetuneConfig, changes, check_launch, resumed, validated
+from .errors import ConfigError
+from .examples import DataError, Task
+from .outputs import OUTPUTS
+from .runtime import Runtime
+from .tasks import TASKS, load_task
+
+__all__ = ["Run", "setup", "describe_data", "check_fits", "one_line"]
+
+
+@dataclass
+class Run:
+    """What set-up established: the checked config, where the run writes, this process's place in
+    it, the task and its data files' sha256, when resuming the verified checkpoint state (None before
+    the first save), and the model's tokenizer with the training examples it encoded."""
+
+    config: FinetuneConfig
+    out: Path
+    resume: bool
+    runtime: Runtime
+    task: Task
+    data_sha256: str | None
+    eval_data_sha256: str | None
+    state: dict[str, Any] | None
+    tokenizer: Any
+    features: list[dict[str, list[int]]]
+
+
+def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
+    """Every check that needs no weights, in the order a user would fix them. Writes nothing (beyond
+    finishing a checkpoint save that a crash cut short: see ``checkpoint.recover``)."""
+    from .evaluate import check_prerequisites
+
+    state = record = None
+    if resume is not None:
+        saved = checkpoint.saved_config(Path(resume))
+        config = resumed(saved, changes(config, saved), resume)
+    config = validated(config)
+    out = Path(config.output_dir)
+    if resume is not None:
+        state, record = checkpoint.read_state(out), checkpoint.read_run(out)
+    else:
+        existing = [name for name in OUTPUTS if (out / name).exists()]
+        if existing and not config.overwrite:
+            raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): continue it with "
+                              f"--resume {out}, replace it with --overwrite, or choose another --output-dir")
+    torch.manual_seed(config.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    check_launch(config.distributed)  # under torchrun: rank 0 alone writes logs, metrics and the plot
+    runtime = Runtime.start(config.distributed, device)
+    if config.batch_size % runtime.world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+                          f"{runtime.world_size} ranks")
+    data_sha256 = None if config.data in TASKS else checkpoint.sha256_file(config.data)
+    eval_data_sha256 = None if config.eval_data is None else checkpoint.sha256_file(config.eval_data)
+    if resume is not None:
+        checkpoint.check_resumable(state, record, out, config.data, data_sha256, runtime.world_size,
+                                   eval_data=config.eval_data, eval_data_sha256=eval_data_sha256)
+    task = load_task(config.data, n_train=config.n_train, n_test=config.n_test, seed=config.seed,
+                     split=config.split, eval_data=config.eval_data,
+                     eval_fraction=config.eval_fraction,
+                     n_validation=config.n_validation)  # a malformed file raises DataError: FILE:LINE: problem
+    if task.test:
+        try:
+            check_prerequisites(task.kind)
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
+    check_fits(config)
+    tokenizer, features = _encode(config, task)
+    if runtime.is_main:
+        print(describe_data(task), file=sys.stderr)
+    return Run(config, out, resume is not None, runtime, task, data_sha256, eval_data_sha256, state, tokenizer,
+               features)
+
+
+def describe_data(task: Task) -> str:
+    """What the run trains and evaluates on, in a line: the source, its detected form, the split."""
+    info = task.info
+    source = f"{info['source']} ({info['n_file']} examples, {info['form_name']})" if "form" in info else task.name
+    held = (f"{len(task.test)} from {info['eval_source']} ({info['eval_form_name']})" if "eval_source" in info
+            else f"{len(task.test)} held out" if task.test else "none held out: no evaluation")
+    scored = {"math": "accuracy of the final number, answer loss", "text": "BLEU, ROUGE-L, answer loss"}[task.kind]
+    validation = f", {len(task.validation)} for validation" if task.validation else ""
+    return (f"data: {source}: {len(task.train)} for training{validation}, {held}"
+            + (f"; scored by {scored}" if task.test else ""))
+
+
+def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, list[int]]]]:
+    """The model's tokenizer and the training examples' encodings; every held-out example is encoded
+    too, so an example the tokenizer (its chat template) refuses is a ``FILE:LINE`` error now."""
+    from jinja2 import TemplateError  # what transformers' chat templates raise
+
+    from .encoding import encode
+    from .models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {config.model}: its tokenizer cannot be loaded: {one_line(err)}") from None
+    features, errors = [], []
+    for i, example in enumerate(task.train + task.validation + task.test):
+        try:
+            encoded = encode(tokenizer, example, config.max_length)
+        except (TemplateError, ValueError) as err:  # a template's raise_exception(), or turns it cannot split
+            errors.append(f"{example.where or 'example ' + str(i + 1)}: the tokenizer of --model {config.model} "
+                          f"refuses it: {one_line(err)}")
+            continue
+        if i < len(task.train):
+            features.append(encoded)
+    if errors:
+        errors.sort(key=_position)  # in file order (the split shuffled the examples)
+        listed = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise DataError("\n".join(listed), errors)
+    return tokenizer, features
+
+
+def _position(error: str) -> tuple[str, int]:
+    """``(FILE, N)`` of an error that starts ``FILE:N:`` or ``FILE:record N:``."""
+    import re
+
+    match = re.match(r"(.*?):(?:record )?(\d+): ", error)
+    return (match[1], int(match[2])) if match else (error, 0)
+
+
+def check_fits(config: FinetuneConfig) -> None:
+    """The model's configuration can be read, and the low-rank options fit its matrices (``--rank``
+    at most ``min(m, n)``, and what cross-head projection allows), before any weight loads: the
+    optimizer is built for the model on the ``meta`` device (shapes only), so the library's own
+    checks give the message."""
+    from transformers import AutoModelForCausalLM
+
+    from .finetune import build_method  # (finetune imports this module)
+    from .models import shape_config
+
+    try:
+        shapes = shape_config(config.model)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"--model {config.model}: its configuration cannot be read: "
+                          f"{one_line(err)}") from None
+    if config.method not in LOW_RANK_METHODS:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seed's stream stays untouched
+        model = AutoModelForCausalLM.from_config(shapes)
+        try:
+            build_method(config, model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"--rank {config.rank} on --model {config.model}: {err}") from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (at most 300 characters)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
