@@ -1,7 +1,8 @@
 """galore-plus: memory-efficient full-parameter training by gradient low-rank projection.
 
 Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) and ``functional``
-(inner-rule kernels) ← ``lowrank`` (optimizer state machinery) ← the optimizers users import
+(inner-rule kernels) ← ``spec`` (the typed options) ← ``lowrank`` (optimizer state machinery, the
+rule and refresh-policy registries) ← the optimizers users import
 (``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
 ``layerwise`` (updates inside backward), ``memory`` (state-size estimates) and ``distributed``
 (DDP / FSDP2; import ``galore_plus.distributed`` when you need it) ← ``integration``
@@ -16,9 +17,11 @@ from .adamw8bit import GaLoreAdamW8bit
 from .groups import galore_plus_param_groups
 from .integration import Target, build_optimizer, find_targets, optimizer_summary
 from .layerwise import LayerwiseOptimizer
-from .lowrank import InnerRule, LowRankGradient, LowRankOptimizer, engine_of
+from .lowrank import (InnerRule, LowRankGradient, LowRankOptimizer, RefreshPolicy, engine_of, register_refresh_policy,
+                      register_rule)
 from .memory import estimate_state_bytes, state_bytes
 from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
+from .spec import LowRankSpec, spec_for
 
 __all__ = [
     "GaLoreAdamW",
@@ -37,6 +40,11 @@ __all__ = [
     "LowRankGradient",
     "InnerRule",
     "engine_of",
+    "LowRankSpec",
+    "spec_for",
+    "RefreshPolicy",
+    "register_rule",
+    "register_refresh_policy",
     "LOW_RANK_DEFAULTS",
     "PAPER_RESIDUAL_RATIO",
 ]

@@ -60,6 +60,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projection, residual
+from .registry import REFRESH_POLICIES, RULES, refresh_policy, register_refresh_policy, register_rule  # noqa: F401
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for, rounding_generator
 from .rounding import LOW_PRECISION, stochastic_round
@@ -79,45 +80,8 @@ def compute_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-#: The inner rules by name: ``LowRankSpec.rule`` and ``LowRankOptimizer.from_spec`` pick one.
-RULES: dict[str, type[InnerRule]] = {}
-#: When projectors refresh, by name: a low-rank group's ``refresh`` key picks one.
-REFRESH_POLICIES: dict[str, type[RefreshPolicy]] = {}
 #: The optimizer class that stands for a rule (``GaLoreAdamW`` for ``adamw``; filled by the aliases)
 _ALIASES: dict[str, type[LowRankOptimizer]] = {}
-
-
-def register_rule(name: str) -> Callable[[type[InnerRule]], type[InnerRule]]:
-    """Class decorator: make an ``InnerRule`` subclass available as ``rule=name`` (spec, from_spec)."""
-    def add(cls: type[InnerRule]) -> type[InnerRule]:
-        if name in RULES and RULES[name] is not cls:
-            raise ValueError(f"an inner rule named {name!r} is already registered ({RULES[name].__name__})")
-        RULES[name] = cls
-        cls.registry_name = name
-        return cls
-    return add
-
-
-def register_refresh_policy(name: str) -> Callable[[type[RefreshPolicy]], type[RefreshPolicy]]:
-    """Class decorator: make a ``RefreshPolicy`` subclass available as a group's ``refresh=name``."""
-    def add(cls: type[RefreshPolicy]) -> type[RefreshPolicy]:
-        if name in REFRESH_POLICIES and REFRESH_POLICIES[name] is not cls:
-            raise ValueError(f"a refresh policy named {name!r} is already registered")
-        REFRESH_POLICIES[name] = cls
-        _POLICY.pop(name, None)
-        return cls
-    return add
-
-
-_POLICY: dict[str, RefreshPolicy] = {}
-
-
-def refresh_policy(name: str) -> RefreshPolicy:
-    """The (stateless, shared) instance of the registered policy ``name``."""
-    policy = _POLICY.get(name)
-    if policy is None:
-        policy = _POLICY[name] = REFRESH_POLICIES[name]()
-    return policy
 
 
 class RefreshPolicy:

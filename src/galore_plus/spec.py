@@ -5,7 +5,7 @@ rank and the refresh (``update_proj_gap``, ``refresh``), the projector (``proj_t
 its sketch sizes, ``num_heads`` for cross-head projection, ``proj_dtype``), the update's scale α,
 the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment)
 and the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
-registry, ``lowrank.RULES``). Constructing one checks every field and raises ``ValueError`` naming
+registry, ``registry.RULES``). Constructing one checks every field and raises ``ValueError`` naming
 the value and what is allowed; :meth:`LowRankSpec.from_options` rejects unknown names with
 ``TypeError`` listing the allowed ones.
 
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from . import projection, residual
+from .registry import REFRESH_POLICIES, RULES
 
 #: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
 PAPER_RESIDUAL_RATIO = 0.012
@@ -83,10 +84,10 @@ class LowRankSpec:
     residual_mode: str = _group("exact", f"the residual's rule, one of {residual.RESIDUAL_MODES}")
     residual_reselect: bool = _group(False, "choose the residual's entries again at each refresh")
     proj_dtype: torch.dtype | None = _group(None, "the projector's storage dtype (None: the compute dtype)")
-    refresh: str = _group("interval", "when projectors refresh: a name of lowrank.REFRESH_POLICIES")
+    refresh: str = _group("interval", "when projectors refresh: a name of registry.REFRESH_POLICIES")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
-    rule: str = _method("adamw", "the inner rule: a name of lowrank.RULES (adamw, adamw8bit, adafactor, ...)")
+    rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
     rule_options: Mapping[str, Any] = _method(None, "the inner rule's own hyper-parameters (AdamW: betas, eps)")
 
     def __post_init__(self) -> None:
@@ -96,8 +97,6 @@ class LowRankSpec:
         check_group_values(self.group(), "LowRankSpec")
         if not isinstance(self.cross_head, bool):
             raise ValueError(f"LowRankSpec: cross_head={self.cross_head!r} must be a bool")
-        from .lowrank import RULES
-
         if self.rule not in RULES:
             raise ValueError(f"LowRankSpec: rule={self.rule!r} is not one of {sorted(RULES)}")
 
@@ -196,8 +195,6 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
                          f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
     if "refresh" in group:
-        from .lowrank import REFRESH_POLICIES
-
         if group["refresh"] not in REFRESH_POLICIES:
             raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")
 
@@ -237,8 +234,6 @@ def spec_for(method: str | LowRankSpec, rank: int | None = None, *, eightbit: bo
         raise ValueError("eightbit=True and adafactor=True cannot be combined; the inner rules are AdamW (default), "
                          "8-bit AdamW (eightbit=True), Adafactor (adafactor=True)")
     rule = "adamw8bit" if eightbit else "adafactor" if adafactor else options.pop("rule", "adamw")
-    from .lowrank import RULES
-
     rule_keys = set(RULES[rule].defaults) if rule in RULES else set()
     for key in ("num_heads", "head_blocks"):
         if key in options:

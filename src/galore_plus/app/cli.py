@@ -8,7 +8,7 @@ generated from :class:`galore_plus.app.config.FinetuneConfig`. ``--resume DIR`` 
 
 ``galore-plus evaluate --model DIR --data FILE`` runs :func:`galore_plus.app.evaluate.evaluate_model`,
 the evaluation ``finetune`` runs after training, on any model (options from
-:class:`galore_plus.app.config.EvaluateConfig`).
+:class:`galore_plus.app.evaluate_config.EvaluateConfig`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import (ArgumentParser, EvaluateConfig, FinetuneConfig, add_arguments, from_arguments, resumed,
-                     validated, validated_evaluate)
+from .arguments import ArgumentParser, add_arguments, from_arguments
+from .config import FinetuneConfig, validated
+from .evaluate_config import EvaluateConfig, validated_evaluate
+from .resume import resumed
 from .examples import DataError
 from .errors import CommandError
 

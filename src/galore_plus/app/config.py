@@ -12,7 +12,6 @@ devices, launch) and is the one place a config is checked; :func:`resumed` says 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -133,31 +132,6 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "n_validation": 0, "generate": True}
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The options of ``galore-plus evaluate``: the evaluation ``finetune`` runs after training, for any
-    model. Defaults are ``finetune``'s."""
-
-    model: str = option(None, "a model directory (a run's final/, any Hugging Face causal LM), smollm2, tiny, or "
-                              "a .gguf file", shown="required")
-    data: str = option(None, "arithmetic, gsm_symbolic, or a .jsonl/.json/.parquet/.csv file (the forms of "
-                             "finetune --data)", shown="required")
-    n_test: int = option(FinetuneConfig.n_test, "examples evaluated (of a data file: a seeded sample when it holds "
-                                                "more)")
-    split: str = option(FinetuneConfig.split, "gsm_symbolic: the held-out set of finetune's --split",
-                        choices=SPLITS)
-    n_train: int = option(FinetuneConfig.n_train, "gsm_symbolic --split template: finetune's --n-train (the "
-                                                  "held-out templates depend on it)")
-    seed: int = option(FinetuneConfig.seed, "the data sample (finetune's --seed gives the same held-out set)")
-    max_length: int = option(FinetuneConfig.max_length, "tokens per example")
-    max_new_tokens: int | None = option(None, "tokens generated per answer", shown="16 for arithmetic, 256 otherwise")
-    eval_batch_size: int = option(FinetuneConfig.eval_batch_size, "examples per batch")
-    dtype: str = option(FinetuneConfig.dtype, "the weights' dtype", choices=DTYPES,
-                        shown="auto: bfloat16 on a CUDA GPU that has it, else float32")
-    device: str = option(FinetuneConfig.device, "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
-    output: str | None = option(None, "also write the metrics to this JSON file", shown="unset: stdout only")
-
-
 def flag(name: str, cls: type = FinetuneConfig) -> str:
     """The command-line flag of field ``name``."""
     meta = cls.__dataclass_fields__[name].metadata
@@ -173,53 +147,6 @@ def _value_type(name: str, cls: type = FinetuneConfig) -> type:
 
 def _nullable(name: str, cls: type = FinetuneConfig) -> bool:
     return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
-
-
-# ---------------------------------------------------------------------------------------------- parser
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`ConfigError` (one line, exit code 2) instead of printing its usage."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        command = self.prog.removeprefix("galore-plus").strip()
-        raise ConfigError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -> None:
-    """One argument per field of ``cls``, in field order. Defaults stay out of the namespace
-    (``argparse.SUPPRESS``): it holds what was given, which is what :func:`resumed` compares, and the
-    dataclass fills in the rest. A field whose default is None and shown as "required" is required."""
-    groups: dict[str, Any] = {}
-    for f in fields(cls):
-        meta, kind = f.metadata, _value_type(f.name, cls)
-        shown = meta["shown"] or ("on" if f.default is True else "off" if f.default is False else f.default)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
-        if meta["shown"] == "required":
-            kwargs.update(required=True, help=meta["help"])
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if meta["choices"]:
-                kwargs["choices"] = meta["choices"]
-            elif kind in (int, float):
-                kwargs["metavar"] = "N" if kind is int else "X"
-        target = parser
-        if meta["group"]:
-            if meta["group"] not in groups:
-                groups[meta["group"]] = parser.add_mutually_exclusive_group()
-            target = groups[meta["group"]]
-        target.add_argument(flag(f.name, cls), **kwargs)
-
-
-def from_arguments(given: dict[str, Any]) -> FinetuneConfig:
-    """The config of the options given on the command line (the rest at their defaults)."""
-    given = dict(given)
-    if given.get("epochs") is not None:
-        given.setdefault("max_steps", None)  # --epochs replaces the default length
-    return FinetuneConfig(**given)
 
 
 def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
@@ -447,77 +374,3 @@ def _check_output_dir(path: str, option: str = "--output-dir") -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".galore-plus-probe-", dir=existing))
     except OSError as err:
         raise ConfigError(f"{option} {path}: cannot write in {existing} ({err.strerror})") from None
-
-
-# ---------------------------------------------------------------------------------------------- resume
-
-
-def resumed(saved: FinetuneConfig, given: dict[str, Any], directory: str | os.PathLike) -> FinetuneConfig:
-    """The config that continues the run saved in ``directory``: its saved options, with those
-    ``given`` beside ``--resume``. A resumed run computes what the uninterrupted one would, so a given
-    option must equal the saved one; the exception is a larger ``--max-steps``, which extends the run
-    (the cosine schedule then spans the new length from the step reached on). ``--output-dir`` may
-    only name ``directory``; ``--overwrite`` contradicts a resume."""
-    given = dict(given)
-    where = f"--resume {directory}"
-    if given.pop("overwrite", False):
-        raise ConfigError(f"{where} with --overwrite: choose one (continue the run, or start a new one over it "
-                          "without --resume)")
-    out = given.pop("output_dir", None)
-    if out is not None and Path(out).resolve() != Path(directory).resolve():
-        raise ConfigError(f"{where} continues the run in that directory; --output-dir {out} names another")
-    for name in ("data", "eval_data"):
-        if given.get(name) is not None:
-            given[name] = absolute_data(given[name])
-    steps = given.pop("max_steps", None)
-    conflicts = [f"{flag(k)} {v!r} (the run's is {getattr(saved, k)!r})" for k, v in given.items()
-                 if v != getattr(saved, k)]
-    if conflicts:
-        raise ConfigError(f"{where}: a resumed run keeps its options, and {'; '.join(conflicts)} "
-                          f"{'differs' if len(conflicts) == 1 else 'differ'}; only --max-steps may be raised "
-                          "(start a new run for other options)")
-    changes: dict[str, Any] = {"output_dir": str(directory), "overwrite": False}
-    if steps is not None and steps != saved.max_steps:
-        if saved.max_steps is None:
-            raise ConfigError(f"{where} --max-steps {steps}: the run's length is --epochs {saved.epochs}; it can "
-                              "be extended by --max-steps only if it was set by it")
-        if steps < saved.max_steps:
-            raise ConfigError(f"{where} --max-steps {steps}: a resumed run can be extended, not shortened "
-                              f"(its --max-steps is {saved.max_steps})")
-        changes["max_steps"] = steps
-    return dataclasses.replace(saved, **changes)
-
-
-def changes(config: FinetuneConfig, saved: FinetuneConfig) -> dict[str, Any]:
-    """The options where ``config`` differs from ``saved`` (what :func:`resumed` is given when
-    ``finetune(config, resume=...)`` is called from Python)."""
-    return {f.name: getattr(config, f.name) for f in fields(config)
-            if getattr(config, f.name) != getattr(saved, f.name) and (f.name != "output_dir")}
-
-
-def validated_evaluate(config: EvaluateConfig) -> EvaluateConfig:
-    """``galore-plus evaluate``'s options checked like :func:`validated` checks finetune's; the data
-    path made absolute."""
-    from .data import DataError, check_source
-    from .models import check_spec
-
-    _check_types(config)
-    c = config
-    for name, least in (("n_test", 1), ("max_length", 2), ("max_new_tokens", 1), ("eval_batch_size", 1)):
-        value = getattr(c, name)
-        if value is not None and value < least:
-            raise ConfigError(f"evaluate: {flag(name, EvaluateConfig)} must be ≥ {least}, got {value}")
-    if not 0 <= c.seed < SEED_LIMIT:
-        raise ConfigError(f"evaluate: --seed must be in [0, 2**32), got {c.seed}")
-    _check_device(c.device)
-    if c.output is not None:
-        _check_output_dir(os.path.dirname(os.path.abspath(c.output)), "--output")
-    try:
-        check_source(c.data, c.split)
-    except DataError as err:
-        raise ConfigError(f"evaluate: --data {err}") from None
-    try:
-        check_spec(c.model)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"evaluate: {err}") from None
-    return dataclasses.replace(c, data=absolute_data(c.data))

@@ -246,7 +246,7 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
 
 def evaluate_model(config, *, print_json: bool = False) -> dict:
     """``galore-plus evaluate``: :func:`evaluate` of ``config.model`` on ``config.data``, as ``finetune``
-    evaluates (``config``: a checked :class:`~galore_plus.app.config.EvaluateConfig`).
+    evaluates (``config``: a checked :class:`~galore_plus.app.evaluate_config.EvaluateConfig`).
 
     A data file gives :func:`~galore_plus.app.tasks.eval_examples` (all of it, or the seeded sample of
     ``n_test`` that ``finetune --eval-data`` draws); a task gives the held-out set ``finetune`` draws
