@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from galore_plus import GaLoreAdamW, LayerwiseOptimizer
+from galore_plus import GaLoreAdamW, LayerwiseOptimizer, LowRankSpec
 from galore_plus.trainer import GaLoreTrainer, check_trainer_arguments
 
 
@@ -47,6 +47,7 @@ def train(out, galore, max_steps=6, resume=None, accumulation=1, **extra):
       "max_grad_norm": 1.0}, {"max_grad_norm": 0.0}),
     ({"method": "galore+", "rank": 4, "update_proj_gap": 2, "residual_warmup": 1, "projected_backward": True},
      {"max_grad_norm": 0.0}),
+    ({"spec": LowRankSpec.recipe("galore+", 4, update_proj_gap=2, residual_warmup=1)}, {}),
 ])
 def test_trainer_checkpoint_resume_equals_uninterrupted(tmp_path, galore, extra):
     full, trainer = train(tmp_path / "full", galore, accumulation=2, **extra)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .adamw import GaLorePlusAdamW
 from .groups import galore_plus_param_groups
 from .layerwise import LayerwiseOptimizer
-from .lowrank import RULES, LowRankOptimizer
+from .lowrank import RULES, LowRankOptimizer, engine_of
 from .memory import estimate_state_bytes
 from .spec import METHODS, LowRankSpec, spec_for
 
@@ -500,10 +500,10 @@ def optimizer_summary(optimizer: LowRankOptimizer | LayerwiseOptimizer) -> str:
     """A table of ``optimizer``'s groups (index, tensors, distinct shapes, rank, mode, elements) and
     its estimated state bytes (``estimate_state_bytes``) against full 32-bit AdamW's
     (2 moments × 4 bytes × trainable elements)."""
-    if isinstance(optimizer, LayerwiseOptimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, LowRankOptimizer):
+    engine = engine_of(optimizer)
+    if engine is None:
         raise TypeError(f"optimizer_summary needs a galore_plus optimizer, got {type(optimizer).__name__}")
+    optimizer = engine
     inner = optimizer.rule.name
     header = ("group", "tensors", "shapes", "rank", "mode", "elements")
     rows = []

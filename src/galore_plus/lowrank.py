@@ -64,7 +64,7 @@ from .registry import REFRESH_POLICIES, RULES, refresh_policy, register_refresh_
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for, rounding_generator
 from .rounding import LOW_PRECISION, stochastic_round
-from .sharding import CommCounter, is_dtensor, layout_of, local
+from .sharding import CommCounter, layout_of, local, local_offset
 
 #: Keys torch itself or its LR schedulers put on groups; accepted and ignored.
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
@@ -205,11 +205,7 @@ class ParameterWrite:
         self.decay = decay
         self.rounding_seed = rounding_seed
         self._generator: torch.Generator | None = None
-        # an FSDP2 shard rounds with the stream of its first global element
-        self.offset = 0
-        if is_dtensor(p) and self.local.numel():
-            rows = -(-p.shape[0] // p.device_mesh.size())
-            self.offset = p.device_mesh.get_local_rank() * rows * self.local[0].numel()
+        self.offset = local_offset(p)  # an FSDP2 shard rounds with the stream of its first global element
 
     def sub_product(self, a: Tensor, b: Tensor, alpha: float, index: Tensor | None = None,
                     correction: Tensor | None = None) -> None:

@@ -89,6 +89,15 @@ def shard_rows(rows: int, world: int) -> int:
     return -(-rows // world)
 
 
+def local_offset(p: Tensor) -> int:
+    """The flat index, in the whole of ``p``, of this process's first element: 0 for a plain tensor,
+    ``rank · ⌈m/N⌉ · (elements per row)`` for an FSDP2 row shard (0 for an empty shard)."""
+    part = local(p)
+    if not is_dtensor(p) or not part.numel():
+        return 0
+    return p.device_mesh.get_local_rank() * shard_rows(p.shape[0], p.device_mesh.size()) * part[0].numel()
+
+
 def placed_like(part: Tensor, like: Tensor) -> Tensor:
     """``part`` (this process's part) placed like ``like``: for a DTensor ``like``, a DTensor on its
     mesh with its placements and global shape; for a plain ``like``, ``part`` itself."""

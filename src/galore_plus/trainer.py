@@ -54,8 +54,8 @@ def check_trainer_arguments(args: Any, optimizer: torch.optim.Optimizer) -> None
 class GaLoreTrainer(Trainer):
     """A ``Trainer`` whose optimizer is GaLore / GaLore+ (``galore`` = ``build_optimizer`` keywords).
 
-    ``galore`` takes ``method`` (``"galore"`` or ``"galore+"``), ``rank`` and any other keyword of
-    ``integration.build_optimizer`` (``eightbit``, ``adafactor``, ``layerwise``, ``clip``,
+    ``galore`` takes ``spec`` (a ``LowRankSpec``) or the older ``method`` (``"galore"`` or ``"galore+"``),
+    ``rank`` and loose options, and any other keyword of ``integration.build_optimizer`` (``eightbit``, ``adafactor``, ``layerwise``, ``clip``,
     ``max_grad_norm``, ``update_proj_gap``, ``scale``, residual options...). ``lr``,
     ``weight_decay``, ``seed`` and, in layer-wise mode, ``accumulation_steps`` come from the
     ``TrainingArguments``.
