@@ -17,7 +17,8 @@ from .adamw8bit import GaLoreAdamW8bit
 from .groups import galore_plus_param_groups
 from .integration import Target, build_optimizer, find_targets, optimizer_summary
 from .layerwise import LayerwiseOptimizer
-from .lowrank import (InnerRule, LowRankGradient, LowRankOptimizer, RefreshPolicy, engine_of, register_refresh_policy,
+from .layerwise import engine_of
+from .lowrank import (InnerRule, LowRankGradient, LowRankOptimizer, RefreshPolicy, register_refresh_policy,
                       register_rule)
 from .memory import estimate_state_bytes, state_bytes
 from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from .adamw import GaLorePlusAdamW
 from .groups import galore_plus_param_groups
 from .layerwise import LayerwiseOptimizer
-from .lowrank import RULES, LowRankOptimizer, engine_of
+from .layerwise import engine_of
+from .lowrank import RULES, LowRankOptimizer
 from .memory import estimate_state_bytes
 from .spec import METHODS, LowRankSpec, spec_for
 

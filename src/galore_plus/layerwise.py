@@ -296,3 +296,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             p.grad = grad.to(device=p.device, dtype=p.dtype)
         self._sq_norm = float(state_dict["clip_sq_norm"])
         self._previous_norm = state_dict["clip_previous_norm"]
+
+
+def engine_of(optimizer: Any) -> LowRankOptimizer | None:
+    """The low-rank engine behind ``optimizer``: itself for a ``LowRankOptimizer``, the one a
+    ``LayerwiseOptimizer`` drives, None for any other optimizer. The one place that unwraps."""
+    if isinstance(optimizer, LowRankOptimizer):
+        return optimizer
+    return optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else None

@@ -739,16 +739,6 @@ class LowRankOptimizer(Optimizer):
         self._projected_backward = source
 
 
-def engine_of(optimizer: Any) -> LowRankOptimizer | None:
-    """The low-rank engine behind ``optimizer``: itself for a ``LowRankOptimizer``, the one a
-    ``LayerwiseOptimizer`` drives, None for any other optimizer. The one place that unwraps."""
-    if isinstance(optimizer, LowRankOptimizer):
-        return optimizer
-    from .layerwise import LayerwiseOptimizer  # layerwise builds on this module
-
-    return optimizer.optimizer if isinstance(optimizer, LayerwiseOptimizer) else None
-
-
 def _sync(p: Tensor) -> None:
     """Wait for ``p``'s device (CUDA runs asynchronously), so ``refresh_seconds`` times the refresh."""
     if p.device.type == "cuda":

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lowrank import LowRankGradient, compute_dtype, engine_of
+from .layerwise import engine_of
+from .lowrank import LowRankGradient, compute_dtype
 from .sharding import layout_of
 
 #: at most this many ``tokens × indices`` products at a time when computing residual entries

@@ -27,7 +27,7 @@ from transformers import Trainer
 
 from .integration import build_optimizer
 from .layerwise import LayerwiseOptimizer
-from .lowrank import engine_of
+from .layerwise import engine_of
 
 
 def check_trainer_arguments(args: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -7,13 +7,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import checkpoint
-
-if TYPE_CHECKING:
-    from .finetune import Built
-    from .preflight import Run
 
 __all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "remove", "truncate_log", "export", "plot_losses"]
 
@@ -51,8 +47,8 @@ def truncate_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def export(run: Run, built: Built) -> Path:
-    """``OUTPUT/final/``: the trained model as a Hugging Face model directory (``save_pretrained``, the
+def export(run: Any, built: Any) -> Path:
+    """``OUTPUT/final/`` of ``run`` (a ``preflight.Run``) from ``built`` (``finetune.Built``): the trained model as a Hugging Face model directory (``save_pretrained``, the
     tokenizer beside it; LoRA/DoRA adapters merged into the weights by PEFT's ``merge_and_unload``)
     that ``AutoModelForCausalLM.from_pretrained`` and ``galore-plus evaluate`` load. Written to
     ``final.tmp`` and renamed into place, so a previous ``final/`` is replaced whole or not at all.

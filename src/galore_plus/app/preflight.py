@@ -23,6 +23,7 @@ from .config import LOW_RANK_METHODS, FinetuneConfig, check_launch, validated
 from .resume import changes, resumed
 from .errors import ConfigError
 from .examples import DataError, Task
+from .methods import build_method
 from .outputs import OUTPUTS
 from .runtime import Runtime
 from .tasks import TASKS, load_task
@@ -152,7 +153,6 @@ def check_fits(config: FinetuneConfig) -> None:
     checks give the message."""
     from transformers import AutoModelForCausalLM
 
-    from .finetune import build_method  # (finetune imports this module)
     from .models import shape_config
 
     try:

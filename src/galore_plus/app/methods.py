@@ -1,0 +1,75 @@
+"""The optimizer (and adapters) of each ``--method``: GaLore / GaLore+ through the library's spec,
+AdamW, bitsandbytes' 8-bit AdamW, PEFT's LoRA/DoRA, Fira from its own package; and what a run asks of
+the optimizer it built (whether backward feeds it projected gradients, the seconds its refreshes took)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..layerwise import engine_of
+from .config import FinetuneConfig, low_rank_spec, projected_backward
+
+
+def build_method(config: FinetuneConfig, model: torch.nn.Module):
+    """``(model, optimizer)`` for ``config.method`` (LoRA/DoRA wrap the model with PEFT)."""
+    if config.method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(r=config.rank, lora_alpha=2 * config.rank, lora_dropout=0.0,
+                                 target_modules="all-linear", use_dora=config.method == "dora")
+        model = get_peft_model(model, peft_config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.method == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.method == "fira":
+        return model, fira_optimizer(config, model)
+    if config.method == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    from ..integration import build_optimizer
+
+    projected = projected_backward(config)
+    # one backward per step, one process, step() mode: refreshing each projector inside backward is the
+    # same refresh and keeps the targets' full gradients from piling up at a refresh step (layer-wise
+    # mode does so anyway)
+    refresh_in_backward = (projected and config.grad_accum == 1 and config.distributed == "none"
+                           and not config.layerwise)
+    layerwise = {"accumulation_steps": config.grad_accum} if config.layerwise else {}
+    optimizer = build_optimizer(model, low_rank_spec(config), lr=config.lr, weight_decay=config.weight_decay,
+                                layerwise=config.layerwise, seed=config.seed, projected_backward=projected,
+                                refresh_in_backward=refresh_in_backward, embeddings=config.embeddings,
+                                stochastic_rounding=config.stochastic_rounding, **layerwise)
+    return model, optimizer
+
+
+#: the matrices Fira projects: the same q/k/v/o and MLP projections GaLore(+) targets in a LLaMA
+FIRA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Fira (arXiv 2410.01623) from its own package, the published subspace peer (BENCHMARKS.md §9): its
+    ``divide_params`` groups at ``--rank`` and ``--update-proj-gap``, α 1 (the package's default; Fira
+    subtracts the unscaled projection from the gradient for its residual, so α ≠ 1 mis-sizes it)."""
+    import contextlib
+    import io
+
+    from fira import FiraAdamW, divide_params  # checked by the config
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints one line per matrix
+        groups = divide_params(model, target_modules_list=list(FIRA_TARGETS), rank=config.rank,
+                               update_proj_gap=config.update_proj_gap, alpha=1.0, proj_type="std")
+    return FiraAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def uses_projected_backward(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether backward hands ``optimizer`` projected gradients (``build_optimizer(projected_backward=True)``
+    installed it on at least one matrix)."""
+    engine = engine_of(optimizer)
+    return engine is not None and engine.projected_backward is not None
+
+
+def refresh_seconds(optimizer: torch.optim.Optimizer) -> float:
+    """Seconds the low-rank engine behind ``optimizer`` spent computing projectors (0 for others)."""
+    engine = engine_of(optimizer)
+    return float(engine.refresh_seconds) if engine is not None else 0.0
