@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from .adamw import GaLorePlusAdamW
 from .groups import galore_plus_param_groups
-from .layerwise import LayerwiseOptimizer
-from .layerwise import engine_of
+from .layerwise import LayerwiseOptimizer, engine_of
 from .lowrank import RULES, LowRankOptimizer
 from .memory import estimate_state_bytes
 from .spec import METHODS, LowRankSpec, spec_for
@@ -387,6 +386,9 @@ def build_optimizer(
     where ``accumulation_steps``, ``clip`` and ``max_grad_norm`` belong; without it they must stay at
     their defaults (accumulate and clip yourself around ``step()``).
 
+    ``spec.plain_lr_ratio``: the plain group's learning rate is ``lr`` times it (its own ``lr`` key,
+    which LR schedulers scale like any group's), while the projected update is ``α·lr``.
+
     ``embeddings``: the input embedding and ``lm_head`` (one matrix when tied) are trained with the
     plain rule (``"full"``, the published recipe), frozen like LoRA leaves them (``"frozen"``: this
     sets their ``requires_grad`` to False on the model), or low-rank like the other targets
@@ -448,6 +450,13 @@ def build_optimizer(
              **options}]
         if plain:
             groups.append({"params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
+    if spec.plain_lr_ratio != 1:  # the plain group's own lr: schedulers scale each group's initial_lr
+        if lr is None:
+            raise ValueError(f"plain_lr_ratio={spec.plain_lr_ratio} needs a learning rate; lr=None (Adafactor's "
+                             "relative step) computes its own")
+        for group in groups:
+            if "rank" not in group:
+                group["lr"] = lr * spec.plain_lr_ratio
     _check_assignment(groups, trainable)
 
     if spec.rule == "adafactor":

@@ -3,8 +3,10 @@
 A :class:`LowRankSpec` says how the matrices of a low-rank group train (DESIGN.md, "Options"): the
 rank and the refresh (``update_proj_gap``, ``refresh``), the projector (``proj_type``, ``svd`` and
 its sketch sizes, ``num_heads`` for cross-head projection, ``proj_dtype``), the update's scale α,
-the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment)
-and the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
+the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
+the plainly trained parameters' rate (``plain_lr_ratio``: their lr as a multiple of the projected
+update's, a parameter group's own ``lr``, so LR schedulers keep the ratio; DESIGN.md, "Options") and
+the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
 registry, ``registry.RULES``). Constructing one checks every field and raises ``ValueError`` naming
 the value and what is allowed; :meth:`LowRankSpec.from_options` rejects unknown names with
 ``TypeError`` listing the allowed ones.
@@ -89,6 +91,8 @@ class LowRankSpec:
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
     rule_options: Mapping[str, Any] = _method(None, "the inner rule's own hyper-parameters (AdamW: betas, eps)")
+    plain_lr_ratio: float = _method(1.0, "the learning rate of the plainly trained parameters (embeddings, lm_head, "
+                                         "norms, biases) as a multiple of lr; the projected update is α·lr")
 
     def __post_init__(self) -> None:
         if isinstance(self.proj_dtype, str):
@@ -97,6 +101,9 @@ class LowRankSpec:
         check_group_values(self.group(), "LowRankSpec")
         if not isinstance(self.cross_head, bool):
             raise ValueError(f"LowRankSpec: cross_head={self.cross_head!r} must be a bool")
+        ratio = self.plain_lr_ratio
+        if not is_real(ratio) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"LowRankSpec: plain_lr_ratio={ratio!r} must be a finite number > 0")
         if self.rule not in RULES:
             raise ValueError(f"LowRankSpec: rule={self.rule!r} is not one of {sorted(RULES)}")
 

@@ -65,6 +65,8 @@ class FinetuneConfig:
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
     # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
     scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
+    plain_lr_ratio: float = option(1.0, "the plainly trained parameters' (embeddings, lm_head, norms) learning rate "
+                                        "as a multiple of --lr (galore, galore+; the projected update is α·lr)")
     update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps")
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
@@ -129,7 +131,7 @@ class FinetuneConfig:
 #: runs are keyed without them.
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
-                 "n_validation": 0, "generate": True}
+                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -237,6 +239,7 @@ def low_rank_spec(config: FinetuneConfig) -> LowRankSpec:
         method == "galore+" or config.residual_ratio) else {}
     return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=config.update_proj_gap, scale=config.scale,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
+                              plain_lr_ratio=config.plain_lr_ratio,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -295,7 +298,8 @@ def _check_types(c: Any) -> None:
 def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
-        used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True))
+        used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
+                                            ("plain_lr_ratio", 1.0))
                  if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
