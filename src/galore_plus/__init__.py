@@ -1,12 +1,12 @@
 """galore-plus: memory-efficient full-parameter training by gradient low-rank projection.
 
 Layers, dependencies pointing one way: ``projection``, ``residual`` (pure math) and ``functional``
-(inner-rule kernels) ← ``spec`` (the typed options) ← ``lowrank`` (optimizer state machinery, the
-rule and refresh-policy registries) ← the optimizers users import
+(inner-rule kernels) ← ``registry`` (rules and refresh policies by name) ← ``spec`` (the typed
+options) ← ``lowrank`` (optimizer state machinery) ← the optimizers users import
 (``adamw``, ``adamw8bit``, ``adafactor``), ``groups`` (the GaLore+ parameter-group recipe),
 ``layerwise`` (updates inside backward), ``memory`` (state-size estimates) and ``distributed``
 (DDP / FSDP2; import ``galore_plus.distributed`` when you need it) ← ``integration``
-(targets and head counts of a Hugging Face model, one-call optimizer) ← ``trainer`` (Trainer glue)
+(targets and head counts of any model, Hugging Face layouts by name; one-call optimizer) ← ``trainer`` (Trainer glue)
 and the ``app`` subpackage (the ``galore-plus finetune`` command: options, data, evaluation, model
 loading; it imports transformers).
 """

@@ -9,7 +9,8 @@ same projectors (every random draw is ``rng.generator_for(seed, parameter index,
 parameters stay identical across ranks. ``distribute(optimizer)`` is the one optional call: it makes
 the ranks *split* each refresh — each computes the projectors of its share of the parameters (owners
 balanced by estimated cost, largest first) and broadcasts them, so a refresh costs about 1/N of the
-single-process one. It sets ``optimizer.refresher`` and nothing else.
+single-process one. It sets ``optimizer.refresher`` and, with a projected backward attached, that
+backward's process group.
 
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2 (``layerwise.py`` says why).
 
@@ -106,7 +107,8 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     """Under DDP, split each projector refresh across the ranks of ``process_group`` (default: the
     world); returns ``optimizer``. Optional: without it every rank computes every projector (the same
     ones). Under FSDP2 it only checks (the sharded math needs no call). It sets
-    ``optimizer.refresher`` and nothing else; a copy of the optimizer refreshes locally again.
+    ``optimizer.refresher`` and, with a projected backward attached, its process group
+    (``reduce_over``); a copy of the optimizer refreshes locally again.
     With the projected backward installed it is required: it makes each step average the target
     matrices' gradients (projected between refreshes) over the group, which ``wrap_model(model,
     "ddp", ...)`` leaves out of DDP's own all-reduce.

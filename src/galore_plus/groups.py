@@ -24,7 +24,7 @@ def galore_plus_param_groups(
     - an int, ``num_heads``, for the query/key projections (q_proj: attention heads; k_proj:
       key/value heads under grouped-query attention): cross-head projection and the sparse residual,
       one group per distinct head count;
-    - a dict, ``head_blocks`` (``{"count", "eligible", "dim"}``, see ``options.LOW_RANK_DEFAULTS``),
+    - a dict, ``head_blocks`` (``{"count", "eligible", "dim"}``, see ``spec.LowRankSpec.head_blocks``),
       for a fused q/k/v matrix (``Target.head_blocks``): cross-head projection drawn from its q and k
       blocks, one group per distinct layout, and *no* sparse residual: the paper's residual is for the
       q/k matrices, and a fused matrix's residual would have to be restricted to its q/k entries,

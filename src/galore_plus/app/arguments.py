@@ -1,5 +1,5 @@
 """The command line of ``galore-plus``: the argparse parser generated from the config dataclasses
-(``config.FinetuneConfig``, ``config.EvaluateConfig``), one argument per field, and the config of
+(``config.FinetuneConfig``, ``evaluate_config.EvaluateConfig``), one argument per field, and the config of
 what was given."""
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""The options of ``galore-plus finetune``: one typed dataclass, the parser generated from it, one check.
+"""The options of ``galore-plus finetune``: one typed dataclass and its one check.
 
 Each option is a field of :class:`FinetuneConfig`; its metadata carries the flag (when it is not the
 field's name), a one-line help and the choices, so an option is declared once and
-:func:`add_arguments` builds the parser from the fields. The defaults of the low-rank options the
-library defines are read from ``galore_plus.options``, and the low-rank values are checked once, by
-building the run's ``spec.LowRankSpec`` (:func:`low_rank_spec`; ``options.check_common`` for the
-rest), so a bad value gets the library's message. :func:`validated` adds what is the command's own (batch sizes, steps, paths,
-devices, launch) and is the one place a config is checked; :func:`resumed` says which options a
-``--resume`` may take.
+``arguments.add_arguments`` builds the parser from the fields. The defaults of the low-rank options
+the library defines are read from ``galore_plus.options``, and the low-rank values are checked once,
+by building the run's ``spec.LowRankSpec`` (:func:`low_rank_spec`; ``options.check_common`` for the
+rest), so a bad value gets the library's message. :func:`validated` adds what is the command's own
+(batch sizes, steps, paths, devices, launch) and is the one place a config is checked;
+``resume.resumed`` says which options a ``--resume`` may take.
 """
 
 from __future__ import annotations
