@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import harness  # bench/harness.py
 import pretrain  # bench/pretrain.py; it also sets OMP_WAIT_POLICY before torch is imported
 
 import torch  # noqa: E402
@@ -255,9 +256,9 @@ def markdown(r: dict) -> str:
         f"10% of the peak lr; gradient clipping {r['clip']}; no weight decay; GaLore+ rank {c['rank']}, "
         f"update_proj_gap {c['update_proj_gap']}, α 0.25; seeds {c['seeds']} (a seed sets the initialisation, the "
         "data order and the optimizer's random streams)", "",
-        "| optimizer | precision | peak lr | final val loss per seed | mean | gap to fp32 per seed | gap mean ± sd | "
-        "gap / fp32 seed sd | weights changed over the run: matrices / embeddings / norms | wall s per run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *harness.table_header("optimizer", "precision", "peak lr", "final val loss per seed", "mean",
+                              "gap to fp32 per seed", "gap mean ± sd", "gap / fp32 seed sd",
+                              "weights changed over the run: matrices / embeddings / norms", "wall s per run"),
     ]
     for row in summarize(r):
         ch = row["changed_over_run"]
@@ -281,8 +282,7 @@ def markdown(r: dict) -> str:
     lines.append("")
     runs = {(x["optimizer"], x["precision"], x["seed"]): x for x in r["runs"]}
     steps_seen = sorted({e["step"] for x in r["runs"] for e in x["changed_in_step"]})
-    lines.append("| optimizer | precision | " + " | ".join(f"step {s}" for s in steps_seen) + " |")
-    lines.append("|---|---|" + "---|" * len(steps_seen))
+    lines += harness.table_header("optimizer", "precision", *(f"step {s}" for s in steps_seen))
     for o in OPTIMIZERS:
         for p in PRECISIONS:
             seeds = [s for (oo, pp, s) in runs if (oo, pp) == (o, p)]
@@ -300,11 +300,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     colors = {"fp32": "black", "bf16-rn": "tab:red", "bf16-sr": "tab:blue", "bf16-rn-m32": "tab:orange",
               "bf16-sr-m32": "tab:cyan"}
     styles = ["-", "--", ":", "-.", (0, (1, 3))]
@@ -339,21 +335,12 @@ def plot(r: dict, path: Path) -> None:
         axes[0][0].set_ylim(min(lows) - 0.05, min(max(lows), min(lows) + 1.5) + 0.05)
     fig.suptitle(f"LLaMA {r['parameters'] / 1e6:.1f}M on SOTU:\nfp32 vs bf16 round-to-nearest (rn) vs bf16 "
                  "stochastic rounding (sr)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def write_outputs(out: Path, result: dict, png: bool = True) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    name = stem(result)
     result["summary"] = summarize(result)
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / f"{name}.json")
-    (out / f"{name}.md").write_text(markdown(result))
-    if png:
-        plot(result, out / f"{name}.png")
+    harness.write_outputs(out, stem(result), result, markdown, plot if png else None)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -382,7 +369,7 @@ def load_data(mode: str, cfg: dict, cache: Path, synthetic: bool):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CI)")
+    harness.add_modes(ap, smoke="tiny model, a few steps (CI)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--precisions", default=",".join(MAIN_PRECISIONS),
                     help=f"comma list of {', '.join(PRECISIONS)} (the -m32 ones are diagnostics)")
@@ -393,7 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=pretrain.DEFAULT_CACHE)
     ap.add_argument("--synthetic", action="store_true", help="synthetic text instead of the corpus (smoke only)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    harness.add_out_argument(ap)
     ap.add_argument("--resume", action="store_true", help="keep the runs of a matching JSON in --out")
     ap.add_argument("--tag", help="appended to the output names (a second regime, e.g. another lr)")
     ap.add_argument("--replot", type=Path, metavar="JSON", help="rewrite the table and plot of a result file and exit")
@@ -402,10 +389,9 @@ def main(argv=None) -> int:
         write_outputs(args.replot.parent, json.loads(args.replot.read_text()))
         return 0
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    harness.offline()
     torch.set_num_threads(args.threads)
-    mode = "smoke" if args.smoke else "full"
+    mode = harness.mode(args)
     cfg = json.loads(json.dumps(MODES[mode]))
     if args.steps:
         cfg["steps"] = args.steps
@@ -431,7 +417,8 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bf16_rounding", "mode": mode, "tag": args.tag,
         "command": "python bench/bf16_rounding.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": pretrain.machine(), "versions": pretrain.versions(), "loadavg_start": os.getloadavg(),
+        "machine": harness.machine_line(), "versions": harness.versions(pretrain.VERSIONS),
+        "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "clip": args.clip, "config": cfg,
         "data": data, "parameters": sum(p.numel() for p in pretrain.build_model(cfg, vocab, 0).parameters()),
         "runs": [],

@@ -35,7 +35,6 @@ are the same for every optimizer and not counted here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -45,6 +44,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import harness  # bench/harness.py
 
 REPEATS = 3
 SHAPES_7B = {  # name: (rows, cols, heads)
@@ -212,12 +213,12 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="dimensions / 8, rank 16")
+    harness.add_modes(parser, quick="dimensions / 8, rank 16")
     parser.add_argument("--divisor", type=int, default=2,
                         help="LLaMA-7B dimensions divided by this (default 2: 2048 hidden, 5504 MLP, 16 heads)")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--rank", type=int, default=None, help="projection rank (default 128; 16 with --quick)")
-    parser.add_argument("--out", default="bench/results")
+    harness.add_out_argument(parser)
     args = parser.parse_args()
     args.rank = args.rank or (16 if args.quick else 128)
     if args.quick:
@@ -271,13 +272,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                    "one thread per rank",
     }
-    os.makedirs(args.out, exist_ok=True)
     name = "communication_quick" if args.quick else "communication"
     result["command"] = "python bench/communication.py" + (" --quick" if args.quick else f" --divisor {args.divisor}")
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(markdown(result))
+    harness.write_outputs(args.out, name, result, markdown)
     print(markdown(result))
 
 

@@ -28,11 +28,13 @@ Writes figure2b.{md,json,png} and randomized_defaults.{md,json} to ``--out`` (de
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
 import time
+from pathlib import Path
+
+import harness  # bench/harness.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
@@ -179,8 +181,9 @@ def write_figure2b(out, info, args, path):
              f"Relative Frobenius error ‖G − G QᵀQ‖/‖G‖ of the rank-r right projection of one real gradient "
              f"({info['texts']} GSM8K-style texts, {info['tokens']} tokens); layers {args.layers_used}; "
              f"cross-head averaged over {args.seeds} seeds. Cells: mean over layers [min, max].", "",
-             "| matrix (heads) | rank | per-matrix (GaLore, optimal) | cross-head exact | cross-head randomized "
-             "| cross/per (ratio of means) | chosen heads' rows | other heads' rows |", "|---" * 8 + "|"]
+             *harness.table_header("matrix (heads)", "rank", "per-matrix (GaLore, optimal)", "cross-head exact",
+                                   "cross-head randomized", "cross/per (ratio of means)", "chosen heads' rows",
+                                   "other heads' rows")]
     for name, h in (("q_proj", info["num_heads"]), ("k_proj", info["num_kv_heads"])):
         for r in RANKS:
             row = out[name][str(r)]
@@ -189,8 +192,7 @@ def write_figure2b(out, info, args, path):
                          f"{stats(row['per_matrix'])} | {stats(row['cross_head'])} | "
                          f"{stats(row['cross_head_randomized'])} | {ratio:.2f}× | {stats(row['own_heads'])} | "
                          f"{stats(row['other_heads'])} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_text(path, "\n".join(lines) + "\n")
     return lines
 
 
@@ -206,8 +208,8 @@ def write_defaults(rows, path):
         sel = [x for x in rows if x["rank"] == r]
         svd_t = statistics.fmean({(x["layer"], x["matrix"]): x["exact_svd_time_s"] for x in sel}.values())
         lines += [f"## rank {r} (exact SVD: {svd_t * 1e3:.1f} ms)", "",
-                  "| oversample | power_iters | mean energy ratio | min | min q_proj | min o_proj | min up_proj "
-                  "| max residual ratio | time (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+                  *harness.table_header("oversample", "power_iters", "mean energy ratio", "min", "min q_proj",
+                                        "min o_proj", "min up_proj", "max residual ratio", "time (ms)")]
         picks = []
         for o in OVERSAMPLES:
             for q in POWER_ITERS:
@@ -229,18 +231,15 @@ def write_defaults(rows, path):
                          f"({ok[0][5] * 1e3:.1f} ms, min energy {ok[0][3]:.4f}, max residual {ok[0][4]:.3f})."
                          if ok else f"No setting has {label}.")
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_text(path, "\n".join(lines) + "\n")
     return lines
 
 
 def plot(out, info, path):
     try:
-        import matplotlib
+        plt = harness.pyplot()
     except ImportError:
         return print("matplotlib not installed: no plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, name in zip(axes, ("q_proj", "k_proj")):
         row = out[name]["32"]
@@ -253,16 +252,15 @@ def plot(out, info, path):
     axes[0].set_ylabel("relative error ‖G − GQᵀQ‖/‖G‖")
     axes[0].legend()
     fig.suptitle("SmolLM2-135M: rank-32 approximation error of the gradient")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 layers, 2 seeds, 1 layer for the defaults")
-    parser.add_argument("--smoke", action="store_true", help="random tiny LLaMA, 1 seed: checks the script runs")
+    harness.add_modes(parser, quick="4 layers, 2 seeds, 1 layer for the defaults",
+                      smoke="random tiny LLaMA, 1 seed: checks the script runs")
     parser.add_argument("--seeds", type=int, default=None, help="cross-head seeds (default 5, quick 2)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    harness.add_out_argument(parser)
     args = parser.parse_args()
     args.seeds = args.seeds or (1 if args.smoke else 2 if args.quick else 5)
     start = time.perf_counter()
@@ -286,8 +284,7 @@ def main():
                 seconds=round(time.perf_counter() - start, 1))
     for name, data in (("figure2b", {"info": info, "seeds": args.seeds, "errors": out}),
                        ("randomized_defaults", {"info": info, "rows": rows})):
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump(data, f, indent=1)
+        harness.write_json(Path(args.out) / f"{name}.json", data)
     print("\n".join(write_figure2b(out, info, args, os.path.join(args.out, "figure2b.md"))))
     print("\n".join(write_defaults(rows, os.path.join(args.out, "randomized_defaults.md"))))
     plot(out, info, os.path.join(args.out, "figure2b.png"))

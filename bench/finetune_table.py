@@ -48,13 +48,9 @@ Design points:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime as dt
-import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -62,8 +58,11 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GIB = 2**30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (results files, claims, drive, tables)
+
+ROOT = harness.ROOT
+GIB = harness.GIB
 THREADS = 1  # torch threads per run (--threads); see the module docstring
 SMOLLM2_EXPORT = "smollm2-f32"
 
@@ -145,24 +144,9 @@ def mode_settings(mode):
                 for label, method, rank, extra in ablation:
                     jobs.append(train_job(common, task, task_opts, seed, label, method, rank, extra, lr[method],
                                           "ablation"))
+    # one job per key: GaLore+ at the default ρ is in both tables
     return {"mode": mode, "common": common, "tasks": tasks, "seeds": seeds, "lr": lr, "display": display,
-            "jobs": _dedupe(jobs)}
-
-
-def _dedupe(jobs):
-    """One job per settings key; a job in two tables (GaLore+ at the default ρ) keeps both rows."""
-    seen, out = {}, []
-    for job in jobs:
-        if job["key"] in seen:
-            seen[job["key"]]["tables"].update(job["tables"])
-            continue
-        seen[job["key"]] = job
-        out.append(job)
-    return out
-
-
-def _key(settings):
-    return json.dumps(settings, sort_keys=True)
+            "jobs": harness.dedupe(jobs)}
 
 
 def eval_job(common, task, task_opts, seed):
@@ -170,7 +154,8 @@ def eval_job(common, task, task_opts, seed):
                 "n_train": common["n_train"], "n_test": common["n_test"], "seed": seed, "max_new_tokens": task_opts["max_new_tokens"],
                 "eval_batch_size": common["eval_batch_size"], "max_length": common["max_length"]}
     label = f"eval before s{seed}"
-    return {"key": _key(settings), "settings": settings, "tables": {"before": label}, "label": label, "task": task}
+    return {"key": harness.settings_key(settings), "settings": settings, "tables": {"before": label}, "label": label,
+            "task": task}
 
 
 #: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
@@ -189,7 +174,8 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
     for name, value in LEGACY_VALUES.items():
         if settings[name] == value:
             settings.pop(name)
-    return {"key": _key(settings), "settings": settings, "tables": {table: label}, "label": label, "task": task}
+    return {"key": harness.settings_key(settings), "settings": settings, "tables": {table: label}, "label": label,
+            "task": task}
 
 
 def train_settings(options, rank):
@@ -256,7 +242,7 @@ def _model_path(model, runs_dir):
 
 def run_job(job, runs_dir):
     """Run one job in this process; returns the result dict (what the JSON records under "result")."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    harness.offline()
     settings = dict(job["settings"])
     kind = settings.pop("kind")
     began = time.perf_counter()
@@ -323,12 +309,17 @@ def run(job, runs_dir, in_process):
     return result
 
 
-def record_of(job, result, machine, in_process, started, load_before, **extra):
-    """What the results file records of a finished job (``extra``: a caller's own fields)."""
-    return {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"], **extra,
-            "result": result, "machine": machine, "in_process": in_process, "started": started,
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+def run_or_diverged(job, runs_dir, in_process):
+    """:func:`run`, but a run that stopped on a non-finite loss or update is a result, recorded as
+    ``{"diverged": True, "error": ...}`` (a learning rate too high is a result of a sweep, not a
+    failure to retry)."""
+    try:
+        return run(job, runs_dir, in_process)
+    except Exception as err:  # noqa: BLE001 - classified below
+        text = str(err) if not in_process else "".join(traceback.format_exception(err))
+        if "A smaller --lr" in text:  # the command's message when a run stops on a non-finite loss or update
+            return {"diverged": True, "error": text.strip().splitlines()[-1][:500]}
+        raise
 
 
 def run_subprocess(job, runs_dir):
@@ -340,9 +331,7 @@ def run_subprocess(job, runs_dir):
     result_file = job_file.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(dict(job, runs_dir=str(runs_dir))))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_MININTERVAL="10",
-               OMP_NUM_THREADS=str(THREADS),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = harness.child_env(THREADS, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_MININTERVAL="10")
     with open(job_dir / f"{stem}.log", "w") as log:
         proc = subprocess.run([sys.executable, __file__, "--worker", str(job_file)], stdout=log,
                               stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -352,163 +341,7 @@ def run_subprocess(job, runs_dir):
     return json.loads(result_file.read_text())
 
 
-def drive(plan, json_path: Path, runs_dir: Path, *, in_process, machine, max_runs=None, run_job=None,
-          wait_for_others=False, after_each=None, stop_on_failure=False):
-    """Run a grid to the end, resumably and shared with other invocations: ``plan(by_key)`` lists the
-    jobs wanted given what is recorded (keyed), in order; each round takes the first that is neither
-    recorded nor claimed by a live process, runs it (``run_job``, default :func:`run`), records it at
-    once and calls ``after_each`` (the tables). Re-planning after every run lets a plan depend on
-    results (a learning-rate sweep). When all that is left runs elsewhere, wait for it
-    (``wait_for_others``: its results may decide what comes next) or stop. A failed run is printed,
-    left unrecorded for the next invocation and not retried by this one (``stop_on_failure``: raise).
-    Returns (runs made, keys of the runs that failed)."""
-    run_job = run_job or run
-    new, failed = 0, set()
-    while max_runs is None or new < max_runs:
-        by_key = {r["key"]: r for r in load_results(json_path)["runs"]}
-        todo = [j for j in plan(by_key) if j["key"] not in by_key and j["key"] not in failed]
-        claimed = None
-        for job in todo:
-            claimed = claim(job, runs_dir, json_path)
-            if claimed is not None:
-                break
-        if claimed is None:
-            if todo:
-                print(f"  {len(todo)} runs to do, all running in other invocations"
-                      + ("; waiting" if wait_for_others else ""), flush=True)
-            if todo and wait_for_others:
-                time.sleep(30)
-                continue
-            break
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        load_before = os.getloadavg()
-        stage = {name: job[name] for name in ("stage", "row") if name in job}  # a plan's own labels
-        print(f"[{started}] {len(todo)} to run; {describe(job)}" + (f" ({job['stage']})" if "stage" in job else ""),
-              flush=True)
-        try:
-            result = run_job(job, runs_dir, in_process)
-        except Exception:  # record nothing: the next invocation retries it
-            traceback.print_exc()
-            print(f"  FAILED (not recorded; not retried by this invocation): {job['label']}", flush=True)
-            failed.add(job["key"])
-            claimed.unlink(missing_ok=True)
-            if stop_on_failure:
-                raise
-            continue
-        append_result(json_path, record_of(job, result, machine, in_process, started, load_before, **stage))
-        claimed.unlink(missing_ok=True)
-        new += 1
-        shown = result.get("eval_validation") or result.get("eval_after") or result.get("eval") or result
-        print(f"  done in {result.get('wall_seconds', '?')} s: {json.dumps(shown)}", flush=True)
-        if after_each is not None:  # after every run, so a partial invocation leaves current tables
-            after_each()
-    return new, failed
-
-
-# ---------------------------------------------------------------------------------------------- results file
-
-
-def machine_info():
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "processor": _cpu_name()}
-    from importlib import metadata
-
-    for name in ("transformers", "peft", "reasoning-gym", "galore-plus"):  # reasoning_gym.__version__ lags
-        try:
-            info[name.replace("-", "_")] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            info[name.replace("-", "_")] = None
-    return info
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@contextlib.contextmanager
-def _results_lock(json_path: Path):
-    """An exclusive lock beside the results file, held by whoever reads-then-writes it."""
-    import fcntl
-    with open(json_path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def describe(job) -> str:
-    return f"{job['task']} / {job['label']} / seed {job['settings']['seed']}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def claim(job, runs_dir: Path, json_path: Path):
-    """Claim ``job`` for this process, or return None if it is recorded since this invocation
-    started or claimed by a live process. Checked and written under the results file's lock."""
-    claims = Path(runs_dir) / "claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    path = claims / (hashlib.sha1(job["key"].encode()).hexdigest()[:16] + ".pid")
-    with _results_lock(json_path):
-        if any(r["key"] == job["key"] for r in load_results(json_path)["runs"]):
-            return None
-        try:
-            owner = int(path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            owner = None
-        if owner is not None and owner != os.getpid() and _alive(owner):
-            return None
-        path.write_text(f"{os.getpid()} {describe(job)}\n")
-    return path
-
-
-def load_results(path: Path):
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"runs": []}
-
-
-def append_result(path: Path, record):
-    """Re-read, append, write atomically: an interruption never leaves a half-written file, and a
-    lock file keeps two invocations (e.g. one per ``--tasks``) from dropping each other's runs."""
-    with _results_lock(path):
-        data = load_results(path)
-        data["runs"] = [r for r in data["runs"] if r["key"] != record["key"]] + [record]
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- tables
-
-
-def _stats(values):
-    """(mean, half-range) of the non-missing values, or None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    mean = sum(values) / len(values)
-    return mean, (max(values) - min(values)) / 2
-
-
-def _fmt(stat, digits, scale=1.0):
-    if stat is None:
-        return "—"
-    mean, half = stat
-    return f"{mean * scale:.{digits}f}" + (f" ± {half * scale:.{digits}f}" if half else "")
 
 
 def collect(settings, results):
@@ -554,7 +387,6 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
               "after, as the grid was recorded; on gsm_symbolic the evaluation sets it (see BENCHMARKS.md). "
               "Train peak GiB: the peak through training alone, recorded by runs started after "
               "2026-11-23 05:00 UTC (— for earlier runs; the seeds it covers in brackets when not all).", ""]
-    missing = []
     tables = [("main", "Main grid"), ("ablation", "GaLore+ residual ablation")]
     for task in settings["tasks"]:
         for table, title in tables:
@@ -562,9 +394,8 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
             if not labels:
                 continue
             lines += [f"## {task}: {title}", "",
-                      "| method | rank | lr | seeds | train s | peak GiB | train peak GiB | "
-                      "answer loss before → after | accuracy % before → after |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      *harness.table_header("method", "rank", "lr", "seeds", "train s", "peak GiB", "train peak GiB",
+                                            "answer loss before → after", "accuracy % before → after")]
             for label in labels:
                 entries = rows[(task, table, label)]
                 done = [(j, r) for j, r in entries if r]
@@ -576,39 +407,35 @@ def render(settings, results, command, path_md, path_png=None, machine=None):
                 if not done:
                     lines.append(f"| {label} | {rank} | {s['lr']:g} | none yet | | | | | |")
                     continue
-                train = _stats([r["train_seconds"] for r in res])
-                peak = _stats([r["peak_memory_bytes"] / GIB if r["peak_memory_bytes"] is not None else None
-                               for r in res])
+                stats, fmt = harness.mean_half_range, harness.fmt_mean_half_range
+                train = stats([r["train_seconds"] for r in res])
+                peak = stats([r["peak_memory_bytes"] / GIB if r["peak_memory_bytes"] is not None else None
+                              for r in res])
                 have = [(sd, r["train_peak_memory_bytes"] / GIB) for sd, r in zip(seeds, res)
                         if r.get("train_peak_memory_bytes") is not None]
-                train_peak = _fmt(_stats([v for _, v in have]), 2) + (
+                train_peak = fmt(stats([v for _, v in have]), 2) + (
                     f" (seed {','.join(str(sd) for sd, _ in have)})" if have and len(have) < len(res) else "")
-                lb = _stats([b["answer_loss"] if b else None for b in bef])
-                la = _stats([r["eval_after"]["answer_loss"] for r in res])
-                ab = _stats([b["accuracy"] if b else None for b in bef])
-                aa = _stats([r["eval_after"]["accuracy"] for r in res])
-                lines.append(f"| {label} | {rank} | {s['lr']:g} | {','.join(map(str, seeds))} | {_fmt(train, 0)} | "
-                             f"{_fmt(peak, 2)} | {train_peak} | {_fmt(lb, 3)} → {_fmt(la, 3)} | {_fmt(ab, 1, 100)} → "
-                             f"{_fmt(aa, 1, 100)} |")
+                lb = stats([b["answer_loss"] if b else None for b in bef])
+                la = stats([r["eval_after"]["answer_loss"] for r in res])
+                ab = stats([b["accuracy"] if b else None for b in bef])
+                aa = stats([r["eval_after"]["accuracy"] for r in res])
+                lines.append(f"| {label} | {rank} | {s['lr']:g} | {','.join(map(str, seeds))} | {fmt(train, 0)} | "
+                             f"{fmt(peak, 2)} | {train_peak} | {fmt(lb, 3)} → {fmt(la, 3)} | {fmt(ab, 1, 100)} → "
+                             f"{fmt(aa, 1, 100)} |")
             lines.append("")
     recorded = {r["key"] for r in results["runs"]}
-    missing = [describe(j) for j in settings["jobs"]
-               if j["key"] not in recorded]
+    missing = [harness.describe(j) for j in settings["jobs"] if j["key"] not in recorded]
     lines += ["## Missing", ""]
     lines += [f"- {m}" for m in missing] if missing else ["Nothing: every configured run is recorded."]
     lines.append("")
-    Path(path_md).write_text("\n".join(lines))
+    harness.write_text(path_md, "\n".join(lines))
     if path_png:
         plot(settings, rows, before, path_png)
     return missing
 
 
 def plot(settings, rows, before, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     tasks = list(settings["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
@@ -621,7 +448,7 @@ def plot(settings, rows, before, path):
             for label in labels:
                 tb = "main" if (task, "main", label) in rows else "ablation"
                 res = [r["result"]["eval_after"][metric] * scale for _, r in rows[(task, tb, label)] if r]
-                st = _stats(res)
+                st = harness.mean_half_range(res)
                 names.append(label)
                 means.append(st[0] if st else float("nan"))
                 errs.append(st[1] if st else 0)
@@ -634,9 +461,7 @@ def plot(settings, rows, before, path):
                 ax.legend(fontsize=7)
             ax.set_xlabel(name)
             ax.set_title(f"{task}: {name}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -645,16 +470,7 @@ def plot(settings, rows, before, path):
 def main(argv=None):
     global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
-    mode.add_argument("--quick", action="store_true", help="arithmetic, seed 0, 3 methods: ~10 min")
-    ap.add_argument("--results-dir", default=None,
-                    help="where the .json/.md/.png go (default bench/results; smoke: runs/finetune_table/smoke)")
-    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/finetune_table)")
-    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default); "
-                    "peak memory is then the whole process's and is not recorded")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
-    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    harness.add_grid_arguments(ap, "finetune_table", quick="arithmetic, seed 0, 3 methods: ~10 min")
     ap.add_argument("--tasks", default=None, help="only these tasks' runs (comma-separated, e.g. gsm_symbolic): "
                     "two invocations with different --tasks can share the results file")
     ap.add_argument("--seeds", default=None, help="only these seeds' runs (comma-separated, e.g. 1): like --tasks, "
@@ -664,23 +480,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker)
-    THREADS = args.threads
-    import torch
-
-    torch.set_num_threads(args.threads)  # the in-process runs (smoke) and machine_info
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    results_dir = Path(args.results_dir or (ROOT / ("runs/finetune_table/smoke" if args.smoke else "bench/results")))
-    runs_dir = Path(args.runs_dir or (ROOT / "runs/finetune_table" / ("smoke" if args.smoke else "")))
-    results_dir.mkdir(parents=True, exist_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    THREADS = harness.pin_threads(args.threads)  # the in-process runs (smoke) and machine_info
+    mode_name = harness.mode(args)
+    results_dir, runs_dir = harness.grid_dirs(args, "finetune_table")
     in_process = args.in_process or args.smoke
     stem = "finetune_table" + {"full": "", "quick": "_quick", "smoke": "_smoke"}[mode_name]
     json_path = results_dir / "finetune_table.json" if mode_name != "smoke" else results_dir / f"{stem}.json"
     command = "python bench/finetune_table.py" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[mode_name]
     settings = mode_settings(mode_name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    machine = machine_info()
-    done = {r["key"] for r in load_results(json_path)["runs"]}
+    harness.offline()
+    machine = harness.machine_info()
+    done = set(harness.load_records(json_path))
     tasks = set(args.tasks.split(",")) if args.tasks else None
     seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
     todo = [j for j in settings["jobs"] if j["key"] not in done and (tasks is None or j["task"] in tasks)
@@ -691,12 +501,12 @@ def main(argv=None):
           + (f" (seeds {args.seeds})" if seeds else ""), flush=True)
 
     def tables():
-        return render(settings, load_results(json_path), command, results_dir / f"{stem}.md",
+        return render(settings, harness.load_results(json_path), command, results_dir / f"{stem}.md",
                       None if mode_name == "smoke" else results_dir / f"{stem}.png", machine)
 
     if not args.table_only:  # a static plan: drive leaves out what gets recorded meanwhile
-        drive(lambda by_key: todo, json_path, runs_dir, in_process=in_process, machine=machine,
-              max_runs=args.max_runs, after_each=tables)
+        harness.drive(lambda by_key: todo, json_path, runs_dir, run_job=run, in_process=in_process, machine=machine,
+                      max_runs=args.max_runs, after_each=tables)
     missing = tables()
     print(f"wrote {results_dir / (stem + '.md')}; {len(missing)} runs missing", flush=True)
     return missing

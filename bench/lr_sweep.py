@@ -14,11 +14,12 @@ LoRA, DoRA, GaLore, GaLore+) at ranks 8 and 32 on each task:
    and, where the task's budget generates, accuracy). Seed 0's final is the sweep's run at that
    rate (the same settings: one run; the sweep's runs score the test split too, unseen by the choice).
 
-Runs go through ``bench/finetune_table.py``'s machinery: one fresh subprocess per run (its peak RSS
-is its own), one torch thread, results appended at once to ``bench/results/lr_sweep.json`` keyed by
-the complete settings (an interrupted invocation resumes; a diverged run is recorded as such), and
-claims so that two invocations on the two cores share the grid. The next jobs follow from what is
-recorded, so an invocation that finds everything claimed waits for the other's results.
+Runs are ``bench/finetune_table.py``'s (one fresh subprocess per run, its peak RSS its own, one
+torch thread), driven by ``bench/harness.py``: results appended at once to
+``bench/results/lr_sweep.json`` keyed by the complete settings (an interrupted invocation resumes; a
+diverged run is recorded as such), and claims so that two invocations on the two cores share the
+grid. The next jobs follow from what is recorded, so an invocation that finds everything claimed
+waits for the other's results.
 
     python bench/lr_sweep.py --smoke              # seconds: tiny model, in-process (CI)
     python bench/lr_sweep.py --tasks arithmetic   # the arithmetic grid (~5 CPU-hours on this machine)
@@ -33,18 +34,15 @@ the sweep curve, the chosen rate, the finals per seed and their mean ± half-ran
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune_table as ft  # noqa: E402  (the run/claim/record machinery)
+import finetune_table as ft  # noqa: E402  (its runs: train_settings, eval_job, run_or_diverged, smollm2_export)
+import harness  # noqa: E402  (results files, claims, drive, tables)
 
-ROOT = ft.ROOT
-GIB = 2**30
+GIB = harness.GIB
 
 #: learning rates tried, ~3× apart; each method starts at three adjacent rungs
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -110,8 +108,8 @@ def job(settings_of_mode, task, method, rank, lr, seed, stage, extra=None, name=
                    lr=lr, eval_before=False, **(extra or {}))
     settings = ft.train_settings(options, rank)
     label = f"{label_of(method, rank)} lr{lr:g}" + (f" {name}" if name else "")
-    return {"key": ft._key(settings), "settings": settings, "tables": {stage: label}, "label": label, "task": task,
-            "stage": stage}
+    return {"key": harness.settings_key(settings), "settings": settings, "tables": {stage: label}, "label": label,
+            "task": task, "stage": stage}
 
 
 def eval_before_job(settings_of_mode, task, seed):
@@ -182,7 +180,7 @@ def plan(settings_of_mode, by_key, tasks=None):
                     out.append(final)
         if len(settings_of_mode["methods"]) <= DIAGNOSE_AFTER:
             out += [j for j in diagnose_jobs(settings_of_mode, task, by_key) if j["key"] not in by_key]
-    return ft._dedupe(out)
+    return harness.dedupe(out)
 
 
 def diagnose_jobs(settings_of_mode, task, by_key):
@@ -230,7 +228,7 @@ def summary(settings_of_mode, by_key):
                         "test": r.get("eval_after"), "validation": r.get("eval_validation"),
                         "before": before["result"]["eval"] if before else None})
             done = [f for f in row["finals"] if not f["diverged"]]
-            row["mean"] = {name: ft._stats([get(f) for f in done]) for name, get in (
+            row["mean"] = {name: harness.mean_half_range([get(f) for f in done]) for name, get in (
                 ("train_seconds", lambda f: f["train_seconds"]), ("train_peak_gib", lambda f: f["train_peak_gib"]),
                 ("test_answer_loss", lambda f: f["test"]["answer_loss"]),
                 ("test_accuracy", lambda f: f["test"].get("accuracy")),
@@ -292,8 +290,7 @@ def render(table, command, path_md, path_png=None, machine=None):
         rows = [r for r in table["rows"] if r["task"] == task]
         lrs = sorted({p["lr"] for r in rows for p in r["curve"]})
         lines += [f"## {task}: sweep (validation answer loss)", "",
-                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |",
-                  "|---|" + "---|" * (len(lrs) + 1)]
+                  *harness.table_header("method", *(f"{lr:g}" for lr in lrs), "chosen")]
         for r in rows:
             cells = {p["lr"]: p["validation_answer_loss"] for p in r["curve"]}
             def cell(lr):
@@ -313,10 +310,11 @@ def render(table, command, path_md, path_png=None, machine=None):
                              "none yet | | | | |")
                 continue
             seeds = ",".join(str(f["seed"]) + ("✗" if f["diverged"] else "") for f in r["finals"])
-            lines.append(f"| {r['label']} | {r['chosen_lr']:g} | {seeds} | {ft._fmt(m['train_seconds'], 0)} | "
-                         f"{ft._fmt(m['train_peak_gib'], 2)} | {ft._fmt(m['before_answer_loss'], 3)} → "
-                         f"{ft._fmt(m['test_answer_loss'], 3)} | {ft._fmt(m['before_accuracy'], 1, 100)} → "
-                         f"{ft._fmt(m['test_accuracy'], 1, 100)} |")
+            fmt = harness.fmt_mean_half_range
+            lines.append(f"| {r['label']} | {r['chosen_lr']:g} | {seeds} | {fmt(m['train_seconds'], 0)} | "
+                         f"{fmt(m['train_peak_gib'], 2)} | {fmt(m['before_answer_loss'], 3)} → "
+                         f"{fmt(m['test_answer_loss'], 3)} | {fmt(m['before_accuracy'], 1, 100)} → "
+                         f"{fmt(m['test_accuracy'], 1, 100)} |")
         lines.append("")
         for entry in [d for d in table.get("diagnoses", []) if d["task"] == task]:
             lines += [f"## {task}: GaLore+ r{entry['rank']} trails LoRA r{entry['rank']}: one run per hypothesis "
@@ -330,17 +328,13 @@ def render(table, command, path_md, path_png=None, machine=None):
                 lines.append(f"| {run['name']} | {run['lr']:g} | {run['validation_answer_loss']:.3f} | "
                              f"{run['test_answer_loss']:.3f} | {acc} | {run['train_seconds']:.0f} |")
             lines.append("")
-    Path(path_md).write_text("\n".join(lines))
+    harness.write_text(path_md, "\n".join(lines))
     if path_png:
         plot(table, path_png)
 
 
 def plot(table, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     tasks = list(table["tasks"])
     ranks = sorted({r["rank"] for r in table["rows"] if r["rank"] is not None})
     fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5.5 * len(ranks), 4 * len(tasks)), squeeze=False)
@@ -369,51 +363,26 @@ def plot(table, path):
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel("validation answer loss (seed 0)")
             ax.set_title(f"{task}, rank {rank} (AdamW dashed; ★ chosen)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def run_one(job_, runs_dir, in_process):
-    """The job's result; a run that stopped on a non-finite loss or update is recorded as diverged
-    (a learning rate too high is a result of the sweep, not a failure to retry)."""
-    try:
-        return ft.run(job_, runs_dir, in_process)
-    except Exception as err:  # noqa: BLE001 - classified below
-        text = str(err) if not in_process else "".join(traceback.format_exception(err))
-        if "A smaller --lr" in text:  # the command's message when a run stops on a non-finite loss or update
-            return {"diverged": True, "error": text.strip().splitlines()[-1][:500]}
-        raise
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
-    ap.add_argument("--results-dir", default=None, help="default bench/results (smoke: runs/lr_sweep/smoke)")
-    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/lr_sweep)")
+    harness.add_grid_arguments(ap, "lr_sweep")
     ap.add_argument("--tasks", default=None, help="only these tasks (comma-separated)")
-    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
-    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default)")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    mode = "smoke" if args.smoke else "full"
-    settings = mode_settings(mode)
-    results_dir = Path(args.results_dir or (ROOT / ("runs/lr_sweep/smoke" if args.smoke else "bench/results")))
-    runs_dir = Path(args.runs_dir or (ROOT / "runs/lr_sweep" / ("smoke" if args.smoke else "")))
-    results_dir.mkdir(parents=True, exist_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    harness.pin_threads(1)
+    settings = mode_settings(harness.mode(args))
+    results_dir, runs_dir = harness.grid_dirs(args, "lr_sweep")
     json_path = results_dir / "lr_sweep.json"
     tasks = set(args.tasks.split(",")) if args.tasks else None
     command = "python bench/lr_sweep.py" + (" --smoke" if args.smoke else "")
     in_process = args.in_process or args.smoke
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    machine = ft.machine_info()
+    harness.offline()
+    machine = harness.machine_info()
     if not args.smoke:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
         reuse_evals_before(settings, json_path, results_dir / "finetune_table.json")
@@ -422,13 +391,14 @@ def main(argv=None):
         return write_tables(settings, json_path, results_dir, command, machine, plot_too=not args.smoke)
 
     if not args.table_only:
-        _, failed = ft.drive(lambda by_key: plan(settings, by_key, tasks), json_path, runs_dir,
-                             in_process=in_process, machine=machine, max_runs=args.max_runs, run_job=run_one,
-                             wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
+        _, failed = harness.drive(lambda by_key: plan(settings, by_key, tasks), json_path, runs_dir,
+                                  run_job=ft.run_or_diverged, in_process=in_process, machine=machine,
+                                  max_runs=args.max_runs, wait_for_others=True, stop_on_failure=args.smoke,
+                                  after_each=tables)
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
     table = tables()
-    left = plan(settings, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, tasks)
+    left = plan(settings, harness.load_records(json_path), tasks)
     print(f"wrote {results_dir / 'lr_sweep.md'}; {len(left)} runs known to be pending", flush=True)
     return table
 
@@ -437,21 +407,18 @@ def reuse_evals_before(settings, json_path, table_json):
     """Copy the base model's evaluations that ``finetune_table.py`` recorded with the same settings
     (the test set does not depend on the validation set): the same key, so the same computation."""
     wanted = {eval_before_job(settings, task, seed)["key"] for task in settings["tasks"] for seed in settings["seeds"]}
-    found = [r for r in ft.load_results(table_json)["runs"] if r["key"] in wanted]
-    with ft._results_lock(json_path):
-        have = {r["key"] for r in ft.load_results(json_path)["runs"]}
+    found = [r for r in harness.load_results(table_json)["runs"] if r["key"] in wanted]
+    with harness.results_lock(json_path):
+        have = set(harness.load_records(json_path))
     for record in found:
         if record["key"] not in have:
-            ft.append_result(json_path, dict(record, stage="before", copied_from="finetune_table.json"))
+            harness.append_result(json_path, dict(record, stage="before", copied_from="finetune_table.json"))
 
 
 def write_tables(settings, json_path, results_dir, command, machine, plot_too=True):
-    with ft._results_lock(json_path):
-        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
-        table = summary(settings, by_key)
-        tmp = results_dir / "tuned_table.json.tmp"
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, results_dir / "tuned_table.json")
+    with harness.results_lock(json_path):
+        table = summary(settings, harness.load_records(json_path))
+        harness.write_json(results_dir / "tuned_table.json", table)
         render(table, command, results_dir / "lr_sweep.md", results_dir / "lr_sweep.png" if plot_too else None,
                machine)
     return table

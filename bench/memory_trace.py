@@ -22,7 +22,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import harness  # noqa: E402  (bench/harness.py)
+
+harness.passive_omp_wait()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -99,8 +101,7 @@ def main():
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        harness.write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

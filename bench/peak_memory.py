@@ -45,6 +45,8 @@ import time
 import traceback
 import warnings
 
+import harness  # bench/harness.py
+
 CONFIGS = ["baseline", "adamw", "bnb_adamw8bit", "galore_torch", "ours_galore",
            "ours_galore_plus_8bit", "ours_galore_plus_8bit_layerwise", "ours_galore_plus_8bit_layerwise_bf16proj"]
 FULL = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
@@ -54,7 +56,7 @@ QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_ke
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
              intermediate_size=172, vocab_size=256, rank=8, seq=16)
 LOW_RANK = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GIB = 2**30
+GIB = harness.GIB
 
 
 def rss_now():
@@ -63,7 +65,7 @@ def rss_now():
 
 
 def child(config, shape):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    harness.passive_omp_wait()
     import torch
     import transformers
     from transformers.initialization import no_init_weights
@@ -155,8 +157,8 @@ def table(results, meta):
              f"{meta['total_seconds']:.0f} s in all. Peak = child's ru_maxrss; 'before step' = RSS with model and "
              "optimizer built; baseline = forward + backward, no optimizer. RSS after imports (torch, transformers, "
              "bitsandbytes, galore) is included in every number.", "",
-             "| config | peak RSS GiB | RSS before step GiB | RSS after imports GiB | peak − baseline GiB | step s "
-             "| peak / galore_torch | peak / adamw |", "|---|---|---|---|---|---|---|---|"]
+             *harness.table_header("config", "peak RSS GiB", "RSS before step GiB", "RSS after imports GiB",
+                                   "peak − baseline GiB", "step s", "peak / galore_torch", "peak / adamw")]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error'].replace('|', '/')[:300]} | | | | | | |")
@@ -187,10 +189,9 @@ def targets(by):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small LLaMA, rank 64, seq 64")
-    ap.add_argument("--smoke", action="store_true", help="tiny LLaMA, rank 8, seq 16 (CI smoke test)")
+    harness.add_modes(ap, quick="small LLaMA, rank 64, seq 64", smoke="tiny LLaMA, rank 8, seq 16 (CI smoke test)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--out", default="bench/results")
+    harness.add_out_argument(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -211,15 +212,13 @@ def main():
         r = results[-1]
         print(f"{c}: " + (r["error"] if "error" in r else f"peak {gib(r['peak'])} GiB, before {gib(r['rss_before'])} GiB, "
                           f"step {r['seconds']:.1f} s"), flush=True)
-    meta = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "shape": shape, "cpus": os.cpu_count(),
+    meta = {"mode": harness.mode(args), "shape": shape, "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "total_seconds": time.perf_counter() - t0,
             "malloc_mmap_threshold": 65536, "peak_definition": "ru_maxrss of the child (bytes here)"}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "peak_memory.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+    harness.write_json(os.path.join(args.out, "peak_memory.json"), {"meta": meta, "results": results})
     md = table(results, meta)
-    with open(os.path.join(args.out, "peak_memory.md"), "w") as f:
-        f.write(md)
+    harness.write_text(os.path.join(args.out, "peak_memory.md"), md)
     print(md)
     print(f"total {meta['total_seconds']:.0f} s")
 

@@ -53,7 +53,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,10 @@ import tarfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a shared machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+harness.passive_omp_wait()  # before torch: no spinning threads on a shared machine
 
 import torch  # noqa: E402
 
@@ -312,26 +314,8 @@ def run_method(label, method, lr, cfg, train_ids, val_windows, vocab, seed, clip
 
 # ------------------------------------------------------------------------------------------- outputs
 
-def versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("galore_plus", "apollo_torch", "tokenizers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - version is informative only
-            out[mod] = "?"
-    return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, no GPU used"
+#: the versions a pre-training result records (bf16_rounding.py's too)
+VERSIONS = ("transformers", "galore_plus", "apollo_torch", "tokenizers")
 
 
 def stem(mode: str) -> str:
@@ -340,14 +324,7 @@ def stem(mode: str) -> str:
 
 
 def write_outputs(out: Path, result: dict, png: bool = True) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    name = stem(result["mode"])
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / f"{name}.json")
-    (out / f"{name}.md").write_text(markdown(result))
-    if png:
-        plot(result, out / f"{name}.png")
+    harness.write_outputs(out, stem(result["mode"]), result, markdown, plot if png else None)
 
 
 def markdown(r: dict) -> str:
@@ -365,8 +342,8 @@ def markdown(r: dict) -> str:
         f"Training: {c['steps']} steps × batch {c['batch']} × {c['seq']} tokens; warm-up {c['warmup']:.0%} then cosine "
         f"to 10% of the peak lr; gradient clipping {r['clip']}; seed {r['seed']}; low-rank rank {c['rank']}, "
         f"update_proj_gap {c['update_proj_gap']}", "",
-        "| method | peak lr | steps | tokens | final train loss | final val loss | val perplexity | tokens/s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *harness.table_header("method", "peak lr", "steps", "tokens", "final train loss", "final val loss",
+                              "val perplexity", "tokens/s", "wall s"),
     ]
     for m in r["methods"]:
         lines.append(f"| {m['label']} | {m['settings']['lr']:g} | {m['steps']} | {m['tokens']:,} | "
@@ -386,11 +363,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in r["methods"]:
         pts = [(p["step"], p["val_loss"]) for p in m["val_curve"] if math.isfinite(p["val_loss"])]
@@ -406,9 +379,7 @@ def plot(r: dict, path: Path) -> None:
     lows = [p["val_loss"] for m in r["methods"] for p in m["val_curve"][1:] if math.isfinite(p["val_loss"])]
     if lows:
         ax.set_ylim(min(lows) - 0.1, max(lows) + 0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def merge(out: Path, other_file: Path) -> int:
@@ -435,9 +406,7 @@ def merge(out: Path, other_file: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CI)")
-    g.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
+    harness.add_modes(ap, smoke="tiny model, a few steps (CI)", quick="a few minutes on 2 cores")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list, optional @lr (default {DEFAULT_METHODS})")
     ap.add_argument("--steps", type=int, help="override the mode's step count")
     ap.add_argument("--seed", type=int, default=0)
@@ -445,7 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--synthetic", action="store_true", help="synthetic text instead of the corpus (smoke only)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    harness.add_out_argument(ap)
     ap.add_argument("--resume", action="store_true", help="keep finished methods of a matching pretrain.json")
     ap.add_argument("--merge", type=Path, metavar="JSON",
                     help="add the methods of another run's JSON (same mode, settings and data) to --out's, "
@@ -454,10 +423,9 @@ def main(argv=None) -> int:
     if args.merge:
         return merge(args.out, args.merge)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    harness.offline()
     torch.set_num_threads(args.threads)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = harness.mode(args)
     cfg = dict(MODES[mode])
     if args.steps:
         cfg["steps"] = args.steps
@@ -487,7 +455,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "pretrain", "mode": mode, "command": "python bench/pretrain.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
-        "machine": machine(), "versions": versions(), "loadavg_start": os.getloadavg(),
+        "machine": harness.machine_line(), "versions": harness.versions(VERSIONS), "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seed": args.seed, "clip": args.clip,
         "config": cfg, "data": {
             "source": source, "train_docs": len(train_docs), "val_docs": len(val_docs),

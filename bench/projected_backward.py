@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+import harness  # bench/harness.py
+
 TASKS = ("arithmetic", "gsm_symbolic")
 RANKS = (8, 32)
 BATCH = 4
@@ -261,9 +262,9 @@ def llama7b_layer(token_counts, smoke):
 
 def table(results, part_b, memory=None):
     memory = memory or {}
-    extra = " live train peak GiB |" if memory else ""
-    lines = ["| task | configuration | steady tok/s | amortized tok/s | ×LoRA (steady) | fwd / bwd / step s | "
-             "peak RSS GiB | train peak GiB |" + extra, "|---|---|---|---|---|---|---|---|" + ("---|" if memory else "")]
+    lines = harness.table_header("task", "configuration", "steady tok/s", "amortized tok/s", "×LoRA (steady)",
+                                 "fwd / bwd / step s", "peak RSS GiB", "train peak GiB",
+                                 *(["live train peak GiB"] if memory else []))
     by_key = {}
     for key, runs in results.items():
         c = json.loads(key)
@@ -283,7 +284,7 @@ def table(results, part_b, memory=None):
                      f"{med['peak_rss_bytes'] / 2**30:.2f} | {med['train_peak_bytes'] / 2**30:.2f} |" + live)
     if part_b:
         lines += ["", f"One LLaMA-7B decoder layer, rank {part_b['shape']['rank']}: weight-gradient seconds (1 thread)", "",
-                  "| tokens | full dyᵀx | projected (+ residual) | speed-up |", "|---|---|---|---|"]
+                  *harness.table_header("tokens", "full dyᵀx", "projected (+ residual)", "speed-up")]
         for tokens, r in part_b["tokens"].items():
             lines.append(f"| {tokens} | {r['full_seconds']:.3f} | {r['projected_seconds']:.3f} | {r['speedup']:.1f}× |")
         b = part_b["ddp_bytes_per_step"]
@@ -295,15 +296,14 @@ def table(results, part_b, memory=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--smoke", action="store_true")
-    mode.add_argument("--quick", action="store_true")
+    harness.add_modes(ap, smoke="seconds: tiny random LLaMA, synthetic batches",
+                      quick="arithmetic only, 1 repeat, part B at 512 tokens")
     ap.add_argument("--repeat", type=int, default=None, help="runs of the whole grid (default 2; quick/smoke 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steady steps (default 5; smoke 2)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS))
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (e.g. 'galore+ projected')")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    harness.add_out_argument(ap)
     ap.add_argument("--memory", action="store_true",
                     help="instead of timing: each configuration once with glibc's mmap threshold fixed at 64 KiB, so "
                          "the process's RSS follows its live tensors (the default threshold adapts and keeps freed "
@@ -328,9 +328,9 @@ def main():
                   "memory": {k: v for r in records if r["mode"].endswith("memory") for k, v in r["results"].items()},
                   "part_b": next((r["part_b"] for r in records if r["part_b"]), None)}
         out = Path(args.out)
-        (out / f"projected_backward{suffix}.json").write_text(json.dumps(merged, indent=1))
+        harness.write_json(out / f"projected_backward{suffix}.json", merged)
         text = table(merged["results"], merged["part_b"], merged["memory"])
-        (out / f"projected_backward{suffix}.md").write_text(text)
+        harness.write_text(out / f"projected_backward{suffix}.md", text)
         print(text)
         return
     repeat = args.repeat or (1 if args.smoke or args.quick else 2)
@@ -348,8 +348,7 @@ def main():
     path = out / f"projected_backward{suffix}.json"
     record = {"mode": suffix.strip("_") or "full", "command": " ".join(["python", "bench/projected_backward.py"] + sys.argv[1:]),
               "torch": torch.__version__, "results": {}, "part_b": None}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = harness.child_env(1, MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     if args.memory:
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
         repeat, steps, args.layer = 1, 1, False
@@ -365,11 +364,11 @@ def main():
             print(f"[{r + 1}/{repeat}] {c['task']:>12} {label(c):<42} {result['tokens_per_second']:7.0f} tok/s steady, "
                   f"{result['tokens_per_second_amortized']:7.0f} amortized, train peak "
                   f"{result['train_peak_bytes'] / 2**30:.2f} GiB", flush=True)
-            path.write_text(json.dumps(record, indent=1))
+            harness.write_json(path, record)
     if args.layer:
         record["part_b"] = llama7b_layer((64,) if args.smoke else (512,) if args.quick else (512, 2048), args.smoke)
-    path.write_text(json.dumps(record, indent=1))
-    (out / f"projected_backward{suffix}.md").write_text(table(record["results"], record["part_b"]))
+    harness.write_json(path, record)
+    harness.write_text(out / f"projected_backward{suffix}.md", table(record["results"], record["part_b"]))
     print(table(record["results"], record["part_b"]))
 
 

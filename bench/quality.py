@@ -12,9 +12,10 @@ and ablations as issue 29's mechanisms land (:data:`METHODS`).
    neighbour on both sides or the ladder's end is reported. Chosen by validation answer loss.
 2. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
 
-Runs go through ``bench/finetune_table.py``'s ``drive`` (one fresh subprocess and one torch thread
-per run, each finished run recorded at once in ``bench/results/quality_runs.json``, claims so that two
-invocations share the grid; resumable: run the same command again).
+Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch thread per run), driven by
+``bench/harness.py``'s ``drive`` (each finished run recorded at once in
+``bench/results/quality_runs.json``, claims so that two invocations share the grid; resumable: run
+the same command again).
 
     python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
     python bench/quality.py                  # the grid (~33 min a run on one thread here)
@@ -32,16 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune_table as ft  # noqa: E402  (the run/claim/record machinery)
+import finetune_table as ft  # noqa: E402  (its runs: train_settings, run_or_diverged, smollm2_export)
+import harness  # noqa: E402  (results files, claims, drive, tables)
 
-ROOT = ft.ROOT
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 MAX_RUNGS = 6
 SEEDS = (0, 1, 2)
@@ -81,7 +80,7 @@ def job(proto, name, lr, seed, stage):
     options = dict(proto["common"], method=method, seed=seed, lr=lr, eval_before=False, **extra)
     settings = ft.train_settings(options, rank)
     label = f"{name} lr{lr:g}"
-    return {"key": json.dumps(settings, sort_keys=True), "settings": settings, "tables": {stage: label},
+    return {"key": harness.settings_key(settings), "settings": settings, "tables": {stage: label},
             "label": label, "task": proto["common"]["data"], "stage": stage, "row": name}
 
 
@@ -140,13 +139,9 @@ def plan(proto, by_key, names=None):
 def run_one(job_, runs_dir, in_process):
     """The run's result with its training-loss curve; a run that stopped on a non-finite loss or
     update is recorded as diverged (a rate too high is a result of the sweep)."""
-    try:
-        result = ft.run(job_, runs_dir, in_process)
-    except Exception as err:  # noqa: BLE001 - classified below
-        text = str(err) if not in_process else "".join(traceback.format_exception(err))
-        if "A smaller --lr" in text:
-            return {"diverged": True, "error": text.strip().splitlines()[-1][:500]}
-        raise
+    result = ft.run_or_diverged(job_, runs_dir, in_process)
+    if result.get("diverged"):
+        return result
     log = Path(result["output_dir"]) / "log.jsonl"
     result["curve"] = [[r["step"], round(r["loss"], 4)] for r in map(json.loads, log.read_text().splitlines())
                        if r.get("loss") is not None]
@@ -192,45 +187,39 @@ def paired(rows, a, b, seeds):
     if not ra or not rb or any(s not in ra["test_loss"] or s not in rb["test_loss"] for s in seeds):
         return None
     d = [ra["test_loss"][s] - rb["test_loss"][s] for s in seeds]
-    mean = statistics.mean(d)
-    sd = statistics.stdev(d) if len(d) > 1 else 0.0
-    t = mean / (sd / math.sqrt(len(d))) if sd > 0 else math.inf * (1 if mean > 0 else -1 if mean < 0 else 0)
-    return d, mean, t
+    return (d, *harness.paired_t(d))
 
 
 def render(proto, rows, path_md, command):
     lines = ["# Quality protocol (issue 29)", "", f"Written by `{command}`; BENCHMARKS.md §9 discusses it.",
              f"Options shared by every run: `{json.dumps(proto['common'])}`.", "",
-             "## Sweeps (seed 0, validation answer loss; * chosen)", "", "| method | rates tried |", "|---|---|"]
+             "## Sweeps (seed 0, validation answer loss; * chosen)", "", *harness.table_header("method", "rates tried")]
     for r in rows:
         cells = ", ".join(f"{lr:g}: {'diverged' if math.isinf(v) else f'{v:.3f}'}{'*' if lr == r['chosen_lr'] else ''}"
                           for lr, v in r["curve"])
         lines.append(f"| {r['method']} | {cells or 'not run'} |")
     lines += ["", "## Finals (test answer loss at the chosen rate)", "",
-              "| method | lr | seeds | mean ± sd | per seed |", "|---|---|---|---|---|"]
+              *harness.table_header("method", "lr", "seeds", "mean ± sd", "per seed")]
     for r in rows:
         v = [r["test_loss"][s] for s in sorted(r["test_loss"])]
         if not v:
             continue
-        spread = f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else ""
-        lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {statistics.mean(v):.3f}{spread} | "
+        mean, sd = harness.mean_sd(v)
+        spread = "" if sd is None else f" ± {sd:.3f}"
+        lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {mean:.3f}{spread} | "
                      f"{', '.join(f'{x:.3f}' for x in v)} |")
     lines += ["", "## Paired differences (a − b, test answer loss; negative: a better)", "",
-              "| pair | per seed | mean | t |", "|---|---|---|---|"]
+              *harness.table_header("pair", "per seed", "mean", "t")]
     for a, b in PAIRS:
         p = paired(rows, a, b, proto["seeds"])
         if p is not None:
             d, mean, t = p
             lines.append(f"| {a} − {b} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} | {t:.1f} |")
-    path_md.write_text("\n".join(lines) + "\n")
+    harness.write_text(path_md, "\n".join(lines) + "\n")
 
 
 def plot(rows, by_key, proto, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         pts = [(lr, v) for lr, v in r["curve"] if not math.isinf(v)]
@@ -250,18 +239,14 @@ def plot(rows, by_key, proto, path):
             ax.legend(fontsize=7)
     if not a.lines:
         a.text(0.5, 0.5, "no runs recorded yet", ha="center", transform=a.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def write_tables(proto, json_path, results_dir, command, plot_too=True):
-    with ft._results_lock(json_path):
-        by_key = {r["key"]: r for r in ft.load_results(json_path)["runs"]}
+    with harness.results_lock(json_path):
+        by_key = harness.load_records(json_path)
     rows, records = summary(proto, by_key)
-    tmp = results_dir / "quality.json.tmp"
-    tmp.write_text(json.dumps({"runs": records, "rows": rows}, indent=1))
-    os.replace(tmp, results_dir / "quality.json")
+    harness.write_json(results_dir / "quality.json", {"runs": records, "rows": rows})
     render(proto, rows, results_dir / "quality.md", command)
     if plot_too:
         plot(rows, by_key, proto, results_dir / "quality.png")
@@ -270,30 +255,20 @@ def write_tables(proto, json_path, results_dir, command, plot_too=True):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps, in-process: seconds")
-    ap.add_argument("--results-dir", default=None, help="default bench/results (smoke: runs/quality/smoke)")
-    ap.add_argument("--runs-dir", default=None, help="run outputs and the SmolLM2 export (default runs/quality)")
+    harness.add_grid_arguments(ap, "quality")
     ap.add_argument("--methods", default=None, help="only these rows (comma-separated names of METHODS)")
-    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON")
-    ap.add_argument("--in-process", action="store_true", help="run jobs in this process (smoke's default)")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    proto = protocol("smoke" if args.smoke else "full")
+    harness.pin_threads(1)
+    proto = protocol(harness.mode(args))
     names = args.methods.split(",") if args.methods else None
     unknown = sorted(set(names or ()) - set(proto["methods"]))
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not among {', '.join(proto['methods'])}")
-    results_dir = Path(args.results_dir or (ROOT / ("runs/quality/smoke" if args.smoke else "bench/results")))
-    runs_dir = Path(args.runs_dir or (ROOT / "runs/quality" / ("smoke" if args.smoke else "")))
-    results_dir.mkdir(parents=True, exist_ok=True)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    results_dir, runs_dir = harness.grid_dirs(args, "quality")
     json_path = results_dir / "quality_runs.json"
     command = "python bench/quality.py" + (" --smoke" if args.smoke else "")
     in_process = args.in_process or args.smoke
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    harness.offline()
     if not args.smoke:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
 
@@ -301,13 +276,13 @@ def main(argv=None):
         return write_tables(proto, json_path, results_dir, command, plot_too=not args.smoke)
 
     if not args.table_only:
-        _, failed = ft.drive(lambda by_key: plan(proto, by_key, names), json_path, runs_dir, in_process=in_process,
-                             machine=ft.machine_info(), max_runs=args.max_runs, run_job=run_one,
-                             wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
+        _, failed = harness.drive(lambda by_key: plan(proto, by_key, names), json_path, runs_dir, run_job=run_one,
+                                  in_process=in_process, machine=harness.machine_info(), max_runs=args.max_runs,
+                                  wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
     out = tables()
-    left = plan(proto, {r["key"]: r for r in ft.load_results(json_path)["runs"]}, names)
+    left = plan(proto, harness.load_records(json_path), names)
     print(f"wrote {results_dir / 'quality.md'}; {len(left)} runs known to be pending", flush=True)
     return out
 

@@ -11,12 +11,11 @@ quantize + dequantize of both, as GaLoreAdamW8bit does every step.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
+import harness  # bench/harness.py
 from galore_plus import adamw8bit
 
 
@@ -64,11 +63,11 @@ def main():
         rows["torchao OptimState8bit"] = measure(torchao_roundtrip, m, v)
     except ImportError as err:
         rows["torchao OptimState8bit"] = {"error": str(err)}
-    out = Path("bench/results")
+    out = harness.RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quantizer_choice.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| quantizer | M rel. error | V rel. error | M/sqrt(V) rel. error | ms per quantize+dequantize of M and V |",
-             "|---|---|---|---|---|"]
+    harness.write_json(out / "quantizer_choice.json", rows, indent=2)
+    lines = harness.table_header("quantizer", "M rel. error", "V rel. error", "M/sqrt(V) rel. error",
+                                 "ms per quantize+dequantize of M and V")
     for name, r in rows.items():
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | | |")
@@ -76,7 +75,7 @@ def main():
             lines.append(f"| {name} | {r['m_rel_error']:.4f} | {r['v_rel_error']:.4f} | "
                          f"{r['direction_rel_error']:.4f} | {r['ms_per_step']:.1f} |")
     text = "# 8-bit quantizer choice (4096×128 moments, CPU)\n\n" + "\n".join(lines) + "\n"
-    (out / "quantizer_choice.md").write_text(text)
+    harness.write_text(out / "quantizer_choice.md", text)
     print(text)
 
 

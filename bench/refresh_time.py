@@ -30,15 +30,16 @@ Writes ``refresh_time.json`` and ``refresh_time.md`` to ``--out`` (default ``ben
 """
 
 import argparse
-import json
 import os
 import platform
 import time
 import warnings
 
+import harness  # bench/harness.py
+
 # Passive OpenMP waiting: on a shared 2-core box, spinning threads of two busy processes slow an SVD
 # down up to 10×; set before torch loads libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+harness.passive_omp_wait()
 import torch  # noqa: E402
 
 with warnings.catch_warnings():
@@ -82,10 +83,8 @@ def run_method(method, G, name, rank, heads, gen):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="every dimension / 4, rank 32")
-    mode.add_argument("--smoke", action="store_true", help="every dimension / 32, rank 4 (CI)")
-    ap.add_argument("--out", default="bench/results")
+    harness.add_modes(ap, quick="every dimension / 4, rank 32", smoke="every dimension / 32, rank 4 (CI)")
+    harness.add_out_argument(ap)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     scale = 32 if args.smoke else 4 if args.quick else 1
@@ -125,7 +124,7 @@ def main():
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "load_avg_start": load_start,
-                    "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "rank": rank, "heads": heads,
+                    "mode": harness.mode(args), "rank": rank, "heads": heads,
                     "head_dim": d // heads, "wall_seconds": wall,
                     "load_avg_end": os.getloadavg()},
         "seconds": seconds, "layer_total_seconds": totals, "energy_vs_exact": energy,
@@ -133,8 +132,7 @@ def main():
                                     for m, t in totals.items()},
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "refresh_time.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    harness.write_json(os.path.join(args.out, "refresh_time.json"), result, indent=2)
 
     mc = result["machine"]
     lines = [f"# Projector refresh time, one LLaMA-7B layer ({mc['mode']} mode, rank {rank})", "",
@@ -142,7 +140,7 @@ def main():
              f"one timed call per matrix, OMP_WAIT_POLICY={mc['omp_wait_policy']}, 1-min load average "
              f"{mc['load_avg_start'][0]:.1f} at start, {mc['load_avg_end'][0]:.1f} at end. "
              "cross-head exact applies to q, k only (its total is q + k).", "",
-             "| matrix | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+             *harness.table_header("matrix", *METHODS)]
     for name, (m, n) in layer_shapes(d, f).items():
         cells = [f"{seconds[x][name]:.3f} ({energy[x][name]:.4f})" if name in seconds[x] else "—" for x in METHODS]
         lines.append(f"| {name} {m}×{n} | " + " | ".join(cells) + " |")
@@ -151,8 +149,7 @@ def main():
               "Speed-up, galore-torch total / method total (cross-head exact: galore-torch q + k / its q + k): "
               + ", ".join(f"{x} {v:.1f}×" for x, v in result["speedup_vs_galore_torch"].items()), "",
               f"Target GaLore+ ≥ 40×: {'met' if result['speedup_vs_galore_torch']['GaLore+'] >= 40 else 'NOT met'}."]
-    with open(os.path.join(args.out, "refresh_time.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    harness.write_text(os.path.join(args.out, "refresh_time.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wall {wall:.1f} s")
 

@@ -50,8 +50,6 @@ Writes ``step_time.json`` and ``step_time.md`` to ``--out`` (default ``bench/res
 
 import argparse
 import gc
-import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -61,12 +59,14 @@ import sys
 import time
 import warnings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (bench/harness.py)
+
 # Passive OpenMP waiting: on a shared 2-core box spinning threads slow factorizations down a lot;
 # set before torch loads libgomp (as refresh_time.py does).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+harness.passive_omp_wait()
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from refresh_time import fake_grad, layer_shapes  # noqa: E402
 
 with warnings.catch_warnings():
@@ -219,16 +219,6 @@ def grad_checksums(params):
     return [torch.sum(p.grad, dtype=torch.float64).item() for p in params.values()]
 
 
-def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("galore-plus", "bitsandbytes", "galore-torch", "apollo-torch", "transformers"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def git_info():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -243,9 +233,7 @@ def git_info():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="every dimension / 4, rank 32")
-    mode.add_argument("--smoke", action="store_true", help="tiny shapes, rank 8 (a few seconds; CI)")
+    harness.add_modes(ap, quick="every dimension / 4, rank 32", smoke="tiny shapes, rank 8 (a few seconds; CI)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed steady steps (default 7; quick 5; smoke 3)")
@@ -253,10 +241,10 @@ def main():
                     help=f"untimed steps before the steady ones (raised to {RESIDUAL_WARMUP} for the low-rank "
                          "optimizers, past GaLore+'s residual warm-up)")
     ap.add_argument("--optimizers", default=",".join(PEERS), help="comma-separated subset of: " + ", ".join(PEERS))
-    ap.add_argument("--out", default="bench/results")
+    harness.add_out_argument(ap)
     args = ap.parse_args()
 
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode_name = harness.mode(args)
     d, f, rank = MODES[mode_name]
     steps = args.steps if args.steps is not None else {"full": 7, "quick": 5, "smoke": 3}[mode_name]
     if steps < 1 or args.warmup < 0:
@@ -375,7 +363,8 @@ def main():
                     else None, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                     "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_seconds": wall,
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        "versions": versions(), "git": git,
+        "versions": harness.versions(distributions=(
+            "galore-plus", "bitsandbytes", "galore-torch", "apollo-torch", "transformers")), "git": git,
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
         "config": {"mode": mode_name, "hidden": d, "intermediate": f, "rank": rank, "heads": HEADS,
                    "layer_elements": numel, "update_gap_amortized": GAP, "update_proj_gap_built": bench_gap,
@@ -385,11 +374,9 @@ def main():
         "targets": targets(results),
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "step_time.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    harness.write_json(os.path.join(args.out, "step_time.json"), result, indent=2)
     md = markdown(result, chosen)
-    with open(os.path.join(args.out, "step_time.md"), "w") as fh:
-        fh.write(md)
+    harness.write_text(os.path.join(args.out, "step_time.md"), md)
     print(md)
     print(f"wall {wall:.1f} s")
 
@@ -432,8 +419,8 @@ def markdown(result, chosen):
         "Projector refresh: time inside the refresh step spent computing projectors. State: optimizer-state "
         "bytes per parameter element, every tensor in optimizer.state (projectors included); held: the "
         "storages behind those tensors (a view keeps its whole storage allocated).", "",
-        "| optimizer | projector refresh | refresh step | steady step | amortized | later refresh step "
-        "| state B/elem | held B/elem |", "|---|---|---|---|---|---|---|---|"]
+        *harness.table_header("optimizer", "projector refresh", "refresh step", "steady step", "amortized",
+                              "later refresh step", "state B/elem", "held B/elem")]
     for name in chosen:
         r = res[name]
         steady = r["steady_seconds_all"]

@@ -1,15 +1,19 @@
-"""``bench/finetune_table.py --smoke``: the whole harness on the tiny model (in-process, seconds)."""
+"""``bench/finetune_table.py --smoke``: the whole grid on the tiny model (in-process, seconds). The
+shared machinery it runs on (results files, claims, ``drive``) is tested in test_bench_harness.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "finetune_table.py"
+sys.path.insert(0, str(BENCH.parent))
+import harness  # noqa: E402  (bench/harness.py)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def test_a_run_claimed_by_a_live_invocation_is_skipped_then_taken_over(bench, tm
     job = next(j for j in bench.mode_settings("smoke")["jobs"] if j["settings"]["seed"] == 0)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        claim = bench.claim(job, tmp_path / "runs", json_path)
+        claim = harness.claim(job, tmp_path / "runs", json_path)
         claim.write_text(f"{other.pid} another invocation\n")
         missing = bench.main(args)
         recorded = {r["key"] for r in json.loads(json_path.read_text())["runs"]}
@@ -119,7 +123,7 @@ def test_a_run_claimed_by_a_live_invocation_is_skipped_then_taken_over(bench, tm
     bench.main(args)  # the claimant is gone: this invocation takes the run over
     recorded = {r["key"] for r in json.loads(json_path.read_text())["runs"]}
     assert job["key"] in recorded and not claim.exists()
-    assert bench.claim(job, tmp_path / "runs", json_path) is None  # recorded now
+    assert harness.claim(job, tmp_path / "runs", json_path) is None  # recorded now
 
 
 def test_the_recorded_grid_keeps_its_keys(bench):
@@ -129,35 +133,19 @@ def test_the_recorded_grid_keeps_its_keys(bench):
     assert {r["key"] for r in recorded["runs"]} == {j["key"] for j in bench.mode_settings("full")["jobs"]}
 
 
-def test_drive_replans_after_each_run_and_leaves_a_failed_run_unrecorded(bench, tmp_path):
-    """The shared driver re-plans from what is recorded (a later job may depend on an earlier result),
-    records each run at once, and neither records nor retries a run that raised."""
-    json_path, runs_dir = tmp_path / "grid.json", tmp_path / "runs"
+def test_a_run_stopped_by_a_non_finite_loss_is_a_result_and_other_failures_raise(bench, monkeypatch):
+    """``run_or_diverged`` (the sweeps' runner) records the command's divergence as a result."""
+    def diverging(job, runs_dir, in_process):
+        raise RuntimeError("worker exited with 1; log x.log:\nTraceback ...\nFloatingPointError: loss is nan. "
+                           "A smaller --lr may help.")
 
-    def job(name, stage=None):
-        return {"key": name, "settings": {"seed": 0}, "label": name, "task": "t", **({"stage": stage} if stage else {})}
+    monkeypatch.setattr(bench, "run", diverging)
+    assert bench.run_or_diverged({}, "runs", False) == {
+        "diverged": True, "error": "FloatingPointError: loss is nan. A smaller --lr may help."}
 
-    def plan(by_key):  # "b" is wanted only once "a" is recorded with value 1; "bad" always fails
-        out = [job("a", "sweep"), job("bad")]
-        if "a" in by_key and by_key["a"]["result"]["value"] == 1:
-            out.append(job("b"))
-        return out
+    def failing(job, runs_dir, in_process):
+        raise RuntimeError("worker exited with 1: out of memory")
 
-    ran, tables = [], []
-
-    def run_job(job_, runs_dir_, in_process):
-        ran.append(job_["key"])
-        if job_["key"] == "bad":
-            raise RuntimeError("boom")
-        return {"value": 1}
-
-    new, failed = bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job,
-                              after_each=lambda: tables.append(1))
-    records = json.loads(json_path.read_text())["runs"]
-    assert ran == ["a", "bad", "b"] and new == 2 and failed == {"bad"} and len(tables) == 2
-    assert [r["key"] for r in records] == ["a", "b"] and records[0]["stage"] == "sweep" and "stage" not in records[1]
-    assert not list((runs_dir / "claims").iterdir())  # every claim released, the failed run's too
-    with pytest.raises(RuntimeError, match="boom"):  # smoke: a failure stops the grid
-        bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job, stop_on_failure=True)
-    assert bench.drive(plan, json_path, runs_dir, in_process=True, machine={}, run_job=run_job,
-                       max_runs=0) == (0, set())
+    monkeypatch.setattr(bench, "run", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.run_or_diverged({}, "runs", False)

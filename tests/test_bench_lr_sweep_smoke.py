@@ -151,3 +151,11 @@ def test_galore_plus_trailing_lora_gets_one_run_per_hypothesis(bench, tmp_path):
         j = bench.job(settings, "arithmetic", "lora", 32, lr, 0, "sweep")
         by_key[j["key"]] = record(j, lora[lr] + 0.2)
     assert bench.diagnose_jobs(settings, "arithmetic", by_key) == []
+
+
+def test_the_recorded_sweep_stays_reachable(bench):
+    """``bench/results/lr_sweep.json`` holds the whole grid: given its records, the plan has nothing
+    left to run (every job's key, derived from the settings, is recorded)."""
+    runs = json.loads((BENCH.parent / "results" / "lr_sweep.json").read_text())["runs"]
+    settings = bench.mode_settings("full")
+    assert bench.plan(settings, {r["key"]: r for r in runs}) == []
