@@ -178,14 +178,25 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
             "task": task}
 
 
+#: FinetuneConfig options added after the recorded grids (``bench/results``; issue 29's mechanisms): a
+#: run's settings leave each out at its ``LEGACY_VALUES`` value (off), so every recorded key stays
+#: reachable; a run that turns one on has it in its key. A new option goes here (a test checks that
+#: every option of ``LEGACY_VALUES`` is either here or was in the keys before).
+LATER_OPTIONS = ("plain_lr_ratio",)
+
+
 def train_settings(options, rank):
     """A training run's settings (its key's content): every FinetuneConfig field that says what it
-    computes, from ``options`` and ``rank`` (``None`` for AdamW, which has none)."""
-    from galore_plus.app.config import FinetuneConfig
+    computes, from ``options`` and ``rank`` (``None`` for AdamW, which has none), less the
+    :data:`LATER_OPTIONS` at their off values."""
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
 
     config = dataclasses.asdict(FinetuneConfig(**options, **({} if rank is None else {"rank": rank})))
     for name in NOT_SETTINGS:
         config.pop(name)
+    for name in LATER_OPTIONS:
+        if config[name] == LEGACY_VALUES[name]:
+            config.pop(name)
     if rank is None:
         config["rank"] = None  # AdamW ignores it
     return {"kind": "train", **config}

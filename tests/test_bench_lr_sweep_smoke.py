@@ -159,3 +159,18 @@ def test_the_recorded_sweep_stays_reachable(bench):
     runs = json.loads((BENCH.parent / "results" / "lr_sweep.json").read_text())["runs"]
     settings = bench.mode_settings("full")
     assert bench.plan(settings, {r["key"]: r for r in runs}) == []
+
+
+def test_every_option_added_since_the_grids_is_left_out_of_keys_when_off():
+    """An option added to FinetuneConfig after the recorded grids must be in ``LATER_OPTIONS`` (left out
+    of a run's key at its off value), or every recorded key would change and the grids re-run."""
+    import finetune_table as ft
+
+    from galore_plus.app.config import LEGACY_VALUES
+
+    keyed_before = {"eval_data", "eval_fraction", "projected_backward", "embeddings", "dtype", "stochastic_rounding",
+                    "gradient_checkpointing", "n_validation", "generate"}
+    assert set(LEGACY_VALUES) == keyed_before | set(ft.LATER_OPTIONS)
+    settings = ft.train_settings(dict(model="tiny", plain_lr_ratio=1.0), 4)
+    assert "plain_lr_ratio" not in settings
+    assert ft.train_settings(dict(model="tiny", plain_lr_ratio=4.0), 4)["plain_lr_ratio"] == 4.0
