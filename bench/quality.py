@@ -10,7 +10,9 @@ and ablations as issue 29's mechanisms land (:data:`METHODS`).
 1. **Sweep** (seed 0): three rungs ~3× apart on :data:`LADDER`, started at §8's optima; a winner at
    either end adds the next rung beyond it (at most :data:`MAX_RUNGS`), so the chosen rate has a worse
    neighbour on both sides or the ladder's end is reported. Chosen by validation answer loss.
-2. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
+2. **Ablation** (right after GaLore+'s sweep, :data:`ABLATIONS`): each of issue 29's mechanisms alone,
+   seed 0, at GaLore+'s chosen rate, beside its base run: what the new recipe is built from.
+3. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
 
 Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch thread per run), driven by
 ``bench/harness.py``'s ``drive`` (each finished run recorded at once in
@@ -50,12 +52,23 @@ RANK = 16
 #: middle; Fira, new here, at GaLore's. In this order: the peers first (they need no new code).
 METHODS = {
     "lora": ("lora", RANK, {}, (1e-3, 3e-3, 1e-2)),
+    "galore+ (old recipe)": ("galore+", RANK, {}, (1e-4, 3e-4, 1e-3)),
     "dora": ("dora", RANK, {}, (1e-3, 3e-3, 1e-2)),
     "adamw": ("adamw", None, {}, (3e-5, 1e-4, 3e-4)),
     "fira": ("fira", RANK, {}, (1e-4, 3e-4, 1e-3)),
-    "galore+ (old recipe)": ("galore+", RANK, {}, (1e-4, 3e-4, 1e-3)),
     "galore": ("galore", RANK, {}, (1e-4, 3e-4, 1e-3)),
 }
+#: Issue 29's ablation: each mechanism alone on top of :data:`ABLATION_BASE` at that row's chosen rate
+#: × the factor, seed 0, scored beside the base row's seed-0 run (validation and test): (name, extra
+#: FinetuneConfig options, lr factor). They run right after the base row's sweep (before its finals and
+#: the other rows), since they decide the new recipe. "plain lr ×4": the embeddings, lm_head and norms
+#: step at 4·lr, as large as the projected step α·lr with the command's α 4 (§8's one lead).
+ABLATION_BASE = "galore+ (old recipe)"
+ABLATIONS = (
+    ("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),
+    ("plain lr x16", {"plain_lr_ratio": 16.0}, 1.0),
+    ("T 25 (8 refreshes)", {"update_proj_gap": 25}, 1.0),
+)
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
          ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
@@ -69,16 +82,21 @@ def protocol(mode):
                       max_length=64, eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1,
                       generate=False, max_new_tokens=4)
         methods = {"lora": ("lora", 4, {}, (1e-3, 3e-3, 1e-2)), "galore+ (old recipe)": ("galore+", 4, {}, (1e-3, 3e-3, 1e-2))}
-        return {"common": common, "seeds": (0, 1), "methods": methods}
+        return {"common": common, "seeds": (0, 1), "methods": methods,
+                "ablations": (("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),)}
     common = dict(model="smollm2", data="gsm_symbolic", max_steps=200, batch_size=4, n_train=2000, n_test=200,
                   n_validation=200, max_length=384, eval_batch_size=32, generate=False, max_new_tokens=256)
-    return {"common": common, "seeds": SEEDS, "methods": METHODS}
+    return {"common": common, "seeds": SEEDS, "methods": METHODS, "ablations": ABLATIONS}
 
 
-def job(proto, name, lr, seed, stage):
+def job(proto, name, lr, seed, stage, ablation=None):
+    """One run of row ``name`` (with an ablation's ``(name, options, factor)`` on top: its own row)."""
     method, rank, extra, _ = proto["methods"][name]
-    options = dict(proto["common"], method=method, seed=seed, lr=lr, eval_before=False, **extra)
+    options = dict(proto["common"], method=method, seed=seed, lr=lr, eval_before=False, **extra,
+                   **(ablation[1] if ablation else {}))
     settings = ft.train_settings(options, rank)
+    if ablation:
+        name = f"{name} + {ablation[0]}"
     label = f"{name} lr{lr:g}"
     return {"key": harness.settings_key(settings), "settings": settings, "tables": {stage: label},
             "label": label, "task": proto["common"]["data"], "stage": stage, "row": name}
@@ -130,10 +148,18 @@ def plan(proto, by_key, names=None):
             continue
         pending, _, chosen = sweep_state(proto, name, by_key)
         out += pending
-        if chosen is not None:
-            out += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
-                    if j["key"] not in by_key]
+        if chosen is None:
+            continue
+        if name == ABLATION_BASE:
+            out += [j for j in ablation_jobs(proto, chosen) if j["key"] not in by_key]
+        out += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
+                if j["key"] not in by_key]
     return out
+
+
+def ablation_jobs(proto, chosen):
+    return [job(proto, ABLATION_BASE, chosen * factor, 0, "ablation", (name, options, factor))
+            for name, options, factor in proto["ablations"]]
 
 
 def run_one(job_, runs_dir, in_process):
@@ -166,6 +192,16 @@ def summary(proto, by_key):
                     finals.add(j["key"])
         rows.append({"method": name, "rank": proto["methods"][name][1], "curve": sorted(curve.items()),
                      "chosen_lr": chosen, "test_loss": per_seed})
+        if name == ABLATION_BASE and chosen is not None:
+            ablations = []
+            for j in [job(proto, name, chosen, 0, "final")] + ablation_jobs(proto, chosen):
+                rec = by_key.get(j["key"])
+                res = rec["result"] if rec else None
+                ablations.append({"name": j["row"], "lr": j["settings"]["lr"], "done": rec is not None,
+                                  "diverged": bool(res and res.get("diverged")),
+                                  "validation_loss": res["eval_validation"]["answer_loss"] if res and not res.get("diverged") else None,
+                                  "test_loss": res["eval_after"]["answer_loss"] if res and not res.get("diverged") else None})
+            rows[-1]["ablations"] = ablations
     for rec in by_key.values():
         if rec["settings"].get("kind") != "train" or "row" not in rec:
             continue
@@ -208,6 +244,22 @@ def render(proto, rows, path_md, command):
         spread = "" if sd is None else f" ± {sd:.3f}"
         lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {mean:.3f}{spread} | "
                      f"{', '.join(f'{x:.3f}' for x in v)} |")
+    for r in rows:
+        if not r.get("ablations"):
+            continue
+        base = r["ablations"][0]
+        lines += ["", f"## Ablation: each mechanism alone on {r['method']} (seed 0; Δ against the base run)", "",
+                  *harness.table_header("run", "lr", "validation", "Δ validation", "test", "Δ test")]
+        for a in r["ablations"]:
+            def cell(key):
+                if not a["done"]:
+                    return "not run", ""
+                if a["diverged"]:
+                    return "diverged", ""
+                delta = "" if base[key] is None or a is base else f"{a[key] - base[key]:+.3f}"
+                return f"{a[key]:.3f}", delta
+            (v, dv), (t, dt) = cell("validation_loss"), cell("test_loss")
+            lines.append(f"| {a['name']} | {a['lr']:g} | {v} | {dv} | {t} | {dt} |")
     lines += ["", "## Paired differences (a − b, test answer loss; negative: a better)", "",
               *harness.table_header("pair", "per seed", "mean", "t")]
     for a, b in PAIRS:

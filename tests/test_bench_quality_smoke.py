@@ -39,6 +39,13 @@ def fill(bench, proto, name, losses, by_key):
 def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     proto = bench.protocol("full")
     assert proto["common"]["max_steps"] == 200 and proto["methods"]["lora"][1] == 16
+    base = bench.ABLATION_BASE
+    base_runs = {}
+    _, chosen = fill(bench, proto, base, {1e-4: 1.0, 3e-4: 0.9, 1e-3: 0.95}, base_runs)
+    todo = bench.plan(proto, base_runs, [base])
+    ablations = [j for j in todo if j["stage"] == "ablation"]
+    assert chosen == 3e-4 and len(ablations) == len(bench.ABLATIONS) and todo[0]["stage"] == "ablation"
+    assert all(j["settings"]["lr"] == 3e-4 and j["settings"]["seed"] == 0 for j in ablations)
     by_key = {}
     # LoRA starts at 1e-3, 3e-3, 1e-2; falling to 1e-2 adds 3e-2, which is worse: 1e-2 chosen
     curve, chosen = fill(bench, proto, "lora", {1e-3: 1.0, 3e-3: 0.9, 1e-2: 0.8, 3e-2: 0.85}, by_key)
@@ -70,4 +77,8 @@ def test_smoke_writes_one_record_per_run_with_the_issue_fields(bench, tmp_path):
     assert sorted((r["method"], r["seed"]) for r in finals) == sorted(
         (m, s) for m in ("lora", "galore+ (old recipe)") for s in (0, 1))
     assert all(len(r["result"]["curve"]) == 3 for r in raw)
-    assert "Paired differences" in (tmp_path / "r" / "quality.md").read_text()
+    md = (tmp_path / "r" / "quality.md").read_text()
+    assert "Paired differences" in md and "| galore+ (old recipe) + plain lr x4 |" in md
+    ablation = [r for r in data["runs"] if r["stage"] == "ablation"]
+    assert len(ablation) == 1 and ablation[0]["method"] == "galore+ (old recipe) + plain lr x4"
+    assert [r for r in raw if r["stage"] == "ablation"][0]["settings"]["plain_lr_ratio"] == 4.0
