@@ -172,8 +172,8 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
                    **task_opts, **extra)
     settings = train_settings(options, rank)
     for name, value in LEGACY_VALUES.items():
-        if settings[name] == value:
-            settings.pop(name)
+        if settings.get(name, value) == value:
+            settings.pop(name, None)
     return {"key": harness.settings_key(settings), "settings": settings, "tables": {table: label}, "label": label,
             "task": task}
 
