@@ -21,6 +21,7 @@ from .layerwise import engine_of
 from .lowrank import (InnerRule, LowRankGradient, LowRankOptimizer, RefreshPolicy, register_refresh_policy,
                       register_rule)
 from .memory import estimate_state_bytes, state_bytes
+from .refresh import CaptureRefresh, refresh_gap  # registers refresh='capture'
 from .options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 from .spec import LowRankSpec, spec_for
 
@@ -46,6 +47,8 @@ __all__ = [
     "RefreshPolicy",
     "register_rule",
     "register_refresh_policy",
+    "CaptureRefresh",
+    "refresh_gap",
     "LOW_RANK_DEFAULTS",
     "PAPER_RESIDUAL_RATIO",
 ]

@@ -42,6 +42,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
 - the inner rule's low-rank moments.
 - with a residual (``residual_ratio > 0``, after warm-up): ``residual_index`` (flat int32),
   ``residual_m``, ``residual_v`` (one value per index) and ``residual_start`` (``residual.py``).
+- with a policy that reads the captured share (``refresh="capture"``): ``capture_share`` (a float)
+  and ``capture_step`` (the update it was measured for; DESIGN.md, "Refresh").
 
 Low-rank math runs in ``compute_dtype``: float32 for bf16/fp16 parameters, the parameter's own
 dtype for float32/float64 ones; low-rank moments are stored in it, and so is the projector unless
@@ -50,6 +52,7 @@ the group's ``proj_dtype`` says otherwise (e.g. ``torch.bfloat16``, half the byt
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,7 +73,8 @@ from .sharding import CommCounter, layout_of, local, local_offset
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
 #: State keys of the engine itself (the inner rule adds its own).
 ENGINE_STATE_KEYS = ("step", "refresh_count", "last_refresh", "proj_side", "proj_left", "proj_right",
-                     "residual_index", "residual_m", "residual_v", "residual_start")
+                     "residual_index", "residual_m", "residual_v", "residual_start",
+                     "capture_share", "capture_step")  # the last two: RefreshPolicy.reads_share
 #: Marks a state dict as ours, with the inner rule that wrote it (``load_state_dict`` checks it).
 STATE_DICT_KEY = "galore_plus"
 
@@ -87,7 +91,17 @@ _ALIASES: dict[str, type[LowRankOptimizer]] = {}
 class RefreshPolicy:
     """When a low-rank parameter's projector refreshes after its first one (which is always at its
     first update); asked before an update that has not refreshed yet (at most one refresh per update). Stateless: what it needs is in the parameter's state (tensors and numbers: ``step``,
-    ``last_refresh``, ``refresh_count``) and its group's keys."""
+    ``last_refresh``, ``refresh_count``) and its group's keys.
+
+    ``reads_share``: the policy reads the captured share of the update's own full gradient. When the
+    engine is asked with that gradient (``projector_due(p, grad)``: ``step()``, ``update``, layer-wise
+    mode) it first measures ``‖low‖/‖G‖`` under the current projector, once per update, into the
+    state: ``capture_share`` (a float) and ``capture_step`` (the update it was measured for). Asked
+    without one (the projected backward, between refreshes), there is no measurement for this update
+    (DESIGN.md, "Refresh"). ``requires``: group keys that must not be None when the policy is chosen."""
+
+    reads_share = False
+    requires: tuple[str, ...] = ()
 
     def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -416,10 +430,12 @@ class LowRankOptimizer(Optimizer):
     def is_low_rank(self, p: Tensor) -> bool:
         return "rank" in self.group_of(p)
 
-    def projector_due(self, p: Tensor) -> bool:
+    def projector_due(self, p: Tensor, grad: Tensor | None = None) -> bool:
         """Whether ``p``'s next update needs a full gradient: a low-rank parameter before its first
-        update, then every ``update_proj_gap`` updates (galore-torch's ``iter % T == 0`` with ``iter``
-        the updates taken so far). False for plain parameters (they always take a full gradient)."""
+        update, then when its group's refresh policy says (``interval``: every ``update_proj_gap``
+        updates, galore-torch's ``iter % T == 0`` with ``iter`` the updates taken so far). False for
+        plain parameters (they always take a full gradient). ``grad``: this update's full gradient,
+        for a policy that reads its captured share (``RefreshPolicy.reads_share``)."""
         group = self.group_of(p)
         if "rank" not in group:
             return False
@@ -428,7 +444,25 @@ class LowRankOptimizer(Optimizer):
             return True
         if state["last_refresh"] == state.get("step", 0):  # refreshed for this very update: once is enough
             return False
-        return refresh_policy(group["refresh"]).due(state, group)
+        policy = refresh_policy(group["refresh"])
+        if grad is not None and policy.reads_share:
+            self._measure_share(p, grad)
+        return policy.due(state, group)
+
+    def _measure_share(self, p: Tensor, grad: Tensor) -> None:
+        """``capture_share = ‖low‖_F / ‖G‖_F`` of this update's full gradient under ``p``'s current
+        projector (1 for a zero gradient), once per update (``capture_step``); a float, so the
+        policy's decision is the same on every rank (DDP: the same averaged gradient) and resumes
+        bitwise. Costs one projection and two norms (under FSDP2 one scalar all-reduce)."""
+        state = self.state[p]
+        step = state.get("step", 0) + 1
+        if state.get("capture_step") == step:
+            return
+        layout, grad = layout_of(p, self.comm), grad.to(compute_dtype(p))
+        low = layout.project(grad, *self.projector(p))
+        captured, total = layout.squared_norms(low, grad)
+        state["capture_share"] = math.sqrt(captured / total) if total > 0 else 1.0
+        state["capture_step"] = step
 
     def check_gradient(self, p: Tensor, grad: Tensor, name: str | None = None) -> None:
         """Raise on a gradient that must not be used; changes nothing.
@@ -439,7 +473,7 @@ class LowRankOptimizer(Optimizer):
         name = name or self.name_of(p)
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
-        if self.projector_due(p) and not layout_of(p, self.comm).all_finite(grad):
+        if self.projector_due(p, grad) and not layout_of(p, self.comm).all_finite(grad):
             raise FloatingPointError(
                 f"the gradient of {name} (shape {tuple(p.shape)}) has NaN or Inf at a projector refresh "
                 f"(step {self.state.get(p, {}).get('step', 0) + 1}); nothing was updated")
@@ -452,7 +486,7 @@ class LowRankOptimizer(Optimizer):
         orthonormal basis is used instead. Either way training goes on, with a warning. Directions
         of the new basis along which the gradient is numerically zero are zeroed (DESIGN.md,
         "Projectors", rank above the gradient's rank)."""
-        if not self.projector_due(p):
+        if not self.projector_due(p, grad):
             return False
         group, _, index = self._locate(p)
         state = self.state[p]
@@ -603,7 +637,7 @@ class LowRankOptimizer(Optimizer):
             self.check_gradient(p, p.grad)
             if p in self._projected:
                 raise RuntimeError(f"{self.name_of(p)} has both a full and a projected gradient")
-        due = [(p, p.grad) for p in full if self.projector_due(p)]
+        due = [(p, p.grad) for p in full if self.projector_due(p, p.grad)]
         if due:
             self.refresher.refresh(self, due)
         for p in full:

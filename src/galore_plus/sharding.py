@@ -237,6 +237,10 @@ class WholeTensor:
     def project(self, grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
         return projection.project(grad, left, right)
 
+    def squared_norms(self, *tensors: Tensor) -> tuple[float, ...]:
+        """``‖t‖_F²`` of each whole tensor, as floats (the captured share, DESIGN.md, "Refresh")."""
+        return tuple(torch.stack([t.square().sum() for t in tensors]).tolist())
+
     @staticmethod
     def flat_local(t: Tensor) -> Tensor:
         """``t`` flattened as a view: the residual's indices address it."""
@@ -398,6 +402,17 @@ class RowShards(WholeTensor):
             self.counter.add("all_reduce", low.to_local())
             low = low.redistribute(low.device_mesh, [Replicate()])
         return low
+
+    def squared_norms(self, *tensors: Tensor) -> tuple[float, ...]:
+        """``‖t‖_F²`` of each whole tensor: replicated ones (a left projection's ``r×n``) from this
+        rank's copy, row-sharded ones summed over the ranks in one scalar all-reduce."""
+        sums = [local(t).square().sum() for t in tensors]
+        sharded = [is_dtensor(t) and any(pl.is_shard() for pl in t.placements) for t in tensors]
+        if any(sharded):
+            rows = ShardRows(next(t for t, s in zip(tensors, sharded) if s), self.counter)
+            shared = iter(rows.sum(torch.stack([v for v, s in zip(sums, sharded) if s])).tolist())
+            return tuple(next(shared) if s else float(v) for v, s in zip(sums, sharded))
+        return tuple(float(v) for v in sums)
 
     @staticmethod
     def flat_local(t: Tensor) -> Tensor:

@@ -87,6 +87,9 @@ class LowRankSpec:
     residual_reselect: bool = _group(False, "choose the residual's entries again at each refresh")
     proj_dtype: torch.dtype | None = _group(None, "the projector's storage dtype (None: the compute dtype)")
     refresh: str = _group("interval", "when projectors refresh: a name of registry.REFRESH_POLICIES")
+    # issue 29, "when to refresh" (DESIGN.md, "Refresh"): read by refresh="capture" only
+    capture_threshold: float | None = _group(None, "refresh='capture': also refresh when the captured share "
+                                                   "‖PᵀG‖/‖G‖ of the step's full gradient is below it, in (0, 1]")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
@@ -204,6 +207,12 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     if "refresh" in group:
         if group["refresh"] not in REFRESH_POLICIES:
             raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")
+        for key in getattr(REFRESH_POLICIES[group["refresh"]], "requires", ()):  # the keys the policy reads
+            if group.get(key) is None:
+                raise ValueError(f"{where}: refresh={group['refresh']!r} needs {key} (None given)")
+    threshold = group.get("capture_threshold")
+    if threshold is not None and (not is_real(threshold) or not 0.0 < threshold <= 1.0):
+        raise ValueError(f"{where}: capture_threshold={threshold!r} must be None or a number in (0, 1]")
 
 
 def check_head_blocks(group: dict[str, Any], where: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..integration import EMBEDDINGS
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
+from ..refresh import refresh_gap
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
 from .errors import ConfigError
@@ -67,7 +68,13 @@ class FinetuneConfig:
     scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
     plain_lr_ratio: float = option(1.0, "the plainly trained parameters' (embeddings, lm_head, norms) learning rate "
                                         "as a multiple of --lr (galore, galore+; the projected update is α·lr)")
-    update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps")
+    update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps", group="gap")
+    refreshes: int | None = option(None, "refresh K times over the run, evenly from step 1: T = ⌈steps/K⌉ (an "
+                                         "extended run keeps its T; DESIGN.md, 'Refresh')", group="gap", shown="off")
+    refresh_policy: str = option("interval", "capture: also refresh when a step's gradient has a captured share "
+                                             "‖PᵀG‖/‖G‖ below --capture-threshold", choices=("interval", "capture"))
+    capture_threshold: float | None = option(None, "--refresh-policy capture: refresh below this share, in (0, 1]",
+                                             shown="unset, capture needs it")
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -131,7 +138,8 @@ class FinetuneConfig:
 #: runs are keyed without them.
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
-                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0}
+                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
+                 "refresh_policy": "interval", "capture_threshold": None}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -230,14 +238,18 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
                                eval_data=None if c.eval_data is None else absolute_data(c.eval_data))
 
 
-def low_rank_spec(config: FinetuneConfig) -> LowRankSpec:
+def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> LowRankSpec:
     """The library's spec of the run's low-rank method (``galore`` or ``galore+``; for the other methods
     the GaLore+ recipe at the config's values, which validation checks all the same): the command's
-    fields are the spec's, with the method's recipe and the command's own defaults (α 4, T 50)."""
+    fields are the spec's, with the method's recipe and the command's defaults (α 4, T 50, or ⌈total_steps/K⌉)."""
     method = config.method if config.method in LOW_RANK_METHODS else "galore+"
     residual = {"residual_ratio": residual_ratio(config)} if (
         method == "galore+" or config.residual_ratio) else {}
-    return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=config.update_proj_gap, scale=config.scale,
+    gap, steps = config.update_proj_gap, total_steps or config.max_steps
+    if config.refreshes is not None and steps is not None:
+        gap = refresh_gap(steps, config.refreshes)
+    return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=gap, scale=config.scale,
+                              refresh=config.refresh_policy, capture_threshold=config.capture_threshold,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
                               plain_lr_ratio=config.plain_lr_ratio,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
@@ -256,7 +268,7 @@ def projected_backward(config: FinetuneConfig) -> bool:
     path) except under FSDP2, whose sharded weights keep the full path."""
     if config.projected_backward is not None:
         return config.projected_backward
-    return config.method in LOW_RANK_METHODS and config.distributed != "fsdp"
+    return config.method in LOW_RANK_METHODS and config.distributed != "fsdp" and config.refresh_policy != "capture"
 
 
 def torch_dtype(name: str, device):
@@ -299,7 +311,8 @@ def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
-                                            ("plain_lr_ratio", 1.0))
+                                            ("plain_lr_ratio", 1.0), ("refreshes", None),
+                                            ("refresh_policy", "interval"), ("capture_threshold", None))
                  if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
@@ -309,6 +322,12 @@ def _check_method(c: FinetuneConfig) -> None:
             if name == "embeddings":
                 given += f" {c.embeddings}"
             raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
+    if c.refreshes is not None and c.update_proj_gap != FinetuneConfig.update_proj_gap:
+        raise ConfigError(f"--refreshes {c.refreshes} sets T from the run's length; drop --update-proj-gap")
+    if c.capture_threshold is not None and c.refresh_policy != "capture":
+        raise ConfigError(f"--capture-threshold {c.capture_threshold} needs --refresh-policy capture")
+    if c.refresh_policy == "capture" and c.projected_backward:  # DESIGN.md, "Refresh"
+        raise ConfigError("--refresh-policy capture reads full gradients, which --projected-backward forms at refreshes only")
     if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
         raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
                           "state, which a checkpoint must not unpickle, and has no distributed path: run it with "

@@ -103,7 +103,7 @@ def build(run: Run) -> Built:
         from .. import distributed
     if config.distributed == "fsdp":  # shard first: the optimizer must see the DTensor parameters
         train_model = distributed.wrap_model(model, "fsdp", run.runtime.device)
-    model, optimizer = build_method(config, model)
+    model, optimizer = build_method(config, model, total_steps)
     if distributed is not None:
         if config.distributed == "ddp":
             train_model = distributed.wrap_model(model, "ddp", run.runtime.device)

@@ -8,10 +8,12 @@ import torch
 
 from ..layerwise import engine_of
 from .config import FinetuneConfig, low_rank_spec, projected_backward
+from .errors import ConfigError
 
 
-def build_method(config: FinetuneConfig, model: torch.nn.Module):
-    """``(model, optimizer)`` for ``config.method`` (LoRA/DoRA wrap the model with PEFT)."""
+def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: int | None = None):
+    """``(model, optimizer)`` for ``config.method`` (LoRA/DoRA wrap the model with PEFT); ``total_steps``:
+    the run's length (``--refreshes`` spaces the refreshes over it)."""
     if config.method in ("lora", "dora"):
         from peft import LoraConfig, get_peft_model
 
@@ -37,7 +39,11 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module):
     refresh_in_backward = (projected and config.grad_accum == 1 and config.distributed == "none"
                            and not config.layerwise)
     layerwise = {"accumulation_steps": config.grad_accum} if config.layerwise else {}
-    optimizer = build_optimizer(model, low_rank_spec(config), lr=config.lr, weight_decay=config.weight_decay,
+    try:
+        spec = low_rank_spec(config, total_steps)
+    except ValueError as err:  # --refreshes above the length of a run by --epochs
+        raise ConfigError(str(err)) from None
+    optimizer = build_optimizer(model, spec, lr=config.lr, weight_decay=config.weight_decay,
                                 layerwise=config.layerwise, seed=config.seed, projected_backward=projected,
                                 refresh_in_backward=refresh_in_backward, embeddings=config.embeddings,
                                 stochastic_rounding=config.stochastic_rounding, **layerwise)
