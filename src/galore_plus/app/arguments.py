@@ -9,7 +9,8 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from .config import FinetuneConfig, _value_type, flag
+from .checks import value_type
+from .config import FinetuneConfig, flag
 from .errors import ConfigError
 
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -
     dataclass fills in the rest. A field whose default is None and shown as "required" is required."""
     groups: dict[str, Any] = {}
     for f in fields(cls):
-        meta, kind = f.metadata, _value_type(f.name, cls)
+        meta, kind = f.metadata, value_type(f.name, cls)
         shown = meta["shown"] or ("on" if f.default is True else "off" if f.default is False else f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}

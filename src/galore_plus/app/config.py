@@ -15,24 +15,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
-import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from ..integration import EMBEDDINGS
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_real
 from ..refresh import refresh_gap
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
+from .checks import check_device, check_output_dir, check_types
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SEED_LIMIT = 2**32
 
 
@@ -148,17 +145,6 @@ def flag(name: str, cls: type = FinetuneConfig) -> str:
     return meta["flag"] or "--" + name.replace("_", "-")
 
 
-def _value_type(name: str, cls: type = FinetuneConfig) -> type:
-    """``int`` for ``int`` and ``int | None``, and so on."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def _nullable(name: str, cls: type = FinetuneConfig) -> bool:
-    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
-
-
 def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
     """A config from a saved dictionary (``state.json``, ``run.json``); unknown keys are refused, and
     options the run predates take their :data:`LEGACY_VALUES`."""
@@ -177,7 +163,7 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     file whatever its working directory). Raises :class:`ConfigError` naming the value and what is
     allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
     the weights)."""
-    _check_types(config)
+    check_types(config)
     c = config
     try:  # the values the library owns, with its messages: the spec checks its own
         low_rank_spec(c)
@@ -210,8 +196,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     if not c.save_checkpoint and c.save_every:
         raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
                           "or not; drop one of them")
-    _check_device(c.device)
-    _check_output_dir(c.output_dir)
+    check_device(c.device)
+    check_output_dir(c.output_dir)
     from .data import TASKS, DataError, check_source
     from .models import check_spec
 
@@ -294,19 +280,6 @@ def absolute_data(data: str) -> str:
     return data if data in TASKS else os.path.abspath(data)
 
 
-def _check_types(c: Any) -> None:
-    cls = type(c)
-    for f in fields(c):
-        value, kind = getattr(c, f.name), _value_type(f.name, cls)
-        if value is None and _nullable(f.name, cls):
-            continue
-        ok = (is_int(value) if kind is int else is_real(value) or isinstance(value, float) if kind is float
-              else isinstance(value, kind))
-        if not ok:
-            raise ConfigError(f"{f.name}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}"
-                              + (" or None" if _nullable(f.name, cls) else ""))
-
-
 def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
@@ -351,49 +324,3 @@ def _check_method(c: FinetuneConfig) -> None:
     if c.distributed == "fsdp" and c.method not in (*LOW_RANK_METHODS, "adamw"):
         raise ConfigError("--distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
                           f"{c.method} keeps state that is not sharded with its parameter")
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N, mps, ...") from None
-    if device.type == "cpu":
-        return
-    module = getattr(torch, device.type, None)
-    is_available = getattr(module, "is_available", None)
-    if device.type == "mps":
-        is_available = torch.backends.mps.is_available
-    if is_available is None or not is_available():
-        raise ConfigError(f"--device {name}: no {device.type} device is available here; use auto or cpu")
-    count = getattr(module, "device_count", None)
-    if device.index is not None and count is not None and device.index >= count():
-        raise ConfigError(f"--device {name}: there are {count()} {device.type} device(s), numbered from 0")
-
-
-def check_launch(distributed: str) -> None:
-    """A distributed run was started by torchrun (checked by the run, not by :func:`validated`: a
-    config is valid whatever launches it)."""
-    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
-    if distributed != "none" and missing:
-        raise ConfigError(f"--distributed {distributed} runs under torchrun (or accelerate launch), which sets "
-                          f"{', '.join(missing)}: torchrun --nproc_per_node N -m galore_plus.app finetune "
-                          f"--distributed {distributed} ...")
-
-
-def _check_output_dir(path: str, option: str = "--output-dir") -> None:
-    """The directory exists and is writable, or can be made: its first existing ancestor is a
-    directory one can write in."""
-    target = Path(path).absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == target else f"is under {existing}, which is a file"
-        raise ConfigError(f"{option} {path} {where}; give a directory")
-    try:  # a real probe: os.access says yes to root, and to read-only mounts such as /proc
-        os.rmdir(tempfile.mkdtemp(prefix=".galore-plus-probe-", dir=existing))
-    except OSError as err:
-        raise ConfigError(f"{option} {path}: cannot write in {existing} ({err.strerror})") from None

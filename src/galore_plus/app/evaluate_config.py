@@ -7,8 +7,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .config import (DTYPES, SEED_LIMIT, SPLITS, FinetuneConfig, _check_device, _check_output_dir, _check_types,
-                     absolute_data, flag, option)
+from .checks import check_device, check_output_dir, check_types
+from .config import DTYPES, SEED_LIMIT, SPLITS, FinetuneConfig, absolute_data, flag, option
 from .errors import ConfigError
 
 
@@ -43,7 +43,7 @@ def validated_evaluate(config: EvaluateConfig) -> EvaluateConfig:
     from .data import DataError, check_source
     from .models import check_spec
 
-    _check_types(config)
+    check_types(config)
     c = config
     for name, least in (("n_test", 1), ("max_length", 2), ("max_new_tokens", 1), ("eval_batch_size", 1)):
         value = getattr(c, name)
@@ -51,9 +51,9 @@ def validated_evaluate(config: EvaluateConfig) -> EvaluateConfig:
             raise ConfigError(f"evaluate: {flag(name, EvaluateConfig)} must be ≥ {least}, got {value}")
     if not 0 <= c.seed < SEED_LIMIT:
         raise ConfigError(f"evaluate: --seed must be in [0, 2**32), got {c.seed}")
-    _check_device(c.device)
+    check_device(c.device)
     if c.output is not None:
-        _check_output_dir(os.path.dirname(os.path.abspath(c.output)), "--output")
+        check_output_dir(os.path.dirname(os.path.abspath(c.output)), "--output")
     try:
         check_source(c.data, c.split)
     except DataError as err:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import LOW_RANK_METHODS, FinetuneConfig, check_launch, validated
+from .checks import check_launch
+from .config import LOW_RANK_METHODS, FinetuneConfig, validated
 from .resume import changes, resumed
 from .errors import ConfigError
 from .examples import DataError, Task
