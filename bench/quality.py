@@ -67,7 +67,8 @@ ABLATION_BASE = "galore+ (old recipe)"
 ABLATIONS = (
     ("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),
     ("plain lr x16", {"plain_lr_ratio": 16.0}, 1.0),
-    ("T 25 (8 refreshes)", {"update_proj_gap": 25}, 1.0),
+    ("8 refreshes (T 25)", {"refreshes": 8}, 1.0),
+    ("capture refresh < 0.5", {"refresh_policy": "capture", "capture_threshold": 0.5}, 1.0),
 )
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
