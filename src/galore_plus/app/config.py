@@ -25,6 +25,7 @@ from ..integration import EMBEDDINGS
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
+from ..transport import MOMENT_TRANSPORTS
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
@@ -68,6 +69,9 @@ class FinetuneConfig:
     plain_lr_ratio: float = option(1.0, "the plainly trained parameters' (embeddings, lm_head, norms) learning rate "
                                         "as a multiple of --lr (galore, galore+; the projected update is α·lr)")
     update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps")
+    moment_transport: str = option(LOW_RANK_DEFAULTS["moment_transport"], "the Adam moments at a projector refresh: "
+                                   "keep, reset, or project into the new basis (galore, galore+)",
+                                   choices=MOMENT_TRANSPORTS)
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -131,7 +135,8 @@ class FinetuneConfig:
 #: runs are keyed without them.
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
-                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0}
+                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0,
+                 "moment_transport": "keep"}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -239,7 +244,7 @@ def low_rank_spec(config: FinetuneConfig) -> LowRankSpec:
         method == "galore+" or config.residual_ratio) else {}
     return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=config.update_proj_gap, scale=config.scale,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
-                              plain_lr_ratio=config.plain_lr_ratio,
+                              plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -299,7 +304,7 @@ def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
-                                            ("plain_lr_ratio", 1.0))
+                                            ("plain_lr_ratio", 1.0), ("moment_transport", "keep"))
                  if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
