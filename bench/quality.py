@@ -69,6 +69,8 @@ ABLATIONS = (
     ("plain lr x16", {"plain_lr_ratio": 16.0}, 1.0),
     ("8 refreshes (T 25)", {"refreshes": 8}, 1.0),
     ("capture refresh < 0.5", {"refresh_policy": "capture", "capture_threshold": 0.5}, 1.0),
+    ("moments projected", {"moment_transport": "project"}, 1.0),
+    ("moments reset", {"moment_transport": "reset"}, 1.0),
 )
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .functional import adafactor_update
-from .lowrank import InnerRule, LowRankOptimizer, register_rule
+from .lowrank import InnerRule, LowRankOptimizer, moment_steps, register_rule
 from .options import is_real
 
 
@@ -23,6 +23,9 @@ class AdafactorRule(InnerRule):
                 "scale_parameter": True, "relative_step": True, "warmup_init": False}
     lr_may_be_none = True
     shards = False
+    # "project" is refused: the factored second moment (row and column means) has no per-coordinate
+    # form to rotate (DESIGN.md, "Moment transport")
+    moment_transports = ("keep", "reset")
     shard_reason = ("its factored second moment needs column means over all rows of a sharded matrix, an all-reduce "
                     "per step that is not implemented; use it under DDP, or GaLoreAdamW / GaLoreAdamW8bit under FSDP2")
 
@@ -75,11 +78,18 @@ class AdafactorRule(InnerRule):
                 state["exp_avg"] = torch.zeros_like(work)
         update = adafactor_update(
             work, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
-            state["step"], group["decay_rate"], group["eps"][0], group["clip_threshold"])
+            moment_steps(state), group["decay_rate"], group["eps"][0], group["clip_threshold"])
         update.mul_(lr)
         if group["beta1"] is not None:
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
         return update.to(grad.dtype)
+
+    def reset_moments(self, state: dict[str, Any]) -> None:
+        """Drop the statistics: the next step's ``β2_t = 1 − t^decay_rate`` counts ``t`` from the reset,
+        so it takes the gradient's statistics whole, as a first step does (the relative step size keeps
+        counting the parameter's steps)."""
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
+            state.pop(key, None)
 
     def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
         second = ({"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]} if len(shape) >= 2

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from .functional import adam_direction
-from .lowrank import InnerRule, LowRankOptimizer, register_rule
+from .lowrank import InnerRule, LowRankOptimizer, moment_steps, register_rule
 from .options import LOW_RANK_DEFAULTS, is_real
+from .sharding import local
 from .spec import RECIPES
+from .transport import Rotation, bias_ratio
 
 
 @register_rule("adamw")
@@ -22,6 +24,7 @@ class AdamWRule(InnerRule):
     name = "AdamW"
     defaults = {"betas": (0.9, 0.999), "eps": 1e-8}
     has_moments = True
+    moment_transports = ("keep", "reset", "project")
 
     def moment_decay(self, group: dict[str, Any]) -> tuple[float, float, float]:
         beta1, beta2 = group["betas"]
@@ -41,11 +44,32 @@ class AdamWRule(InnerRule):
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         direction, factor = adam_direction(
-            grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
+            grad, state["exp_avg"], state["exp_avg_sq"], moment_steps(state), beta1, beta2, group["eps"])
         return direction.mul_(lr * factor)
 
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return state["exp_avg"], state["exp_avg_sq"]
+
+    # issue 29, moment transport (DESIGN.md, "Moment transport")
+    def reset_moments(self, state: dict[str, Any]) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            state.pop(key, None)
+
+    def transport_moments(self, state: dict[str, Any], group: dict[str, Any], rotation: Rotation) -> None:
+        """``M ← R M``, ``V`` by LDAdam's rule (``transport.Rotation``), in place (this process's part)."""
+        if "exp_avg" not in state:
+            return
+        m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        new_m, new_v = self.transported(m, v, group, moment_steps(state), rotation)
+        m.copy_(new_m)
+        v.copy_(new_v)
+
+    @staticmethod
+    def transported(m: Tensor, v: Tensor, group: dict[str, Any], t: int, rotation: Rotation) -> tuple[Tensor, Tensor]:
+        """``(R M, V')`` for moments that have taken ``t`` updates (new tensors)."""
+        beta1, beta2 = group["betas"]
+        new_m = rotation.first(m)
+        return new_m, rotation.second(v, m, new_m, bias_ratio(beta1, beta2, t))
 
     def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
         return [{"exp_avg": shape, "exp_avg_sq": shape}]
@@ -69,8 +93,9 @@ class GaLoreAdamW(LowRankOptimizer):
 
     The projector holds the top-``rank`` singular vectors of the gradient, recomputed at the first
     step and then every ``update_proj_gap`` steps (exact SVD, as galore-torch 1.0 computes it); the
-    moments are kept as they are when it changes (the paper's behaviour). Groups without ``rank``
-    are plain ``torch.optim.AdamW``.
+    moments are kept as they are when it changes (the paper's behaviour; ``moment_transport="reset"``
+    or ``"project"`` drops them or carries them into the new basis, DESIGN.md "Moment transport").
+    Groups without ``rank`` are plain ``torch.optim.AdamW``.
 
     The group keys are galore-torch's (``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` in
     ``std``, ``reverse_std``, ``left``, ``right``, ``full``): switching is a change of import. Where

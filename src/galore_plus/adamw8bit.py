@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .adamw import AdamWRule, GaLoreAdamW
 from .functional import adam_direction
-from .lowrank import ParameterWrite, register_rule
+from .lowrank import ParameterWrite, moment_steps, register_rule
 from .sharding import is_dtensor, local, placed_blocks, placed_like
+from .transport import Rotation
 
 #: bitsandbytes' block size for its 8-bit blockwise optimizers, and its threshold below which a
 #: tensor's state stays 32-bit (``min_8bit_size``): tiny tensors gain nothing from quantization.
@@ -115,7 +116,7 @@ class AdamW8bitRule(AdamWRule):
             exp_avg = dequantize(codes_m[a:b], absmax_m[blocks], signed=True)
             exp_avg_sq = dequantize(codes_v[a:b], absmax_v[blocks], signed=False)
             direction, factor = adam_direction(
-                flat_grad[a:b].float(), exp_avg, exp_avg_sq, state["step"], beta1, beta2, group["eps"])
+                flat_grad[a:b].float(), exp_avg, exp_avg_sq, moment_steps(state), beta1, beta2, group["eps"])
             # A NaN/Inf gradient entry poisons its own parameter entry through ``direction`` (as in
             # AdamW) but must not reach the block's absmax, which would make all 256 entries of its
             # block non-finite: its stored moments are reset to 0 instead (DESIGN.md, "8-bit").
@@ -132,7 +133,7 @@ class AdamW8bitRule(AdamWRule):
         fresh local state is placed like the moment (see the class docstring)."""
         part = local(grad)
         blocks = -(-part.numel() // BLOCK_SIZE)
-        local_state: dict[str, Any] = {"step": state["step"]}
+        local_state: dict[str, Any] = {k: state[k] for k in ("step", "moment_start") if k in state}
         if "exp_avg_q" in state:
             for key in ("exp_avg", "exp_avg_sq"):
                 local_state[f"{key}_q"] = local(state[f"{key}_q"])
@@ -157,6 +158,30 @@ class AdamW8bitRule(AdamWRule):
                          for key, signed in (("exp_avg", True), ("exp_avg_sq", False)))
         return (dequantize(state["exp_avg_q"], state["exp_avg_absmax"], signed=True),
                 dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False))
+
+    # issue 29, moment transport (DESIGN.md, "Moment transport")
+    def reset_moments(self, state: dict[str, Any]) -> None:
+        super().reset_moments(state)
+        for key in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+            state.pop(key, None)
+
+    def transport_moments(self, state: dict[str, Any], group: dict[str, Any], rotation: Rotation) -> None:
+        """8-bit moments: dequantize this process's part, transport in float32, quantize again (in place:
+        the codes and the used part of the absmax, as a step writes them)."""
+        if "exp_avg_q" not in state:
+            return super().transport_moments(state, group, rotation)
+        codes = [local(state["exp_avg_q"]), local(state["exp_avg_sq_q"])]
+        if not codes[0].numel():  # a rank without rows of this matrix
+            return
+        blocks = -(-codes[0].numel() // BLOCK_SIZE)
+        absmax = [local(state["exp_avg_absmax"])[:blocks], local(state["exp_avg_sq_absmax"])[:blocks]]
+        m = dequantize(codes[0], absmax[0], signed=True).view(codes[0].shape)
+        v = dequantize(codes[1], absmax[1], signed=False).view(codes[1].shape)
+        moved = self.transported(m, v, group, moment_steps(state), rotation)
+        for value, code, scale, signed in zip(moved, codes, absmax, (True, False)):
+            new_code, new_scale = quantize(value, signed)
+            code.copy_(new_code.view(code.shape))
+            scale.copy_(new_scale)
 
     def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
         numel = math.prod(shape)

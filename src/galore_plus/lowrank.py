@@ -44,6 +44,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
   ``residual_m``, ``residual_v`` (one value per index) and ``residual_start`` (``residual.py``).
 - with a policy that reads the captured share (``refresh="capture"``): ``capture_share`` (a float)
   and ``capture_step`` (the update it was measured for; DESIGN.md, "Refresh").
+- ``moment_start``: the ``step`` at which ``moment_transport="reset"`` last dropped the moments
+  (absent until then); the rule's bias correction counts from it (``moment_steps``).
 
 Low-rank math runs in ``compute_dtype``: float32 for bf16/fp16 parameters, the parameter's own
 dtype for float32/float64 ones; low-rank moments are stored in it, and so is the projector unless
@@ -62,7 +64,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import projection, residual
+from . import projection, residual, transport
 from .registry import REFRESH_POLICIES, RULES, refresh_policy, register_refresh_policy, register_rule  # noqa: F401
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for, rounding_generator
@@ -73,10 +75,16 @@ from .sharding import CommCounter, layout_of, local, local_offset
 _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
 #: State keys of the engine itself (the inner rule adds its own).
 ENGINE_STATE_KEYS = ("step", "refresh_count", "last_refresh", "proj_side", "proj_left", "proj_right",
-                     "residual_index", "residual_m", "residual_v", "residual_start",
+                     "residual_index", "residual_m", "residual_v", "residual_start", "moment_start",
                      "capture_share", "capture_step")  # the last two: RefreshPolicy.reads_share
 #: Marks a state dict as ours, with the inner rule that wrote it (``load_state_dict`` checks it).
 STATE_DICT_KEY = "galore_plus"
+
+
+def moment_steps(state: dict[str, Any]) -> int:
+    """The updates the rule's moments have taken, for their bias correction: ``step``, less the step
+    at which ``moment_transport="reset"`` last dropped them (DESIGN.md, "Moment transport")."""
+    return state["step"] - state.get("moment_start", 0)
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:
@@ -123,6 +131,8 @@ class InnerRule:
     ``lr_may_be_none``: the rule computes its own step size (Adafactor's relative step).
     ``has_moments``: it keeps Adam moments ``(M, V)``, which the sparse residual needs.
     ``shards``: it works on FSDP2 row shards.
+    ``moment_transports``: the ``moment_transport`` values it supports: ``keep`` always, ``reset``
+    with ``reset_moments``, ``project`` with ``transport_moments`` (DESIGN.md, "Moment transport").
     """
 
     name = "rule"
@@ -133,6 +143,7 @@ class InnerRule:
     has_moments = False
     shards = True
     shard_reason = ""
+    moment_transports: tuple[str, ...] = ("keep",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +175,16 @@ class InnerRule:
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """``(M, V)`` as stored or dequantized (only when ``has_moments``)."""
         raise NotImplementedError(f"the {self.name} rule has no moments")
+
+    def reset_moments(self, state: dict[str, Any]) -> None:
+        """``moment_transport="reset"``: drop the moments; the next ``direction`` creates them afresh and
+        its bias correction counts from there (``moment_steps``; the engine records ``moment_start``)."""
+        raise NotImplementedError(f"the {self.name} rule has no moments to reset")
+
+    def transport_moments(self, state: dict[str, Any], group: dict[str, Any], rotation: transport.Rotation) -> None:
+        """``moment_transport="project"``: carry the moments into the new basis, in place (their
+        ``first``/``second`` maps are ``rotation``'s, on this process's part of each moment)."""
+        raise NotImplementedError(f"the {self.name} rule has no moments to transport")
 
     def state_shapes(self, shape: tuple[int, ...], group: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
         """The layouts of the rule's state for a gradient of ``shape``: each a dict of key → shape
@@ -396,6 +417,9 @@ class LowRankOptimizer(Optimizer):
             if group["residual_ratio"] > 0 and not self.rule.has_moments:
                 raise ValueError(f"{where}: residual_ratio={group['residual_ratio']} needs Adam moments; "
                                  f"{type(self).__name__} ({self.rule.name}) has none")
+            if group["moment_transport"] not in self.rule.moment_transports:  # issue 29, moment transport
+                raise ValueError(f"{where}: moment_transport={group['moment_transport']!r} is not supported by the "
+                                 f"{self.rule.name} rule (it supports {self.rule.moment_transports})")
         for i, p in enumerate(group["params"]):
             name = _param_name(group, i)
             if p.is_complex():
@@ -527,8 +551,12 @@ class LowRankOptimizer(Optimizer):
 
     def store_projector(self, p: Tensor, left: Tensor | None, right: Tensor | None) -> None:
         """Make ``(left, right)`` ``p``'s projector, as a refresh does (its side, the refresh count
-        and the step of the refresh are recorded). Used by refreshes computed elsewhere (DDP)."""
+        and the step of the refresh are recorded; the moments follow ``moment_transport``). Used by
+        refreshes computed elsewhere (DDP): every rank stores the same projector, so every rank
+        carries its moments the same way."""
         group, state = self.group_of(p), self.state[p]
+        carry = "proj_side" in state and group["moment_transport"] != "keep"  # issue 29, moment transport
+        old = self.projector(p) if carry else None
         state["proj_side"] = (projection.FULL if left is not None and right is not None
                               else projection.LEFT if left is not None else projection.RIGHT)
         for key, tensor in (("proj_left", left), ("proj_right", right)):
@@ -538,6 +566,26 @@ class LowRankOptimizer(Optimizer):
                 state[key] = tensor.to(device=p.device, dtype=group["proj_dtype"] or compute_dtype(p))
         state["last_refresh"] = state.get("step", 0)
         state["refresh_count"] = state.get("refresh_count", 0) + 1
+        if old is not None:
+            self._carry_moments(p, group, state, old)
+
+    def _carry_moments(self, p: Tensor, group: dict[str, Any], state: dict[str, Any],
+                       old: tuple[Tensor | None, Tensor | None]) -> None:
+        """Issue 29, moment transport (DESIGN.md, "Moment transport"; ``transport.py``): after a refresh
+        from ``old`` to the stored basis, drop the moments (``reset``) or carry them into the new basis
+        (``project``). A refresh that left the basis as it was (bitwise; a failed SVD keeps the
+        previous projector) changes nothing, and neither does one whose side changed."""
+        new = self.projector(p)
+        if any((a is None) != (b is None) for a, b in zip(old, new)):
+            return
+        layout = layout_of(p, self.comm)
+        if layout.same_basis(old, new):
+            return
+        if group["moment_transport"] == "reset":
+            self.rule.reset_moments(state)
+            state["moment_start"] = state.get("step", 0)
+        else:
+            self.rule.transport_moments(state, group, transport.Rotation(*layout.change_of_basis(old, new)))
 
     def projector(self, p: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``p``'s ``(left, right)`` basis in its compute dtype (a copy only when stored in another

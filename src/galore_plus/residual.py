@@ -116,6 +116,8 @@ class SparseResidual:
                 at = (index, exact - back_at(direction))
             else:
                 back_v_s = back_at(self.rule.moments(state)[1].to(dtype))
+                if state.get("moment_start"):  # V' restarted at a reset (moment_transport): its own correction
+                    back_v_s.mul_((1 - beta2**step) / (1 - beta2**(step - state["moment_start"])))
                 delta = paper_residual(entries, back_at(low), back_v_s, state["residual_m"], state["residual_v"],
                                        step, beta1, beta2, eps)
                 at = (index, delta.mul_(lr))

@@ -19,7 +19,9 @@ constructor works on an FSDP2 model (DESIGN.md, "Distributed"):
   - exact SVD (``svd="exact"``): an exact SVD has no sharded form that reproduces LAPACK's vectors
     (and GaLore's moments depend on their signs), so the gradient is *gathered to one owner rank*
     (never all-gathered) at a refresh; the owner computes the projector and broadcasts it;
-  - the residual index set is each rank's part of the global top-ρ (ρ-sized candidates all-gathered).
+  - the residual index set is each rank's part of the global top-ρ (ρ-sized candidates all-gathered);
+  - moment transport (``moment_transport="project"``): a left change of basis ``P_newᵀ P_old`` sums
+    ``r×r`` products over the ranks (one all-reduce per refresh); a right one is local.
 
   Projectors are DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments DTensors
   placed like the low-rank gradient, the residual's indices and values this rank's local tensors.
@@ -234,6 +236,19 @@ class WholeTensor:
                          gen: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
         return projection.random_projector(p.shape, rank, side, gen)
 
+    # issue 29, moment transport (DESIGN.md, "Moment transport"; transport.py)
+    def same_basis(self, old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]) -> bool:
+        """Whether two ``(left, right)`` bases are bitwise the same (the same answer on every rank)."""
+        return all((a is None) == (b is None) and (a is None or torch.equal(local(a), local(b)))
+                   for a, b in zip(old, new))
+
+    def change_of_basis(self, old: tuple[Tensor | None, Tensor | None],
+                        new: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor | None, Tensor | None]:
+        """``(R_l, R_r)`` from the old basis to the new one, plain ``r×r`` tensors: ``R_l = P_newᵀ P_old``,
+        ``R_r = S_old S_newᵀ`` (``S = Qᵀ`` as stored)."""
+        return (None if new[0] is None else new[0].T @ old[0],
+                None if new[1] is None else old[1] @ new[1].T)
+
     def project(self, grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
         return projection.project(grad, left, right)
 
@@ -393,6 +408,31 @@ class RowShards(WholeTensor):
         left, right = projection.random_projector(p.shape, rank, side, gen)
         rows = ShardRows(p, self.counter)
         return self._wrap(None if left is None else rows.local(left), right, p)
+
+    def same_basis(self, old, new):
+        """Each rank compares its rows of a left basis; the ranks agree by one all-reduce (a right
+        basis is replicated: every rank's answer is the same without talking)."""
+        import torch.distributed as dist
+
+        same = super().same_basis(old, new)
+        if new[0] is None:
+            return same
+        flag = torch.tensor([int(same)], dtype=torch.int32, device=local(new[0]).device)
+        with self.counter.refresh():
+            self.counter.add("all_reduce", flag)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=new[0].device_mesh.get_group())
+        return bool(flag.item())
+
+    def change_of_basis(self, old, new):
+        """``R_l = Σ_i P_new,iᵀ P_old,i`` over the ranks' rows (one ``r×r`` all-reduce); ``R_r`` from the
+        replicated right bases, locally."""
+        left = right = None
+        with self.counter.refresh():
+            if new[0] is not None:
+                left = ShardRows(new[0], self.counter).sum(local(new[0]).T @ local(old[0]))
+        if new[1] is not None:
+            right = local(old[1]) @ local(new[1]).T
+        return left, right
 
     def project(self, grad, left, right):
         from torch.distributed.tensor import Replicate

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from . import projection, residual
+from . import projection, residual, transport
 from .registry import REFRESH_POLICIES, RULES
 
 #: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
@@ -90,6 +90,9 @@ class LowRankSpec:
     # issue 29, "when to refresh" (DESIGN.md, "Refresh"): read by refresh="capture" only
     capture_threshold: float | None = _group(None, "refresh='capture': also refresh when the captured share "
                                                    "‖PᵀG‖/‖G‖ of the step's full gradient is below it, in (0, 1]")
+    # issue 29, moment transport (DESIGN.md, "Moment transport"; transport.py)
+    moment_transport: str = _group("keep", "the Adam moments at a projector refresh: keep (GaLore's), reset (dropped, "
+                                           "bias correction restarts) or project (carried into the new basis)")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
@@ -204,6 +207,9 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     if proj_dtype is not None and proj_dtype not in PROJ_DTYPES:
         raise ValueError(f"{where}: proj_dtype={group['proj_dtype']!r} must be None or one of "
                          f"{[str(d).removeprefix('torch.') for d in PROJ_DTYPES]}")
+    if group.get("moment_transport", "keep") not in transport.MOMENT_TRANSPORTS:  # issue 29, moment transport
+        raise ValueError(f"{where}: moment_transport={group['moment_transport']!r} is not one of "
+                         f"{transport.MOMENT_TRANSPORTS}")
     if "refresh" in group:
         if group["refresh"] not in REFRESH_POLICIES:
             raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")

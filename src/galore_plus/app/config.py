@@ -23,6 +23,7 @@ from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_
 from ..refresh import refresh_gap
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
+from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
 from .errors import ConfigError
 
@@ -72,6 +73,9 @@ class FinetuneConfig:
                                              "‖PᵀG‖/‖G‖ below --capture-threshold", choices=("interval", "capture"))
     capture_threshold: float | None = option(None, "--refresh-policy capture: refresh below this share, in (0, 1]",
                                              shown="unset, capture needs it")
+    moment_transport: str = option(LOW_RANK_DEFAULTS["moment_transport"], "the Adam moments at a projector refresh: "
+                                   "keep, reset, or project into the new basis (galore, galore+)",
+                                   choices=MOMENT_TRANSPORTS)
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -136,7 +140,7 @@ class FinetuneConfig:
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
-                 "refresh_policy": "interval", "capture_threshold": None}
+                 "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep"}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -237,7 +241,7 @@ def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> Low
     return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=gap, scale=config.scale,
                               refresh=config.refresh_policy, capture_threshold=config.capture_threshold,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
-                              plain_lr_ratio=config.plain_lr_ratio,
+                              plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -285,7 +289,8 @@ def _check_method(c: FinetuneConfig) -> None:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
                                             ("plain_lr_ratio", 1.0), ("refreshes", None),
-                                            ("refresh_policy", "interval"), ("capture_threshold", None))
+                                            ("refresh_policy", "interval"), ("capture_threshold", None),
+                                            ("moment_transport", "keep"))
                  if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
