@@ -19,7 +19,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..integration import EMBEDDINGS
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
@@ -61,13 +61,16 @@ class FinetuneConfig:
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
                                     "AdamW, LoRA and DoRA adapters, Fira from its own package)", choices=METHODS)
-    rank: int = option(32, "projection rank (LoRA/DoRA: adapter rank)")
+    rank: int | float | Literal["full"] = option(32, "projection rank per matrix: an int, full (its min(m, n)) or a "
+                                                     "fraction in (0, 1] of it (LoRA/DoRA/fira: an int adapter rank)")
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
     # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
     scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
     plain_lr_ratio: float = option(1.0, "the plainly trained parameters' (embeddings, lm_head, norms) learning rate "
                                         "as a multiple of --lr (galore, galore+; the projected update is α·lr)")
     update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps")
+    canonical_signs: bool = option(False, "fix each projector vector's sign (its largest entry positive), so a "
+                                          "refresh or rounding does not flip it (galore, galore+)")
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -131,7 +134,7 @@ class FinetuneConfig:
 #: runs are keyed without them.
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
-                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0}
+                 "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "canonical_signs": False}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -239,7 +242,7 @@ def low_rank_spec(config: FinetuneConfig) -> LowRankSpec:
         method == "galore+" or config.residual_ratio) else {}
     return LowRankSpec.recipe(method, config.rank, "finetune", update_proj_gap=config.update_proj_gap, scale=config.scale,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
-                              plain_lr_ratio=config.plain_lr_ratio,
+                              plain_lr_ratio=config.plain_lr_ratio, canonical_signs=config.canonical_signs,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -288,16 +291,27 @@ def _check_types(c: Any) -> None:
         value, kind = getattr(c, f.name), _value_type(f.name, cls)
         if value is None and _nullable(f.name, cls):
             continue
+        others = [a for a in typing.get_args(typing.get_type_hints(cls)[f.name]) if a not in (kind, type(None))]
         ok = (is_int(value) if kind is int else is_real(value) or isinstance(value, float) if kind is float
-              else isinstance(value, kind))
+              else isinstance(value, kind)) or any(_is_a(value, a) for a in others)  # a union: --rank
         if not ok:
             raise ConfigError(f"{f.name}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}"
+                              + "".join(f" or {_is_a(None, a, name=True)}" for a in others)
                               + (" or None" if _nullable(f.name, cls) else ""))
+
+
+def _is_a(value: Any, kind: Any, name: bool = False) -> Any:
+    """Whether ``value`` is of ``kind``, a type or a ``Literal`` (``name``: how a message says it)."""
+    words = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if name:
+        return " or ".join(map(repr, words)) if words is not None else f"a {kind.__name__}"
+    return value in words if words is not None else isinstance(value, kind)
 
 
 def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
-        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
+        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
+                if getattr(c, name)]
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
                                             ("plain_lr_ratio", 1.0))
                  if getattr(c, name) != default]
@@ -309,6 +323,9 @@ def _check_method(c: FinetuneConfig) -> None:
             if name == "embeddings":
                 given += f" {c.embeddings}"
             raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
+    if c.method in ("lora", "dora", "fira") and not is_int(c.rank):  # "full"/fractions: per-matrix projection ranks
+        raise ConfigError(f"--rank {c.rank} with --method {c.method}: its adapter rank is one int for every matrix; "
+                          "'full' and fractions are galore's and galore+'s")
     if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
         raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
                           "state, which a checkpoint must not unpickle, and has no distributed path: run it with "
