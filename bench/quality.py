@@ -71,6 +71,7 @@ ABLATIONS = (
     ("capture refresh < 0.5", {"refresh_policy": "capture", "capture_threshold": 0.5}, 1.0),
     ("moments projected", {"moment_transport": "project"}, 1.0),
     ("moments reset", {"moment_transport": "reset"}, 1.0),
+    ("canonical signs", {"canonical_signs": True}, 1.0),
 )
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),

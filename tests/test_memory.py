@@ -511,6 +511,31 @@ def test_estimated_state_bytes_match_allocated(kind):
     assert state_bytes(opt) == estimate
 
 
+@pytest.mark.parametrize("rank", ["full", 0.5])
+@pytest.mark.parametrize("kind", ["adamw", "galore+", "8bit", "adafactor"])
+def test_estimated_state_bytes_match_allocated_at_a_rank_per_matrix(kind, rank):
+    """Issue 29 item 6: ``rank="full"`` or a fraction resolves per matrix (q 32×16: 16 or 8; mlp
+    24×32: 24 or 12) in the estimate as in the allocated state."""
+    model = TinyNet()
+    low = [("q.weight", model.q.weight, 4 if kind == "galore+" else None), ("mlp.weight", model.mlp.weight, None)]
+    groups = galore_plus_param_groups(low, rank=rank, residual_ratio=0.1, residual_warmup=2, update_proj_gap=3,
+                                      plain=[(n, p) for n, p in model.named_parameters()
+                                             if n not in ("q.weight", "mlp.weight")])
+    cls = {"adamw": GaLoreAdamW, "galore+": GaLorePlusAdamW, "8bit": GaLoreAdamW8bit, "adafactor": GaLoreAdafactor}
+    if kind != "galore+":
+        groups = [{k: v for k, v in g.items() if k != "residual_ratio"} for g in groups]
+    opt = cls[kind](groups) if kind == "adafactor" else cls[kind](groups, lr=1e-2)
+    estimate = estimate_state_bytes(opt)
+    for (x, y), in batches(4, 1):
+        loss_of(model, x, y, 1).backward()
+        opt.step()
+        opt.zero_grad()
+    q, mlp = opt.state[model.q.weight], opt.state[model.mlp.weight]
+    assert q["proj_right"].shape[0] == (16 if rank == "full" else 8)
+    assert mlp["proj_left"].shape[1] == (24 if rank == "full" else 12)
+    assert state_bytes(opt) == estimate
+
+
 def test_estimated_state_bytes_with_bf16_projectors():
     model = TinyNet()
     groups = galore_plus_param_groups(

@@ -65,7 +65,7 @@ class SplitRefresh:
 
     def _share(self, optimizer: LowRankOptimizer, p: Tensor, owner: int, mine: bool) -> None:
         """Broadcast ``p``'s new projector from ``owner``; the others store it as their refresh."""
-        side, rank = optimizer.projection_side(p), optimizer.group_of(p)["rank"]
+        side, rank = optimizer.projection_side(p), projection.resolve_rank(optimizer.group_of(p)["rank"], p.shape)
         m, n = p.shape
         shapes = ((m, rank) if side in (projection.LEFT, projection.FULL) else None,
                   (rank, n) if side in (projection.RIGHT, projection.FULL) else None)
@@ -86,11 +86,12 @@ class SplitRefresh:
 def _refresh_cost(group: dict[str, Any], p: Tensor) -> float:
     """Rough flops of one projector refresh, to balance the owners."""
     m, n = p.shape
+    rank = projection.resolve_rank(group["rank"], p.shape)
     if group["num_heads"] is not None:  # the SVD of the chosen heads' rows
-        rows = projection.heads_needed(group["rank"], m // group["num_heads"]) * (m // group["num_heads"])
+        rows = projection.heads_needed(rank, m // group["num_heads"]) * (m // group["num_heads"])
         return rows * n * min(rows, n)
     if group["svd"] == "randomized":
-        return m * n * (group["rank"] + group["oversample"]) * (2 * group["power_iters"] + 2)
+        return m * n * (rank + group["oversample"]) * (2 * group["power_iters"] + 2)
     return m * n * min(m, n)
 
 

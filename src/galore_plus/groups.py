@@ -11,7 +11,7 @@ from .options import PAPER_RESIDUAL_RATIO
 
 def galore_plus_param_groups(
     matrices: Iterable[tuple[str, Tensor, int | dict[str, Any] | None]],
-    rank: int,
+    rank: int | float | str,
     *,
     residual_ratio: float = PAPER_RESIDUAL_RATIO,
     plain: Iterable[tuple[str, Tensor]] = (),

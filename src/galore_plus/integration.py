@@ -334,7 +334,7 @@ def _head_blocks(kind: str, module_name: str, name: str, weight: Tensor, transpo
 def build_optimizer(
     model: nn.Module,
     spec: LowRankSpec | str | None = None,
-    rank: int | None = None,
+    rank: int | float | str | None = None,
     *,
     lr: float | None,
     weight_decay: float = 0.0,
@@ -402,8 +402,10 @@ def build_optimizer(
     the full gradients never pile up (one backward per step; not under DDP).
     ``stochastic_rounding`` is the optimizer's (bf16/fp16 parameters).
 
-    A ``rank`` larger than a matrix allows (``min(m, n)``, or what a cross-head matrix's heads can
-    reach) raises ``ValueError`` from the optimizer, naming the matrix.
+    ``rank`` is an int, ``"full"`` or a fraction in (0, 1], the last two per matrix (of its
+    ``min(m, n)``; ``projection.resolve_rank``). A ``rank`` larger than a matrix allows (``min(m, n)``,
+    or what a cross-head matrix's heads can reach) raises ``ValueError`` from the optimizer, naming the
+    matrix.
     """
     if method is not None:
         if spec is not None:

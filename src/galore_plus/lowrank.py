@@ -509,7 +509,8 @@ class LowRankOptimizer(Optimizer):
         scheduled refresh; at the very first refresh, where there is none, a seeded random
         orthonormal basis is used instead. Either way training goes on, with a warning. Directions
         of the new basis along which the gradient is numerically zero are zeroed (DESIGN.md,
-        "Projectors", rank above the gradient's rank)."""
+        "Projectors", rank above the gradient's rank). With the group's ``canonical_signs`` each basis
+        vector's sign is then fixed (``projection.canonical_signs``)."""
         if not self.projector_due(p, grad):
             return False
         group, _, index = self._locate(p)
@@ -535,7 +536,9 @@ class LowRankOptimizer(Optimizer):
             else:
                 warnings.warn(f"projector refresh failed for {self.name_of(p)} (shape {tuple(p.shape)}) at its "
                               "first step; using a seeded random orthonormal projector", RuntimeWarning)
-                basis = layout.random_projector(p, group["rank"], side, gen)
+                basis = layout.random_projector(p, projection.resolve_rank(group["rank"], p.shape), side, gen)
+        if group["canonical_signs"]:  # issue 29 item 5: signs fixed, whatever computed the basis
+            basis = layout.canonical_signs(*basis)  # (DESIGN.md, "Projectors", signs)
         self.store_projector(p, *basis)
         return True
 
@@ -792,7 +795,7 @@ class LowRankOptimizer(Optimizer):
         if "rank" in saved_group:
             if "proj_side" not in entry:
                 raise ValueError(f"{where}: low-rank state without a projector")
-            r = saved_group["rank"]
+            r = projection.resolve_rank(saved_group["rank"], shape)  # "full" or a fraction: per matrix
             m, n = shape
             shape = {projection.LEFT: (r, n), projection.RIGHT: (m, r), projection.FULL: (r, r)}[entry["proj_side"]]
         if any(layout_of(v, None).sharded for v in rule_keys.values() if isinstance(v, Tensor)):

@@ -27,7 +27,7 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
                 total += rule.state_bytes(tuple(p.shape), p.dtype, group)
                 continue
             m, n = p.shape
-            r = group["rank"]
+            r = projection.resolve_rank(group["rank"], p.shape)
             dtype = compute_dtype(p)
             side = optimizer.projection_side(p)
             low_shape = {projection.LEFT: (r, n), projection.RIGHT: (m, r), projection.FULL: (r, r)}[side]

@@ -60,26 +60,32 @@ def check_low_rank(group: dict[str, Any], where: str) -> None:
         group["proj_dtype"] = getattr(torch, group["proj_dtype"])
 
 
+def _shown(given: Any, resolved: int) -> str:
+    """A rank in a message: an int as it is, ``'full'`` or a fraction with what it gives this matrix."""
+    return str(given) if is_int(given) else f"{given!r} (here {resolved})"
+
+
 def _check_head_blocks_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
     """``p``'s head axis splits into ``count`` blocks, and its eligible blocks can reach ``rank``."""
-    blocks, rank = group["head_blocks"], group["rank"]
+    blocks, rank = group["head_blocks"], projection.resolve_rank(group["rank"], p.shape)
     dim, count, eligible = blocks["dim"], blocks["count"], blocks["eligible"]
     size, axis = p.shape[dim], ("rows" if dim == 0 else "columns")
     if size % count:
         raise ValueError(f"{where}: head_blocks count={count} does not divide the {size} {axis} of {name} "
                          f"(shape {tuple(p.shape)})")
     if projection.heads_needed(rank, size // count) > len(eligible):
-        raise ValueError(f"{where}: rank={rank} is more than the {len(eligible)} eligible head blocks of "
-                         f"{size // count} {axis} of {name} can reach")
+        raise ValueError(f"{where}: rank={_shown(group['rank'], rank)} is more than the {len(eligible)} eligible "
+                         f"head blocks of {size // count} {axis} of {name} can reach")
 # ---------------------------------------------------------------------------------------------------
 
 
 def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> None:
     """A low-rank group's parameter: 2-D, real floating point, and ``rank`` within what it allows."""
-    rank, heads = group["rank"], group.get("num_heads")
+    heads = group.get("num_heads")
     if p.dim() != 2:
         raise ValueError(f"{where}: {name} has shape {tuple(p.shape)}; a low-rank group takes 2-D matrices "
                          "only (put biases, norms and other tensors in a group without 'rank')")
+    rank = projection.resolve_rank(group["rank"], p.shape)  # "full" or a fraction: this matrix's own
     if rank > projection.max_rank(p.shape):
         raise ValueError(f"{where}: rank={rank} is larger than {name} (shape {tuple(p.shape)}) allows "
                          f"(at most min(m, n) = {projection.max_rank(p.shape)})")
@@ -89,7 +95,7 @@ def check_matrix(group: dict[str, Any], p: Tensor, name: str, where: str) -> Non
             raise ValueError(f"{where}: num_heads={heads} does not divide the {rows} rows of {name} "
                              f"(shape {tuple(p.shape)})")
         if projection.heads_needed(rank, rows // heads) > heads:
-            raise ValueError(f"{where}: rank={rank} is more than the {heads} heads of {rows // heads} rows of "
-                             f"{name} can reach")
+            raise ValueError(f"{where}: rank={_shown(group['rank'], rank)} is more than the {heads} heads of "
+                             f"{rows // heads} rows of {name} can reach")
     if group.get("head_blocks") is not None:  # fused q/k/v cross-head
         _check_head_blocks_matrix(group, p, name, where)

@@ -15,6 +15,7 @@ gradient handed in: callers pass float32 (or float64) gradients, never bf16/fp16
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -48,6 +49,26 @@ def projection_side(shape: tuple[int, int] | torch.Size, proj_type: str) -> int:
 def max_rank(shape: tuple[int, int] | torch.Size) -> int:
     """The largest rank an ``m×n`` gradient has, so the largest a projector of it can take."""
     return min(shape)
+
+
+#: ``rank="full"``: every matrix at its own ``min(m, n)`` (issue 29 item 6; DESIGN.md, "Options", rank)
+FULL_RANK = "full"
+
+
+def resolve_rank(rank: int | float | str, shape: tuple[int, int] | torch.Size) -> int:
+    """The rank a group's ``rank`` gives an ``m×n`` matrix; the one place it is resolved.
+
+    An int is itself (a check elsewhere refuses one above ``min(m, n)``); ``"full"`` is
+    ``min(m, n)``; a float fraction ``f`` in (0, 1] is ``f·min(m, n)`` rounded half up, at least 1.
+    Per matrix, because one int cannot fit a model's matrices of different widths (SmolLM2's 192×576
+    ``k_proj`` refuses any rank above 192 that its 576×576 ``q_proj`` could take). Half up rather than
+    Python's ``round`` (half to even), so ``0.5`` of 5 is 3 as one would write it by hand.
+    """
+    if isinstance(rank, str):  # only "full" passes spec.check_group_values
+        return max_rank(shape)
+    if isinstance(rank, float):
+        return max(1, math.floor(rank * max_rank(shape) + 0.5))
+    return rank
 
 
 def _svd(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -316,12 +337,15 @@ def head_block_projector(
 class RowSharding:
     """How a row-sharded matrix's collectives are done (FSDP2 ``Shard(0)``; ``distributed.py``).
 
-    ``global_rows``: rows of the whole matrix; ``sum(t)``: the all-reduced sum over ranks of a small
-    replicated-shape tensor; ``gather(t)``: all ranks' row shards stacked (used only for thin
-    ``m×k`` bases); ``local(t)``: this rank's rows of a whole ``m×…`` tensor.
+    ``global_rows``: rows of the whole matrix; ``rank``, ``world``: this rank's place (ranks hold
+    consecutive row blocks in rank order) and the number of ranks; ``sum(t)``: the all-reduced sum
+    over ranks of a small replicated-shape tensor; ``gather(t)``: all ranks' row shards stacked (used
+    only for thin ``m×k`` bases); ``local(t)``: this rank's rows of a whole ``m×…`` tensor.
     """
 
     global_rows: int
+    rank: int
+    world: int
 
     def sum(self, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -368,3 +392,49 @@ def project_back_at(low: Tensor, left: Tensor | None, right: Tensor | None, inde
     ``|index|·r`` work instead of ``m·n·r``."""
     a, b = back_factors(low, left, right)
     return (a.index_select(0, index // n) * b.T.index_select(0, index % n)).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Canonical signs (issue 29 item 5; DESIGN.md, "Projectors", signs): off by default, galore-torch
+# parity keeps the SVD's own signs.
+
+
+def canonical_signs(basis: Tensor, rows: RowSharding | None = None) -> Tensor:
+    """``basis`` (``m×r``, one vector per column) with each column's sign fixed: its entry of largest
+    magnitude is made positive (the first such entry in row order on an exact tie; an all-zero column
+    is left as it is), i.e. ``basis · diag(s)``, ``s_j = −1`` where that entry is negative, else 1.
+
+    A singular vector is defined up to sign, and LAPACK's choice jumps under a 1e-16 change of the
+    input; this rule depends only on the vector, so two computations that agree up to rounding and
+    sign agree up to rounding. It moves only where two entries of opposite sign tie in magnitude to
+    within rounding (any rule that depends continuously on the vector has such a set: ``v`` and ``−v``
+    must map to the same vector). The largest entry (sklearn's ``svd_flip``) rather than, say, the
+    sign of the sum: a sum of many entries of both signs is often near 0 for a vector orthogonal to
+    others, the largest entry stands out. Negation is exact, so the vectors are otherwise unchanged
+    bit for bit.
+
+    ``rows``: ``basis`` is this rank's rows of a row-sharded basis (FSDP2); the entry is chosen over
+    the whole column (each rank's candidates all-reduced as a ``world×r`` table, lowest rank first on
+    ties), so every rank flips the same columns and the result is the unsharded one's rows.
+    """
+    r = basis.shape[1]
+    if basis.shape[0]:
+        anchor = basis.gather(0, basis.abs().argmax(dim=0, keepdim=True))[0]  # argmax: first index on ties
+    else:  # an empty shard proposes zeros, which never win over an entry of its column
+        anchor = basis.new_zeros(r)
+    if rows is not None:
+        table = basis.new_zeros(rows.world, r)
+        table[rows.rank] = anchor
+        table = rows.sum(table)  # one candidate per rank: x + 0 is exact, so the sum is the table itself
+        anchor = table.gather(0, table.abs().argmax(dim=0, keepdim=True))[0]
+    return basis * torch.where(anchor < 0, -1.0, 1.0).to(basis.dtype)
+
+
+def canonical_projector(left: Tensor | None, right: Tensor | None,
+                        rows: RowSharding | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(left, right)`` with canonical signs (``canonical_signs``): a left basis's columns, a right
+    basis's rows (``Qᵀ``, the vectors of ``Vh[:r]``), each vector on its own (a full projector's pairs
+    ``u_i``, ``v_i`` need not flip together: ``Pᵀ G Q`` with any signs is a valid projection).
+    ``rows``: ``left`` is this rank's rows of a row-sharded basis; a right basis is whole on every rank."""
+    return (None if left is None else canonical_signs(left, rows),
+            None if right is None else canonical_signs(right.T).T.contiguous())

@@ -22,6 +22,8 @@ constructor works on an FSDP2 model (DESIGN.md, "Distributed"):
   - the residual index set is each rank's part of the global top-ρ (ρ-sized candidates all-gathered);
   - moment transport (``moment_transport="project"``): a left change of basis ``P_newᵀ P_old`` sums
     ``r×r`` products over the ranks (one all-reduce per refresh); a right one is local.
+  - canonical signs (``canonical_signs``): a left basis's sign per column is chosen over all its rows,
+    one ``world×r`` all-reduce at a refresh (``projection.canonical_signs``).
 
   Projectors are DTensors (right ``Q``: replicated; left ``P``: ``Shard(0)`` rows), moments DTensors
   placed like the low-rank gradient, the residual's indices and values this rank's local tensors.
@@ -182,7 +184,7 @@ class WholeTensor:
         """The new ``(left, right)`` basis from ``grad`` (compute dtype), or None when it cannot be
         computed. Random draws come from ``gen``, a pure function of (seed, parameter index, refresh
         count)."""
-        rank = group["rank"]
+        rank = projection.resolve_rank(group["rank"], grad.shape)
         try:
             if group["num_heads"] is not None:
                 return projection.cross_head_projector(
@@ -231,6 +233,10 @@ class WholeTensor:
     def _like(t: Tensor, basis: Tensor) -> Tensor:
         """``t`` (the same on every rank) in a form that combines with ``basis``."""
         return t
+
+    def canonical_signs(self, left: Tensor | None, right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The basis with canonical signs (``projection.canonical_projector``; group key ``canonical_signs``)."""
+        return projection.canonical_projector(left, right)
 
     def random_projector(self, p: Tensor, rank: int, side: int,
                          gen: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
@@ -302,7 +308,7 @@ class RowShards(WholeTensor):
             rows = ShardRows(grad, self.counter)
             local = grad.to_local()
             m = grad.shape[0]
-            rank = group["rank"]
+            rank = projection.resolve_rank(group["rank"], grad.shape)  # the global shape
             warm = None if warm is None else tuple(None if b is None else b.to_local() for b in warm)
             try:
                 if group["num_heads"] is not None:
@@ -334,7 +340,7 @@ class RowShards(WholeTensor):
         as for ``num_heads``. Column blocks (a ``Conv1D`` weight, ``in × out``, sharded along ``in``):
         the thin ``m × c·d_k`` block of the chosen columns is all-gathered (never the gradient) and
         every rank computes the same left basis, keeping its own rows."""
-        blocks, rank = group["head_blocks"], group["rank"]
+        blocks, rank = group["head_blocks"], projection.resolve_rank(group["rank"], (rows.global_rows, local.shape[1]))
         count, eligible, dim = blocks["count"], blocks["eligible"], blocks["dim"]
         options = (group["svd"] == "randomized", group["oversample"], group["power_iters"])
         size = (rows.global_rows if dim == 0 else local.shape[1]) // count
@@ -397,6 +403,14 @@ class RowShards(WholeTensor):
             if right is not None:
                 right_norms = rows.sum((local @ right.to_local().T).square().sum(0)).sqrt()
         return left_norms, right_norms
+
+    def canonical_signs(self, left, right):
+        """A left basis's sign of each column is decided over all its rows (one ``world×r``
+        all-reduce); a replicated right basis's on each rank alike, with no communication."""
+        with self.counter.refresh():
+            rows = None if left is None else ShardRows(left, self.counter)
+            new_left, new_right = projection.canonical_projector(local(left), local(right), rows)
+        return self._wrap(new_left, new_right, left if left is not None else right)
 
     @staticmethod
     def _like(t: Tensor, basis: Tensor) -> Tensor:

@@ -1,8 +1,10 @@
 """The typed spec of a low-rank method: every option with its default, defined once, checked once.
 
 A :class:`LowRankSpec` says how the matrices of a low-rank group train (DESIGN.md, "Options"): the
-rank and the refresh (``update_proj_gap``, ``refresh``), the projector (``proj_type``, ``svd`` and
-its sketch sizes, ``num_heads`` for cross-head projection, ``proj_dtype``), the update's scale α,
+rank (an int, ``"full"`` or a fraction of each matrix's ``min(m, n)``, resolved per matrix by
+``projection.resolve_rank``) and the refresh (``update_proj_gap``, ``refresh``), the projector
+(``proj_type``, ``svd`` and its sketch sizes, ``num_heads`` for cross-head projection,
+``proj_dtype``, ``canonical_signs``), the update's scale α,
 the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
 the plainly trained parameters' rate (``plain_lr_ratio``: their lr as a multiple of the projected
 update's, a parameter group's own ``lr``, so LR schedulers keep the ratio; DESIGN.md, "Options") and
@@ -66,7 +68,9 @@ class LowRankSpec:
     SVD, no cross-head, no residual; :meth:`recipe` gives GaLore+'s.
     """
 
-    rank: int = _group(None, "projection rank r, 1 ≤ r ≤ min(m, n) of every matrix")
+    rank: int | float | str = _group(None, "projection rank r per matrix: an int 1 ≤ r ≤ min(m, n) of every "
+                                           "matrix, 'full' (each matrix's min(m, n)) or a fraction in (0, 1] of "
+                                           "min(m, n), rounded half up, at least 1 (projection.resolve_rank)")
     update_proj_gap: int = _group(200, "T: refresh the projector at the first step and every T steps")
     scale: float = _group(0.25, "α: the projected-back update is multiplied by it")
     proj_type: str = _group("std", f"projection side, one of {projection.PROJ_TYPES}")
@@ -93,6 +97,9 @@ class LowRankSpec:
     # issue 29, moment transport (DESIGN.md, "Moment transport"; transport.py)
     moment_transport: str = _group("keep", "the Adam moments at a projector refresh: keep (GaLore's), reset (dropped, "
                                            "bias correction restarts) or project (carried into the new basis)")
+    # issue 29 item 5 (DESIGN.md, "Projectors", signs): off keeps the SVD's signs (galore-torch parity)
+    canonical_signs: bool = _group(False, "fix each basis vector's sign (its largest-magnitude entry positive), so "
+                                          "a projector does not flip between refreshes or rounding paths")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
@@ -145,7 +152,7 @@ class LowRankSpec:
         return cls(**{k: group[k] for k in GROUP_FIELDS if k in group})
 
     @classmethod
-    def recipe(cls, method: str, rank: int, where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
+    def recipe(cls, method: str, rank: int | float | str, where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
         """``"galore"``: GaLore as published (exact SVD, no cross-head, no residual). ``"galore+"``:
         the GaLore+ recipe: randomized SVD, cross-head projection and the residual (ρ =
         :data:`PAPER_RESIDUAL_RATIO`) on q/k. ``options`` override fields."""
@@ -171,8 +178,10 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     """Check the group keys present in ``group`` (``rank`` required); ``ValueError`` naming the bad
     value and what is allowed. The one check of the low-rank values (the spec's and the groups')."""
     rank = group["rank"]
-    if not is_int(rank) or rank < 1:
-        raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1")
+    if not (is_int(rank) and rank >= 1 or rank == projection.FULL_RANK
+            or isinstance(rank, float) and 0.0 < rank <= 1.0):  # per matrix: projection.resolve_rank
+        raise ValueError(f"{where}: rank={rank!r} must be an int ≥ 1, {projection.FULL_RANK!r} or a fraction in "
+                         "(0, 1] of each matrix's min(m, n)")
     gap = group.get("update_proj_gap", GROUP_DEFAULTS["update_proj_gap"])
     if not is_int(gap) or gap < 1:
         raise ValueError(f"{where}: update_proj_gap={gap!r} must be an int ≥ 1")
@@ -186,7 +195,7 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     for key in ("oversample", "power_iters"):
         if key in group and (not is_int(group[key]) or group[key] < 0):
             raise ValueError(f"{where}: {key}={group[key]!r} must be an int ≥ 0")
-    for key in ("warm_start", "residual_reselect"):
+    for key in ("warm_start", "residual_reselect", "canonical_signs"):
         if key in group and not isinstance(group[key], bool):
             raise ValueError(f"{where}: {key}={group[key]!r} must be a bool")
     heads = group.get("num_heads")
@@ -242,8 +251,8 @@ def check_head_blocks(group: dict[str, Any], where: str) -> None:
                          "(num_heads is head_blocks with every row block eligible)")
 
 
-def spec_for(method: str | LowRankSpec, rank: int | None = None, *, eightbit: bool = False, adafactor: bool = False,
-             **options: Any) -> LowRankSpec:
+def spec_for(method: str | LowRankSpec, rank: int | float | str | None = None, *, eightbit: bool = False,
+             adafactor: bool = False, **options: Any) -> LowRankSpec:
     """The one conversion from the old spellings to a spec: ``build_optimizer``'s ``method``, ``rank``,
     ``eightbit``/``adafactor`` and loose low-rank keys (``scale``, ``update_proj_gap``, ``svd``,
     ``residual_ratio``, ...) or the inner rule's own keys (``betas``, ``eps``, Adafactor's ...). A spec

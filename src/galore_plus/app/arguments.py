@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _reader(f.name, cls)
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
             elif kind in (int, float):
@@ -48,6 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()
             target = groups[meta["group"]]
         target.add_argument(flag(f.name, cls), **kwargs)
+
+
+def _reader(name: str, cls: type) -> Any:
+    """What reads field ``name``'s text: its type; for a union (``--rank``: ``int | float |
+    Literal["full"]``, so ``32``, ``0.5`` or ``full``) the first of its types, in the order written,
+    that reads it (a ``Literal`` reads its own words). Other text is refused as the first type
+    refuses it (argparse: ``invalid int value: 'x'``)."""
+    kinds = [a for a in typing.get_args(typing.get_type_hints(cls)[name]) if a is not type(None)]
+    if len(kinds) < 2 or typing.get_origin(kinds[0]) is typing.Literal:
+        return value_type(name, cls)
+
+    def read(text: str) -> Any:
+        for kind in kinds:
+            if typing.get_origin(kind) is typing.Literal:
+                if text in typing.get_args(kind):
+                    return text
+                continue
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+        raise ValueError(text)
+
+    read.__name__ = kinds[0].__name__
+    return read
 
 
 def from_arguments(given: dict[str, Any]) -> FinetuneConfig:

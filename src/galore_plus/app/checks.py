@@ -33,11 +33,21 @@ def check_types(c: Any) -> None:
         value, kind = getattr(c, f.name), value_type(f.name, cls)
         if value is None and nullable(f.name, cls):
             continue
+        others = [a for a in typing.get_args(typing.get_type_hints(cls)[f.name]) if a not in (kind, type(None))]
         ok = (is_int(value) if kind is int else is_real(value) or isinstance(value, float) if kind is float
-              else isinstance(value, kind))
+              else isinstance(value, kind)) or any(_is_a(value, a) for a in others)  # a union: --rank
         if not ok:
             raise ConfigError(f"{f.name}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}"
+                              + "".join(f" or {_is_a(None, a, name=True)}" for a in others)
                               + (" or None" if nullable(f.name, cls) else ""))
+
+
+def _is_a(value: Any, kind: Any, name: bool = False) -> Any:
+    """Whether ``value`` is of ``kind``, a type or a ``Literal`` (``name``: how a message says it)."""
+    words = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if name:
+        return " or ".join(map(repr, words)) if words is not None else f"a {kind.__name__}"
+    return value in words if words is not None else isinstance(value, kind)
 
 
 def check_device(name: str) -> None:

@@ -16,10 +16,10 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from ..integration import EMBEDDINGS
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_real
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
 from ..refresh import refresh_gap
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
@@ -60,7 +60,8 @@ class FinetuneConfig:
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
                                     "AdamW, LoRA and DoRA adapters, Fira from its own package)", choices=METHODS)
-    rank: int = option(32, "projection rank (LoRA/DoRA: adapter rank)")
+    rank: int | float | Literal["full"] = option(32, "projection rank per matrix: an int, full (its min(m, n)) or a "
+                                                     "fraction in (0, 1] of it (LoRA/DoRA/fira: an int adapter rank)")
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
     # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
     scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
@@ -76,6 +77,8 @@ class FinetuneConfig:
     moment_transport: str = option(LOW_RANK_DEFAULTS["moment_transport"], "the Adam moments at a projector refresh: "
                                    "keep, reset, or project into the new basis (galore, galore+)",
                                    choices=MOMENT_TRANSPORTS)
+    canonical_signs: bool = option(False, "fix each projector vector's sign (its largest entry positive), so a "
+                                          "refresh or rounding does not flip it (galore, galore+)")
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -140,7 +143,8 @@ class FinetuneConfig:
 LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": False, "embeddings": "full",
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
-                 "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep"}
+                 "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
+                 "canonical_signs": False}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -242,6 +246,7 @@ def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> Low
                               refresh=config.refresh_policy, capture_threshold=config.capture_threshold,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
                               plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
+                              canonical_signs=config.canonical_signs,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -286,7 +291,8 @@ def absolute_data(data: str) -> str:
 
 def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
-        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward") if getattr(c, name)]
+        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
+                if getattr(c, name)]
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
                                             ("plain_lr_ratio", 1.0), ("refreshes", None),
                                             ("refresh_policy", "interval"), ("capture_threshold", None),
@@ -306,6 +312,9 @@ def _check_method(c: FinetuneConfig) -> None:
         raise ConfigError(f"--capture-threshold {c.capture_threshold} needs --refresh-policy capture")
     if c.refresh_policy == "capture" and c.projected_backward:  # DESIGN.md, "Refresh"
         raise ConfigError("--refresh-policy capture reads full gradients, which --projected-backward forms at refreshes only")
+    if c.method in ("lora", "dora", "fira") and not is_int(c.rank):  # "full"/fractions: per-matrix projection ranks
+        raise ConfigError(f"--rank {c.rank} with --method {c.method}: its adapter rank is one int for every matrix; "
+                          "'full' and fractions are galore's and galore+'s")
     if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
         raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
                           "state, which a checkpoint must not unpickle, and has no distributed path: run it with "
