@@ -3,7 +3,8 @@
 A :class:`LowRankSpec` says how the matrices of a low-rank group train (DESIGN.md, "Options"): the
 rank and the refresh (``update_proj_gap``, ``refresh``), the projector (``proj_type``, ``svd`` and
 its sketch sizes, ``num_heads`` for cross-head projection, ``proj_dtype``), the update's scale α,
-the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
+the sparse residual, the gradient outside the subspace (``outside``: Fira's term, ``outside.py``), and
+at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
 the plainly trained parameters' rate (``plain_lr_ratio``: their lr as a multiple of the projected
 update's, a parameter group's own ``lr``, so LR schedulers keep the ratio; DESIGN.md, "Options") and
 the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from . import projection, residual
+from .outside import FIRA_LIMITER, OUTSIDE_MODES
 from .registry import REFRESH_POLICIES, RULES
 
 #: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
@@ -87,6 +89,12 @@ class LowRankSpec:
     residual_reselect: bool = _group(False, "choose the residual's entries again at each refresh")
     proj_dtype: torch.dtype | None = _group(None, "the projector's storage dtype (None: the compute dtype)")
     refresh: str = _group("interval", "when projectors refresh: a name of registry.REFRESH_POLICIES")
+    # issue 29, the gradient outside the subspace (DESIGN.md, "Outside the subspace"; outside.py)
+    outside: str = _group("off", f"the gradient outside the subspace, G − P PᵀG, one of {OUTSIDE_MODES}: "
+                                 "dropped (off, GaLore) or added with Fira's norm-based scaling and limiter (fira; "
+                                 "where G is formed: not between refreshes of the projected backward)")
+    outside_limiter: float = _group(FIRA_LIMITER, "fira: γ, the term's norm grows at most γ× per step (≥ 1; "
+                                                  "inf: no limiter)")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
@@ -204,6 +212,22 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     if "refresh" in group:
         if group["refresh"] not in REFRESH_POLICIES:
             raise ValueError(f"{where}: refresh={group['refresh']!r} is not one of {sorted(REFRESH_POLICIES)}")
+    check_outside(group, where)
+
+
+def check_outside(group: Mapping[str, Any], where: str) -> None:
+    """``outside`` in ``OUTSIDE_MODES``; ``outside_limiter`` a number ≥ 1 (γ; inf turns the limiter off);
+    Fira scales per column or per row of a one-sided projection, so not with ``proj_type="full"``."""
+    mode = group.get("outside", "off")
+    if mode not in OUTSIDE_MODES:
+        raise ValueError(f"{where}: outside={mode!r} is not one of {OUTSIDE_MODES}")
+    gamma = group.get("outside_limiter", FIRA_LIMITER)
+    if not is_real(gamma) or not gamma >= 1:
+        raise ValueError(f"{where}: outside_limiter={gamma!r} must be a number ≥ 1 (inf: no limiter)")
+    if mode == "fira" and group.get("proj_type", "std") == "full":
+        raise ValueError(f"{where}: outside='fira' with proj_type='full': Fira scales G − P PᵀG per column (left "
+                         "projection) or per row (right), and a two-sided projection has neither; use another "
+                         "proj_type")
 
 
 def check_head_blocks(group: dict[str, Any], where: str) -> None:
