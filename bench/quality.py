@@ -72,6 +72,7 @@ ABLATIONS = (
     ("moments projected", {"moment_transport": "project"}, 1.0),
     ("moments reset", {"moment_transport": "reset"}, 1.0),
     ("canonical signs", {"canonical_signs": True}, 1.0),
+    ("Fira term", {"outside": "fira"}, 1.0),
 )
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),

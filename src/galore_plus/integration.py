@@ -558,6 +558,8 @@ def _mode(group: dict[str, Any], inner: str) -> str:
     parts.append(group["proj_type"] if heads is None and blocks is None else None)
     if ratio > 0:
         parts.append(f"+ residual {ratio:.1%} {group['residual_mode']}")
+    if group.get("outside", "off") != "off":  # the gradient outside the subspace (outside.py)
+        parts.append(f"+ {group['outside']} outside the subspace")
     mode = " ".join(p for p in parts if p)
     mode += f", T={group['update_proj_gap']} α={group['scale']:g}"
     return mode if inner == "AdamW" else f"{mode}, {inner}"

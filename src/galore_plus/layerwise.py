@@ -36,8 +36,8 @@ What ``step()`` users rely on, and how it works here:
   ``torch.nn.utils.clip_grad_norm_`` after ``backward()`` would see no gradients and silently do
   nothing: ``LayerwiseOptimizer.clip_grad_norm_`` raises to say so.
 - **Checkpoints**: ``state_dict()`` is one dict keyed by parameter names (optimizer state, group
-  hyper-parameters, the gradients of an unfinished step — low-rank accumulators and the plain
-  parameters' ``.grad`` —, clipping norm); ``load_state_dict`` is strict: missing and unexpected
+  hyper-parameters, the gradients of an unfinished step — low-rank accumulators, the full ``G`` a
+  group with ``outside="fira"`` accumulates, and the plain parameters' ``.grad`` —, clipping norm); ``load_state_dict`` is strict: missing and unexpected
   names raise.
 - Non-finite gradients at a refresh raise ``FloatingPointError`` from inside ``backward()``; other
   parameters of that backward may already have stepped.
@@ -263,6 +263,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "received": dict(self._received),
             "low_rank_accumulators": {n: g.low for n, g in self._low.items()},
             "residual_accumulators": {n: g.residual for n, g in self._low.items() if g.residual is not None},
+            "full_accumulators": {n: g.full for n, g in self._low.items() if g.full is not None},  # Fira's G
             "plain_accumulators": plain,
             "clip_sq_norm": self._sq_norm,
             "clip_previous_norm": self._previous_norm,
@@ -287,9 +288,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in state_dict["param_groups"]],
         })
         self._received = {name: int(state_dict["received"].get(name, 0)) for name in self._params}
-        residuals = state_dict["residual_accumulators"]
+        residuals, fulls = state_dict["residual_accumulators"], state_dict.get("full_accumulators", {})
         self._low = {n: LowRankGradient(t.to(self._params[n].device),
-                                        residuals[n].to(self._params[n].device) if n in residuals else None)
+                                        residuals[n].to(self._params[n].device) if n in residuals else None,
+                                        fulls[n].to(self._params[n].device) if n in fulls else None)
                      for n, t in state_dict["low_rank_accumulators"].items()}
         for n, grad in state_dict.get("plain_accumulators", {}).items():
             p = self._params[n]

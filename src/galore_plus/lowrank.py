@@ -12,7 +12,8 @@ code"):
 
 plus a **refresh policy** per group (``REFRESH_POLICIES``: when a projector refreshes; ``interval``, every
 ``update_proj_gap`` updates, by default), a **sparse residual** (``residual.SparseResidual``, with GaLore+'s
-``residual_ratio``) and a **refresher** (``LocalRefresh`` by default; ``distributed.distribute``
+``residual_ratio``), Fira's term for the gradient outside the subspace (``outside.FiraTerm``, with
+``outside="fira"``) and a **refresher** (``LocalRefresh`` by default; ``distributed.distribute``
 installs one that splits projector refreshes across DDP ranks). Inner rules and refresh policies are
 found by name in :data:`RULES` and :data:`REFRESH_POLICIES`: a new one is one class and one
 ``register_rule`` / ``register_refresh_policy`` line (DESIGN.md, "Shape of the code"). It owns everything else once: validation, the refresh
@@ -46,6 +47,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
   and ``capture_step`` (the update it was measured for; DESIGN.md, "Refresh").
 - ``moment_start``: the ``step`` at which ``moment_transport="reset"`` last dropped the moments
   (absent until then); the rule's bias correction counts from it (``moment_steps``).
+- with ``outside="fira"``: ``outside_norm``, the norm of the last Fira term applied (a 0-d tensor;
+  ``outside.py``).
 
 Low-rank math runs in ``compute_dtype``: float32 for bf16/fp16 parameters, the parameter's own
 dtype for float32/float64 ones; low-rank moments are stored in it, and so is the projector unless
@@ -64,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import projection, residual, transport
+from . import outside, projection, residual, transport
 from .registry import REFRESH_POLICIES, RULES, refresh_policy, register_refresh_policy, register_rule  # noqa: F401
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
 from .rng import generator_for, rounding_generator
@@ -76,7 +79,8 @@ _FOREIGN_KEYS = {"params", "param_names", "initial_lr"}
 #: State keys of the engine itself (the inner rule adds its own).
 ENGINE_STATE_KEYS = ("step", "refresh_count", "last_refresh", "proj_side", "proj_left", "proj_right",
                      "residual_index", "residual_m", "residual_v", "residual_start", "moment_start",
-                     "capture_share", "capture_step")  # the last two: RefreshPolicy.reads_share
+                     "capture_share", "capture_step",  # RefreshPolicy.reads_share
+                     "outside_norm")
 #: Marks a state dict as ours, with the inner rule that wrote it (``load_state_dict`` checks it).
 STATE_DICT_KEY = "galore_plus"
 
@@ -203,22 +207,27 @@ class InnerRule:
 @dataclass
 class LowRankGradient:
     """A low-rank parameter's gradient as the optimizer uses it: ``low``, the projected gradient
-    (``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``), and ``residual``, the gradient's entries at the residual index
-    set (``None`` without a residual). Micro-batches add up; clipping scales both."""
+    (``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``), ``residual``, the gradient's entries at the residual index
+    set (``None`` without a residual), and ``full``, ``G`` itself where it was formed and the group's
+    ``outside`` term needs it (``None`` otherwise). Micro-batches add up (``full`` only when every one
+    has it: a sum with a micro-batch that never formed ``G`` has none); clipping scales all three."""
 
     low: Tensor
     residual: Tensor | None = None
+    full: Tensor | None = None
 
     def add_(self, other: LowRankGradient) -> LowRankGradient:
         self.low.add_(other.low)
         if self.residual is not None and other.residual is not None:
             self.residual.add_(other.residual)
+        self.full = None if self.full is None or other.full is None else self.full.add_(other.full)
         return self
 
     def mul_(self, factor: float) -> LowRankGradient:
         self.low.mul_(factor)
-        if self.residual is not None:
-            self.residual.mul_(factor)
+        for t in (self.residual, self.full):
+            if t is not None:
+                t.mul_(factor)
         return self
 
 
@@ -243,21 +252,26 @@ class ParameterWrite:
         self.offset = local_offset(p)  # an FSDP2 shard rounds with the stream of its first global element
 
     def sub_product(self, a: Tensor, b: Tensor, alpha: float, index: Tensor | None = None,
-                    correction: Tensor | None = None) -> None:
-        """``p ← decay·p − alpha·(a @ b + correction at index)`` (this process's parts of ``a``, ``b``;
-        ``index`` flat into this process's part of ``p``): one ``addmm_`` in place for float32/float64
-        parameters (no ``m×n`` temporary), one rounding for bf16/fp16 ones."""
+                    correction: Tensor | None = None, scaled: tuple[Tensor, Tensor] | None = None) -> None:
+        """``p ← decay·p − alpha·(a @ b + correction at index + o·c)`` (this process's parts of ``a``,
+        ``b`` and ``o``; ``scaled = (o, c)``, ``c`` a 0-d tensor: Fira's term; ``index`` flat into this
+        process's part of ``p``): one ``addmm_`` in place for float32/float64 parameters (no ``m×n``
+        temporary), one rounding for bf16/fp16 ones."""
         a, b = local(a), local(b)
         target = self.local
         if self.low_precision or not target.is_contiguous():
             update = a @ b
             if index is not None:
                 update.view(-1).index_add_(0, index, correction)
+            if scaled is not None:
+                update.addcmul_(*scaled)
             self.sub(update, alpha)
             return
         target.addmm_(a.to(target.dtype), b.to(target.dtype), alpha=-alpha)
         if index is not None:
             target.view(-1).index_add_(0, index, correction.to(target.dtype), alpha=-alpha)
+        if scaled is not None:
+            target.addcmul_(scaled[0].to(target.dtype), scaled[1].to(target.dtype), value=-alpha)
 
     def sub(self, step: Tensor, alpha: float = 1.0, start: int | None = None, end: int | None = None) -> None:
         step = local(step)
@@ -601,8 +615,10 @@ class LowRankOptimizer(Optimizer):
         return self.state.get(p, {}).get("residual_index")
 
     def project(self, p: Tensor, grad: Tensor) -> LowRankGradient:
-        """``p``'s full gradient as the optimizer uses it: projected, plus its residual entries."""
+        """``p``'s full gradient as the optimizer uses it: projected, plus its residual entries (and
+        ``grad`` itself when the group's ``outside`` term needs it: ``LowRankGradient.full``)."""
         layout = layout_of(p, self.comm)
+        full = grad if self.group_of(p)["outside"] != "off" else None
         grad = grad.to(compute_dtype(p))
         left, right = self.projector(p)
         if left is None and right is None:
@@ -610,7 +626,7 @@ class LowRankOptimizer(Optimizer):
                                "with a full gradient first")
         index = self.residual_index(p)
         entries = None if index is None else layout.flat_local(grad)[index.long()]
-        return LowRankGradient(layout.project(grad, left, right), entries)
+        return LowRankGradient(layout.project(grad, left, right), entries, full)
 
     def apply(self, p: Tensor, grad: Tensor | LowRankGradient) -> None:
         """One update of ``p``: from its full gradient (a plain parameter) or a ``LowRankGradient``
@@ -628,13 +644,16 @@ class LowRankOptimizer(Optimizer):
         lr, write = self._begin_step(group, state, p)
         left, right = self.projector(p)
         direction = self.rule.direction(grad.low, state, group, lr)
-        index = correction = None
+        index = correction = term = None
         if group["residual_ratio"] > 0:
             index, correction = residual.SparseResidual(self.rule).correction(
                 state, group, grad.residual, grad.low, direction, left, right, p.shape[1], refreshed, lr,
                 compute_dtype(p), layout_of(p, self.comm).select_residual, local)
+        if group["outside"] == "fira" and grad.full is not None:  # only where G was formed (outside.py)
+            term = outside.FiraTerm().term(state, group, grad.full, grad.low, direction, left, right, lr, index,
+                                           local, lambda value: layout_of(p, self.comm).sum_parts(value, p))
         write.sub_product(*projection.back_factors(direction, left, right), alpha=group["scale"], index=index,
-                          correction=correction)
+                          correction=correction, scaled=term)
 
     def update(self, p: Tensor, grad: Tensor) -> None:
         """One step of ``p`` from its full gradient (what ``step()`` does for each parameter)."""
@@ -754,7 +773,7 @@ class LowRankOptimizer(Optimizer):
                 want = proj_dtype
             elif key == "residual_index":
                 want = torch.int32 if p.numel() < 2**31 else torch.int64
-            elif key in ("residual_m", "residual_v"):
+            elif key in ("residual_m", "residual_v", "outside_norm"):
                 want = compute_dtype(p)
             else:
                 want = self.rule.state_dtype(key, dtype)

@@ -16,8 +16,8 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
     Low-rank parameter: projector (``m·r``, ``r·n`` or both, in ``proj_dtype`` or else the compute
     dtype) + the inner rule's state on the low-rank shape (compute dtype; 8-bit: one byte per entry
     plus a float32 absmax per 256) + the residual ``round(ρ·m·n)·(4 + 2·4)`` bytes (int64 indices
-    past 2³¹ entries). Other parameters: the inner rule's state on the full shape. Python numbers
-    (step counters) are free.
+    past 2³¹ entries) + Fira's limiter norm (one number, with ``outside="fira"``). Other parameters:
+    the inner rule's state on the full shape. Python numbers (step counters) are free.
     """
     total = 0
     rule = optimizer.rule
@@ -36,6 +36,8 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
             if group["residual_ratio"] > 0:
                 k = residual.residual_size(m * n, group["residual_ratio"])
                 total += k * ((4 if m * n < 2**31 else 8) + 2 * dtype.itemsize)
+            if group["outside"] != "off":  # Fira's limiter: one 0-d tensor (outside.py)
+                total += dtype.itemsize
     return total
 
 

@@ -267,6 +267,11 @@ class WholeTensor:
         """``t`` flattened as a view: the residual's indices address it."""
         return t.view(-1)
 
+    def sum_parts(self, value: Tensor, like: Tensor) -> Tensor:
+        """``value`` (0-d, computed from this process's part of a matrix) summed over the parts of
+        ``like`` (the parameter): here the one part, ``value`` itself."""
+        return value
+
     def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
         """The residual's flat index set: the top-ρ of ``|P M'|``."""
         return residual.select_indices(reconstructed, ratio)
@@ -472,6 +477,10 @@ class RowShards(WholeTensor):
     def flat_local(t: Tensor) -> Tensor:
         """This rank's rows of ``t``, flattened (a view): the residual runs on them with local indices."""
         return local(t).reshape(-1)
+
+    def sum_parts(self, value: Tensor, like: Tensor) -> Tensor:
+        """Summed over the ranks' row shards: one 0-d all-reduce."""
+        return ShardRows(like, self.counter).sum(value)
 
     def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
         """This rank's local flat indices of the global top-ρ of ``|P M'|`` (``residual.select_indices``

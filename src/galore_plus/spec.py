@@ -5,7 +5,8 @@ rank (an int, ``"full"`` or a fraction of each matrix's ``min(m, n)``, resolved 
 ``projection.resolve_rank``) and the refresh (``update_proj_gap``, ``refresh``), the projector
 (``proj_type``, ``svd`` and its sketch sizes, ``num_heads`` for cross-head projection,
 ``proj_dtype``, ``canonical_signs``), the update's scale α,
-the sparse residual, and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
+the sparse residual, the gradient outside the subspace (``outside``: Fira's term, ``outside.py``),
+and at the method level the recipe (``cross_head``: GaLore+'s q/k treatment),
 the plainly trained parameters' rate (``plain_lr_ratio``: their lr as a multiple of the projected
 update's, a parameter group's own ``lr``, so LR schedulers keep the ratio; DESIGN.md, "Options") and
 the inner rule with its hyper-parameters (``rule``, ``rule_options``: a name of the rule
@@ -30,6 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from . import projection, residual, transport
+from .outside import FIRA_LIMITER, OUTSIDE_MODES
 from .registry import REFRESH_POLICIES, RULES
 
 #: The paper's residual ratio ρ (1.2% in all its runs), applied by the GaLore+ recipe to q/k groups.
@@ -100,6 +102,12 @@ class LowRankSpec:
     # issue 29 item 5 (DESIGN.md, "Projectors", signs): off keeps the SVD's signs (galore-torch parity)
     canonical_signs: bool = _group(False, "fix each basis vector's sign (its largest-magnitude entry positive), so "
                                           "a projector does not flip between refreshes or rounding paths")
+    # issue 29, the gradient outside the subspace (DESIGN.md, "Outside the subspace"; outside.py)
+    outside: str = _group("off", f"the gradient outside the subspace, G − P PᵀG, one of {OUTSIDE_MODES}: "
+                                 "dropped (off, GaLore) or added with Fira's norm-based scaling and limiter (fira; "
+                                 "where G is formed: not between refreshes of the projected backward)")
+    outside_limiter: float = _group(FIRA_LIMITER, "fira: γ, the term's norm grows at most γ× per step (≥ 1; "
+                                                  "inf: no limiter)")
     cross_head: bool = _method(False, "the GaLore+ recipe: q/k matrices with a head count get cross-head "
                                       "projection and the residual (the others neither)")
     rule: str = _method("adamw", "the inner rule: a name of registry.RULES (adamw, adamw8bit, adafactor, ...)")
@@ -228,6 +236,22 @@ def check_group_values(group: Mapping[str, Any], where: str) -> None:
     threshold = group.get("capture_threshold")
     if threshold is not None and (not is_real(threshold) or not 0.0 < threshold <= 1.0):
         raise ValueError(f"{where}: capture_threshold={threshold!r} must be None or a number in (0, 1]")
+    check_outside(group, where)
+
+
+def check_outside(group: Mapping[str, Any], where: str) -> None:
+    """``outside`` in ``OUTSIDE_MODES``; ``outside_limiter`` a number ≥ 1 (γ; inf turns the limiter off);
+    Fira scales per column or per row of a one-sided projection, so not with ``proj_type="full"``."""
+    mode = group.get("outside", "off")
+    if mode not in OUTSIDE_MODES:
+        raise ValueError(f"{where}: outside={mode!r} is not one of {OUTSIDE_MODES}")
+    gamma = group.get("outside_limiter", FIRA_LIMITER)
+    if not is_real(gamma) or not gamma >= 1:
+        raise ValueError(f"{where}: outside_limiter={gamma!r} must be a number ≥ 1 (inf: no limiter)")
+    if mode == "fira" and group.get("proj_type", "std") == "full":
+        raise ValueError(f"{where}: outside='fira' with proj_type='full': Fira scales G − P PᵀG per column (left "
+                         "projection) or per row (right), and a two-sided projection has neither; use another "
+                         "proj_type")
 
 
 def check_head_blocks(group: dict[str, Any], where: str) -> None:

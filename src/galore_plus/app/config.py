@@ -21,6 +21,7 @@ from typing import Any, Literal
 from ..integration import EMBEDDINGS
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
 from ..refresh import refresh_gap
+from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
@@ -86,6 +87,9 @@ class FinetuneConfig:
                                 "the residual's rule: exact (exact moments) or paper (Algorithm 2, guarded)")
     residual_warmup: int = option(LOW_RANK_DEFAULTS["residual_warmup"], "steps before the residual's entries "
                                                                        "are chosen")
+    outside: str = option(LOW_RANK_DEFAULTS["outside"], "the gradient outside the subspace: dropped (off) or added "
+                                                        "as Fira does (fira; needs the full backward)",
+                          choices=OUTSIDE_MODES)
     layerwise: bool = option(False, "update each parameter inside backward() (galore, galore+)")
     eightbit: bool = option(False, "8-bit optimizer states (galore, galore+; --method adamw8bit is 8-bit AdamW)",
                             flag="--8bit")
@@ -144,7 +148,7 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
-                 "canonical_signs": False}
+                 "canonical_signs": False, "outside": "off"}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -246,7 +250,7 @@ def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> Low
                               refresh=config.refresh_policy, capture_threshold=config.capture_threshold,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
                               plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
-                              canonical_signs=config.canonical_signs,
+                              canonical_signs=config.canonical_signs, outside=config.outside,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 
@@ -260,10 +264,12 @@ def residual_ratio(config: FinetuneConfig) -> float:
 
 def projected_backward(config: FinetuneConfig) -> bool:
     """Whether the run uses the projected backward: as given, or on for galore and galore+ (the faster
-    path) except under FSDP2, whose sharded weights keep the full path."""
+    path) except under FSDP2, whose sharded weights keep the full path, and with ``--outside fira``,
+    whose term needs the full gradient at every step (the projected backward forms it at refreshes only)."""
     if config.projected_backward is not None:
         return config.projected_backward
-    return config.method in LOW_RANK_METHODS and config.distributed != "fsdp" and config.refresh_policy != "capture"
+    return (config.method in LOW_RANK_METHODS and config.distributed != "fsdp" and config.refresh_policy != "capture"
+            and config.outside == "off")
 
 
 def torch_dtype(name: str, device):
@@ -296,15 +302,15 @@ def _check_method(c: FinetuneConfig) -> None:
         used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
                                             ("plain_lr_ratio", 1.0), ("refreshes", None),
                                             ("refresh_policy", "interval"), ("capture_threshold", None),
-                                            ("moment_transport", "keep"))
+                                            ("moment_transport", "keep"), ("outside", "off"))
                  if getattr(c, name) != default]
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
             name = used[0]
             given = flag(name) if getattr(c, name) is not False else flag(name).replace("--", "--no-", 1)
-            if name == "embeddings":
-                given += f" {c.embeddings}"
+            if name in ("embeddings", "outside"):
+                given += f" {getattr(c, name)}"
             raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
     if c.refreshes is not None and c.update_proj_gap != FinetuneConfig.update_proj_gap:
         raise ConfigError(f"--refreshes {c.refreshes} sets T from the run's length; drop --update-proj-gap")
@@ -328,6 +334,10 @@ def _check_method(c: FinetuneConfig) -> None:
         from ..distributed import layerwise_unsupported_reason
 
         raise ConfigError(f"--layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
+    if c.outside != "off" and c.projected_backward:
+        raise ConfigError(f"--outside {c.outside} with --projected-backward: the term needs the full gradient, which "
+                          "the projected backward forms only at projector refreshes (1 step in --update-proj-gap); "
+                          "drop --projected-backward (with --outside fira the full backward is the default)")
     if c.distributed == "fsdp" and c.projected_backward:
         raise ConfigError("--projected-backward with --distributed fsdp: FSDP2's sharded weights keep the full "
                           "backward (their gradients are reduce-scattered whole); drop --projected-backward")
