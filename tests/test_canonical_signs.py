@@ -7,17 +7,11 @@ refresh and FSDP2's row shards (a left basis's sign decided over all its rows) e
 
 from __future__ import annotations
 
-import datetime
 import io
-import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import run_ranks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -370,42 +364,9 @@ def _scenarios(rank):
     return results
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
-        results = _scenarios(rank)
-    except BaseException:
-        results = {"error": traceback.format_exc()}
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("signs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_worker, args=(port, str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    end = time.monotonic() + 300
-    try:
-        while not context.join(timeout=max(1.0, end - time.monotonic())):
-            if time.monotonic() >= end:
-                pytest.fail("the ranks did not finish within 300 s")
-    except mp.ProcessRaisedException:
-        pass  # the rank files carry the traceback
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for res in results:
-        assert "error" not in res, res.get("error")
-    return results
+    return run_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("signs"), deadline_s=300)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

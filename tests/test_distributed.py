@@ -14,23 +14,18 @@ and the spawn is joined with a deadline after which the ranks are killed and the
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import free_port, run_ranks, spawn_with_deadline
 from torch import nn
 
 from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LayerwiseOptimizer
 from galore_plus.distributed import distribute, load_checkpoint, save_checkpoint
 
 WORLD = 2
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # a rank waiting longer on a collective raises
 SPAWN_DEADLINE = 600  # seconds for all scenarios; past it the ranks are killed and the tests fail
 STEPS = 20
 GAP = 5
@@ -301,55 +296,12 @@ def error_messages() -> dict[str, str]:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        results = run_scenarios(rank, out_dir)
-    except BaseException:
-        results = {"error": traceback.format_exc()}
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_with_deadline(fn, args: tuple, nprocs: int, deadline: float) -> None:
-    """``mp.spawn`` that cannot hang: past ``deadline`` seconds every rank is killed and this fails."""
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    end = time.monotonic() + deadline
-    try:
-        while not context.join(timeout=max(1.0, end - time.monotonic())):
-            if time.monotonic() >= end:
-                pytest.fail(f"the {nprocs} ranks did not finish within {deadline} s (a collective hung?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    try:
-        spawn_with_deadline(_worker, (_free_port(), str(out)), WORLD, SPAWN_DEADLINE)
-    except mp.ProcessRaisedException:
-        pass  # the rank files carry the traceback
-    results = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.pt"
-        assert path.exists(), f"rank {r} wrote no results"
-        res = torch.load(path, weights_only=False)
-        assert "error" not in res, res.get("error")
+    results = run_ranks(run_scenarios, WORLD, out, deadline_s=SPAWN_DEADLINE, out_dir=str(out))
+    for res in results:
         res["out_dir"] = out
-        results.append(res)
     return results
 
 
@@ -519,7 +471,7 @@ def test_finetune_under_torchrun_equals_single_process(tmp_path):
     finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
+               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
                "--output-dir", str(tmp_path / "fsdp")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

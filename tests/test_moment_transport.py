@@ -15,12 +15,10 @@ from __future__ import annotations
 import io
 import math
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer
@@ -579,37 +577,10 @@ def _two_rank_scenarios(rank, out_dir):
     return results
 
 
-def _two_rank_worker(rank, port, out_dir):
-    from test_distributed import COLLECTIVE_TIMEOUT
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        results = _two_rank_scenarios(rank, out_dir)
-    except BaseException:
-        results = {"error": traceback.format_exc()}
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from test_distributed import _free_port, spawn_with_deadline
-
     out = tmp_path_factory.mktemp("transport")
-    try:
-        spawn_with_deadline(_two_rank_worker, (_free_port(), str(out)), WORLD, 300)
-    except mp.ProcessRaisedException:
-        pass  # the rank files carry the traceback
-    results = []
-    for r in range(WORLD):
-        res = torch.load(out / f"rank{r}.pt", weights_only=False)
-        assert "error" not in res, res.get("error")
-        results.append(res)
-    return results
+    return run_ranks(_two_rank_scenarios, WORLD, out, deadline_s=300, out_dir=str(out))
 
 
 @pytest.mark.parametrize("how", ["project", "reset"])

@@ -14,11 +14,10 @@ from __future__ import annotations
 import io
 import math
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
+from _ranks import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, LowRankSpec, build_optimizer, outside
@@ -438,49 +437,28 @@ def dist_params(model):
             for n, p in model.named_parameters()}
 
 
-def _dist_worker(rank, port, out_dir):
-    import datetime
-
+def _dist_scenarios(rank, out_dir):
     from galore_plus.distributed import load_checkpoint, save_checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
-    try:
-        results["single"] = dist_params(dist_run("single", rank, range(STEPS))[0])
-        for kind in ("ddp", "fsdp"):
-            model, opt = dist_run(kind, rank, range(STEPS))
-            results[kind] = dist_params(model)
-            results[(kind, "comm")] = {phase: dict(ops) for phase, ops in opt.comm_bytes.items()}
-        model, opt = dist_run("fsdp", rank, range(STEPS // 2))  # save on 2 ranks, resume, continue
-        path = os.path.join(out_dir, "fsdp-fira")
-        save_checkpoint(path, model, opt)
-        fresh, fresh_opt = dist_run("fsdp", rank, range(0))
-        load_checkpoint(path, fresh, fresh_opt)
-        results["fsdp-resumed"] = dist_params(dist_run("fsdp", rank, range(STEPS // 2, STEPS), fresh, fresh_opt)[0])
-    except BaseException:
-        results = {"error": traceback.format_exc()}
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    results["single"] = dist_params(dist_run("single", rank, range(STEPS))[0])
+    for kind in ("ddp", "fsdp"):
+        model, opt = dist_run(kind, rank, range(STEPS))
+        results[kind] = dist_params(model)
+        results[(kind, "comm")] = {phase: dict(ops) for phase, ops in opt.comm_bytes.items()}
+    model, opt = dist_run("fsdp", rank, range(STEPS // 2))  # save on 2 ranks, resume, continue
+    path = os.path.join(out_dir, "fsdp-fira")
+    save_checkpoint(path, model, opt)
+    fresh, fresh_opt = dist_run("fsdp", rank, range(0))
+    load_checkpoint(path, fresh, fresh_opt)
+    results["fsdp-resumed"] = dist_params(dist_run("fsdp", rank, range(STEPS // 2, STEPS), fresh, fresh_opt)[0])
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-    from test_distributed import _free_port, spawn_with_deadline
-
     out = tmp_path_factory.mktemp("fira-distributed")
-    try:
-        spawn_with_deadline(_dist_worker, (_free_port(), str(out)), WORLD, 300)
-    except mp.ProcessRaisedException:
-        pass  # the rank files carry the traceback
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for res in results:
-        assert "error" not in res, res.get("error")
-    return results
+    return run_ranks(_dist_scenarios, WORLD, out, deadline_s=300, out_dir=str(out))
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

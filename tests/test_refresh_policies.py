@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import pytest
 import torch
+from _ranks import run_ranks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -380,32 +380,21 @@ def test_resume_across_a_capture_refresh_is_bitwise():
 # ---------------------------------------------------------------------------------------------- DDP, FSDP2
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from test_distributed import COLLECTIVE_TIMEOUT, WORLD, ddp_model, fsdp_model, full_params, train
+def _scenario(rank: int) -> dict:
+    from test_distributed import ddp_model, fsdp_model, full_params, train
     from galore_plus.distributed import distribute
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     results = {}
-    try:
-        for kind, build in (("single", None), ("ddp", ddp_model), ("fsdp", fsdp_model)):
-            model = _capture_model() if build is None else build()
-            opt = _capture_optimizer(model)
-            if kind == "ddp":
-                distribute(opt)
-            train(model, opt, range(20), None if kind == "single" else rank)
-            results[kind] = full_params(model)
-            results[kind, "counts"] = sorted(refresh_counts(opt))
-            results[kind, "computed"] = opt.projectors_computed
-    except BaseException as err:
-        results["error"] = repr(err)
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    for kind, build in (("single", None), ("ddp", ddp_model), ("fsdp", fsdp_model)):
+        model = _capture_model() if build is None else build()
+        opt = _capture_optimizer(model)
+        if kind == "ddp":
+            distribute(opt)
+        train(model, opt, range(20), None if kind == "single" else rank)
+        results[kind] = full_params(model)
+        results[kind, "counts"] = sorted(refresh_counts(opt))
+        results[kind, "computed"] = opt.projectors_computed
+    return results
 
 
 def _capture_model():
@@ -425,17 +414,9 @@ def _capture_optimizer(model):
 
 
 def test_ddp_and_fsdp2_decide_as_one_process_on_every_rank(tmp_path):
-    import torch.multiprocessing as mp
+    from test_distributed import WORLD
 
-    from test_distributed import WORLD, _free_port, spawn_with_deadline
-
-    try:
-        spawn_with_deadline(_worker, (_free_port(), str(tmp_path)), WORLD, 300)
-    except mp.ProcessRaisedException:
-        pass  # the rank files carry the error
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r in ranks:
-        assert "error" not in r, r.get("error")
+    ranks = run_ranks(_scenario, WORLD, tmp_path, deadline_s=300)
     single = ranks[0]["single", "counts"]
     assert sum(single) > 3 * 4, single  # more than the interval's 4 refreshes per matrix over 20 steps
     for kind in ("ddp", "fsdp"):
