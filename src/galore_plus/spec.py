@@ -175,6 +175,8 @@ FIELDS = frozenset(f.name for f in fields(LowRankSpec))
 GROUP_FIELDS = tuple(f.name for f in fields(LowRankSpec) if f.metadata["group"])
 GROUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LowRankSpec)
                                   if f.metadata["group"] and f.name != "rank"}
+#: every field's default (the command's mirrors of method fields read theirs here)
+SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LowRankSpec)}
 #: the methods' own defaults, over the spec's (GaLore+: arXiv 2412.19820, Section 4)
 RECIPES: dict[str, dict[str, Any]] = {
     "galore": {},

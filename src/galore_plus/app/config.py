@@ -23,7 +23,7 @@ from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
-from ..spec import LowRankSpec
+from ..spec import SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
 from .errors import ConfigError
@@ -66,20 +66,21 @@ class FinetuneConfig:
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
     # defaults (options.LOW_RANK_DEFAULTS: α 0.25, T 200); these are the command's own choices
     scale: float = option(4.0, "GaLore α: the projected-back update is multiplied by it")
-    plain_lr_ratio: float = option(1.0, "the plainly trained parameters' (embeddings, lm_head, norms) learning rate "
-                                        "as a multiple of --lr (galore, galore+; the projected update is α·lr)")
+    plain_lr_ratio: float = option(SPEC_DEFAULTS["plain_lr_ratio"], "the plainly trained parameters' (embeddings, "
+                                   "lm_head, norms) learning rate as a multiple of --lr (galore, galore+; the "
+                                   "projected update is α·lr)")
     update_proj_gap: int = option(50, "T: refresh the projector at the first step and every T steps", group="gap")
     refreshes: int | None = option(None, "refresh K times over the run, evenly from step 1: T = ⌈steps/K⌉ (an "
                                          "extended run keeps its T; DESIGN.md, 'Refresh')", group="gap", shown="off")
-    refresh_policy: str = option("interval", "capture: also refresh when a step's gradient has a captured share "
-                                             "‖PᵀG‖/‖G‖ below --capture-threshold", choices=("interval", "capture"))
-    capture_threshold: float | None = option(None, "--refresh-policy capture: refresh below this share, in (0, 1]",
-                                             shown="unset, capture needs it")
+    refresh_policy: str = option(LOW_RANK_DEFAULTS["refresh"], "capture: also refresh when a step's gradient has a "
+                                 "captured share ‖PᵀG‖/‖G‖ below --capture-threshold", choices=("interval", "capture"))
+    capture_threshold: float | None = option(LOW_RANK_DEFAULTS["capture_threshold"], "--refresh-policy capture: "
+                                             "refresh below this share, in (0, 1]", shown="unset, capture needs it")
     moment_transport: str = option(LOW_RANK_DEFAULTS["moment_transport"], "the Adam moments at a projector refresh: "
                                    "keep, reset, or project into the new basis (galore, galore+)",
                                    choices=MOMENT_TRANSPORTS)
-    canonical_signs: bool = option(False, "fix each projector vector's sign (its largest entry positive), so a "
-                                          "refresh or rounding does not flip it (galore, galore+)")
+    canonical_signs: bool = option(LOW_RANK_DEFAULTS["canonical_signs"], "fix each projector vector's sign (its "
+                                   "largest entry positive), so a refresh or rounding does not flip it (galore, galore+)")
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
