@@ -15,7 +15,12 @@ backward's process group.
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2 (``layerwise.py`` says why).
 
 Checkpoints go through ``torch.distributed.checkpoint`` (``save_checkpoint`` / ``load_checkpoint``):
-every value is a tensor (numbers as 0-d tensors), so nothing is unpickled on load. Sharded tensors
+every value is a tensor (numbers as 0-d tensors). DCP keeps its index, ``.metadata``, as a pickle,
+which ``torch.distributed.checkpoint.FileSystemReader`` loads with ``pickle.load``: a crafted
+checkpoint directory would run code on resume (issue 25). ``load_checkpoint`` reads it with
+:class:`SafeMetadataReader` instead: an unpickler that builds only the classes a DCP index holds
+(:data:`METADATA_CLASSES`, torch dtypes, ``torch.Size``, paths) and refuses anything else before
+it is called. Sharded tensors
 are saved sharded; per-rank state (an FSDP2 parameter's residual) under per-rank keys, so a resume
 needs the same world size, which ``load_checkpoint`` checks.
 
@@ -27,6 +32,7 @@ reduce-scatter are the same as for any optimizer and not counted.
 from __future__ import annotations
 
 import os
+import pickle
 from collections import defaultdict
 from typing import Any
 
@@ -175,6 +181,49 @@ def _flat_state(model: torch.nn.Module, optimizer: LowRankOptimizer) -> dict[str
 
 WORLD_SIZE_KEY = "meta/world_size"
 
+#: What a DCP ``.metadata`` pickle may name (read off checkpoints of torch 2.13: tensors of every
+#: dtype, one process and FSDP2 shards), beside torch dtypes: anything else is refused unbuilt. Not
+#: ``BytesStorageMetadata``: ``save_checkpoint`` writes tensors only, and DCP loads a bytes entry with
+#: ``torch.load(weights_only=False)``, so an index claiming one for a key we read would run its pickle.
+METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+        "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def _safe_reader(path: str) -> Any:
+    """A ``FileSystemReader`` of ``path`` whose ``read_metadata`` builds only :data:`METADATA_CLASSES`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            meta_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(meta_path, "rb") as stream:
+                try:
+                    metadata = _MetadataUnpickler(stream).load()
+                except pickle.UnpicklingError as err:
+                    raise ValueError(f"checkpoint {path}: its {os.path.basename(str(meta_path))} names {err}, which a "
+                                     "checkpoint index never holds; refusing to load it (it could run code)") from None
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"checkpoint {path}: its index is a {type(metadata).__name__}, not DCP metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeMetadataReader(str(path))
+
 
 def _saved_world_size(path: str, metadata: dict[str, Any]) -> int | None:
     """The world size a checkpoint was written with (older ones: the largest per-rank key, if any)."""
@@ -182,7 +231,7 @@ def _saved_world_size(path: str, metadata: dict[str, Any]) -> int | None:
 
     if WORLD_SIZE_KEY in metadata:
         holder = {WORLD_SIZE_KEY: torch.tensor(0)}
-        dcp.load(holder, checkpoint_id=str(path))
+        dcp.load(holder, storage_reader=_safe_reader(path))
         return int(holder[WORLD_SIZE_KEY])
     ranks = [int(k.rsplit("/rank", 1)[1]) for k in metadata if k.rsplit("/", 1)[-1].startswith("rank")]
     return max(ranks) + 1 if ranks else None
@@ -217,7 +266,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     import torch.distributed.checkpoint as dcp
 
     rank = process_rank()
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _safe_reader(path).read_metadata().state_dict_metadata
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_world = _saved_world_size(path, metadata)
     if saved_world is not None and saved_world != world:
@@ -241,7 +290,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
                 template[key] = torch.empty(size, dtype=dtype)
         else:
             template[key] = torch.empty(size, dtype=dtype)
-    dcp.load(template, checkpoint_id=str(path))
+    dcp.load(template, storage_reader=_safe_reader(path))
     model.load_state_dict({k[len("model/"):]: v for k, v in template.items() if k.startswith("model/")})
     by_name = {id(p): n for n, p in params.items()}
     states: dict[str, dict[str, Any]] = defaultdict(dict)
