@@ -264,8 +264,9 @@ class WholeTensor:
 
     @staticmethod
     def flat_local(t: Tensor) -> Tensor:
-        """``t`` flattened as a view: the residual's indices address it."""
-        return t.view(-1)
+        """``t`` flattened in row-major order (a view when ``t`` is contiguous, a copy when not: a
+        ``Parameter(w.t())`` has a transposed gradient, issue 25): the residual's indices address it."""
+        return t.reshape(-1)
 
     def sum_parts(self, value: Tensor, like: Tensor) -> Tensor:
         """``value`` (0-d, computed from this process's part of a matrix) summed over the parts of
