@@ -98,9 +98,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 torch.distributed.get_world_size() > 1:
             raise ValueError(layerwise_unsupported_reason())
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears twice in the optimizer's groups; each must be there once (its hook "
+                             "would update it twice)")
         names: dict[int, str] = {}
-        for name, p in named_parameters:
-            names.setdefault(id(p), name)
+        owner: dict[str, int] = {}
+        for name, p in named_parameters:  # one name per parameter, one parameter per name (issue 25)
+            if names.get(id(p), name) != name:
+                raise ValueError(f"named_parameters names one parameter twice ({names[id(p)]!r} and {name!r}); give "
+                                 "each parameter once, as model.named_parameters() does")
+            if owner.get(name, id(p)) != id(p):
+                raise ValueError(f"named_parameters gives two parameters the name {name!r}; names must be unique "
+                                 "(the state dict is keyed by them)")
+            names[id(p)], owner[name] = name, id(p)
         missing = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in names]
         if missing:
             raise ValueError(f"named_parameters does not name {len(missing)} parameter(s) of the optimizer "
