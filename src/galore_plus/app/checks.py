@@ -84,7 +84,10 @@ def check_launch(distributed: str) -> None:
 
 def check_output_dir(path: str, option: str = "--output-dir") -> None:
     """The directory exists and is writable, or can be made: its first existing ancestor is a
-    directory one can write in."""
+    directory one can write in. An empty path is refused (it would mean the current directory,
+    issue 25)."""
+    if not str(path).strip():
+        raise ConfigError(f"{option} is empty; give a directory (e.g. runs/finetune)")
     target = Path(path).absolute()
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():

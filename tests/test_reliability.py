@@ -1,5 +1,6 @@
-"""Issue 25: a non-contiguous weight (``Parameter(w.t())``, whose gradient is transposed too) trains
-with the sparse residual exactly as its contiguous copy does."""
+"""Issue 25's smaller fixes: a non-contiguous weight (``Parameter(w.t())``, whose gradient is
+transposed too) trains with the sparse residual exactly as its contiguous copy does; an empty
+``--output-dir`` is refused instead of writing into the current directory."""
 
 from __future__ import annotations
 
@@ -28,3 +29,13 @@ def run(contiguous):
 
 def test_a_transposed_weight_with_the_residual_equals_its_contiguous_copy():
     torch.testing.assert_close(run(False), run(True), rtol=0, atol=1e-12)
+
+
+def test_an_empty_output_dir_is_refused():
+    import pytest
+
+    from galore_plus.app.config import FinetuneConfig, validated
+    from galore_plus.app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--output-dir is empty"):
+        validated(FinetuneConfig(model="tiny", output_dir=""))
