@@ -220,7 +220,8 @@ def test_resume_is_bitwise(dtype):
         else:
             assert s1[key] == s2[key], key
     assert s2["proj_right"].dtype == torch.float32 and s2["exp_avg"].dtype == torch.float32
-    assert opt2.state[b2]["exp_avg"].dtype == dtype  # plain groups keep torch's convention
+    # plain groups' moments are at least float32 (issue 25: bf16 moments stop decaying, fp16 ones lose ε)
+    assert opt2.state[b2]["exp_avg"].dtype == torch.float32
 
 
 def test_bf16_projector_dtype_survives_load_cast():

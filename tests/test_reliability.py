@@ -39,3 +39,21 @@ def test_an_empty_output_dir_is_refused():
 
     with pytest.raises(ConfigError, match="--output-dir is empty"):
         validated(FinetuneConfig(model="tiny", output_dir=""))
+
+
+def test_fp16_and_bf16_plain_parameters_keep_float32_moments():
+    """fp16: ε = 1e-8 is 0 in fp16, so a zero second moment divided by it made step 2 NaN; bf16:
+    0.999·v rounds back to v, so the second moment stopped decaying."""
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(8, 6).to(dtype))
+        b = nn.Parameter(torch.zeros(6, dtype=dtype))
+        opt = GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [b]}], lr=1e-3)
+        grads = [torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.zeros(6), torch.zeros(6)]
+        for g in grads:
+            w.grad, b.grad = torch.randn(8, 6).to(dtype), g.to(dtype)
+            opt.step()
+        state = opt.state[b]
+        assert state["exp_avg_sq"].dtype == torch.float32 and torch.isfinite(b).all(), dtype
+        # v after a gradient of 1 then two zeros: (1 − β2)·β2², decayed in float32
+        torch.testing.assert_close(state["exp_avg_sq"][0], torch.tensor(0.001 * 0.999**2), rtol=1e-6, atol=0)

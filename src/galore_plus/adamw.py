@@ -39,13 +39,20 @@ class AdamWRule(InnerRule):
             raise ValueError(f"{where}: invalid eps={group['eps']!r}; it must be a finite number ≥ 0")
 
     def direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], lr: float) -> Tensor:
+        # moments at least float32 (issue 25): a bf16/fp16 plain parameter's gradient comes in its own
+        # dtype, where ε = 1e-8 is 0 in fp16 (step 2 divides by 0) and 0.999·v rounds back to v in bf16
+        dtype = self.state_dtype("exp_avg", grad.dtype)
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         direction, factor = adam_direction(
-            grad, state["exp_avg"], state["exp_avg_sq"], moment_steps(state), beta1, beta2, group["eps"])
+            grad.to(dtype), state["exp_avg"], state["exp_avg_sq"], moment_steps(state), beta1, beta2, group["eps"])
         return direction.mul_(lr * factor)
+
+    def state_dtype(self, key: str, grad_dtype: torch.dtype) -> torch.dtype:
+        """float32 for bf16/fp16 gradients (DESIGN.md, "Precision"), else the gradient's own dtype."""
+        return torch.promote_types(grad_dtype, torch.float32)
 
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return state["exp_avg"], state["exp_avg_sq"]

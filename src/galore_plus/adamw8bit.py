@@ -194,7 +194,7 @@ class AdamW8bitRule(AdamWRule):
             return torch.uint8
         if key.endswith("_absmax"):
             return torch.float32
-        return grad_dtype
+        return super().state_dtype(key, grad_dtype)
 
     def state_bytes(self, shape: tuple[int, ...], dtype: torch.dtype, group: dict[str, Any]) -> int:
         numel = math.prod(shape)

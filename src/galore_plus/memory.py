@@ -23,8 +23,8 @@ def estimate_state_bytes(optimizer: LowRankOptimizer) -> int:
     rule = optimizer.rule
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if "rank" not in group:
-                total += rule.state_bytes(tuple(p.shape), p.dtype, group)
+            if "rank" not in group:  # the rule's state in its own dtype (AdamW: at least float32)
+                total += rule.state_bytes(tuple(p.shape), rule.state_dtype("exp_avg", p.dtype), group)
                 continue
             m, n = p.shape
             r = projection.resolve_rank(group["rank"], p.shape)
