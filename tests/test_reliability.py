@@ -57,3 +57,14 @@ def test_fp16_and_bf16_plain_parameters_keep_float32_moments():
         assert state["exp_avg_sq"].dtype == torch.float32 and torch.isfinite(b).all(), dtype
         # v after a gradient of 1 then two zeros: (1 − β2)·β2², decayed in float32
         torch.testing.assert_close(state["exp_avg_sq"][0], torch.tensor(0.001 * 0.999**2), rtol=1e-6, atol=0)
+
+
+def test_a_decay_that_would_zero_the_weights_is_refused():
+    import pytest
+
+    from galore_plus.app.config import FinetuneConfig, validated
+    from galore_plus.app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--lr 1 × --weight-decay 1e\+30 = 1e\+30 ≥ 1"):
+        validated(FinetuneConfig(model="tiny", lr=1.0, weight_decay=1e30))
+    validated(FinetuneConfig(model="tiny", lr=1e-3, weight_decay=0.1))  # an ordinary decay passes

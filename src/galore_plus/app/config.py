@@ -185,6 +185,9 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(str(err)) from None
     if c.lr == 0:
         raise ConfigError(f"--lr {c.lr} would train nothing; give a learning rate > 0")
+    if c.lr * c.weight_decay >= 1:  # decoupled decay scales the weights by 1 − lr·λ each step (issue 25)
+        raise ConfigError(f"--lr {c.lr:g} × --weight-decay {c.weight_decay:g} = {c.lr * c.weight_decay:g} ≥ 1: each step "
+                          "would scale the weights by 1 − lr·λ ≤ 0 (zeroing or flipping them); lower either")
     if not 0 <= c.seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be in [0, 2**32), got {c.seed}")
     if not (is_real(c.eval_fraction) and 0 <= c.eval_fraction <= 1):
