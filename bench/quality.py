@@ -282,15 +282,17 @@ def plot(rows, by_key, proto, path):
         pts = [(lr, v) for lr, v in r["curve"] if not math.isinf(v)]
         if pts:
             a.plot(*zip(*pts), marker="o", label=r["method"])
-        if r["chosen_lr"] is not None:
-            rec = by_key.get(job(proto, r["method"], r["chosen_lr"], 0, "final")["key"])
+        finite = [(lr, v) for lr, v in r["curve"] if not math.isinf(v)]
+        best = r["chosen_lr"] if r["chosen_lr"] is not None else min(finite, key=lambda c: c[1])[0] if finite else None
+        if best is not None:  # the chosen rate, or while the sweep is open the best so far
+            rec = by_key.get(job(proto, r["method"], best, 0, "final")["key"])
             if rec and rec["result"].get("curve"):
                 steps, losses = zip(*rec["result"]["curve"])
                 k = 10  # a moving mean over 10 steps: single-batch losses are noisy
                 smooth = [statistics.mean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-                b.plot(steps, smooth, label=f"{r['method']} {r['chosen_lr']:g}")
+                b.plot(steps, smooth, label=f"{r['method']} {best:g}" + ("" if r["chosen_lr"] is not None else " (open)"))
     a.set(xscale="log", xlabel="learning rate", ylabel="validation answer loss", title="sweeps (seed 0)")
-    b.set(xlabel="step", ylabel="training loss (10-step mean)", title="seed 0 at the chosen rate")
+    b.set(xlabel="step", ylabel="training loss (10-step mean)", title="seed 0 at the chosen (or best so far) rate")
     for ax in (a, b):
         if ax.lines:
             ax.legend(fontsize=7)
