@@ -68,3 +68,18 @@ def test_a_decay_that_would_zero_the_weights_is_refused():
     with pytest.raises(ConfigError, match=r"--lr 1 × --weight-decay 1e\+30 = 1e\+30 ≥ 1"):
         validated(FinetuneConfig(model="tiny", lr=1.0, weight_decay=1e30))
     validated(FinetuneConfig(model="tiny", lr=1e-3, weight_decay=0.1))  # an ordinary decay passes
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_changes_nothing(tmp_path):
+    import pytest
+
+    from galore_plus.app.errors import ConfigError
+    from galore_plus.app.outputs import lock_output_dir
+
+    held = lock_output_dir(tmp_path)  # what a running finetune holds
+    try:
+        with pytest.raises(ConfigError, match=rf"--output-dir {tmp_path} is in use by another run \(pid \d+\)"):
+            lock_output_dir(tmp_path)
+    finally:
+        held.close()
+    lock_output_dir(tmp_path).close()  # free again once the first is done

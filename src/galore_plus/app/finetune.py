@@ -30,7 +30,7 @@ from ..sharding import local
 from . import checkpoint
 from .config import LOW_RANK_METHODS, FinetuneConfig, default_max_new_tokens, torch_dtype
 from .errors import CheckpointError, ConfigError, RunError
-from .outputs import LOG, METRICS, OUTPUTS, PLOT, export, plot_losses, remove, truncate_log
+from .outputs import LOG, METRICS, OUTPUTS, PLOT, export, lock_output_dir, plot_losses, remove, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
 
@@ -68,10 +68,15 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
             raise ConfigError("--trust-unverified-checkpoint applies to the checkpoint of --resume DIR")
         checkpoint.trust_unverified(Path(resume))
     run = setup(config, resume)
-    built = build(run)
-    start_step, history = start(run, built)
-    history, saved_step = train(run, built, start_step, history)
-    return finish(run, built, history, saved_step)
+    try:
+        built = build(run)
+        start_step, history = start(run, built)
+        history, saved_step = train(run, built, start_step, history)
+        return finish(run, built, history, saved_step)
+    finally:
+        if run.lock is not None:  # taken by start(): the directory is free again
+            run.lock.close()
+            run.lock = None
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -135,6 +140,11 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
     run.runtime.barrier()  # every rank has finished its checks before rank 0 writes
     if run.runtime.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
+        run.lock = lock_output_dir(run.out)  # one run at a time in a directory (issue 25)
+        existing = [name for name in OUTPUTS if (run.out / name).exists()]
+        if existing and not run.resume and not run.config.overwrite:  # written since set-up looked
+            raise ConfigError(f"--output-dir {run.out} now holds a run ({', '.join(existing)}) that another process "
+                              "wrote after this one started; nothing of it was changed")
         if not run.resume:  # only with --overwrite: set-up refused a run's directory otherwise
             for name in OUTPUTS:
                 remove(run.out / name)

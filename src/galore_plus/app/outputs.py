@@ -11,7 +11,8 @@ from typing import Any
 
 from . import checkpoint
 
-__all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "remove", "truncate_log", "export", "plot_losses"]
+__all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "LOCK", "lock_output_dir", "remove", "truncate_log", "export",
+           "plot_losses"]
 
 LOG = "log.jsonl"
 METRICS = "metrics.json"
@@ -20,6 +21,35 @@ FINAL = "final"
 #: what a run writes in its directory: a directory holding any of them holds a run
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
            checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
+
+
+#: held (``flock``) by the run writing the directory, for as long as it runs: a second run into the same
+#: directory is refused instead of interleaving its files with the first's (issue 25)
+LOCK = ".lock"
+
+
+def lock_output_dir(out: Path) -> Any:
+    """Take the output directory's lock (``out/.lock``, exclusive, not waiting) and return its open
+    file, which holds it until closed; ``ConfigError`` naming the holder when another run has it."""
+    import fcntl
+    import os
+
+    from .errors import ConfigError
+
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--output-dir {out} is in use by another run ({holder}); wait for it to finish or choose "
+                          "another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def remove(path: Path) -> None:

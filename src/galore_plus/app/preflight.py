@@ -48,6 +48,8 @@ class Run:
     state: dict[str, Any] | None
     tokenizer: Any
     features: list[dict[str, list[int]]]
+    #: the output directory's lock while the run writes it (``outputs.lock_output_dir``; the main rank)
+    lock: Any = None
 
 
 def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
