@@ -344,6 +344,31 @@ def drive(plan, json_path, runs_dir, *, run_job, in_process, machine, max_runs=N
 # ---------------------------------------------------------------------------------------------- statistics
 
 
+def validation_loss(record):
+    """A recorded run's validation answer loss (``--n-validation``); infinity for a diverged run."""
+    result = record["result"]
+    return math.inf if result.get("diverged") else result["eval_validation"]["answer_loss"]
+
+
+def bracket(tried, curve, ladder, max_rungs):
+    """A learning-rate sweep's bracketing rule: given the rates ``tried`` (all recorded) and their
+    ``curve`` {lr: loss}, ``(the rate to add or None, the best rate)``. The best (lowest loss, the lower
+    rate on a tie; the lowest rate tried when every one diverged) at either end of ``tried`` adds the
+    next rung of ``ladder`` beyond it, so a chosen rate has a worse neighbour on both sides, unless the
+    ladder or ``max_rungs`` ends the sweep."""
+    best = min(sorted(tried), key=lambda lr: curve[lr])
+    if math.isinf(curve[best]):  # every rate diverged: go lower
+        best = min(tried)
+    if len(tried) >= max_rungs:
+        return None, best
+    step = ladder.index(best)
+    if best == min(tried) and step > 0:
+        return ladder[step - 1], best
+    if best == max(tried) and step < len(ladder) - 1:
+        return ladder[step + 1], best
+    return None, best
+
+
 def mean_half_range(values):
     """(mean, half the range) of the values that are not None, or None when there are none."""
     values = [v for v in values if v is not None]

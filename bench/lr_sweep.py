@@ -120,13 +120,6 @@ def eval_before_job(settings_of_mode, task, seed):
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def val_loss(record):
-    """The validation answer loss of a recorded run; infinity for a diverged one."""
-    if record["result"].get("diverged"):
-        return math.inf
-    return record["result"]["eval_validation"]["answer_loss"]
-
-
 def sweep_state(settings_of_mode, task, method, rank, by_key):
     """(jobs to run, curve, chosen lr or None): the sweep's pending rungs, the recorded (lr, loss)
     pairs, and the chosen rate once the winner has a recorded worse neighbour on both sides (or the
@@ -138,22 +131,14 @@ def sweep_state(settings_of_mode, task, method, rank, by_key):
         if pending:
             return pending, _curve(jobs, by_key), None
         curve = _curve(jobs, by_key)
-        best = min(curve, key=lambda c: c[1])[0]
-        if math.isinf(min(loss for _, loss in curve)):  # every rate diverged: go lower
-            best = min(tried)
-        if len(tried) >= MAX_RUNGS:
+        nxt, best = harness.bracket(tried, dict(curve), LADDER, MAX_RUNGS)
+        if nxt is None:
             return [], curve, best
-        step = LADDER.index(best)
-        if best == min(tried) and step > 0:
-            tried.append(LADDER[step - 1])
-        elif best == max(tried) and step < len(LADDER) - 1:
-            tried.append(LADDER[step + 1])
-        else:
-            return [], curve, best
+        tried.append(nxt)
 
 
 def _curve(jobs, by_key):
-    return sorted((j["settings"]["lr"], val_loss(by_key[j["key"]])) for j in jobs if j["key"] in by_key)
+    return sorted((j["settings"]["lr"], harness.validation_loss(by_key[j["key"]])) for j in jobs if j["key"] in by_key)
 
 
 def plan(settings_of_mode, by_key, tasks=None):

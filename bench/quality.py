@@ -107,41 +107,19 @@ def job(proto, name, lr, seed, stage, ablation=None):
             "label": label, "task": proto["common"]["data"], "stage": stage, "row": name}
 
 
-def val_loss(record):
-    result = record["result"]
-    return math.inf if result.get("diverged") else result["eval_validation"]["answer_loss"]
-
-
-def next_rungs(tried, curve):
-    """The bracketing rule: given the rates ``tried`` (all recorded) and their ``curve`` {lr: loss},
-    the rate to add, or None when the best has a worse neighbour on both sides (or the ladder or
-    :data:`MAX_RUNGS` ends the sweep)."""
-    best = min(tried, key=lambda lr: curve[lr])
-    if math.isinf(curve[best]):  # every rate diverged: go lower
-        best = min(tried)
-    step = LADDER.index(best)
-    if len(tried) >= MAX_RUNGS:
-        return None
-    if best == min(tried) and step > 0:
-        return LADDER[step - 1]
-    if best == max(tried) and step < len(LADDER) - 1:
-        return LADDER[step + 1]
-    return None
-
-
 def sweep_state(proto, name, by_key):
-    """(pending sweep jobs, curve {lr: validation loss}, chosen lr or None)."""
+    """(pending sweep jobs, curve {lr: validation loss}, chosen lr or None): ``harness.bracket`` on
+    :data:`LADDER`, at most :data:`MAX_RUNGS` rates."""
     tried = list(proto["methods"][name][3])
     while True:
         jobs = {lr: job(proto, name, lr, 0, "sweep") for lr in tried}
-        curve = {lr: val_loss(by_key[j["key"]]) for lr, j in jobs.items() if j["key"] in by_key}
+        curve = {lr: harness.validation_loss(by_key[j["key"]]) for lr, j in jobs.items() if j["key"] in by_key}
         pending = [j for j in jobs.values() if j["key"] not in by_key]
         if pending:
             return pending, curve, None
-        nxt = next_rungs(tried, curve)
+        nxt, best = harness.bracket(tried, curve, LADDER, MAX_RUNGS)
         if nxt is None:
-            best = min(tried, key=lambda lr: curve[lr])
-            return [], curve, (min(tried) if math.isinf(curve[best]) else best)
+            return [], curve, best
         tried.append(nxt)
 
 
