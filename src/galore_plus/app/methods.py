@@ -50,21 +50,21 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: in
     return model, optimizer
 
 
-#: the matrices Fira projects: the same q/k/v/o and MLP projections GaLore(+) targets in a LLaMA
-FIRA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Fira (arXiv 2410.01623) from its own package, the published subspace peer (BENCHMARKS.md §9): its
-    ``divide_params`` groups at ``--rank`` and ``--update-proj-gap``, α 1 (the package's default; Fira
-    subtracts the unscaled projection from the gradient for its residual, so α ≠ 1 mis-sizes it)."""
-    import contextlib
-    import io
+    """Fira (arXiv 2410.01623) from its own package, the published subspace peer (BENCHMARKS.md §9), on
+    the matrices GaLore(+) trains low-rank (``integration.find_targets``) at ``--rank`` and
+    ``--update-proj-gap``, α 1 (the package's default; Fira subtracts the unscaled projection from the
+    gradient for its residual, so α ≠ 1 mis-sizes it): the groups the package's ``divide_params``
+    makes (the others first, then the projected ones), without its matching of module-name substrings."""
+    from fira import FiraAdamW  # checked by the config
 
-    from fira import FiraAdamW, divide_params  # checked by the config
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints one line per matrix
-        groups = divide_params(model, target_modules_list=list(FIRA_TARGETS), rank=config.rank,
-                               update_proj_gap=config.update_proj_gap, alpha=1.0, proj_type="std")
+    from ..integration import find_targets
+
+    targets = [t.param for t in find_targets(model)]
+    ids = {id(p) for p in targets}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
+              {"params": targets, "rank": config.rank, "update_proj_gap": config.update_proj_gap, "alpha": 1.0,
+               "proj_type": "std"}]
     return FiraAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
