@@ -16,9 +16,9 @@ plus a **refresh policy** per group (``REFRESH_POLICIES``: when a projector refr
 ``outside="fira"``) and a **refresher** (``LocalRefresh`` by default; ``distributed.distribute``
 installs one that splits projector refreshes across DDP ranks). Inner rules and refresh policies are
 found by name in :data:`RULES` and :data:`REFRESH_POLICIES`: a new one is one class and one
-``register_rule`` / ``register_refresh_policy`` line (DESIGN.md, "Shape of the code"). It owns everything else once: validation, the refresh
-schedule and its bookkeeping, the fallbacks when an SVD fails, the NaN check, the residual, loading
-and copying.
+``register_rule`` / ``register_refresh_policy`` line (DESIGN.md, "Extending"). It owns everything
+else once: validation, the refresh schedule and its bookkeeping, the fallbacks when an SVD fails,
+the NaN check, loading and copying.
 
 The per-parameter API (public; ``step()``, ``LayerwiseOptimizer`` and the projected backward all
 drive the optimizer through it):
@@ -102,7 +102,8 @@ _ALIASES: dict[str, type[LowRankOptimizer]] = {}
 
 class RefreshPolicy:
     """When a low-rank parameter's projector refreshes after its first one (which is always at its
-    first update); asked before an update that has not refreshed yet (at most one refresh per update). Stateless: what it needs is in the parameter's state (tensors and numbers: ``step``,
+    first update); asked before an update that has not refreshed yet (at most one refresh per
+    update). Stateless: what it needs is in the parameter's state (tensors and numbers: ``step``,
     ``last_refresh``, ``refresh_count``) and its group's keys.
 
     ``reads_share``: the policy reads the captured share of the update's own full gradient. When the

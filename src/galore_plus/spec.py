@@ -305,7 +305,3 @@ def spec_for(method: str | LowRankSpec, rank: int | float | str | None = None, *
     return LowRankSpec.recipe(method, rank, rule=rule, rule_options=rule_options, **options)
 
 
-def spec_fields_doc() -> dict[str, str]:
-    """Field name → one line of help (for generated parsers and docs)."""
-    return {f.name: f.metadata["doc"] for f in fields(LowRankSpec)}
-

@@ -303,11 +303,9 @@ def _check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
                 if getattr(c, name)]
-        used += [name for name, default in (("embeddings", "full"), ("stochastic_rounding", True),
-                                            ("plain_lr_ratio", 1.0), ("refreshes", None),
-                                            ("refresh_policy", "interval"), ("capture_threshold", None),
-                                            ("moment_transport", "keep"), ("outside", "off"))
-                 if getattr(c, name) != default]
+        used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
+                                   "refresh_policy", "capture_threshold", "moment_transport", "outside")
+                 if getattr(c, name) != getattr(FinetuneConfig, name)]  # moved from its default
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
