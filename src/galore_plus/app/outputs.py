@@ -83,6 +83,7 @@ def export(run: Any, built: Any) -> Path:
     that ``AutoModelForCausalLM.from_pretrained`` and ``galore-plus evaluate`` load. Written to
     ``final.tmp`` and renamed into place, so a previous ``final/`` is replaced whole or not at all.
     Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes."""
+    from .adapters import ADAPTER, save_adapter
     from .models import save_model
 
     model, state_dict = built.model, None
@@ -92,10 +93,11 @@ def export(run: Any, built: Any) -> Path:
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = run.out / FINAL
     if run.runtime.is_main:
-        if run.config.method in ("lora", "dora"):
-            model = model.merge_and_unload()
         tmp = run.out / (FINAL + ".tmp")
         remove(tmp)
+        if run.config.method in ("lora", "dora"):  # the adapter alone first: merging changes the model in place
+            save_adapter(model, tmp / ADAPTER, run.config.model)
+            model = model.merge_and_unload()
         save_model(model, built.tokenizer, tmp, state_dict)
         remove(final)
         tmp.replace(final)
