@@ -12,7 +12,7 @@ directory; files and directories by their absolute path). ``tiny`` is random: th
 run's ``--seed`` (and ``--dtype``), which ``run.json`` records. A model directory is a Hugging Face
 one, so ``peft.AutoPeftModelForCausalLM.from_pretrained("OUTPUT/final/adapter")`` loads base and
 adapter in one call; the built-in names and GGUF files are nothing ``from_pretrained`` can open alone
-(README, "Adapters (LoRA/DoRA)")."""
+(README, "Adapters (LoRA/DoRA)"; DESIGN.md, "Trainer integration")."""
 
 from __future__ import annotations
 
