@@ -60,15 +60,19 @@ def test_sfttrainers_default_clipping_under_the_projected_backward_is_refused_an
     assert scheduler is None and optimizer.projected_backward is not None
 
 
-def test_the_plain_trainer_with_make_optimizer_trains_like_galore_trainer(tmp_path):
+@pytest.mark.parametrize("extra,options,clip", [
+    ({}, {}, None),  # the Trainer's own clipping (max_grad_norm=1.0): right without the projected backward
+    ({"max_grad_norm": 0.0}, {"projected_backward": True}, 0.05),  # the optimizer's, active at 0.05
+])
+def test_the_plain_trainer_with_make_optimizer_trains_like_galore_trainer(tmp_path, extra, options, clip):
     model = tiny_model()
-    args = arguments(tmp_path / "plain", 4)
+    args = arguments(tmp_path / "plain", 4, **extra)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(),
-                      optimizers=make_optimizer(model, args, "galore+", 4, **GALORE))
+                      optimizers=make_optimizer(model, args, "galore+", 4, clip_grad_norm=clip, **options, **GALORE))
     trainer.train()
     reference = tiny_model()
-    GaLoreTrainer(model=reference, args=arguments(tmp_path / "galore", 4), train_dataset=dataset(),
-                  galore={"method": "galore+", "rank": 4, **GALORE}).train()
+    GaLoreTrainer(model=reference, args=arguments(tmp_path / "galore", 4, **extra), train_dataset=dataset(),
+                  galore={"method": "galore+", "rank": 4, **options, **GALORE}, clip_grad_norm=clip).train()
     assert engine_of(trainer.optimizer.optimizer) is not None
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
