@@ -161,6 +161,7 @@ def eval_job(common, task, task_opts, seed):
 #: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
 #: job's settings (its key), and set by run_job
 NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite", "export")
+NOT_SETTINGS += ("report_to", "eval_every")  # where and how often a run reports (app/reporting.py)
 
 
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
@@ -184,6 +185,7 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
 #: every option of ``LEGACY_VALUES`` is either here or was in the keys before).
 LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_threshold", "moment_transport",
                  "canonical_signs", "outside")
+LATER_OPTIONS += ("load_best_at_end",)
 
 
 def train_settings(options, rank):

@@ -139,6 +139,14 @@ class FinetuneConfig:
                               choices=DISTRIBUTED)
     overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot, "
                                     "checkpoint and final/ are deleted)")
+    report_to: str = option("none", "log training to tensorboard (event files in OUTPUT/tensorboard), wandb or mlflow "
+                                    "(offline, under OUTPUT): one, several comma-separated, all (those installed) or "
+                                    "none")
+    eval_every: int = option(0, "evaluate the answer loss every N steps and at the last (no generation) on the "
+                                "--n-validation examples, else the held-out ones; the best is kept in OUTPUT/best/ "
+                                "(0: never)")
+    load_best_at_end: bool = option(False, "final/ and the metrics after training from the best --eval-every point "
+                                           "instead of the last step")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
@@ -150,6 +158,7 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
                  "canonical_signs": False, "outside": "off"}
+LEGACY_VALUES.update(load_best_at_end=False)  # app/reporting.py: final/ from the last step
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -209,6 +218,9 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         if choices and getattr(c, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
     _check_method(c)
+    from .reporting import check as check_reporting
+
+    check_reporting(c)
     if not c.save_checkpoint and c.save_every:
         raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
                           "or not; drop one of them")

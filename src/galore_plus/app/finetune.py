@@ -33,6 +33,7 @@ from .errors import CheckpointError, ConfigError, RunError
 from .outputs import LOG, METRICS, OUTPUTS, PLOT, export, lock_output_dir, plot_losses, remove, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
+from .reporting import Reporter
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Built:
     total_steps: int
     max_new_tokens: int
     dtype: torch.dtype
+    reporter: Reporter | None = None  # app/reporting.py: set by finetune() once the output directory is the run's
 
 
 def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
@@ -71,8 +73,9 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
     try:
         built = build(run)
         start_step, history = start(run, built)
-        history, saved_step = train(run, built, start_step, history)
-        return finish(run, built, history, saved_step)
+        with Reporter(run, built, start_step, history) as built.reporter:
+            history, saved_step = train(run, built, start_step, history)
+            return finish(run, built, history, saved_step)
     finally:
         if run.lock is not None:  # taken by start(): the directory is free again
             run.lock.close()
@@ -192,6 +195,7 @@ def train(run: Run, built: Built, start_step: int, history: dict[str, Any]) -> t
         if run.runtime.is_main:
             with (run.out / LOG).open("a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
+        built.reporter.after_step(record)  # its scalars; with --eval-every its evaluation (before its checkpoint)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}",
                         refresh_s=f"{history['refresh_seconds']:.1f}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < built.total_steps:
@@ -257,6 +261,7 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
         saved_step = _save(run, built, built.total_steps, history, saved_step)
     # the evaluation's batches (logits of 32 long answers) can exceed it
     train_peak = peak_memory_bytes(run.runtime.device)
+    built.reporter.restore_best()  # --load-best-at-end: the final evaluation and final/ are the best point's
     # on every rank: an FSDP2 forward is collective
     eval_after = _evaluate(run, built, "after training") if run.task.test else None
     eval_validation = _evaluate(run, built, "after training", validation=True) if run.task.validation else None
@@ -275,9 +280,10 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
         "eval_before": history.get("eval_before"), "eval_after": eval_after, "eval_validation": eval_validation,
         "config": dataclasses.asdict(config),
     }
+    metrics.update(built.reporter.metrics())  # with --eval-every: the best evaluation point
     if run.runtime.is_main:
-        log = {r["step"]: r for r in map(json.loads, (run.out / LOG).read_text().splitlines())}
-        plot_losses(list(log.values()), run.out / PLOT, f"{config.method} rank {config.rank} on {run.task.name}")
+        log = [json.loads(line) for line in (run.out / LOG).read_text().splitlines()]
+        plot_losses(log, run.out / PLOT, f"{config.method} rank {config.rank} on {run.task.name}")
         try:
             checkpoint.write_json(run.out / METRICS, metrics)
         except ValueError:  # NaN or infinity: not JSON, and not a result
@@ -286,10 +292,7 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
                                                 "not written", saved_step) from None
     if config.export:  # after the evaluation: merging LoRA/DoRA adapters changes the model in place
         export(run, built)
-    if run.runtime.is_main:
-        shown = ("method", "steps", "train_seconds", "eval_before", "eval_after") + (
-            ("eval_validation",) if eval_validation else ())
-        print(json.dumps({k: metrics[k] for k in shown}, indent=1))
+    built.reporter.finish(metrics)  # the final metrics logged; the before/after table and samples printed
     run.runtime.shutdown()
     return metrics
 

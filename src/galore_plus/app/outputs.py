@@ -21,6 +21,7 @@ FINAL = "final"
 #: what a run writes in its directory: a directory holding any of them holds a run
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
            checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
+OUTPUTS += ("tensorboard", "wandb", "mlruns", "best", "best.tmp")  # app/reporting.py's: where a run reports
 
 
 #: held (``flock``) by the run writing the directory, for as long as it runs: a second run into the same
@@ -107,13 +108,16 @@ def export(run: Any, built: Any) -> Path:
 
 
 def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The training loss of ``log`` (log.jsonl's records; a step logged twice counts once, the later)
+    with its running mean, and the ``--eval-every`` answer losses (the records with ``eval_loss``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in log]
-    losses = [r["loss"] for r in log]
+    train = {r["step"]: r["loss"] for r in log if "loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in log if r.get("eval_loss") is not None}
+    steps, losses = list(train), list(train.values())
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
@@ -121,8 +125,11 @@ def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                   for i in range(len(losses))]
         ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    if evals:
+        split = next(r.get("split", "eval") for r in log if r.get("eval_loss") is not None)
+        ax.plot(list(evals), list(evals.values()), "o-", ms=3, lw=1.2, label=f"{split} loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("loss (answer tokens)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
