@@ -237,3 +237,71 @@ def test_eval_every_needs_examples_to_evaluate_on(tmp_path):
         from galore_plus.app.config import validated
 
         validated(tiny_config(tmp_path, data=str(data), eval_fraction=0.0, eval_every=2))
+
+
+# ---------------------------------------------------------------------------------------------- W&B and MLflow (when installed)
+
+
+def test_mlflow_logs_offline_to_a_file_store_in_the_output_directory(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    finetune(tiny_config(tmp_path, report_to="mlflow", eval_every=2, generate=False))
+    client = MlflowClient((out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("galore-plus").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.001"
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in ("train/loss", "eval/loss", "eval_after/answer_loss")}
+    log = log_records(out)
+    assert history["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in log if "loss" in r]
+    assert history["eval/loss"] == [(r["step"], pytest.approx(r["eval_loss"])) for r in log if "eval_loss" in r]
+    assert [s for s, _ in history["eval_after/answer_loss"]] == [4]
+
+
+def test_wandb_logs_an_offline_run_in_the_output_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    finetune(tiny_config(tmp_path, report_to="wandb", eval_every=2, generate=False))
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing was sent
+    data = run_file.read_bytes()  # wandb has no public reader of offline runs; the keys are in it
+    for key in (b"train/loss", b"train/learning_rate", b"eval/loss", b"eval_after/answer_loss"):
+        assert key in data, key
+
+
+# ---------------------------------------------------------------------------------------------- under torchrun
+
+
+def test_best_model_under_fsdp_is_gathered_and_restored(tmp_path):
+    """Two FSDP2 ranks (gloo, CPU): the evaluation points run on both (a collective forward), best/ holds
+    the gathered full weights of the best step, ``--load-best-at-end`` scatters them back, so final/
+    equals best/; rank 0 alone writes the log and the event files."""
+    import os
+    import subprocess
+    import sys
+
+    from _ranks import free_port
+
+    options = dict(TINY, lr=0.1, max_steps=5, update_proj_gap=4)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    out = tmp_path / "fsdp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
+               "--eval-every", "2", "--n-validation", "4", "--no-eval-before", "--no-generate",
+               "--load-best-at-end", "--report-to", "tensorboard", "--output-dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [r for r in log_records(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert best["step"] != 5  # final/ from the last step would differ
+    assert json.loads((out / "metrics.json").read_text())["best"]["step"] == best["step"]
+    assert [s for s, _ in scalars(out)["eval/loss"]] == [2, 4, 5]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one writer: rank 0's
+    kept, final = (load_file(out / path) for path in ("best/model.safetensors", "final/model.safetensors"))
+    assert kept and set(kept) <= set(final)
+    for name, tensor in kept.items():
+        assert torch.equal(final[name], tensor), name

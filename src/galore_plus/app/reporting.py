@@ -123,11 +123,14 @@ def _wandb_takes_create_new() -> bool:
 
 class _MLflow:
     """An MLflow run in the file store ``OUTPUT/mlruns`` (``MLFLOW_TRACKING_URI`` replaces it), through
-    ``MlflowClient``, so no process-wide MLflow state is set. A resumed run is a new MLflow run."""
+    ``MlflowClient``, so no process-wide MLflow state is set. MLflow 3 keeps its file store in
+    maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which is set unless the user set it. A
+    resumed run is a new MLflow run."""
 
     def __init__(self, out: Path, config: Any, start_step: int) -> None:
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or (out / MLFLOW).resolve().as_uri())
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "galore-plus")
         experiment = self.client.get_experiment_by_name(name)
@@ -316,7 +319,7 @@ class Reporter:
             print(summary_table(metrics))
             for i, (example, answer) in enumerate(samples, 1):
                 print(f"sample {i}/{len(samples)}\n  prompt:    {_short(example.prompt)}\n"
-                      f"  reference: {_short(example.answer)}\n  model:     {_short(answer)}")
+                      f"  reference: {_short(example.answer)}\n  model:     {_short(answer) or '(nothing)'}")
             sys.stdout.flush()
 
     def _log(self, values: dict[str, float], step: int) -> None:
