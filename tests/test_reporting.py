@@ -105,6 +105,27 @@ def test_resume_continues_the_event_files_without_duplicate_steps(tmp_path, monk
     assert json.loads((run / "best" / "best.json").read_text())["step"] == full["best"]["step"]
 
 
+def test_a_resume_from_before_the_first_checkpoint_starts_the_event_files_over(tmp_path, monkeypatch):
+    real = finetune_module._forward_backward
+
+    def crash_at_step_3(run, built, step):
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(run, built, step)
+
+    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_3)
+    run = tmp_path / "run"
+    options = dict(max_steps=3, eval_every=1, report_to="tensorboard", generate=False)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_config(tmp_path, **options))
+    assert [s for s, _ in scalars(run)["train/loss"]] == [1, 2] and not (run / "checkpoint").exists()
+    monkeypatch.setattr(finetune_module, "_forward_backward", real)
+    finetune(tiny_config(tmp_path, **options), resume=run)
+    series = scalars(run)
+    assert [s for s, _ in series["train/loss"]] == [1, 2, 3] and [s for s, _ in series["eval/loss"]] == [1, 2, 3]
+    assert [s for s, _ in series["eval_before/answer_loss"]] == [0]
+
+
 def test_eval_every_keeps_the_best_step_and_load_best_at_end_makes_final_from_it(tmp_path):
     """A learning rate so high that the validation loss gets worse after step 2: the recorded best step
     is the argmin of the logged evaluations, best/ holds that step's weights, and with

@@ -79,12 +79,13 @@ def check(config: Any) -> None:
 class _TensorBoard:
     """``torch.utils.tensorboard.SummaryWriter`` into ``OUTPUT/tensorboard``. Resumed at step ``S``, the
     writer's ``purge_step`` S + 1 makes TensorBoard drop what the interrupted run logged after its
-    checkpoint, so each step is read once."""
+    checkpoint, so each step is read once; started at step 0 (a resumed run may have had no checkpoint
+    yet) it drops everything before."""
 
     def __init__(self, out: Path, config: Any, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=start_step + 1 if start_step else 0)
         if not start_step:
             self.writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=1) + "\n```", 0)
 
