@@ -153,6 +153,20 @@ def test_eval_every_keeps_the_best_step_and_load_best_at_end_makes_final_from_it
     assert len(shared) >= len(kept) - 1 and any(not torch.equal(last[name], kept[name]) for name in shared)
 
 
+def test_load_best_at_end_restores_lora_adapters(tmp_path):
+    """LoRA: best/ holds the adapters only (the base is frozen); restored, the model scores what it
+    scored at the best step, not at the last."""
+    out = tmp_path / "run"
+    metrics = finetune(tiny_config(tmp_path, method="lora", lr=3.0, max_steps=5, eval_every=2, n_validation=4,
+                                   eval_before=False, generate=False, load_best_at_end=True))
+    evals = {r["step"]: r["eval_loss"] for r in log_records(out) if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert metrics["best"]["step"] == best != 5 and evals[best] != evals[5]
+    assert metrics["eval_validation"]["answer_loss"] == pytest.approx(evals[best], rel=1e-9)
+    names = list(load_file(out / "best" / "model.safetensors"))
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+
+
 def _attention_dropout(monkeypatch):
     """The model's attention with dropout 0.1: a training step then draws from the global random
     stream and depends on the train mode, so an evaluation that drew from it or left eval mode on
