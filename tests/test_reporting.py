@@ -309,10 +309,11 @@ def test_wandb_logs_an_offline_run_in_the_output_directory(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------- under torchrun
 
 
-def test_best_model_under_fsdp_is_gathered_and_restored(tmp_path):
-    """Two FSDP2 ranks (gloo, CPU): the evaluation points run on both (a collective forward), best/ holds
-    the gathered full weights of the best step, ``--load-best-at-end`` scatters them back, so final/
-    equals best/; rank 0 alone writes the log and the event files."""
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_best_model_under_torchrun_is_saved_and_restored(tmp_path, kind):
+    """Two ranks (gloo, CPU): the evaluation points run on both (under FSDP2 a collective forward), best/
+    holds the full weights of the best step (FSDP2: gathered), ``--load-best-at-end`` puts them back on
+    every rank, so final/ equals best/; rank 0 alone writes the log and the event files."""
     import os
     import subprocess
     import sys
@@ -321,9 +322,9 @@ def test_best_model_under_fsdp_is_gathered_and_restored(tmp_path):
 
     options = dict(TINY, lr=0.1, max_steps=5, update_proj_gap=4)
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    out = tmp_path / "fsdp"
+    out = tmp_path / kind
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
+               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", kind,
                "--eval-every", "2", "--n-validation", "4", "--no-eval-before", "--no-generate",
                "--load-best-at-end", "--report-to", "tensorboard", "--output-dir", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,

@@ -248,6 +248,8 @@ class Reporter:
 
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return {name: state[name].contiguous() for name in names if name in state}
+        if not self.main:  # the main rank holds the same weights and writes them
+            return {}
         parameters = dict(model.named_parameters())
         return {name: parameters[name].detach().to("cpu", copy=True).contiguous() for name in names}
 
