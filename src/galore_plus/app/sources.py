@@ -1,7 +1,7 @@
 """What ``--data`` names when it is not a built-in task: one or several data files, glob patterns and
 directories saved by ``datasets``' ``save_to_disk``, expanded in order (:func:`expand`); which of a
 saved ``DatasetDict``'s splits evaluates (:func:`eval_split`); and the one sha256 a run records for
-all of them (:func:`sha256`), which a resumed run must find again."""
+all of them (:func:`sha256`), which a resumed run must find again (DESIGN.md, "Data sources")."""
 
 from __future__ import annotations
 
