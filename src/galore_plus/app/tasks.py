@@ -234,7 +234,12 @@ def _mixed_forms(read: list[tuple[str, str, str, list[Example]]]) -> list[str]:
 def eval_examples(path: str, n_test: int, seed: int) -> tuple[str, str, list[Example]]:
     """``(kind, form, examples)`` of an evaluation file: all its examples, or a sample of ``n_test``
     drawn by ``seed`` when it holds more (``finetune --eval-data`` and ``galore-plus evaluate`` draw
-    the same). A saved ``DatasetDict``: its test (else validation) split."""
+    the same). A saved ``DatasetDict``: its test (else validation) split. A glob pattern must match
+    one file."""
+    paths = sources.expand(path)
+    if len(paths) != 1:
+        raise DataError(f"{path!r}: an evaluation set is one file or saved dataset, and it matches {len(paths)}")
+    path = paths[0]
     split = "train"
     if os.path.isdir(path) and sources.dataset_splits(path) is not None:
         split = sources.eval_split(path)
