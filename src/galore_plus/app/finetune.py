@@ -218,7 +218,11 @@ def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
         ids = runtime.share(ids)  # this rank's share of the global batch
         batch = {k: v.to(runtime.device) for k, v in
                  collate([features[i] for i in ids], built.tokenizer.pad_token_id).items()}
-        logits = built.train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # --packing: position ids restart per example; without a mask or a cache each attends to itself
+        # only (app/packing.py)
+        masks = ({"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch
+                 else {"attention_mask": batch["attention_mask"]})
+        logits = built.train_model(input_ids=batch["input_ids"], **masks).logits
         # token-level mean over the whole step's answer tokens, so accumulation equals a bigger batch
         # (times the world size: DDP and FSDP2 average the ranks' gradients, we want their sum)
         loss = torch.nn.functional.cross_entropy(
