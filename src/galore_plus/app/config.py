@@ -26,6 +26,7 @@ from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
+from .schedules import SCHEDULERS
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
@@ -105,8 +106,8 @@ class FinetuneConfig:
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (galore, galore+)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them "
                                                  "(non-reentrant)")
-    lr: float = option(2e-5, "peak learning rate (cosine schedule with linear warm-up)")
-    warmup_steps: int = option(10, "linear warm-up steps")
+    lr: float = option(2e-5, "peak learning rate (of --lr-scheduler, after a linear warm-up)")
+    warmup_steps: int = option(10, "linear warm-up steps", group="warmup")
     weight_decay: float = option(0.0, "decoupled weight decay")
     batch_size: int = option(4, "examples per micro-batch (under --distributed: the global batch, split across "
                                 "ranks)")
@@ -139,6 +140,15 @@ class FinetuneConfig:
                               choices=DISTRIBUTED)
     overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot, "
                                     "checkpoint and final/ are deleted)")
+    lr_scheduler: str = option("cosine", "the learning-rate schedule after the warm-up (transformers' get_scheduler): "
+                                         "cosine or linear decay to 0, constant (no warm-up) or constant_with_warmup",
+                               choices=SCHEDULERS)
+    warmup_ratio: float | None = option(None, "warm-up as a share of the run's steps (rounded up), instead of "
+                                              "--warmup-steps", shown="unset: --warmup-steps", group="warmup")
+    target_modules: str | None = option(None, "the modules trained low-rank (galore, galore+, fira) or adapted (lora, "
+                                              "dora): comma-separated names (matching a module whose name is NAME or "
+                                              "ends in .NAME) or regular expressions on a module's whole name",
+                                        shown="every linear layer of the decoder layers")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
@@ -149,7 +159,8 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
-                 "canonical_signs": False, "outside": "off"}
+                 "canonical_signs": False, "outside": "off", "lr_scheduler": "cosine", "warmup_ratio": None,
+                 "target_modules": None}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -209,6 +220,7 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         if choices and getattr(c, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
     _check_method(c)
+    _check_schedule_and_targets(c)
     if not c.save_checkpoint and c.save_every:
         raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
                           "or not; drop one of them")
@@ -350,3 +362,25 @@ def _check_method(c: FinetuneConfig) -> None:
     if c.distributed == "fsdp" and c.method not in (*LOW_RANK_METHODS, "adamw"):
         raise ConfigError("--distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
                           f"{c.method} keeps state that is not sharded with its parameter")
+
+
+def _check_schedule_and_targets(c: FinetuneConfig) -> None:
+    """``--warmup-ratio``, ``--lr-scheduler constant``'s lack of warm-up, and ``--target-modules``'s
+    method and patterns (whether they match the model's modules is set-up's check: ``preflight.check_fits``)."""
+    if c.warmup_ratio is not None:
+        if not (is_real(c.warmup_ratio) and 0 <= c.warmup_ratio <= 1):
+            raise ConfigError(f"--warmup-ratio must be a share in [0, 1], got {c.warmup_ratio}")
+        if c.warmup_steps != FinetuneConfig.warmup_steps:
+            raise ConfigError(f"--warmup-ratio {c.warmup_ratio} sets the warm-up from the run's length; drop "
+                              f"--warmup-steps {c.warmup_steps}")
+    if c.lr_scheduler == "constant" and (c.warmup_ratio or c.warmup_steps not in (0, FinetuneConfig.warmup_steps)):
+        given = f"--warmup-ratio {c.warmup_ratio}" if c.warmup_ratio else f"--warmup-steps {c.warmup_steps}"
+        raise ConfigError(f"--lr-scheduler constant has no warm-up, so {given} would be ignored; use "
+                          "--lr-scheduler constant_with_warmup")
+    if c.target_modules is not None:
+        from .methods import TARGET_METHODS, target_patterns
+
+        if c.method not in TARGET_METHODS:
+            raise ConfigError(f"--target-modules applies to --method {', '.join(TARGET_METHODS)}, not {c.method} "
+                              "(it trains every parameter)")
+        target_patterns(c.target_modules)  # each a valid regular expression
