@@ -13,15 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from galore_plus.app import checkpoint
+from galore_plus.app import checkpoint, models
 from galore_plus.app.cli import parse_config
 from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, validated
 from galore_plus.app.configfile import read_config_file
 from galore_plus.app.errors import ConfigError
 from galore_plus.app.outputs import OUTPUTS
-from test_cli import TINY, argv, assert_same_weights, no_model_load, run_main  # noqa: F401 (a fixture)
+from test_cli import TINY, argv, assert_same_weights, run_main
 
 OPTIONS = dict(TINY, method="galore", rank=8, lr=3e-4, eval_before=False, seed=3)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A bad file is refused before any weight loads."""
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
 
 
 def write(path: Path, text: str) -> Path:
