@@ -172,3 +172,20 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, no_model_load
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError):
         read_config_file(path)
+
+
+def test_the_readmes_yaml_example_is_a_valid_config(tmp_path):
+    """README's complete example reads to the config its comments say (its model and data replaced by
+    ones that exist here)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    path = write(tmp_path / "run.yaml", example)
+    values = read_config_file(path)
+    assert (values["lr"], values["eightbit"], values["eval_data"]) == (1e-5, True, "my-test.jsonl")
+    assert values["target_modules"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    data = write(tmp_path / "mine.jsonl", "".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n"
+                                                  for i in range(10)))
+    config, _ = parse_config(["finetune", "--config", str(path), "--model", "tiny", "--data", str(data),
+                              "--eval-data", str(data), "--output-dir", str(tmp_path / "out")])
+    assert (config.method, config.rank, config.epochs, config.max_steps, config.warmup_ratio) == (
+        "galore+", 128, 1.0, None, 0.03)

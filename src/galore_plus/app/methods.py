@@ -105,7 +105,8 @@ def target_patterns(text: str | None) -> list[str] | None:
     the method's default), one per item of :func:`target_items`: a plain name (letters, digits, ``_`` and
     ``.``) matches a module whose name is it or ends in ``.NAME``, as in PEFT's lists (``q_proj``,
     ``self_attn.o_proj``); anything else is a regular expression on the module's whole name
-    (``.*layers\\.[01]\\..*_proj``). An invalid expression raises :class:`ConfigError`."""
+    (``.*layers\\.[01]\\..*_proj``). An invalid expression raises :class:`ConfigError`
+    (DESIGN.md, "Target modules")."""
     if text is None:
         return None
     patterns = []
