@@ -126,6 +126,12 @@ def test_config_yaml_is_a_file_of_the_run(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 2
     assert run_main(capsys, ["finetune", "--resume", str(out), "--max-steps", "3"])[0] == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 3
+    # beside --resume, a file is options given: the run's own agree with it, others are refused
+    assert parse_config(["finetune", "--resume", str(out), "--config", str(out / "config.yaml")]) == (
+        checkpoint.saved_config(out), str(out))
+    other = write(tmp_path / "other.yaml", "model: tiny\nrank: 2\n")
+    with pytest.raises(ConfigError, match=r"--resume .*: a resumed run keeps its options, and --rank 2 \(the run's is 8\)"):
+        parse_config(["finetune", "--resume", str(out), "--config", str(other)])
 
 
 def test_a_run_record_without_newer_options_takes_their_legacy_values(tmp_path):
