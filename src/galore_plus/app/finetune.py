@@ -1,6 +1,6 @@
 """``finetune(config)``: one fine-tuning run — set up, build, train, evaluate, write.
 
-Loads a task and a model offline, trains with a cosine schedule, evaluates before and after on the
+Loads a task and a model offline, trains with its schedule (schedules.py), evaluates before and after on the
 held-out split, and writes ``metrics.json``, ``log.jsonl`` (one line per step), ``loss.png``,
 ``run.json``, a resumable checkpoint (:mod:`galore_plus.app.checkpoint`) and ``final/`` (the trained
 model as a Hugging Face model directory, adapters merged) to the output directory.
