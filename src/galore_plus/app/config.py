@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ..integration import EMBEDDINGS
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_real
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
+from .schedules import SCHEDULERS
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
@@ -106,8 +107,8 @@ class FinetuneConfig:
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (galore, galore+)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them "
                                                  "(non-reentrant)")
-    lr: float = option(2e-5, "peak learning rate (cosine schedule with linear warm-up)")
-    warmup_steps: int = option(10, "linear warm-up steps")
+    lr: float = option(2e-5, "peak learning rate (of --lr-scheduler, after a linear warm-up)")
+    warmup_steps: int = option(10, "linear warm-up steps", group="warmup")
     weight_decay: float = option(0.0, "decoupled weight decay")
     batch_size: int = option(4, "examples per micro-batch (under --distributed: the global batch, split across "
                                 "ranks)")
@@ -153,6 +154,15 @@ class FinetuneConfig:
                                   "then counts sequences")
     chat_template: str | None = option(None, "a Jinja chat template file, used instead of the tokenizer's own (and "
                                              "saved with final/)", shown="the tokenizer's own")
+    lr_scheduler: str = option("cosine", "the learning-rate schedule after the warm-up (transformers' get_scheduler): "
+                                         "cosine or linear decay to 0, constant (no warm-up) or constant_with_warmup",
+                               choices=SCHEDULERS)
+    warmup_ratio: float | None = option(None, "warm-up as a share of the run's steps (rounded up), instead of "
+                                              "--warmup-steps", shown="unset: --warmup-steps", group="warmup")
+    target_modules: str | None = option(None, "the modules trained low-rank (galore, galore+, fira) or adapted (lora, "
+                                              "dora): comma-separated names (matching a module whose name is NAME or "
+                                              "ends in .NAME) or regular expressions on a module's whole name",
+                                        shown="every linear layer of the decoder layers")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
@@ -164,7 +174,8 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
                  "canonical_signs": False, "outside": "off", "packing": False, "chat_template": None,
-                 "load_best_at_end": False}  # app/reporting.py: final/ from the last step
+                 "load_best_at_end": False,  # app/reporting.py: final/ from the last step
+                 "lr_scheduler": "cosine", "warmup_ratio": None, "target_modules": None}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -225,10 +236,12 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         choices = f.metadata["choices"]
         if choices and getattr(c, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
-    _check_method(c)
+    from .option_checks import check_method, check_schedule_and_targets
     from .reporting import check as check_reporting
 
+    check_method(c)
     check_reporting(c)
+    check_schedule_and_targets(c)
     if not c.save_checkpoint and c.save_every:
         raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
                           "or not; drop one of them")
@@ -327,56 +340,3 @@ def absolute_data(data: str | list) -> str | list:
             return [absolute_data(d) for d in data]
         data = data[0]
     return data if data in TASKS else os.path.abspath(data)
-
-
-def _check_method(c: FinetuneConfig) -> None:
-    if c.method not in LOW_RANK_METHODS:
-        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
-                if getattr(c, name)]
-        used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
-                                   "refresh_policy", "capture_threshold", "moment_transport", "outside")
-                 if getattr(c, name) != getattr(FinetuneConfig, name)]  # moved from its default
-        if used == ["eightbit"]:
-            raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
-        if used:
-            name = used[0]
-            given = flag(name) if getattr(c, name) is not False else flag(name).replace("--", "--no-", 1)
-            if name in ("embeddings", "outside"):
-                given += f" {getattr(c, name)}"
-            raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
-    if c.refreshes is not None and c.update_proj_gap != FinetuneConfig.update_proj_gap:
-        raise ConfigError(f"--refreshes {c.refreshes} sets T from the run's length; drop --update-proj-gap")
-    if c.capture_threshold is not None and c.refresh_policy != "capture":
-        raise ConfigError(f"--capture-threshold {c.capture_threshold} needs --refresh-policy capture")
-    if c.refresh_policy == "capture" and c.projected_backward:  # DESIGN.md, "Refresh"
-        raise ConfigError("--refresh-policy capture reads full gradients, which --projected-backward forms at refreshes only")
-    if c.method in ("lora", "dora", "fira") and not is_int(c.rank):  # "full"/fractions: per-matrix projection ranks
-        raise ConfigError(f"--rank {c.rank} with --method {c.method}: its adapter rank is one int for every matrix; "
-                          "'full' and fractions are galore's and galore+'s")
-    if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
-        raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
-                          "state, which a checkpoint must not unpickle, and has no distributed path: run it with "
-                          "--no-save-checkpoint and without --distributed")
-    if c.method == "fira":
-        import importlib.util
-
-        if importlib.util.find_spec("fira") is None:
-            raise ConfigError("--method fira needs the fira package: pip install --no-deps fira==1.0.2")
-    if c.distributed != "none" and c.layerwise:
-        from ..distributed import layerwise_unsupported_reason
-
-        raise ConfigError(f"--layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
-    if c.outside != "off" and c.projected_backward:
-        raise ConfigError(f"--outside {c.outside} with --projected-backward: the term needs the full gradient, which "
-                          "the projected backward forms only at projector refreshes (1 step in --update-proj-gap); "
-                          "drop --projected-backward (with --outside fira the full backward is the default)")
-    if c.distributed == "fsdp" and c.projected_backward:
-        raise ConfigError("--projected-backward with --distributed fsdp: FSDP2's sharded weights keep the full "
-                          "backward (their gradients are reduce-scattered whole); drop --projected-backward")
-    if c.distributed == "fsdp" and c.method == "adamw8bit":
-        raise ConfigError("--distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
-                          "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
-                          "FSDP2's DTensor parameters (use --method galore --8bit, or --distributed ddp)")
-    if c.distributed == "fsdp" and c.method not in (*LOW_RANK_METHODS, "adamw"):
-        raise ConfigError("--distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
-                          f"{c.method} keeps state that is not sharded with its parameter")

@@ -1,6 +1,6 @@
 """``finetune(config)``: one fine-tuning run — set up, build, train, evaluate, write.
 
-Loads a task and a model offline, trains with a cosine schedule, evaluates before and after on the
+Loads a task and a model offline, trains with its schedule (schedules.py), evaluates before and after on the
 held-out split, and writes ``metrics.json``, ``log.jsonl`` (one line per step), ``loss.png``,
 ``run.json``, a resumable checkpoint (:mod:`galore_plus.app.checkpoint`) and ``final/`` (the trained
 model as a Hugging Face model directory, adapters merged) to the output directory.
@@ -28,12 +28,14 @@ import torch
 
 from ..sharding import local
 from . import checkpoint
+from .configfile import write_config_file
 from .config import LOW_RANK_METHODS, FinetuneConfig, default_max_new_tokens, torch_dtype
 from .errors import CheckpointError, ConfigError, RunError
 from .outputs import LOG, METRICS, OUTPUTS, PLOT, export, lock_output_dir, plot_losses, remove, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
 from .reporting import Reporter
+from .schedules import build_scheduler
 
 
 @dataclass
@@ -87,8 +89,6 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
 
 def build(run: Run) -> Built:
     """Load the model, encode the training set, build the optimizer and the schedule."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from .models import enable_gradient_checkpointing, load_model
 
     config = run.config
@@ -117,7 +117,7 @@ def build(run: Run) -> Built:
             train_model = distributed.wrap_model(model, "ddp", run.runtime.device)
         if config.method in LOW_RANK_METHODS:
             optimizer = distributed.distribute(optimizer)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, config, total_steps)
     if config.method in LOW_RANK_METHODS and run.runtime.is_main:
         from ..integration import optimizer_summary
 
@@ -153,6 +153,7 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
                 remove(run.out / name)
         # first: from here on --resume finds the run
         checkpoint.write_run(run.out, run.config, run.data_sha256, run.eval_data_sha256)
+        write_config_file(run.out, run.config)  # the resolved options, for --config (DESIGN.md, "Config files")
         truncate_log(run.out / LOG, step)
     run.runtime.barrier()
     if step == 0 and run.config.eval_before and run.task.test:

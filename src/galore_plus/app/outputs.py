@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .configfile import CONFIG_FILE
 
 __all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "LOCK", "lock_output_dir", "remove", "truncate_log", "export",
            "plot_losses"]
@@ -20,7 +21,7 @@ PLOT = "loss.png"
 FINAL = "final"
 #: what a run writes in its directory: a directory holding any of them holds a run
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
-           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
+           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp", CONFIG_FILE)
 OUTPUTS += ("tensorboard", "wandb", "mlruns", "best", "best.tmp")  # app/reporting.py's: where a run reports
 
 

@@ -24,7 +24,7 @@ from .config import LOW_RANK_METHODS, FinetuneConfig, validated
 from .resume import changes, resumed
 from .errors import ConfigError
 from .examples import Task
-from .methods import build_method
+from .methods import build_method, check_target_modules
 from .outputs import OUTPUTS
 from .runtime import Runtime
 from .tasks import TASKS, load_task
@@ -179,6 +179,7 @@ def check_fits(config: FinetuneConfig) -> None:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"--model {config.model}: its configuration cannot be read: "
                           f"{one_line(err)}") from None
+    check_target_modules(config, shapes)
     if config.method not in LOW_RANK_METHODS:
         return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seed's stream stays untouched
