@@ -28,6 +28,11 @@ Methods (the low-rank ones on q/k/v/o/gate/up/down of every layer, as found by
   ``proj="random"``, ``scale_type="channel"``, ``scale=1``, the Norm-Growth Limiter on (its default),
   peak lr 1e-2 (its pre-training scripts).
 
+``build_optimizer`` also builds ``fira`` (``fira.FiraAdamW`` as ``galore-plus finetune --method fira``
+does, α 1) and takes GaLore(+)'s spec options (``rank="full"``, ``scale``, issue 29's mechanisms) for
+``bench/quality.py``'s pre-training grid (``bench/quality_pretrain.py``), which reuses this script's
+data (:func:`load_data`), model, schedule, evaluation and :func:`run_method`.
+
 All: the same schedule shape (linear warm-up over 10% of the steps, cosine decay to 10% of the peak,
 as GaLore's training script), global gradient clipping at 1.0, projector refresh every
 ``update_proj_gap`` steps (200, or smaller for short runs), batch and sequence identical. A method

@@ -19,15 +19,23 @@ Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch threa
 ``bench/results/quality_runs.json``, claims so that two invocations share the grid; resumable: run
 the same command again).
 
+The pre-training half (``--task pretrain``; ``bench/quality_pretrain.py``: a 5.3M LLaMA from scratch,
+1,500 steps; sweeps, then the same ablations on GaLore+, GaLore's ranks, then seeds 0 and 1) runs
+in-process at one thread, each finished run recorded at once in ``quality_pretrain_runs.json``.
+
     python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
-    python bench/quality.py                  # the grid (~33 min a run on one thread here)
+    python bench/quality.py                  # the fine-tuning grid (~33 min a run on one thread here)
+    python bench/quality.py --task pretrain  # the pre-training grid (~12 CPU-min a run); --task all: both
+    python bench/quality.py --task pretrain --estimate 50   # its CPU-hours from 50 timed steps a set-up
     python bench/quality.py --methods lora,dora   # only these rows
     python bench/quality.py --table-only     # rewrite quality.{json,md,png}
 
-Outputs (``bench/results``): ``quality_runs.json`` (every run, raw, with its loss curve),
-``quality.json`` (one record per finished run: task, method, rank, seed, lr, steps, test_loss,
-``final`` on the runs that make the table), ``quality.md`` (sweeps, finals, paired differences with
-t) and ``quality.png`` (the sweeps and the finals' training-loss curves).
+Outputs (``bench/results``): ``quality_runs.json`` and ``quality_pretrain_runs.json`` (every run, raw,
+with its loss curves), ``quality.json`` (one record per finished run of both tasks: task, method, rank,
+seed, lr, steps, test_loss — the final validation loss for pre-training —, ``final`` on the runs that
+make the tables), ``quality.md`` (sweeps, finals, ablations, paired differences with t; the
+pre-training section after the fine-tuning one) and ``quality.png`` (the sweeps and curves, fine-tuning
+on top, pre-training below). The report always merges both raw files, whichever task ran.
 """
 
 from __future__ import annotations
@@ -332,8 +340,7 @@ def main(argv=None):
     in_process = args.in_process or args.smoke
     harness.offline()
     if args.estimate:
-        lines, _ = qp.estimate(pretrain_proto, args.cache, args.estimate, names)
-        print("\n".join(lines), flush=True)
+        lines, _ = qp.estimate(pretrain_proto, args.cache, args.estimate, names)  # it prints them as it goes
         return lines
     if "gsm_symbolic" in tasks and not args.smoke and not args.table_only:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it

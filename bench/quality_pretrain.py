@@ -4,8 +4,8 @@ evaluation), each method at its own tuned rate. Driven by ``bench/quality.py --t
 (BENCHMARKS.md §9, "Pre-training"); this module is the protocol, the plan, one run and its report.
 
 Protocol (:data:`CONFIG`): hidden 256, intermediate 688, 4 layers, 4 heads, vocabulary 4096 (5.26M
-parameters, 3.16M of them in the 28 projected matrices), 1,500 steps of 4 × 128 tokens (768k tokens,
-0.34 of an epoch: no window is seen twice), warm-up 10% then cosine to 10% of the peak, clipping 1.0,
+parameters, 3.16M of them in the 28 projected matrices), 1,500 steps of 8 × 128 tokens (1.54M tokens,
+0.68 of an epoch: no window is seen twice), warm-up 10% then cosine to 10% of the peak, clipping 1.0,
 rank 64 (hidden/4), T 200 (8 refreshes), 96 validation windows of 128 tokens (12,288 tokens) every
 100 steps; the score is the final validation loss.
 
@@ -27,6 +27,7 @@ Every run is in-process at one torch thread; each finished run is recorded at on
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import sys
@@ -40,7 +41,7 @@ import pretrain  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
 TASK = "pretrain"
 RAW = "quality_pretrain_runs.json"
 #: the model and run (bench/pretrain.py's cfg keys); BENCHMARKS.md §9 says how it was sized to the budget
-CONFIG = dict(hidden=256, intermediate=688, layers=4, heads=4, vocab=4096, seq=128, batch=4, steps=1500,
+CONFIG = dict(hidden=256, intermediate=688, layers=4, heads=4, vocab=4096, seq=128, batch=8, steps=1500,
               eval_every=100, eval_windows=96, update_proj_gap=200, rank=64, warmup=0.1)
 SMOKE = dict(hidden=32, intermediate=64, layers=2, heads=4, vocab=320, seq=32, batch=2, steps=6,
              eval_every=3, eval_windows=4, update_proj_gap=3, rank=8, warmup=0.1)
@@ -215,31 +216,44 @@ def planned_grid(proto, names=None):
             jobs.append(j)
 
 
+#: spec options that do not change a step's cost (a scalar, a sign flip, a k×k product at a refresh):
+#: :func:`estimate` times a set-up differing only in them once
+COST_NEUTRAL = ("plain_lr_ratio", "moment_transport", "canonical_signs")
+
+
+def variant(settings):
+    """What a run's cost depends on: its method and the options that are not :data:`COST_NEUTRAL`."""
+    return harness.settings_key([settings["method"], {k: v for k, v in settings["options"].items()
+                                                      if k not in COST_NEUTRAL}])
+
+
 def estimate(proto, cache, steps=50, names=None):
-    """The grid's CPU cost from ``steps`` timed steps of each distinct optimizer set-up in it (one run
-    each, seed 0, at its planned rate): ``(lines to print, total CPU hours)``. Sweeps are counted at 3
-    rungs and at 4 (one rung added in every row)."""
+    """The grid's CPU cost from ``steps`` timed steps of each distinct set-up in it (:func:`variant`;
+    one run each, seed 0, at its planned rate): ``(lines, total CPU hours)``, printed as they come.
+    Sweeps are counted at 3 rungs and at 4 (one rung added in every row)."""
     jobs = planned_grid(proto, names)
     cfg = dict(proto["config"], steps=steps, eval_every=10**9)
     train_ids, val_windows, vocab, _ = data(proto, cache)
-    per_step, lines = {}, []
-    for j in jobs:
-        s = j["settings"]
-        variant = harness.settings_key([s["method"], s["options"]])
-        if variant in per_step:
-            continue
-        t = time.process_time()
-        pretrain.run_method(j["label"], s["method"], s["lr"], cfg, train_ids, val_windows, vocab, 0, s["clip"],
-                            s["options"])
-        per_step[variant] = (time.process_time() - t) / steps
-        lines.append(f"  {j['row']}{' r' + str(j['rank']) if j['stage'] == 'rank' else ''}: "
-                     f"{per_step[variant]:.3f} CPU s/step")
+    for module in ("apollo_torch", "fira", "galore_plus"):  # importing is not a step's cost
+        importlib.import_module(module)
+
     model = pretrain.build_model(proto["config"], vocab, 0)
     t = time.process_time()
     pretrain.evaluate(model, val_windows, proto["config"]["batch"] * 2)
     evals = (time.process_time() - t) * (proto["config"]["steps"] // proto["config"]["eval_every"] + 1)
-    run_s = {j["key"]: per_step[harness.settings_key([j["settings"]["method"], j["settings"]["options"]])]
-             * proto["config"]["steps"] + evals for j in jobs}
+    per_step, lines = {}, []
+    for j in jobs:
+        s = j["settings"]
+        if variant(s) in per_step:
+            continue
+        t = time.process_time()  # one validation window: its two evaluations (steps 0 and last) cost ~nothing
+        pretrain.run_method(j["label"], s["method"], s["lr"], cfg, train_ids, val_windows[:1], vocab, 0, s["clip"],
+                            s["options"])
+        per_step[variant(s)] = (time.process_time() - t) / steps
+        lines.append(f"  {j['row']}{' r' + str(j['rank']) if j['stage'] == 'rank' else ''}: "
+                     f"{per_step[variant(s)]:.3f} CPU s/step")
+        print(lines[-1], flush=True)
+    run_s = {j["key"]: per_step[variant(j["settings"])] * proto["config"]["steps"] + evals for j in jobs}
     total = sum(run_s.values())
     extra = sum(run_s[next(j["key"] for j in jobs if j["row"] == name and j["stage"] == "sweep")]
                 for name in proto["methods"] if not names or name in names)
@@ -250,6 +264,7 @@ def estimate(proto, cache, steps=50, names=None):
         f"{stage} {len(v)} runs {sum(v) / 3600:.2f} h" for stage, v in stages.items()))
     lines.append(f"grid: {len(jobs)} runs, {total / 3600:.1f} CPU-hours (3-rung sweeps); "
                  f"{(total + extra) / 3600:.1f} with one rung more in every sweep")
+    print("\n".join(lines[-2:]), flush=True)
     return lines, total / 3600
 
 
@@ -279,7 +294,8 @@ def summary(proto, by_key):
         row = {"method": name, "rank": rank_of(method, options, proto["config"]), "curve": sorted(curve.items()),
                "chosen_lr": chosen, "test_loss": per_seed}
         if name == ABLATION_BASE and chosen is not None:
-            row["ablations"] = [run_cell(j) for j in [job(proto, name, chosen, 0, "final")] + ablation_jobs(proto, chosen)]
+            base = job(proto, name, chosen, 0, "final")
+            row["ablations"] = [run_cell(j) for j in [base] + ablation_jobs(proto, chosen)]
         if name == RANK_ROW and chosen is not None:
             row["ranks"] = [run_cell(j) for j in rank_jobs(proto, chosen)]
         rows.append(row)
@@ -289,9 +305,9 @@ def summary(proto, by_key):
             continue
         s, res = rec["settings"], rec["result"]
         value = None if res.get("diverged") else res["final_val_loss"]
-        records.append({"task": TASK, "method": rec["row"], "rank": rank_of(s["method"], s["options"], s["config"]), "seed": s["seed"], "lr": s["lr"],
-                        "steps": s["config"]["steps"], "stage": rec.get("stage"), "test_loss": value,
-                        "validation_loss": value, "diverged": bool(res.get("diverged")),
+        records.append({"task": TASK, "method": rec["row"], "rank": rank_of(s["method"], s["options"], s["config"]),
+                        "seed": s["seed"], "lr": s["lr"], "steps": s["config"]["steps"], "stage": rec.get("stage"),
+                        "test_loss": value, "validation_loss": value, "diverged": bool(res.get("diverged")),
                         "train_seconds": res.get("train_s"), "cpu_seconds": res.get("cpu_s"),
                         "parameters": res.get("parameters"), "options": s["options"], "final": rec["key"] in finals})
     return rows, records
@@ -317,7 +333,8 @@ def render(proto, rows):
     lines = ["## Pre-training from scratch (final validation loss; lower is better)", "",
              f"LLaMA hidden {c['hidden']}, intermediate {c['intermediate']}, {c['layers']} layers, {c['heads']} heads, "
              f"vocabulary {c['vocab']}, untied; {c['steps']} steps × {c['batch']} × {c['seq']} tokens, warm-up "
-             f"{c['warmup']:.0%} then cosine to 10%, clipping {proto['clip']}, rank {c['rank']}, T {c['update_proj_gap']}; "
+             f"{c['warmup']:.0%} then cosine to 10%, clipping {proto['clip']}, rank {c['rank']}, "
+             f"T {c['update_proj_gap']}; "
              f"data: {proto['data']}; validation {c['eval_windows']} windows every {c['eval_every']} steps.", "",
              "### Sweeps (seed 0; * chosen)", "", *harness.table_header("method", "rank", "rates tried")]
     for r in rows:
@@ -332,18 +349,19 @@ def render(proto, rows):
             lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {mean:.3f}"
                          f"{'' if sd is None else f' ± {sd:.3f}'} | {', '.join(f'{x:.3f}' for x in v)} |")
     for r in rows:
-        for key, title in (("ablations", f"Ablation: each mechanism alone on {r['method']}"),
-                           ("ranks", f"Ranks: {r['method']} at its chosen rate")):
+        for key, title in (("ablations", f"Ablation: each mechanism alone on {r['method']} (seed 0; Δ against it)"),
+                           ("ranks", f"Ranks: {r['method']} at its chosen rate (seed 0; Δ against rank {r['rank']})")):
             if not r.get(key):
                 continue
-            base = r[key][0]["loss"] if key == "ablations" else None
-            lines += ["", f"### {title} (seed 0)", "", *harness.table_header("run", "rank", "lr", "validation", "Δ")]
+            base = r["test_loss"].get(0)  # the row's own seed-0 run at its chosen rate (first in the ablation)
+            lines += ["", f"### {title}", "",
+                      *harness.table_header("run", "rank", "lr", "validation", "Δ")]
             for a in r[key]:
                 if not a["done"]:
                     value, delta = "not run", ""
                 else:
                     value = fmt(a["loss"])
-                    delta = "" if base is None or a is r[key][0] or math.isinf(a["loss"]) or math.isinf(base) \
+                    delta = "" if base is None or a is r[key][0] and key == "ablations" or math.isinf(a["loss"]) \
                         else f"{a['loss'] - base:+.3f}"
                 lines.append(f"| {a['name']} | {a['rank']} | {a['lr']:g} | {value} | {delta} |")
     pairs = [(a, b, paired(rows, a, b, proto["seeds"])) for a, b in PAIRS]
