@@ -196,7 +196,10 @@ def run_one(job_, proto, cache):
                         for i in range(0, len(losses), 10)]
     r["val_curve"] = [[p["step"], round(p["val_loss"], 4)] for p in r["val_curve"]]
     r.pop("loadavg_end", None)
+    if r["diverged"]:  # no score (strict JSON has no infinity); loss() reads it as infinity
+        r["final_val_loss"] = r["val_perplexity"] = None
     return dict(r, cpu_s=cpu, wall_seconds=round(wall, 1), data=described,
+                eval={"final_val_loss": r["final_val_loss"], "diverged": r["diverged"]},  # what drive prints
                 versions=harness.versions(pretrain.VERSIONS, ("fira",)))
 
 
