@@ -25,7 +25,7 @@ in-process at one thread, each finished run recorded at once in ``quality_pretra
 
     python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
     python bench/quality.py                  # the fine-tuning grid (~33 min a run on one thread here)
-    python bench/quality.py --task pretrain  # the pre-training grid (~12 CPU-min a run); --task all: both
+    python bench/quality.py --task pretrain  # the pre-training grid (~11 CPU-min a run); --task all: both
     python bench/quality.py --task pretrain --estimate 50   # its CPU-hours from 50 timed steps a set-up
     python bench/quality.py --methods lora,dora   # only these rows
     python bench/quality.py --table-only     # rewrite quality.{json,md,png}

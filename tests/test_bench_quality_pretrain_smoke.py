@@ -201,3 +201,31 @@ def test_smoke_estimate_times_every_set_up_of_the_grid(quality, qp, tmp_path, ca
     assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) + len(proto["ranks"])
     assert f"grid: {len(grid)} runs" in lines[-1]
     assert not (tmp_path / "r" / qp.RAW).exists()  # records nothing
+
+
+def test_task_all_runs_both_grids_and_max_runs_counts_both(quality, qp, tmp_path, monkeypatch):
+    """``--task all``: the fine-tuning grid, then the pre-training one, in one invocation (runs made up
+    here: the order and the bookkeeping are under test, not the training)."""
+    order = []
+
+    def gsm_run(job, runs_dir, in_process):
+        order.append(job["task"])
+        loss = abs(math.log(job["settings"]["lr"] / 3e-3))
+        return {"eval_validation": {"answer_loss": loss}, "eval_after": {"answer_loss": loss}, "curve": []}
+
+    def pretrain_run(job, proto, cache):
+        order.append(job["task"])
+        loss = abs(math.log(job["settings"]["lr"] / 1e-2))
+        return {"final_val_loss": loss, "diverged": False, "val_curve": [[0, 9.0], [6, loss]]}
+
+    monkeypatch.setattr(quality, "run_one", gsm_run)
+    monkeypatch.setattr(qp, "run_one", pretrain_run)
+    args = ["--smoke", "--task", "all", "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")]
+    quality.main(args + ["--max-runs", "3"])
+    assert order == ["arithmetic"] * 3  # three runs in all, the fine-tuning grid's first
+    quality.main(args)
+    first_pretrain = order.index("pretrain")
+    assert set(order[:first_pretrain]) == {"arithmetic"} and set(order[first_pretrain:]) == {"pretrain"}
+    data = json.loads((tmp_path / "r" / "quality.json").read_text())
+    assert {r["task"] for r in data["runs"] if r["final"]} == {"arithmetic", "pretrain"}
+    assert len(data["runs"]) == len(order)
