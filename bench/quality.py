@@ -277,7 +277,8 @@ def plot(rows, by_key, proto, path, pretrain=None):
                 b.plot(steps, smooth, label=f"{r['method']} {best:g}" + ("" if r["chosen_lr"] is not None else " (open)"))
     a.set(xscale="log", xlabel="learning rate", ylabel="validation answer loss",
           title="gsm_symbolic sweeps (seed 0)")
-    b.set(xlabel="step", ylabel="training loss (10-step mean)", title="seed 0 at the chosen (or best so far) rate")
+    b.set(xlabel="step", ylabel="training loss (10-step mean)",
+          title="gsm_symbolic, seed 0 at the chosen (or best so far) rate")
     for ax in (a, b):
         if ax.lines:
             ax.legend(fontsize=7)
@@ -286,7 +287,7 @@ def plot(rows, by_key, proto, path, pretrain=None):
     harness.save_figure(fig, path)
 
 
-def write_tables(proto, json_path, results_dir, command, plot_too=True, pretrain_proto=None):
+def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretrain_proto):
     """quality.json, .md and .png from both raw files: the fine-tuning runs (``json_path``) and the
     pre-training runs (``quality_pretrain_runs.json`` beside it, protocol ``pretrain_proto``), written
     under one lock so that two invocations (one per task) never interleave their writes."""
