@@ -247,8 +247,10 @@ def parse_methods(spec: str) -> list[tuple[str, str, float]]:
     for item in spec.split(","):
         item = item.strip()
         name, _, lr = item.partition("@")
-        if name not in PAPER_LR:
-            raise SystemExit(f"--methods: {name!r} is not one of {sorted(PAPER_LR)}")
+        if name not in OPTIMIZERS:
+            raise SystemExit(f"--methods: {name!r} is not one of {sorted(OPTIMIZERS)}")
+        if not lr and name not in PAPER_LR:
+            raise SystemExit(f"--methods: {name} has no paper rate here; give one ({name}@LR)")
         out.append((item, name, float(lr) if lr else PAPER_LR[name]))
     return out
 

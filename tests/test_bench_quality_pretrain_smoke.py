@@ -229,3 +229,9 @@ def test_task_all_runs_both_grids_and_max_runs_counts_both(quality, qp, tmp_path
     data = json.loads((tmp_path / "r" / "quality.json").read_text())
     assert {r["task"] for r in data["runs"] if r["final"]} == {"arithmetic", "pretrain"}
     assert len(data["runs"]) == len(order)
+
+
+def test_pretrain_script_takes_fira_with_a_rate_only(qp):
+    assert qp.pretrain.parse_methods("adamw,fira@0.003") == [("adamw", "adamw", 1e-3), ("fira@0.003", "fira", 3e-3)]
+    with pytest.raises(SystemExit, match="fira@LR"):
+        qp.pretrain.parse_methods("fira")
