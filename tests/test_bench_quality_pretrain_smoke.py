@@ -235,3 +235,15 @@ def test_pretrain_script_takes_fira_with_a_rate_only(qp):
     assert qp.pretrain.parse_methods("adamw,fira@0.003") == [("adamw", "adamw", 1e-3), ("fira@0.003", "fira", 3e-3)]
     with pytest.raises(SystemExit, match="fira@LR"):
         qp.pretrain.parse_methods("fira")
+
+
+def test_in_process_runs_do_not_depend_on_what_ran_before(quality, qp, tmp_path):
+    """Runs share one process: each must seed everything it draws (model, data order, projectors), so a
+    run's result does not depend on the runs before it (a resumed grid runs them in another order)."""
+    proto = qp.protocol("smoke", (), quality.LADDER, quality.MAX_RUNGS)
+    first = qp.job(proto, "galore+ (old recipe)", 1e-2, 1, "final")
+    other = qp.job(proto, "apollo", 3e-2, 0, "sweep")
+    a = qp.run_one(first, proto, tmp_path)
+    qp.run_one(other, proto, tmp_path)
+    b = qp.run_one(first, proto, tmp_path)
+    assert a["val_curve"] == b["val_curve"] and a["train_curve"] == b["train_curve"]
