@@ -115,5 +115,9 @@ def _train(p: nn.Parameter, proj_type: str) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["transposed", "column slice", "row slice"])
 @pytest.mark.parametrize("shape", [(12, 16), (16, 12)])
 def test_the_residual_trains_every_layout_as_its_contiguous_copy(proj_type, kind, shape):
+    # one-sided: equal to rounding. Two-sided (full), the products PᵀGQ of a transposed gradient round
+    # differently in float64 with or without the residual (7e-10 after 4 steps, measured with ρ = 0 too:
+    # Adam's normalisation amplifies the r×r core's rounding), so the residual adds no difference of its own
+    tolerance = dict(rtol=1e-6, atol=1e-8) if proj_type == "full" else dict(rtol=0, atol=1e-12)
     torch.testing.assert_close(_train(_make(kind, shape, False), proj_type),
-                               _train(_make(kind, shape, True), proj_type), rtol=0, atol=1e-12)
+                               _train(_make(kind, shape, True), proj_type), **tolerance)

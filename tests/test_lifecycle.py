@@ -310,12 +310,12 @@ def test_non_finite_weights_before_training_are_refused_before_training(tmp_path
     def load(*args, **kwargs):
         model, tokenizer = real(*args, **kwargs)
         with torch.no_grad():
-            model.lm_head.weight[3, 3] = float("inf")
+            model.model.layers[1].mlp.up_proj.weight[3, 3] = float("inf")
         return model, tokenizer
 
     monkeypatch.setattr(models, "load_model", load)
     with pytest.raises(ConfigError, match=r"--model tiny has 1 non-finite weight entries \(the first in "
-                                          r"lm_head.weight\) before training; nothing was trained"):
+                                          r"model.layers.1.mlp.up_proj.weight\) before training; nothing was trained"):
         finetune(config(tmp_path))
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
@@ -474,7 +474,8 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
                        r"\(under torchrun, as the run was\)", err)
     assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
     step = int(lines[0])
-    assert "Traceback" not in err, err[-3000:]
+    # torchrun's agent reports the ranks' non-zero exits with a traceback of its own; none is the ranks'
+    assert not re.search(r'File ".*galore_plus', err), err[-3000:]
     state = checkpoint.read_state(run)  # verified against its manifest
     assert state["step"] == step and state["world_size"] == 2
     assert log_steps(run) == list(range(1, step + 1)) and step < 400
