@@ -39,7 +39,8 @@ import torch
 from .builtin_tasks import TASKS
 from .config import FinetuneConfig, from_dict
 from .errors import CheckpointError, ConfigError
-from .identity import differences, identity, of_record
+from .identity import check_same_run, identity
+from .retention import retire
 from .runtime import Runtime
 
 CHECKPOINT = "checkpoint"
@@ -118,7 +119,7 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _retire(out, old, getattr(config, "save_total_limit", 1))
+    retire(out, old, getattr(config, "save_total_limit", 1))
     runtime.barrier()
 
 
@@ -152,39 +153,6 @@ def _write(tmp: Path, model, optimizer, scheduler, step: int, config: FinetuneCo
     make_readable(tmp)
     write_manifest(tmp)
     return True
-
-
-#: an earlier checkpoint kept beside ``checkpoint/`` (``--save-total-limit``): ``checkpoint-STEP``
-KEPT_PREFIX = CHECKPOINT + "-"
-
-
-def kept_checkpoints(out: Path) -> list[Path]:
-    """The earlier checkpoints kept in ``out`` (``checkpoint-STEP/``), oldest first."""
-    found = [(int(p.name[len(KEPT_PREFIX):]), p) for p in Path(out).glob(KEPT_PREFIX + "*")
-             if p.is_dir() and p.name[len(KEPT_PREFIX):].isdigit()]
-    return [p for _, p in sorted(found)]
-
-
-def _retire(out: Path, old: Path, limit: int) -> None:
-    """The checkpoint a save replaced (now ``old``): deleted (``limit`` 1, the default), or kept as
-    ``checkpoint-STEP`` with at most ``limit`` checkpoints in all (``checkpoint/`` one of them; 0: no
-    limit, Hugging Face's ``save_total_limit`` convention)."""
-    if not old.exists():
-        return
-    if limit == 1:
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        step = int(json.loads((old / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    kept = out / f"{KEPT_PREFIX}{step}"
-    shutil.rmtree(kept, ignore_errors=True)
-    os.replace(old, kept)
-    if limit > 1:
-        for stale in kept_checkpoints(out)[:-(limit - 1)]:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_manifest(ckpt: Path) -> int:
@@ -377,20 +345,6 @@ def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, di
             raise CheckpointError(f"--resume {directory}: the data file {path} has changed since the run started "
                                   f"(sha256 {str(digest)[:16]}…, the run's {str(expected)[:16]}…); a resumed run "
                                   "must train and evaluate on the same examples")
-
-
-def check_same_run(state: dict[str, Any], run: dict[str, Any], directory: Path) -> None:
-    """The checkpoint was written by the run of ``directory/run.json`` (their identities agree): a
-    ``checkpoint/`` copied in from another run would otherwise rewrite ``run.json`` and continue
-    ``log.jsonl`` with that run's steps."""
-    if not isinstance(run.get("config"), dict):
-        raise CheckpointError(f"{Path(directory) / RUN} has no 'config' object: it was not written by galore-plus")
-    ours, theirs = of_record(state), of_record(run)
-    if ours["sha256"] != theirs["sha256"]:
-        raise CheckpointError(f"--resume {directory}: {CHECKPOINT}/ belongs to another run than {RUN} (identity "
-                              f"{ours['sha256'][:12]}, {RUN}'s {theirs['sha256'][:12]}): "
-                              f"{'; '.join(differences(ours, theirs))}; nothing was changed (resume the run from "
-                              "its own directory, or start a new one)")
 
 
 def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) -> None:

@@ -47,3 +47,37 @@ def hints(config, dtype: torch.dtype, *, updated: bool, refresh: bool = False) -
     if updated:
         out.append(f"a smaller --lr than {config.lr:g} (in a new run: a resumed one keeps its options)")
     return ("possible causes: " + "; ".join(out)) if out else ""
+
+
+def loss_message(config, dtype: torch.dtype, optimizer, step: int, loss: float, saved_step: int | None,
+                 bad: int) -> tuple[str, str]:
+    """``(what, advice)`` for a non-finite training loss at ``step``: whether the weights (``bad``
+    non-finite entries over all ranks) were already non-finite, whether any update had been applied,
+    whether the step before refreshed the projectors."""
+    updated = step > 1  # step 1 runs on the model's own (checked) weights
+    since = f"step {saved_step}" if saved_step is not None else "the start"
+    if bad:
+        what = (f"the training loss is {loss} because {bad} weight entries are already non-finite: an update "
+                f"since {since} made them so")
+    elif not updated:
+        what = f"the training loss is {loss} on the model's weights before any update (the forward overflows)"
+    else:
+        what = f"the training loss is {loss} (the weights are finite: the forward overflowed on the updated ones)"
+    previous = step - 1 if updated and refresh_step(optimizer, step - 1) else None
+    advice = hints(config, dtype, updated=updated, refresh=previous is not None)
+    if previous is not None:
+        advice = advice.replace("the step refreshed", f"step {previous} refreshed")
+    return f"{what}, so the run stopped before applying the step", advice
+
+
+def update_message(config, dtype: torch.dtype, optimizer, step: int, saved_step: int | None, bad: int,
+                   first: str | None) -> tuple[str, str]:
+    """``(what, advice)`` for updates up to ``step`` that left ``bad`` parameter entries non-finite
+    (found before a checkpoint is written)."""
+    since = f"step {saved_step}" if saved_step is not None else "the start"
+    refreshed = any(refresh_step(optimizer, s) for s in range((saved_step or 0) + 1, step + 1))
+    what = (f"the updates since {since} left {bad} parameter entries non-finite"
+            + (f" (in {first} among others)" if first else "") + ", so the run stopped without saving them")
+    advice = hints(config, dtype, updated=True, refresh=refreshed).replace("the step refreshed",
+                                                                            "a step among them refreshed")
+    return what, advice

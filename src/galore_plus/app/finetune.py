@@ -33,9 +33,9 @@ import torch
 from . import checkpoint
 from .config import LOW_RANK_METHODS, FinetuneConfig, default_max_new_tokens, torch_dtype
 from .config import DEFAULT_SAVE_EVERY
-from .diagnosis import hints, non_finite, refresh_step
+from .diagnosis import hints, loss_message, non_finite, update_message
 from .errors import CheckpointError, ConfigError, RunError
-from .interrupts import Interrupted, Interrupts, Stop
+from .interrupts import REPEAT_WINDOW, Interrupts, Stop, interrupted
 from .outputs import LOG, METRICS, PLOT, export, lock_output_dir, plot_losses, remove, run_files, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
@@ -94,26 +94,6 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
                     run.lock = None
         except Stop as stop:  # a signal where nothing was left to finish, or the second one
             raise interrupted(run, stop.signum, at_once=True) from None
-
-
-#: under torchrun, a repeated signal within this many seconds is the same request (``interrupts.Interrupts``)
-REPEAT_WINDOW = 5.0
-
-
-def interrupted(run: Run | None, signum: int, at_once: bool = False) -> Interrupted:
-    """The one line a run stopped by signal ``signum`` ends with (DESIGN.md, "Interrupts and
-    checkpoints")."""
-    if run is None or not run.started:
-        return Interrupted("interrupted before training began; nothing was written", signum)
-    resume = f"galore-plus finetune --resume {run.out}" + (" (under torchrun, as the run was)"
-                                                           if run.runtime.is_distributed else "")
-    if not run.config.save_checkpoint:
-        return Interrupted(f"interrupted at step {run.step}; the run writes no checkpoint (--no-save-checkpoint), so "
-                           "it cannot be resumed", signum)
-    if at_once and run.step != (run.saved_step or 0):
-        return Interrupted(f"interrupted at step {run.step} at once (a second signal): the steps after the checkpoint "
-                           f"of step {run.saved_step or 0} are trained again; resume with: {resume}", signum)
-    return Interrupted(f"interrupted at step {run.saved_step or 0}; resume with: {resume}", signum)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -230,7 +210,9 @@ def train(run: Run, built: Built, start_step: int, history: dict[str, Any]) -> t
         try:
             loss, tokens = _forward_backward(run, built, step)
             if not math.isfinite(loss):
-                raise _non_finite_loss(run, built, step + 1, loss, saved_step)
+                (bad,) = run.runtime.sum_across_ranks(non_finite(built.model)[0])
+                what, advice = loss_message(config, built.dtype, built.optimizer, step + 1, loss, saved_step, int(bad))
+                raise _stop(run, step + 1, what, saved_step, advice=advice)
             built.optimizer.step()  # layer-wise: closes the step, the parameters were updated inside backward()
         except FloatingPointError as err:  # a projector refresh on a non-finite gradient
             raise _stop(run, step + 1, f"{err}; the run stopped", saved_step,
@@ -311,26 +293,6 @@ def _stop(run: Run, step: int | None, what: str, saved_step: int | None, advice:
                                                                                   if advice else ""))
 
 
-def _non_finite_loss(run: Run, built: Built, step: int, loss: float, saved_step: int | None) -> RunError:
-    """The error for a non-finite training loss at ``step``, saying whether the weights were already
-    non-finite, whether any update had been applied, and what may have caused it."""
-    (bad,) = run.runtime.sum_across_ranks(non_finite(built.model)[0])
-    updated = step > 1  # step 1 runs on the model's own (checked) weights
-    since = f"step {saved_step}" if saved_step is not None else "the start"
-    if bad:
-        what = (f"the training loss is {loss} because {int(bad)} weight entries are already non-finite: an update "
-                f"since {since} made them so")
-    elif not updated:
-        what = f"the training loss is {loss} on the model's weights before any update (the forward overflows)"
-    else:
-        what = f"the training loss is {loss} (the weights are finite: the forward overflowed on the updated ones)"
-    previous = step - 1 if updated and refresh_step(built.optimizer, step - 1) else None
-    advice = hints(run.config, built.dtype, updated=updated, refresh=previous is not None)
-    if previous is not None:
-        advice = advice.replace("the step refreshed", f"step {previous} refreshed")
-    return _stop(run, step, f"{what}, so the run stopped before applying the step", saved_step, advice=advice)
-
-
 def batch_indices(micro_index: int, batch_size: int, n: int, seed: int) -> list[int]:
     """The examples of one micro-batch: epoch ``e`` visits a permutation seeded by ``seed + e``, so
     the order is a pure function of (seed, micro-batch index) and a resumed run sees the same data."""
@@ -398,13 +360,8 @@ def _save(run: Run, built: Built, step: int, history: dict[str, Any], saved_step
     count, first = non_finite(built.model)
     (bad,) = run.runtime.sum_across_ranks(count)  # every rank stops, or none
     if bad:
-        since = f"step {saved_step}" if saved_step is not None else "the start"
-        refreshed = any(refresh_step(built.optimizer, s) for s in range((saved_step or 0) + 1, step + 1))
-        raise _stop(run, step, f"the updates since {since} left {int(bad)} parameter entries non-finite"
-                               + (f" (in {first} among others)" if first else "") + ", so the run stopped without "
-                               "saving them", saved_step,
-                    advice=hints(run.config, built.dtype, updated=True, refresh=refreshed).replace(
-                        "the step refreshed", "a step among them refreshed"))
+        what, advice = update_message(run.config, built.dtype, built.optimizer, step, saved_step, int(bad), first)
+        raise _stop(run, step, what, saved_step, advice=advice)
     checkpoint.save(run.out, built.model, built.optimizer, built.scheduler, step, run.config, history,
                     runtime=run.runtime, data_sha256=run.data_sha256, eval_data_sha256=run.eval_data_sha256)
     run.saved_step = step

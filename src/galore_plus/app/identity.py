@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from .config import from_dict
@@ -54,3 +55,18 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text[:19] + "…" if isinstance(value, str) and len(text) > 20 else text
+
+
+def check_same_run(state: dict[str, Any], run: dict[str, Any], directory: Path) -> None:
+    """The checkpoint was written by the run of ``directory/run.json`` (their identities agree): a
+    ``checkpoint/`` copied in from another run would otherwise rewrite ``run.json`` and continue
+    ``log.jsonl`` with that run's steps."""
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise CheckpointError(f"{Path(directory) / 'run.json'} has no 'config' object: it was not written by "
+                              "galore-plus")
+    ours, theirs = of_record(state), of_record(run)
+    if ours["sha256"] != theirs["sha256"]:
+        raise CheckpointError(f"--resume {directory}: checkpoint/ belongs to another run than run.json (identity "
+                              f"{ours['sha256'][:12]}, run.json's {theirs['sha256'][:12]}): "
+                              f"{'; '.join(differences(ours, theirs))}; nothing was changed (resume the run from "
+                              "its own directory, or start a new one)")

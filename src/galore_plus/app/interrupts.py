@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from .errors import CommandError
 
-__all__ = ["Interrupted", "Interrupts", "Stop", "SIGNALS"]
+__all__ = ["Interrupted", "Interrupts", "Stop", "SIGNALS", "REPEAT_WINDOW", "interrupted"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -101,3 +101,23 @@ class Interrupts:
         """Signals wait (``on``) until :meth:`defer` ``(False)``: the training loop's form of :meth:`deferred`,
         which checks :attr:`requested` after each step."""
         self._deferring += 1 if on else -1
+
+
+#: under torchrun, a repeated signal within this many seconds is the same request (``interrupts.Interrupts``)
+REPEAT_WINDOW = 5.0
+
+
+def interrupted(run: Any, signum: int, at_once: bool = False) -> Interrupted:
+    """The one line a run stopped by signal ``signum`` ends with; ``run``: the ``preflight.Run`` (None
+    before set-up gave one); ``at_once``: stopped without finishing the step."""
+    if run is None or not run.started:
+        return Interrupted("interrupted before training began; nothing was written", signum)
+    resume = f"galore-plus finetune --resume {run.out}" + (" (under torchrun, as the run was)"
+                                                           if run.runtime.is_distributed else "")
+    if not run.config.save_checkpoint:
+        return Interrupted(f"interrupted at step {run.step}; the run writes no checkpoint (--no-save-checkpoint), so "
+                           "it cannot be resumed", signum)
+    if at_once and run.step != (run.saved_step or 0):
+        return Interrupted(f"interrupted at step {run.step} at once (a second signal): the steps after the checkpoint "
+                           f"of step {run.saved_step or 0} are trained again; resume with: {resume}", signum)
+    return Interrupted(f"interrupted at step {run.saved_step or 0}; resume with: {resume}", signum)

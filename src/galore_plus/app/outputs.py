@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .retention import kept_checkpoints
 
 __all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "LOCK", "lock_output_dir", "remove", "truncate_log", "export",
            "plot_losses", "run_files"]
@@ -26,7 +27,7 @@ OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint
 def run_files(out: Path) -> list[str]:
     """The names of :data:`OUTPUTS` present in ``out``, and the earlier checkpoints kept there
     (``checkpoint-STEP/``, ``--save-total-limit``): what a fresh run into ``out`` would replace."""
-    return [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in checkpoint.kept_checkpoints(out)]
+    return [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in kept_checkpoints(out)]
 
 
 #: held (``flock``) by the run writing the directory, for as long as it runs: a second run into the same
