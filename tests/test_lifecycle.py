@@ -384,19 +384,22 @@ def test_overwrite_over_a_checkpoint_that_cannot_be_deleted_is_one_line(tmp_path
     assert checkpoint.read_state(run)["step"] == 4
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "log"])
+@pytest.mark.parametrize("where", ["checkpoint", "log", "metrics"])
 def test_a_full_disk_mid_run_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, where):
     """ENOSPC while step 4's checkpoint is written (the run saves every 2 steps), or while step 3's log
-    line is: exit 1, one line, step 2's checkpoint intact and no half-written one; resuming gives the
-    uninterrupted run's weights."""
+    line is: exit 1, one line, step 2's checkpoint intact and no half-written one; a directory turned
+    read-only when metrics.json is written: step 6's checkpoint kept. Resuming gives the uninterrupted
+    run's weights."""
     finetune(config(tmp_path, "full", max_steps=6))
     full = OSError(errno.ENOSPC, "No space left on device")
-    if where == "checkpoint":
+    if where in ("checkpoint", "metrics"):
         real = checkpoint.write_json
 
         def write_json(path, value):
-            if path.name == "state.json" and value["step"] == 4:
+            if path.name == "state.json" and value["step"] == 4 and where == "checkpoint":
                 raise full
+            if path.name == "metrics.json":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
             return real(path, value)
 
         monkeypatch.setattr(checkpoint, "write_json", write_json)
@@ -412,11 +415,12 @@ def test_a_full_disk_mid_run_is_one_line_and_loses_nothing(tmp_path, capsys, mon
     run = tmp_path / "run"
     code, err = run_main(capsys, ["finetune", *argv(**dict(TINY, max_steps=6, save_every=2)), "--output-dir", str(run)])
     assert code == 1
-    step = 4 if where == "checkpoint" else 3
-    assert re.fullmatch(rf"galore-plus: step {step}: writing to {run} failed \(\[Errno 28\] No space left on "
-                        rf"device\); its checkpoint of step 2 is kept in {run}/checkpoint\. Free space or make it "
-                        r"writable, then resume", one_line(err))
-    assert checkpoint.read_state(run)["step"] == 2 and not (run / "checkpoint.tmp").exists()
+    step, kept = {"checkpoint": (4, 2), "log": (3, 2), "metrics": (6, 6)}[where]
+    error = r"\[Errno 13\] Permission denied: .*" if where == "metrics" else r"\[Errno 28\] No space left on device"
+    assert re.fullmatch(rf"galore-plus: step {step}: writing to {run} failed \({error}\); its checkpoint of step "
+                        rf"{kept} is kept in {run}/checkpoint\. Free space or make it writable, then resume",
+                        one_line(err))
+    assert checkpoint.read_state(run)["step"] == kept and not (run / "checkpoint.tmp").exists()
     monkeypatch.undo()
     assert main(["finetune", "--resume", str(run)]) == 0
     assert_same_weights(tmp_path / "full", run)
@@ -479,3 +483,14 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     state = checkpoint.read_state(run)  # verified against its manifest
     assert state["step"] == step and state["world_size"] == 2
     assert log_steps(run) == list(range(1, step + 1)) and step < 400
+
+
+def test_ctrl_c_outside_a_run_is_one_line(monkeypatch, capsys):
+    from galore_plus.app import evaluate as evaluate_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", interrupted)
+    code, err = run_main(capsys, ["evaluate", "--model", "tiny", "--data", "arithmetic"])
+    assert code == 130 and one_line(err) == "galore-plus: interrupted"

@@ -66,8 +66,10 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
     larger ``max_steps`` (the run is extended), and its ``output_dir`` is ignored.
     ``trust_unverified_checkpoint``: a checkpoint from before manifests gets one
     (:func:`~galore_plus.app.checkpoint.trust_unverified`) instead of being refused. Raises
-    :class:`~galore_plus.app.errors.CommandError` for what the user can fix (before anything slow)
-    and :class:`~galore_plus.app.errors.RunError` when training has to stop.
+    :class:`~galore_plus.app.errors.CommandError` for what the user can fix (before anything slow),
+    :class:`~galore_plus.app.errors.RunError` when training has to stop, and
+    :class:`~galore_plus.app.interrupts.Interrupted` after SIGINT or SIGTERM (DESIGN.md, "Interrupts
+    and checkpoints").
     """
     if trust_unverified_checkpoint:
         if resume is None:

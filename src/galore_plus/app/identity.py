@@ -64,6 +64,11 @@ def check_same_run(state: dict[str, Any], run: dict[str, Any], directory: Path) 
     if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
         raise CheckpointError(f"{Path(directory) / 'run.json'} has no 'config' object: it was not written by "
                               "galore-plus")
+    # a record from before the data files' sha256 were recorded (an old checkpoint, an old run.json) agrees
+    # with any: what the data are now is checked against the checkpoint's by ``check_resumable``
+    for key in ("data_sha256", "eval_data_sha256"):
+        if key not in state or key not in run:
+            state, run = {**state, key: None}, {**run, key: None}
     ours, theirs = of_record(state), of_record(run)
     if ours["sha256"] != theirs["sha256"]:
         raise CheckpointError(f"--resume {directory}: checkpoint/ belongs to another run than run.json (identity "
