@@ -494,3 +494,76 @@ def test_ctrl_c_outside_a_run_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(evaluate_module, "evaluate_model", interrupted)
     code, err = run_main(capsys, ["evaluate", "--model", "tiny", "--data", "arithmetic"])
     assert code == 130 and one_line(err) == "galore-plus: interrupted"
+
+
+def test_a_signal_during_the_evaluation_after_training_stops_at_once_and_resumes(tmp_path, monkeypatch):
+    """Outside a step nothing is half done: SIGTERM while the model is evaluated after training stops at
+    once, the final checkpoint on disk; --resume evaluates and writes the rest."""
+    real = finetune_module._evaluate
+
+    def evaluate(run, built, label, validation=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, built, label, validation)
+
+    monkeypatch.setattr(finetune_module, "_evaluate", evaluate)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match=rf"^interrupted at step 4; resume with: galore-plus finetune --resume {run}$"):
+        finetune(config(tmp_path))
+    assert checkpoint.read_state(run)["step"] == 4 and not (run / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main(["finetune", "--resume", str(run)]) == 0
+    assert (run / "metrics.json").exists() and log_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_signal_to_a_run_without_checkpoints_says_it_cannot_be_resumed(tmp_path, monkeypatch):
+    real = finetune_module._forward_backward
+
+    def forward(run, built, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(run, built, step)
+
+    monkeypatch.setattr(finetune_module, "_forward_backward", forward)
+    with pytest.raises(Interrupted, match=r"^interrupted at step 2; the run writes no checkpoint "
+                                          r"\(--no-save-checkpoint\), so it cannot be resumed$") as caught:
+        finetune(config(tmp_path, save_checkpoint=False))
+    assert caught.value.exit_code == 130 and not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_a_lora_checkpoint_holds_the_trained_tensors_only_and_resumes_bitwise(tmp_path, monkeypatch, capsys):
+    """LoRA: checkpoint/model.safetensors holds the adapters (the frozen base is the model's, its sha256
+    recorded); a crashed run resumes to the uninterrupted run's weights; another base is refused."""
+    finetune(config(tmp_path, "full", method="lora", max_steps=6))
+    real = finetune_module._forward_backward
+
+    def crash(run, built, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(run, built, step)
+
+    monkeypatch.setattr(finetune_module, "_forward_backward", crash)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(tmp_path, method="lora", max_steps=6, save_every=3))
+    monkeypatch.undo()
+    saved = load_file(run / "checkpoint" / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)
+    assert len(checkpoint.read_state(run)["frozen_sha256"]) == 64
+    before = snapshot(run)
+    real_load = models.load_model
+
+    def other_base(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+        return model, tokenizer
+
+    monkeypatch.setattr(models, "load_model", other_base)
+    code, err = run_main(capsys, ["finetune", "--resume", str(run)])
+    assert code == 2 and "are not those the checkpoint's adapters were trained on" in one_line(err)
+    assert snapshot(run) == before
+    monkeypatch.undo()
+    assert main(["finetune", "--resume", str(run)]) == 0
+    assert_same_weights(tmp_path / "full", run)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "full", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -41,6 +41,7 @@ from .config import FinetuneConfig, from_dict
 from .errors import CheckpointError, ConfigError
 from .identity import check_same_run, identity
 from .retention import retire
+from .checkpoint_weights import load_weights, save_weights
 from .runtime import Runtime
 
 CHECKPOINT = "checkpoint"
@@ -127,8 +128,6 @@ def _write(tmp: Path, model, optimizer, scheduler, step: int, config: FinetuneCo
            runtime: Runtime, data_sha256: str | None, eval_data_sha256: str | None) -> bool:
     """Write the checkpoint's files into ``tmp`` (the manifest last); False on the ranks that leave the
     rest to rank 0."""
-    from safetensors.torch import save_model
-
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -141,15 +140,17 @@ def _write(tmp: Path, model, optimizer, scheduler, step: int, config: FinetuneCo
         if not runtime.is_main:
             runtime.barrier()  # rank 0 moves the directory into place
             return False
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
+    frozen = None
+    if not runtime.is_distributed:
+        frozen = save_weights(model, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     saved = dataclasses.asdict(config)
     write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": runtime.world_size,
                              "data_sha256": data_sha256, "eval_data_sha256": eval_data_sha256,
                              "config": saved, "history": history,
-                             "identity": identity(saved, data_sha256, eval_data_sha256)})
+                             "identity": identity(saved, data_sha256, eval_data_sha256),
+                             **({"frozen_sha256": frozen} if frozen else {})})
     make_readable(tmp)
     write_manifest(tmp)
     return True
@@ -349,8 +350,6 @@ def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, di
 
 def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) -> None:
     """Load the verified checkpoint of ``directory`` into the run's model, optimizer and scheduler."""
-    from safetensors.torch import load_model
-
     ckpt = Path(directory) / CHECKPOINT
     scheduler_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
     if scheduler_state.get("last_epoch") != state["step"]:
@@ -365,7 +364,7 @@ def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) ->
             distributed.load_checkpoint(str(current), model, optimizer)
         else:
             current = ckpt / "model.safetensors"
-            load_model(model, str(current))
+            load_weights(current, state, model)
             current = ckpt / "optimizer.pt"
             optimizer.load_state_dict(torch.load(current, weights_only=True))
     except (RuntimeError, KeyError, ValueError) as err:
