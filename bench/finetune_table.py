@@ -161,6 +161,7 @@ def eval_job(common, task, task_opts, seed):
 #: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
 #: job's settings (its key), and set by run_job
 NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite", "export", "save_total_limit")
+NOT_SETTINGS += ("report_to", "eval_every")  # where and how often a run reports (app/reporting.py)
 
 
 def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, table):
@@ -183,7 +184,8 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
 #: reachable; a run that turns one on has it in its key. A new option goes here (a test checks that
 #: every option of ``LEGACY_VALUES`` is either here or was in the keys before).
 LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_threshold", "moment_transport",
-                 "canonical_signs", "outside")
+                 "canonical_signs", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
+                 "warmup_ratio", "target_modules")
 
 
 def train_settings(options, rank):

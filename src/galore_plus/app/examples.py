@@ -8,9 +8,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-__all__ = ["DataError", "Example", "Task", "NUMBER_RE", "MAX_DIGITS", "normalize_number"]
+__all__ = ["DataError", "Problem", "record_errors", "Example", "Task", "NUMBER_RE", "MAX_DIGITS", "normalize_number"]
+
+MAX_LISTED_ERRORS = 20
+"""Lines of a :class:`DataError` shown; the rest are counted (``... and N more``)."""
 
 
 class DataError(ValueError):
@@ -20,6 +23,50 @@ class DataError(ValueError):
     def __init__(self, message: str, errors: Sequence[str] = ()):
         super().__init__(message)
         self.errors = list(errors) or [message]
+
+
+class Problem(str):
+    """What is wrong with one record (its text), and ``kind``: what the records with the same problem
+    share, the text without this record's own details (a column number, a character); by default the
+    text itself."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str | None = None) -> "Problem":
+        problem = super().__new__(cls, text)
+        problem.kind = kind or text
+        return problem
+
+
+def record_errors(errors: Sequence[tuple[str, str]], totals: Mapping[str, int]) -> DataError:
+    """One :class:`DataError` for records' problems, each reported once: ``errors`` are ``(where,
+    problem)`` pairs in file order (``where``: ``FILE:LINE`` or ``FILE:record N``), ``totals`` each
+    file's number of records. A problem of one record is ``FILE:LINE: problem``; the records of one
+    file with the same problem (:class:`Problem`'s ``kind``) are one line, ``FILE: 37 of 200 records:
+    problem (first at line 3)`` (the first one's own text after it where theirs differ)."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for where, problem in errors:
+        source, colon, position = where.rpartition(":")
+        if not colon:  # an example of a built-in task: "example 7"
+            source, position = "", where
+        groups.setdefault((source, getattr(problem, "kind", problem)), []).append((position, str(problem)))
+    lines = []
+    for (source, kind), found in groups.items():
+        position, text = found[0]
+        if len(found) == 1:
+            lines.append(f"{source}:{position}: {text}" if source else f"{position}: {text}")
+            continue
+        total = totals.get(source)
+        count = (f"all {total}" if total == len(found) else f"{len(found)} of {total}") if total else str(len(found))
+        at = f"line {position}" if position.isdigit() else position
+        same = all(other == text for _, other in found)
+        what = f"{count} {'records' if source else 'examples'}: {text if same else kind} (first at {at}" + (
+            ")" if same else f": {text})")
+        lines.append(f"{source}: {what}" if source else what)
+    listed = lines[:MAX_LISTED_ERRORS]
+    if len(lines) > len(listed):
+        listed.append(f"... and {len(lines) - len(listed)} more")
+    return DataError("\n".join(listed), lines)
 
 
 @dataclass(frozen=True)

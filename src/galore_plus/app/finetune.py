@@ -1,6 +1,6 @@
 """``finetune(config)``: one fine-tuning run — set up, build, train, evaluate, write.
 
-Loads a task and a model offline, trains with a cosine schedule, evaluates before and after on the
+Loads a task and a model offline, trains with its schedule (schedules.py), evaluates before and after on the
 held-out split, and writes ``metrics.json``, ``log.jsonl`` (one line per step), ``loss.png``,
 ``run.json``, a resumable checkpoint (:mod:`galore_plus.app.checkpoint`) and ``final/`` (the trained
 model as a Hugging Face model directory, adapters merged) to the output directory.
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
+from .configfile import write_config_file
 from .config import LOW_RANK_METHODS, FinetuneConfig, default_max_new_tokens, torch_dtype
 from .config import DEFAULT_SAVE_EVERY
 from .diagnosis import hints, loss_message, non_finite, update_message
@@ -39,6 +40,8 @@ from .interrupts import REPEAT_WINDOW, Interrupts, Stop, interrupted
 from .outputs import LOG, METRICS, PLOT, export, lock_output_dir, plot_losses, remove, run_files, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
+from .reporting import Reporter
+from .schedules import build_scheduler
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Built:
     total_steps: int
     max_new_tokens: int
     dtype: torch.dtype
+    reporter: Reporter | None = None  # app/reporting.py: set by finetune() once the output directory is the run's
 
 
 def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
@@ -84,8 +88,9 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
                 built = build(run)
                 try:
                     start_step, history = start(run, built)
-                    history, saved_step = train(run, built, start_step, history)
-                    return finish(run, built, history, saved_step)
+                    with Reporter(run, built, start_step, history) as built.reporter:
+                        history, saved_step = train(run, built, start_step, history)
+                        return finish(run, built, history, saved_step)
                 except OSError as err:  # writing the output directory: a full disk, a read-only directory
                     raise _stop(run, run.step if run.started else None, f"writing to {run.out} failed "
                                 f"({one_line(err)})", run.saved_step,
@@ -103,8 +108,6 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
 
 def build(run: Run) -> Built:
     """Load the model, encode the training set, build the optimizer and the schedule."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from .models import enable_gradient_checkpointing, load_model
 
     config = run.config
@@ -139,7 +142,7 @@ def build(run: Run) -> Built:
             train_model = distributed.wrap_model(model, "ddp", run.runtime.device)
         if config.method in LOW_RANK_METHODS:
             optimizer = distributed.distribute(optimizer)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, config, total_steps)
     if config.method in LOW_RANK_METHODS and run.runtime.is_main:
         from ..integration import optimizer_summary
 
@@ -181,6 +184,7 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
                                           "new run did not start") from None
             # first: from here on --resume finds the run
             checkpoint.write_run(run.out, run.config, run.data_sha256, run.eval_data_sha256)
+            write_config_file(run.out, run.config)  # the resolved options, for --config (DESIGN.md, "Config files")
             truncate_log(run.out / LOG, step)
     run.started = True
     if run.interrupts.requested:
@@ -231,6 +235,7 @@ def train(run: Run, built: Built, start_step: int, history: dict[str, Any]) -> t
         if run.runtime.is_main:
             with (run.out / LOG).open("a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
+        built.reporter.after_step(record)  # its scalars; with --eval-every its evaluation (before its checkpoint)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}",
                         refresh_s=f"{history['refresh_seconds']:.1f}")
         if every and (step + 1) % every == 0 and step + 1 < built.total_steps:
@@ -270,7 +275,11 @@ def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
         ids = runtime.share(ids)  # this rank's share of the global batch
         batch = {k: v.to(runtime.device) for k, v in
                  collate([features[i] for i in ids], built.tokenizer.pad_token_id).items()}
-        logits = built.train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # --packing: position ids restart per example; without a mask or a cache each attends to itself
+        # only (app/packing.py)
+        masks = ({"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch
+                 else {"attention_mask": batch["attention_mask"]})
+        logits = built.train_model(input_ids=batch["input_ids"], **masks).logits
         # token-level mean over the whole step's answer tokens, so accumulation equals a bigger batch
         # (times the world size: DDP and FSDP2 average the ranks' gradients, we want their sum)
         loss = torch.nn.functional.cross_entropy(
@@ -316,6 +325,7 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
             raise interrupted(run, run.interrupts.signum)
     # the evaluation's batches (logits of 32 long answers) can exceed it
     train_peak = peak_memory_bytes(run.runtime.device)
+    built.reporter.restore_best()  # --load-best-at-end: the final evaluation and final/ are the best point's
     # on every rank: an FSDP2 forward is collective
     eval_after = _evaluate(run, built, "after training") if run.task.test else None
     eval_validation = _evaluate(run, built, "after training", validation=True) if run.task.validation else None
@@ -334,9 +344,10 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
         "eval_before": history.get("eval_before"), "eval_after": eval_after, "eval_validation": eval_validation,
         "config": dataclasses.asdict(config),
     }
+    metrics.update(built.reporter.metrics())  # with --eval-every: the best evaluation point
     if run.runtime.is_main:
-        log = {r["step"]: r for r in map(json.loads, (run.out / LOG).read_text().splitlines())}
-        plot_losses(list(log.values()), run.out / PLOT, f"{config.method} rank {config.rank} on {run.task.name}")
+        log = [json.loads(line) for line in (run.out / LOG).read_text().splitlines()]
+        plot_losses(log, run.out / PLOT, f"{config.method} rank {config.rank} on {run.task.name}")
         try:
             checkpoint.write_json(run.out / METRICS, metrics)
         except ValueError:  # NaN or infinity: not JSON, and not a result
@@ -345,10 +356,7 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
                                                 "not written", saved_step) from None
     if config.export:  # after the evaluation: merging LoRA/DoRA adapters changes the model in place
         export(run, built)
-    if run.runtime.is_main:
-        shown = ("method", "steps", "train_seconds", "eval_before", "eval_after") + (
-            ("eval_validation",) if eval_validation else ())
-        print(json.dumps({k: metrics[k] for k in shown}, indent=1))
+    built.reporter.finish(metrics)  # the final metrics logged; the before/after table and samples printed
     run.runtime.shutdown()
     return metrics
 

@@ -1,17 +1,18 @@
 """Users' data files: reading ``.jsonl``, ``.json`` (an array of records), ``.parquet`` and
-``.csv`` (with ``datasets``), recognising each record's form (:data:`FORMS`: ``question``/``answer``
+``.csv`` (with ``datasets``) and directories saved by ``datasets``' ``save_to_disk``, recognising each record's form (:data:`FORMS`: ``question``/``answer``
 (GSM8K), ``input``/``output``, Alpaca ``instruction``/``input``/``output``,
 ``prompt``/``completion``, chat ``messages``), checking it and turning it into an
 :class:`~galore_plus.app.examples.Example`; every problem is reported as ``FILE:LINE: what is
-wrong`` (:func:`read_examples`)."""
+wrong`` (:func:`read_examples`), the records with the same problem on one line with their count."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
-from .examples import MAX_DIGITS, DataError, Example, _final_number
+from .examples import MAX_DIGITS, DataError, Example, Problem, _final_number, record_errors
 
 __all__ = ["FILE_TYPES", "FORMS", "ROLES", "read_examples"]
 
@@ -34,15 +35,15 @@ _FORM_LIST = ("'question'/'answer' (the answer ending in '#### N'), 'input'/'out
               "'output', 'prompt'/'completion', or chat 'messages' (a list of role/content objects ending with the "
               "assistant's)")
 _FORMATS = "a .jsonl, .json, .parquet or .csv file"
-_MAX_LISTED_ERRORS = 20
 
 
 def _json_type(value) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def read_examples(path: str) -> tuple[str, str, list[Example]]:
-    """Read and check a whole data file; returns ``(kind, form, examples)`` in file order.
+def read_examples(path: str, split: str = "train") -> tuple[str, str, list[Example]]:
+    """Read and check a whole data file, or a directory saved by ``datasets``' ``save_to_disk`` (a
+    ``DatasetDict``'s ``split``); returns ``(kind, form, examples)`` in file order.
 
     The file is read with ``datasets`` (``load_dataset("json" | "parquet" | "csv")``; CSV cells as
     text). Each record must be in one of :data:`FORMS`, the same form throughout; other keys are
@@ -50,10 +51,14 @@ def read_examples(path: str) -> tuple[str, str, list[Example]]:
     any form whose every answer ends in ``#### N`` (scored by the final number), else ``"text"``.
 
     Every problem is collected first and raised together as one :class:`DataError` whose lines read
-    ``FILE:LINE: what is wrong`` (JSON Lines and CSV: the record's line; a JSON array or Parquet:
-    ``FILE:record N``). For JSON, Python's own parser then names the problem where ``datasets``
-    (pyarrow) cannot read a file or fills a missing key with null.
+    ``FILE:LINE: what is wrong`` (JSON Lines and CSV: the record's line; a JSON array, Parquet or a
+    saved dataset: ``FILE:record N``), or ``FILE: 37 of 200 records: what is wrong (first at line 3)``
+    for a problem several records share (:func:`~galore_plus.app.examples.record_errors`). For JSON,
+    Python's own parser then names the problem where ``datasets`` (pyarrow) cannot read a file or
+    fills a missing key with null.
     """
+    if os.path.isdir(path):
+        return _examples(*_saved_records(path, split))
     builder = FILE_TYPES[os.path.splitext(path)[1].lower()]
     try:
         rows, failure = _load_rows(path, builder), None
@@ -90,32 +95,59 @@ def _reason(err: BaseException) -> str:
     return text[:300]
 
 
-def _load_rows(path: str, builder: str) -> list[dict[str, Any]]:
-    """The file's records, read by ``datasets`` into a throw-away cache (nothing is kept or downloaded)."""
-    import tempfile
-
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets``, offline and quiet: a file it cannot read is reported by read_examples as
+    FILE:LINE lines, not by its logger or progress bars."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    options: dict[str, Any] = {}
-    if builder == "csv":  # every cell as text: "042" stays "042", "NA" and "" stay strings
-        header = _csv_header(path)
-        options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
-                   "keep_default_na": False}
-    # quiet: a file it cannot read is reported by read_examples as FILE:LINE lines, not by its logger
     verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
     try:
-        with tempfile.TemporaryDirectory(prefix="galore-plus-data-") as cache:
-            dataset = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train",
-                                            cache_dir=cache, keep_in_memory=True, **options)
-            return dataset.to_list()
+        yield datasets
     finally:
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
+
+
+def _load_rows(path: str, builder: str) -> list[dict[str, Any]]:
+    """The file's records, read by ``datasets`` into a throw-away cache (nothing is kept or downloaded)."""
+    import tempfile
+
+    with _quiet_datasets() as datasets:
+        options: dict[str, Any] = {}
+        if builder == "csv":  # every cell as text: "042" stays "042", "NA" and "" stay strings
+            header = _csv_header(path)
+            options = {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+                       "keep_default_na": False}
+        with tempfile.TemporaryDirectory(prefix="galore-plus-data-") as cache:
+            dataset = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train",
+                                            cache_dir=cache, keep_in_memory=True, **options)
+            return dataset.to_list()
+
+
+def _saved_records(path: str, split: str) -> tuple[str, list[tuple[str, dict]]]:
+    """``(name, records)`` of a directory saved by ``save_to_disk`` (``datasets.load_from_disk``: Arrow
+    files and JSON, nothing that runs code): a ``Dataset``'s records, or a ``DatasetDict``'s ``split``'s
+    (named ``DIR/split``, the directory that holds it); each record at ``NAME:record N``."""
+    with _quiet_datasets() as datasets:
+        try:
+            dataset = datasets.load_from_disk(path, keep_in_memory=True)
+        except _read_errors() as err:
+            raise DataError(f"{path}: cannot be read as a dataset saved by save_to_disk: {_reason(err)}") from None
+        name = path
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"{path}: a DatasetDict without a {split!r} split (its splits: "
+                                f"{', '.join(dataset)})")
+            dataset, name = dataset[split], os.path.join(path, split)
+        rows = dataset.to_list()
+    return name, [(f"{name}:record {i}", {k: v for k, v in row.items() if v is not None})
+                  for i, row in enumerate(rows, 1)]
 
 
 def _csv_header(path: str) -> list[str]:
@@ -160,7 +192,14 @@ def _csv_positions(path: str, count: int) -> list[str] | None:
 
 
 class _Unparsed(str):
-    """A record that is not JSON: what is wrong with it."""
+    """A record that is not JSON: what is wrong with it (:attr:`problem`)."""
+
+    problem: Problem
+
+    def __new__(cls, text: str, kind: str) -> "_Unparsed":
+        record = super().__new__(cls, text)
+        record.problem = Problem(text, kind)
+        return record
 
 
 def _parse_json(path: str) -> list[tuple[str, Any]]:
@@ -191,54 +230,48 @@ def _parse_json(path: str) -> list[tuple[str, Any]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            records.append((where, _Unparsed(f"not valid UTF-8 ({exc.reason} at byte {exc.start})")))
+            records.append((where, _Unparsed(f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                             "not valid UTF-8")))
             continue
         if not line.strip():
             continue
         try:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as exc:
-            records.append((where, _Unparsed(f"not valid JSON ({exc.msg} at column {exc.colno})")))
+            records.append((where, _Unparsed(f"not valid JSON ({exc.msg} at column {exc.colno})", "not valid JSON")))
     return records
-
-
-def _raise(errors: list[str]) -> None:
-    listed = errors[:_MAX_LISTED_ERRORS]
-    if len(errors) > len(listed):
-        listed.append(f"... and {len(errors) - len(listed)} more")
-    raise DataError("\n".join(listed), errors)
 
 
 def _examples(path: str, records: list[tuple[str, Any]]) -> tuple[str, str, list[Example]]:
     """Check ``(where, record)`` pairs: one form throughout, every record well formed."""
-    errors: list[str] = []
+    errors: list[tuple[str, str]] = []
     examples: list[Example] = []
     form: str | None = None
     form_where = ""
     for where, record in records:
         if isinstance(record, _Unparsed):
-            errors.append(f"{where}: {record}")
+            errors.append((where, record.problem))
             continue
         if not isinstance(record, dict):
-            errors.append(f"{where}: expected a JSON object, got {_json_type(record)}")
+            errors.append((where, f"expected a JSON object, got {_json_type(record)}"))
             continue
         record_form, problem = _record_form(record)
         if problem:
-            errors.append(f"{where}: {problem}")
+            errors.append((where, problem))
             continue
         if form is None:
             form, form_where = record_form, where
         elif record_form != form:
-            errors.append(f"{where}: a record of the {FORMS[record_form][0]} form in a file whose first record "
-                          f"({form_where}) is of the {FORMS[form][0]} form; use one form per file")
+            errors.append((where, f"a record of the {FORMS[record_form][0]} form in a file whose first record "
+                                  f"({form_where}) is of the {FORMS[form][0]} form; use one form per file"))
             continue
         problem = _record_problem(record, record_form)
         if problem:
-            errors.append(f"{where}: {problem}")
+            errors.append((where, problem))
             continue
         examples.append(_record_example(record, record_form, where))
     if errors:
-        _raise(errors)
+        raise record_errors(errors, {path: len(records)})
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     kind = "math" if all(ex.final is not None for ex in examples) else "text"
@@ -271,7 +304,8 @@ def _text_problem(key: str, value: Any, *, empty_ok: bool = False) -> str | None
     try:  # JSON can escape a lone surrogate (\ud800), which no tokenizer can encode
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        return f"{key} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1}, not text"
+        return Problem(f"{key} holds a lone surrogate {value[exc.start]!r} at character {exc.start + 1}, not text",
+                       f"{key} holds a lone surrogate, not text")
     return None
 
 
@@ -289,8 +323,9 @@ def _record_problem(record: dict, form: str) -> str | None:
             return "'answer' has no final '#### N' line"
         if _final_number(answer) is None:
             tail = answer[answer.rindex("####"):].strip()
-            return (f"'answer' must end with '#### N', N a number of at most {MAX_DIGITS} digits; "
-                    f"it ends with {tail[:40]!r}")
+            return Problem(f"'answer' must end with '#### N', N a number of at most {MAX_DIGITS} digits; it ends "
+                           f"with {tail[:40]!r}", f"'answer' must end with '#### N', N a number of at most "
+                           f"{MAX_DIGITS} digits")
     return None
 
 
@@ -316,7 +351,6 @@ def _messages_problem(messages: Any) -> str | None:
     if not any(m["role"] == "user" for m in messages[:first_assistant]):
         return "no user message before the first assistant message"
     return None
-
 
 
 def _record_example(record: dict, form: str, where: str) -> Example:

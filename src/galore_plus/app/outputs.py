@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .configfile import CONFIG_FILE
 from .retention import kept_checkpoints
 
 __all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "LOCK", "lock_output_dir", "remove", "truncate_log", "export",
@@ -21,7 +22,8 @@ PLOT = "loss.png"
 FINAL = "final"
 #: what a run writes in its directory: a directory holding any of them holds a run
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
-           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp")
+           checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp", CONFIG_FILE)
+OUTPUTS += ("tensorboard", "wandb", "mlruns", "best", "best.tmp")  # app/reporting.py's: where a run reports
 
 
 def run_files(out: Path) -> list[str]:
@@ -90,6 +92,7 @@ def export(run: Any, built: Any) -> Path:
     that ``AutoModelForCausalLM.from_pretrained`` and ``galore-plus evaluate`` load. Written to
     ``final.tmp`` and renamed into place, so a previous ``final/`` is replaced whole or not at all.
     Under FSDP2 every rank takes part in gathering the full weights; rank 0 writes."""
+    from .adapters import ADAPTER, save_adapter
     from .models import save_model
 
     model, state_dict = built.model, None
@@ -99,10 +102,11 @@ def export(run: Any, built: Any) -> Path:
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = run.out / FINAL
     if run.runtime.is_main:
-        if run.config.method in ("lora", "dora"):
-            model = model.merge_and_unload()
         tmp = run.out / (FINAL + ".tmp")
         remove(tmp)
+        if run.config.method in ("lora", "dora"):  # the adapter alone first: merging changes the model in place
+            save_adapter(model, tmp / ADAPTER, run.config.model)
+            model = model.merge_and_unload()
         save_model(model, built.tokenizer, tmp, state_dict)
         checkpoint.make_readable(tmp)  # save_pretrained's modes: safetensors writes its file 0600 (issue 28)
         checkpoint.write_manifest(tmp)  # evaluate verifies the files against it (issue 25)
@@ -114,13 +118,16 @@ def export(run: Any, built: Any) -> Path:
 
 
 def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The training loss of ``log`` (log.jsonl's records; a step logged twice counts once, the later)
+    with its running mean, and the ``--eval-every`` answer losses (the records with ``eval_loss``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in log]
-    losses = [r["loss"] for r in log]
+    train = {r["step"]: r["loss"] for r in log if "loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in log if r.get("eval_loss") is not None}
+    steps, losses = list(train), list(train.values())
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
@@ -128,8 +135,11 @@ def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                   for i in range(len(losses))]
         ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    if evals:
+        split = next(r.get("split", "eval") for r in log if r.get("eval_loss") is not None)
+        ax.plot(list(evals), list(evals.values()), "o-", ms=3, lw=1.2, label=f"{split} loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("loss (answer tokens)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, sources
 from .checks import check_launch
 from .config import LOW_RANK_METHODS, FinetuneConfig, validated
 from .resume import changes, resumed
 from .errors import ConfigError
-from .examples import DataError, Task
+from .examples import Task
 from .interrupts import Interrupts
-from .methods import build_method
+from .methods import build_method, check_target_modules
 from .outputs import run_files
 from .runtime import Runtime
 from .tasks import TASKS, load_task
@@ -85,8 +85,8 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
     if config.batch_size % runtime.world_size:
         raise ConfigError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
                           f"{runtime.world_size} ranks")
-    data_sha256 = None if config.data in TASKS else checkpoint.sha256_file(config.data)
-    eval_data_sha256 = None if config.eval_data is None else checkpoint.sha256_file(config.eval_data)
+    data_sha256 = None if config.data in TASKS else sources.sha256(config.data)  # all the files, one digest
+    eval_data_sha256 = None if config.eval_data is None else sources.sha256(config.eval_data)
     if resume is not None:
         checkpoint.check_resumable(state, record, out, config.data, data_sha256, runtime.world_size,
                                    eval_data=config.eval_data, eval_data_sha256=eval_data_sha256)
@@ -101,8 +101,15 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
             raise ConfigError(str(err)) from None
     check_fits(config)
     tokenizer, features = _encode(config, task)
+    if config.packing:
+        from .packing import pack
+
+        count, features = len(features), pack(features, config.max_length, config.seed)
     if runtime.is_main:
         print(describe_data(task), file=sys.stderr)
+        if config.packing:
+            print(f"packing: {count} training examples in {len(features)} sequences of up to {config.max_length} "
+                  "tokens", file=sys.stderr)
     return Run(config, out, resume is not None, runtime, task, data_sha256, eval_data_sha256, state, tokenizer,
                features)
 
@@ -125,35 +132,44 @@ def _encode(config: FinetuneConfig, task: Task) -> tuple[Any, list[dict[str, lis
     from jinja2 import TemplateError  # what transformers' chat templates raise
 
     from .encoding import encode
+    from .examples import record_errors
     from .models import load_tokenizer
+    from .templates import use_chat_template
 
     try:
         tokenizer = load_tokenizer(config.model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--model {config.model}: its tokenizer cannot be loaded: {one_line(err)}") from None
-    features, errors = [], []
+    if config.chat_template is not None:  # --chat-template: rendered once now, a one-line error if it fails
+        use_chat_template(tokenizer, config.chat_template)
+    refuser = (f"the chat template {config.chat_template}" if config.chat_template is not None
+               else f"the tokenizer of --model {config.model}")
+    features, errors, totals = [], [], {}
     for i, example in enumerate(task.train + task.validation + task.test):
+        where = example.where or f"example {i + 1}"
+        source = where.rpartition(":")[0]
+        totals[source] = totals.get(source, 0) + 1
         try:
             encoded = encode(tokenizer, example, config.max_length)
         except (TemplateError, ValueError) as err:  # a template's raise_exception(), or turns it cannot split
-            errors.append(f"{example.where or 'example ' + str(i + 1)}: the tokenizer of --model {config.model} "
-                          f"refuses it: {one_line(err)}")
+            errors.append((where, f"{refuser} refuses it: {one_line(err)}"))
             continue
         if i < len(task.train):
             features.append(encoded)
     if errors:
-        errors.sort(key=_position)  # in file order (the split shuffled the examples)
-        listed = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
-        raise DataError("\n".join(listed), errors)
+        errors.sort(key=lambda error: _position(error[0]))  # in file order (the split shuffled the examples)
+        raise record_errors(errors, totals)  # one line per problem, with its count
     return tokenizer, features
 
 
-def _position(error: str) -> tuple[str, int]:
-    """``(FILE, N)`` of an error that starts ``FILE:N:`` or ``FILE:record N:``."""
+def _position(where: str) -> tuple[str, int]:
+    """``(FILE, N)`` of ``FILE:N`` or ``FILE:record N`` (``example N``: ``("", N)``)."""
     import re
 
-    match = re.match(r"(.*?):(?:record )?(\d+): ", error)
-    return (match[1], int(match[2])) if match else (error, 0)
+    match = re.fullmatch(r"(.*?):(?:record )?(\d+)|example (\d+)", where)
+    if not match:
+        return (where, 0)
+    return (match[1], int(match[2])) if match[3] is None else ("", int(match[3]))
 
 
 def check_fits(config: FinetuneConfig) -> None:
@@ -170,6 +186,7 @@ def check_fits(config: FinetuneConfig) -> None:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"--model {config.model}: its configuration cannot be read: "
                           f"{one_line(err)}") from None
+    check_target_modules(config, shapes)
     if config.method not in LOW_RANK_METHODS:
         return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the seed's stream stays untouched

@@ -2,15 +2,18 @@
 ``Question: ...\\nAnswer: `` prompt without one, :func:`build_prompt`, :func:`prompt_ids`), and a
 conversation split into context and response token pieces (:func:`_segments`), whose context
 before the last answer (:func:`context_ids`) is exactly what training conditions on and
-generation continues."""
+generation continues. ``--chat-template FILE`` replaces the tokenizer's own template
+(:func:`use_chat_template`)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from .errors import ConfigError
 from .examples import Example
 
-__all__ = ["PLAIN_CHAT_TEMPLATE", "build_prompt", "prompt_ids", "context_ids"]
+__all__ = ["PLAIN_CHAT_TEMPLATE", "build_prompt", "prompt_ids", "context_ids", "read_chat_template",
+           "use_chat_template"]
 
 PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
                        "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer: "
@@ -108,3 +111,46 @@ def context_ids(tokenizer, example: Example) -> list[int]:
     pieces = _segments(tokenizer, example)
     last = max(i for i, (_, response) in enumerate(pieces) if response)
     return [t for ids, _ in pieces[:last] for t in ids]
+
+
+_PROBE = ({"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"})
+"""The conversation a ``--chat-template`` must render (its first message alone with the generation
+prompt, then whole) before anything is trained with it."""
+
+
+def read_chat_template(path: str) -> str:
+    """The text of a ``--chat-template`` file (a Jinja template, as a tokenizer's ``chat_template``);
+    a file that is missing, unreadable, not UTF-8 or empty is a one-line :class:`ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--chat-template {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as err:
+        raise ConfigError(f"--chat-template {path}: cannot be read ({err.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"--chat-template {path}: the file is empty; give a Jinja chat template")
+    return text
+
+
+def use_chat_template(tokenizer, path: str) -> None:
+    """Make the template in file ``path`` the tokenizer's own (``tokenizer.chat_template``: what
+    ``apply_chat_template`` renders, so training and evaluation use it, and what ``save_pretrained``
+    saves, so ``final/`` carries it). First a short conversation is rendered with it through
+    transformers' own renderer (``apply_chat_template(..., chat_template=...)``, a sandboxed Jinja
+    environment: nothing in the file runs outside it); a template that fails is a one-line
+    :class:`ConfigError` naming the file (and the line of a syntax error)."""
+    from jinja2 import TemplateSyntaxError
+
+    text = read_chat_template(path)
+    try:
+        for messages, generation_prompt in ((_PROBE[:1], True), (_PROBE, False)):
+            tokenizer.apply_chat_template([dict(m) for m in messages], chat_template=text, tokenize=False,
+                                          add_generation_prompt=generation_prompt)
+    except TemplateSyntaxError as err:
+        raise ConfigError(f"--chat-template {path}:{err.lineno}: not a valid Jinja template: {err.message}") from None
+    except Exception as err:  # noqa: BLE001 - whatever the template raises rendering (raise_exception, 1/0, ...)
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ConfigError(f"--chat-template {path}: cannot render a conversation ({type(err).__name__}): "
+                          f"{message}") from None
+    tokenizer.chat_template = text
