@@ -209,10 +209,9 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, capsys):
     finetune(config(tmp_path, "one", max_steps=4, save_every=1))
     assert [p.name for p in (tmp_path / "one").glob("checkpoint*")] == ["checkpoint"]
     # a directory holding only a kept checkpoint holds a run; --overwrite removes it
-    shutil.rmtree(tmp_path / "all" / "checkpoint")
-    for name in ("run.json", "log.jsonl", "metrics.json", "loss.png", "final"):
-        (tmp_path / "all" / name).unlink() if (tmp_path / "all" / name).is_file() else shutil.rmtree(
-            tmp_path / "all" / name)
+    for path in (tmp_path / "all").iterdir():
+        if not path.name.startswith("checkpoint-") and path.name != ".lock":
+            path.unlink() if path.is_file() else shutil.rmtree(path)
     code, err = run_main(capsys, ["finetune", *argv(**TINY), "--output-dir", str(tmp_path / "all")])
     assert code == 2 and "already holds a run (checkpoint-1, checkpoint-2, checkpoint-3)" in one_line(err)
     assert main(["finetune", *argv(**TINY), "--output-dir", str(tmp_path / "all"), "--overwrite"]) == 0
