@@ -1,5 +1,5 @@
 """The model's weights in a one-process checkpoint (``model.safetensors``): all of them, or for a
-model with frozen parameters (LoRA/DoRA) the trained tensors only, with the sha256 of the frozen
+PEFT model (LoRA/DoRA) the trained tensors only, with the sha256 of the frozen
 base they were trained on, checked on resume (DESIGN.md, "Interrupts and checkpoints": a LoRA
 checkpoint of SmolLM2 is a few MB instead of the whole model)."""
 
@@ -18,7 +18,7 @@ def save_weights(model, path: Path) -> str | None:
     """Write ``model``'s weights to ``path``; returns :func:`frozen_sha256` (None: all were written)."""
     from safetensors.torch import save_file, save_model
 
-    frozen = frozen_sha256(model)
+    frozen = frozen_sha256(model) if hasattr(model, "peft_config") else None  # a PEFT model: LoRA/DoRA
     if frozen is None:
         save_model(model, str(path))
     else:
