@@ -710,6 +710,7 @@ class LowRankOptimizer(Optimizer):
     def factored_gradient(self, p: Tensor) -> projection.FactoredGradient | None:
         return self._factored.get(p)
 
+    @torch.no_grad()
     def settle_factored(self) -> None:
         """Refresh every projector held as factors and turn each into the projected gradient under its
         new projector (``step()`` does it first; ``projected.clip_grad_norm_`` too, to see them). The

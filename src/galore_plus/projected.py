@@ -247,7 +247,8 @@ class ProjectedBackward:
         engine = self.engine
         if engine.projector_due(weight):
             if self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks():
-                factored = FactoredGradient.of(x, dy).to(compute_dtype(weight))
+                # detached: a held x must not keep its graph alive until step()
+                factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
                     engine.refresh_projector(weight, factored)
