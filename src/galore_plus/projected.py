@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
-from .projection import RESIDUAL_CHUNK_ELEMENTS, FactoredGradient  # noqa: F401  (the chunk size lives there)
+from .projection import FactoredGradient
 from .sharding import layout_of
 
 
