@@ -24,7 +24,7 @@ is shared, timings are noisy.
 
     python bench/sketched_refresh.py                      # 4 modes × 2 repeats: ~15-25 min, one core
     python bench/sketched_refresh.py --smoke --out /tmp/s # tiny LLaMA, seconds
-    python bench/sketched_refresh.py --embeddings frozen
+    python bench/sketched_refresh.py --embeddings frozen --checkpointing   # the regime where G sets the peak
     python bench/sketched_refresh.py --residual           # the residual's index set: seconds
 
 ``--residual``: the residual's index set as the optimizer now chooses it (the top-ρ of ``|P M'|`` by
@@ -68,7 +68,7 @@ def reset_peak():
         f.write("5")
 
 
-def child(mode, shape, embeddings):
+def child(mode, shape, embeddings, checkpointing=False):
     harness.passive_omp_wait()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,6 +81,8 @@ def child(mode, shape, embeddings):
                          max_position_embeddings=shape["seq"], tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = build_optimizer(model, "galore+", shape["rank"], lr=1e-5, update_proj_gap=GAP, residual_warmup=2,
                           projected_backward=True, refresh_in_backward=mode.endswith("_in_backward"),
                           embeddings=embeddings)
@@ -94,15 +96,18 @@ def child(mode, shape, embeddings):
         reset_peak()
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
+        held = status("VmRSS")  # what backward leaves for step(): gradients, held factors
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        steps.append({"seconds": seconds, "peak_above_model_mib": (status("VmHWM") - rss_model) / MIB})
+        steps.append({"seconds": seconds, "peak_above_model_mib": (status("VmHWM") - rss_model) / MIB,
+                      "after_backward_above_model_mib": (held - rss_model) / MIB})
     return {"mode": mode, "rss_model_mib": rss_model / MIB, "steps": steps}
 
 
-def run_child(mode, smoke, embeddings):
-    args = [sys.executable, __file__, "--child", mode, "--embeddings", embeddings] + (["--smoke"] if smoke else [])
+def run_child(mode, smoke, embeddings, checkpointing=False):
+    args = ([sys.executable, __file__, "--child", mode, "--embeddings", embeddings] + (["--smoke"] if smoke else [])
+            + (["--checkpointing"] if checkpointing else []))
     env = harness.child_env(threads=1, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -115,13 +120,14 @@ def table(results, embeddings):
     lines = [f"embeddings {embeddings}; medians over {len(results[MODES[0]])} interleaved runs; one thread; "
              "MiB above the RSS after the model was built",
              "",
-             "| mode | peak, run (MiB) | peak, 2nd refresh step (MiB) | peak, steady step (MiB) | "
-             "2nd refresh step (s) | steady step (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| mode | peak, run (MiB) | peak, 1st step (MiB) | peak, 2nd refresh step (MiB) | peak, steady step (MiB) "
+             "| left by backward, 2nd refresh (MiB) | left by backward, steady (MiB) "
+             "| 2nd refresh step (s) | steady step (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in MODES:
         runs = [r for r in results[mode] if "steps" in r]
         if not runs:
-            lines.append(f"| {mode} | failed | | | | |")
+            lines.append(f"| {mode} | failed | | | | | | | |")
             continue
 
         def med(f):
@@ -131,8 +137,11 @@ def table(results, embeddings):
         steady = [i for i in range(STEPS) if i not in refresh_steps]
         lines.append(
             f"| {mode} | {med(lambda r: max(s['peak_above_model_mib'] for s in r['steps'])):.0f} "
+            f"| {med(lambda r: r['steps'][0]['peak_above_model_mib']):.0f} "
             f"| {med(lambda r: r['steps'][second]['peak_above_model_mib']):.0f} "
             f"| {med(lambda r: max(r['steps'][i]['peak_above_model_mib'] for i in steady)):.0f} "
+            f"| {med(lambda r: r['steps'][second].get('after_backward_above_model_mib', float('nan'))):.0f} "
+            f"| {med(lambda r: max(r['steps'][i].get('after_backward_above_model_mib', float('nan')) for i in steady)):.0f} "
             f"| {med(lambda r: r['steps'][second]['seconds']):.2f} "
             f"| {med(lambda r: statistics.median(r['steps'][i]['seconds'] for i in steady)):.2f} |")
     return "\n".join(lines) + "\n"
@@ -181,6 +190,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--embeddings", default="full", choices=("full", "frozen"))
     parser.add_argument("--residual", action="store_true", help="the residual index-set comparison only")
+    parser.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
     if args.residual:
@@ -191,17 +201,19 @@ def main():
         return
     shape = SMOKE if args.smoke else SHAPE
     if args.child:
-        print(json.dumps(child(args.child, shape, args.embeddings)))
+        print(json.dumps(child(args.child, shape, args.embeddings, args.checkpointing)))
         return
     results = {mode: [] for mode in MODES}
     for _ in range(args.repeat if not args.smoke else 1):
         for mode in MODES:  # interleaved: each repeat runs every mode once
-            results[mode].append(run_child(mode, args.smoke, args.embeddings))
+            results[mode].append(run_child(mode, args.smoke, args.embeddings, args.checkpointing))
             print(mode, json.dumps(results[mode][-1])[:300], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "sketched_refresh" + ("_smoke" if args.smoke else "") + ("_frozen" if args.embeddings == "frozen" else "")
+    stem = ("sketched_refresh" + ("_smoke" if args.smoke else "") + ("_frozen" if args.embeddings == "frozen" else "")
+            + ("_checkpointing" if args.checkpointing else ""))
     (args.out / f"{stem}.json").write_text(json.dumps({"shape": shape, "steps": STEPS, "gap": GAP,
-                                                       "embeddings": args.embeddings, "results": results,
+                                                       "embeddings": args.embeddings,
+                                                       "checkpointing": args.checkpointing, "results": results,
                                                        "machine": harness.machine_line()}, indent=1))
     (args.out / f"{stem}.md").write_text(table(results, args.embeddings))
     print(table(results, args.embeddings))
