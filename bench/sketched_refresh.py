@@ -26,6 +26,13 @@ is shared, timings are noisy.
     python bench/sketched_refresh.py --smoke --out /tmp/s # tiny LLaMA, seconds
     python bench/sketched_refresh.py --embeddings frozen --checkpointing   # the regime where G sets the peak
     python bench/sketched_refresh.py --residual           # the residual's index set: seconds
+    python bench/sketched_refresh.py --layer              # one layer's refresh work alone: ~1 min
+
+``--layer``: the refresh's own work for one decoder layer of that shape (1024 tokens, GaLore+: q/k
+cross-head, one 64-row head block; v, o, gate, up, down the randomized range finder, rank 64,
+oversample 8, 2 power iterations; then the projected gradient), from ``G`` (formed from ``x`` and
+``dy`` first, as backward did) against from ``x`` and ``dy``; one thread, the two interleaved over
+``--repeat`` rounds (default 7), medians.
 
 ``--residual``: the residual's index set as the optimizer now chooses it (the top-ρ of ``|P M'|`` by
 row blocks, ``residual.select_top_product``) against the top-ρ of the whole ``|P M'|`` matrix
@@ -183,6 +190,53 @@ def residual_overlap():
     return "\n".join(lines) + "\n"
 
 
+def layer_time(repeat):
+    import torch
+
+    from galore_plus import projection
+    from galore_plus.rng import generator_for
+
+    harness.pin_threads(1)
+    h, inter, rank, heads = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "rank", "num_attention_heads"))
+    tokens = SHAPE["batch"] * SHAPE["seq"]
+    gen = torch.Generator().manual_seed(0)
+    # (name, m, n, cross-head): the GaLore+ groups of one LLaMA layer
+    targets = [("q", h, h, True), ("k", h, h, True), ("v", h, h, False), ("o", h, h, False),
+               ("gate", inter, h, False), ("up", inter, h, False), ("down", h, inter, False)]
+    data = {name: (torch.randn(tokens, n, generator=gen), torch.randn(tokens, m, generator=gen))
+            for name, m, n, _ in targets}
+
+    def refresh(grad, m, n, cross, i):
+        g = generator_for(0, i, 1)
+        if cross:
+            left, right = projection.cross_head_projector(grad, rank, heads, g, True, 8, 2)
+        else:
+            left, right = projection.randomized_projector(grad, rank, projection.projection_side((m, n), "std"), g,
+                                                          8, 2)
+        return projection.project(grad, left, right)
+
+    def full():
+        for i, (name, m, n, cross) in enumerate(targets):
+            x, dy = data[name]
+            refresh(dy.T @ x, m, n, cross, i)
+
+    def sketched():
+        for i, (name, m, n, cross) in enumerate(targets):
+            x, dy = data[name]
+            refresh(projection.FactoredGradient.of(x, dy), m, n, cross, i)
+
+    times = {"from G (formed)": [], "from x and dy": []}
+    for _ in range(repeat):
+        for label, run in (("from G (formed)", full), ("from x and dy", sketched)):
+            start = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - start)
+    lines = [f"one layer (hidden {h}, intermediate {inter}, {tokens} tokens, rank {rank}), one thread, "
+             f"{repeat} interleaved rounds", "", "| refresh | median (s) | min (s) | max (s) |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |" for k, v in times.items()]
+    return "\n".join(lines) + "\n", times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=MODES)
@@ -191,8 +245,17 @@ def main():
     parser.add_argument("--embeddings", default="full", choices=("full", "frozen"))
     parser.add_argument("--residual", action="store_true", help="the residual index-set comparison only")
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
+    parser.add_argument("--layer", action="store_true", help="one layer's refresh work alone")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
+    if args.layer:
+        text, times = layer_time(args.repeat if args.repeat != 2 else 7)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sketched_refresh_layer.md").write_text(text)
+        (args.out / "sketched_refresh_layer.json").write_text(json.dumps({"seconds": times,
+                                                                          "machine": harness.machine_line()}))
+        print(text)
+        return
     if args.residual:
         text = residual_overlap()
         args.out.mkdir(parents=True, exist_ok=True)

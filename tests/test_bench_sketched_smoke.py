@@ -29,3 +29,11 @@ def test_residual_index_set_comparison_smoke(tmp_path):
     table = (tmp_path / "sketched_refresh_residual.md").read_text()
     rows = [line.split("|") for line in table.splitlines()[2:]]
     assert len(rows) == 4 and all(float(row[4]) == 1.0 for row in rows)  # q/k of 2 layers: the same set
+
+
+def test_layer_refresh_time_smoke(tmp_path):
+    done = subprocess.run([sys.executable, "bench/sketched_refresh.py", "--layer", "--repeat", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    times = json.loads((tmp_path / "sketched_refresh_layer.json").read_text())["seconds"]
+    assert set(times) == {"from G (formed)", "from x and dy"} and all(len(v) == 1 and v[0] > 0 for v in times.values())
