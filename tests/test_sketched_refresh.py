@@ -151,12 +151,15 @@ def assert_close_runs(a, b, tol=1e-10):
 
 @pytest.mark.parametrize("accumulation,options", [
     (1, {}), (2, {}), (1, {"refresh_in_backward": True}), (2, {"residual_reselect": True}),
-    (1, {"warm_start": True}),
+    (1, {"warm_start": True}), (2, {"svd": "exact", "canonical_signs": True}),
 ])
 def test_sketched_refresh_equals_the_full_gradient_refresh_in_float64(accumulation, options):
     """GaLore+ (randomized range finder, cross-head q/k, the residual from step 3), 12 steps with
     three refreshes: projectors, residual index sets and parameters after every step within 1e-10
-    (relative) of the projected backward with the full-gradient refresh, and of the full path."""
+    (relative) of the projected backward with the full-gradient refresh, and of the full path. With
+    ``svd="exact"`` q/k (cross-head: the exact SVD of the head block, formed from ``x`` and ``dy``)
+    refresh without ``G`` while the other matrices take theirs in the same step (canonical signs:
+    LAPACK's signs of the two blocks' SVDs may differ by rounding, DESIGN.md "Projectors")."""
     data = batches(accumulation)
     runs = []
     for sketched in (True, False):
@@ -208,6 +211,15 @@ def test_exact_svd_and_fira_keep_the_full_gradient_at_a_refresh():
         model(input_ids=ids, labels=ids).loss.backward()
         weights = list(opt.projected_backward.targets.values())
         assert all(w.grad is not None and opt.factored_gradient(w) is None for w in weights), method
+    model = tiny()  # GaLore+ with an exact SVD: q/k's head blocks come from x and dy, the others need G
+    opt = build_optimizer(model, "galore+", 8, lr=1e-2, projected_backward=True, svd="exact")
+    model(input_ids=ids, labels=ids).loss.backward()
+    attention = model.model.layers[0].self_attn
+    for linear, cross_head in ((attention.q_proj, True), (attention.k_proj, True), (attention.v_proj, False),
+                               (model.model.layers[0].mlp.down_proj, False)):
+        assert (opt.factored_gradient(linear.weight) is not None) == cross_head
+        assert (linear.weight.grad is None) == cross_head
+    opt.step()
 
 
 def test_non_finite_factors_at_a_refresh_raise_before_anything_changes():
