@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FactoredGradient
-from .sharding import layout_of
+from .sharding import ProjectedRows, is_dtensor, layout_of
 
 
 def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right: Tensor | None,
@@ -74,11 +74,14 @@ class _ProjectedLinear(torch.autograd.Function):
     """``F.linear`` whose weight gradient is the projected one between refreshes."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, route: ProjectedBackward) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, route: ProjectedBackward,
+                target: Tensor) -> Tensor:
         ctx.save_for_backward(x)
         # the Parameter itself, not a saved copy: the optimizer knows it by identity, and under
-        # non-reentrant checkpointing saved tensors come back as other objects
-        ctx.weight, ctx.route, ctx.has_bias = weight, route, bias is not None
+        # non-reentrant checkpointing saved tensors come back as other objects. ``target`` is the
+        # optimizer's parameter: ``weight`` itself, or under FSDP2 the sharded parameter whose
+        # all-gathered (unsharded) form ``weight`` is
+        ctx.weight, ctx.route, ctx.has_bias, ctx.target = weight, route, bias is not None, target
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -87,14 +90,15 @@ class _ProjectedLinear(torch.autograd.Function):
         dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dw = ctx.route.weight_gradient(weight, x2, dy2) if ctx.needs_input_grad[1] else None
-        return dx, dw, db, None
+        dw = ctx.route.weight_gradient(ctx.target, x2, dy2) if ctx.needs_input_grad[1] else None
+        return dx, dw, db, None, None
 
 
 class _Carrier(Tensor):
     """A target linear's input on its way from the pre-hook into the linear's own ``forward``.
 
-    It only carries: ``source`` (the input itself), ``weight`` (the target's) and ``route`` (the
+    It only carries: ``source`` (the input itself), ``weight`` (the target's, as its module holds it
+    now: under FSDP2 the all-gathered one), ``target`` (the optimizer's parameter) and ``route`` (the
     ``ProjectedBackward``). Every torch function called on it runs on ``source`` instead, so nothing
     computes with it and it never escapes; the one exception is ``F.linear`` with the target's
     weight (``nn.Linear.forward``), which becomes ``_ProjectedLinear`` on ``source``: the autograd
@@ -102,6 +106,7 @@ class _Carrier(Tensor):
 
     source: Tensor
     weight: Tensor
+    target: Tensor
     route: ProjectedBackward
 
     @classmethod
@@ -112,18 +117,19 @@ class _Carrier(Tensor):
             x, weight, bias = _linear_arguments(*args, **kwargs)
             carrier = carriers[0]
             if weight is carrier.weight and x is carrier.source:
-                return _ProjectedLinear.apply(x, weight, bias, carrier.route)
+                return _ProjectedLinear.apply(x, weight, bias, carrier.route, carrier.target)
         return func(*args, **kwargs)
 
     @staticmethod
-    def wrap(x: Tensor, weight: Tensor, route: ProjectedBackward) -> _Carrier:
-        """A carrier of input ``x`` into the forward of the linear whose weight is ``weight``."""
+    def wrap(x: Tensor, weight: Tensor, route: ProjectedBackward, target: Tensor) -> _Carrier:
+        """A carrier of input ``x`` into the forward of the linear whose weight is ``weight`` (the
+        optimizer's parameter ``target``, or under FSDP2 its all-gathered form)."""
         if type(x) is Tensor:
             carrier = Tensor._make_subclass(_Carrier, x, False)  # an alias outside autograd: it only carries
         else:
             with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
                 carrier = x.as_subclass(_Carrier)
-        carrier.source, carrier.weight, carrier.route = x, weight, route
+        carrier.source, carrier.weight, carrier.route, carrier.target = x, weight, route, target
         return carrier
 
 
@@ -183,10 +189,11 @@ class ProjectedBackward:
         self.targets: dict[nn.Module, Tensor] = {}
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            # a weight shared with another module (a tied embedding) gets gradient from both: full path;
-            # an FSDP2-sharded weight keeps the full path too (DESIGN.md, "Projected backward")
+            # a weight shared with another module (a tied embedding) gets gradient from both: full path.
+            # An FSDP2-sharded weight is projected too (issue 26; DESIGN.md, "Distributed"): reduced in
+            # the step pre-hook (``_reduce_sharded``)
             if (isinstance(module, nn.Linear) and weight is not None and id(weight) in low_rank
-                    and uses[id(weight)] == 1 and not layout_of(weight, engine.comm).sharded):
+                    and uses[id(weight)] == 1):
                 if module in _INSTALLED:
                     raise ValueError(f"{type(module).__name__} {module} already has a projected backward (projected "
                                      "backward installed twice?)")
@@ -194,6 +201,13 @@ class ProjectedBackward:
         if not self.targets:
             raise ValueError("no nn.Linear of the model has a low-rank weight in this optimizer: nothing to project")
         self.weights = {id(w) for w in self.targets.values()}
+        #: FSDP2 targets (DTensor weights): the optimizer holds their projected gradients of this
+        #: rank's micro-batches (plain tensors) until the step pre-hook reduces them over the ranks
+        #: (``_reduce_sharded``); ``zero_grad()`` drops them as it drops any gradient
+        self._sharded = {id(w) for w in self.targets.values() if layout_of(w, engine.comm).sharded}
+        #: per FSDP2 target: what its backward needs of other ranks' projector and residual set,
+        #: gathered once per refresh / reselection (``_whole_projector``)
+        self._gathered: dict[int, tuple] = {}
         # nothing was changed until here: a refusal above leaves model and optimizer as they were
         self._hooks = [module.register_forward_pre_hook(self._carry_input, with_kwargs=True)
                        for module in self.targets]
@@ -213,6 +227,7 @@ class ProjectedBackward:
                 del _INSTALLED[module]
         self.targets.clear()
         self.weights = set()
+        self._sharded, self._gathered = set(), {}
         self.handle.remove()
         if self.engine.projected_backward is self:
             self.engine.attach_projected_backward(None)
@@ -222,10 +237,13 @@ class ProjectedBackward:
         graph is recorded, e.g. evaluation: the forward is the same ``F.linear`` either way)."""
         if not torch.is_grad_enabled():
             return None
+        # the weight as the module holds it now: under FSDP2 the all-gathered (unsharded) parameter,
+        # which the linear's forward passes to F.linear; the optimizer knows the sharded one
+        target, weight = self.targets[module], module.weight
         if args and isinstance(args[0], Tensor):
-            return (_Carrier.wrap(args[0], self.targets[module], self), *args[1:]), kwargs
+            return (_Carrier.wrap(args[0], weight, self, target), *args[1:]), kwargs
         if isinstance(kwargs.get("input"), Tensor):
-            return args, {**kwargs, "input": _Carrier.wrap(kwargs["input"], self.targets[module], self)}
+            return args, {**kwargs, "input": _Carrier.wrap(kwargs["input"], weight, self, target)}
         return None
 
     @torch.no_grad()
@@ -264,11 +282,54 @@ class ProjectedBackward:
             self.sink.add_projected_gradient(weight, engine.project(weight, full))
             return None
         dtype = compute_dtype(weight)
+        if id(weight) in self._sharded:  # FSDP2: this rank's batch over every row, reduced before step()
+            whole = self._whole_projector(weight)
+            grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), whole[0], whole[1], whole[2], weight.shape[1])
+            self.sink.add_projected_gradient(weight, grad)  # this rank's part, until ``_reduce_sharded``
+            return None
         left, right = engine.projector(weight)
         grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), left, right, engine.residual_index(weight),
                                          weight.shape[1])
         self.sink.add_projected_gradient(weight, grad)
         return None
+
+    # ---------------------------------------------------------------- FSDP2
+    def _whole_projector(self, weight: Tensor) -> tuple:
+        """An FSDP2 target's whole ``(P, Q)``, every rank's residual indices as flat indices into the
+        whole matrix, and how many each rank has (``sharding.ProjectedRows``): gathered at the first
+        backward after a refresh or a reselection (the same backward on every rank, since every rank
+        holds the same projector state), reused until the stored tensors change."""
+        state = self.engine.state[weight]
+        stored = (state.get("proj_left"), state.get("proj_right"), state.get("residual_index"))
+        cached = self._gathered.get(id(weight))
+        if cached is None or any(a is not b for a, b in zip(cached[0], stored)):
+            rows = ProjectedRows(weight, self.engine.comm)
+            left, right = self.engine.projector(weight)
+            whole_left, whole_right = rows.whole_basis(left, right)
+            index, sizes = rows.global_index(self.engine.residual_index(weight))
+            cached = (stored, (whole_left, whole_right, index, sizes))
+            self._gathered[id(weight)] = cached  # holds ``stored``: their ids cannot be reused meanwhile
+        return cached[1]
+
+    def _reduce_sharded(self) -> None:
+        """Turn every FSDP2 target's projected gradient the optimizer holds (this rank's micro-batches,
+        over all rows) into the ranks' average, placed as the full path places it
+        (``sharding.ProjectedRows.reduce``: ``G Q`` reduce-scattered to the row shards, ``Pᵀ G``
+        all-reduced), in place, in the targets' order, which is the same on every rank. Idempotent
+        (a reduced one is a DTensor), so ``clip_grad_norm_`` may run it before ``step()``. Every rank
+        must have run the same backward (as FSDP2 itself requires): a target with a gradient on one
+        rank and none on another would leave the others waiting on its collective (until the process
+        group's timeout)."""
+        for weight in self.targets.values():
+            if id(weight) not in self._sharded:
+                continue
+            grad = self.engine.projected_gradient(weight)
+            if grad is None or is_dtensor(grad.low):  # due this step (full path), no backward, or reduced
+                continue
+            sizes = self._whole_projector(weight)[3]
+            left, _ = self.engine.projector(weight)
+            grad.low, grad.residual = ProjectedRows(weight, self.engine.comm).reduce(
+                grad.low, grad.residual, sizes, side_right=left is None)
 
     def _several_ranks(self) -> bool:
         """Under DDP a refresh needs the averaged gradient: the full path there (the factored
@@ -293,8 +354,9 @@ class ProjectedBackward:
     def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         import torch.distributed as dist
 
+        self._reduce_sharded()
         if self._group is None:
-            if _world_size(None) > 1:
+            if _world_size(None) > 1 and len(self._sharded) < len(self.targets):
                 raise RuntimeError(
                     "projected backward under DDP: the target matrices' gradients are not averaged; wrap the model "
                     "with galore_plus.distributed.wrap_model(model, 'ddp', device) (it leaves the targets out of "
@@ -303,6 +365,8 @@ class ProjectedBackward:
             return
         world = dist.get_world_size(self._group)
         for weight in self.targets.values():
+            if id(weight) in self._sharded:  # reduced above
+                continue
             projected = self.engine.projected_gradient(weight)
             tensors = [weight.grad] if weight.grad is not None else (
                 [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
@@ -361,6 +425,8 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     if engine is not optimizer:
         return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
     engine.settle_factored()  # a refresh step's factored gradients: refreshed and projected now, then counted
+    if engine.projected_backward is not None:  # FSDP2 targets: reduced over the ranks now, then counted
+        engine.projected_backward._reduce_sharded()
     grads = [p.grad for g in engine.param_groups for p in g["params"] if p.grad is not None]
     projected = [engine.projected_gradient(p) for g in engine.param_groups for p in g["params"]]
     projected = [g for g in projected if g is not None]

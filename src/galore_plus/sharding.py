@@ -589,3 +589,85 @@ _WHOLE = WholeTensor()
 def layout_of(p: Tensor, counter: CommCounter | None) -> WholeTensor:
     """The layout of parameter (or tensor) ``p``: ``RowShards`` for a DTensor, else ``WholeTensor``."""
     return RowShards(counter) if is_dtensor(p) else _WHOLE
+
+
+class ProjectedRows:
+    """The projected backward of one FSDP2 ``Shard(0)`` weight (issue 26; DESIGN.md, "Distributed",
+    FSDP2 projected). In backward each rank holds its own micro-batch's ``x`` and ``dy`` with every
+    row of the (all-gathered) weight, so it computes the projected gradient of *its* batch over all
+    rows; ``reduce`` then sums the ranks' contributions and averages them as FSDP2 averages a full
+    gradient:
+
+    - right projection ``G Q`` (``m×r``): reduce-scattered along FSDP2's row shards, each rank
+      receiving its rows, which is where the row-sharded moments live (``RowShards.project``'s
+      layout); the payload ``m×r`` against the full path's ``m×n`` reduce-scatter;
+    - left ``Pᵀ G`` (``r×n``) and full ``Pᵀ G Q`` (``r×r``): all-reduced (the moments are
+      replicated; the full path all-reduces the same product after reducing ``G`` itself);
+    - the residual's entries: each rank computes its batch's entries at every rank's index set
+      (``global_index``), all-reduced, each keeping its own (ρ-sized).
+
+    What a rank needs of the projector and index set that another rank holds, the whole left basis
+    (``m×r``) and every rank's residual indices, is all-gathered once per refresh or reselection
+    (counted in the ``"refresh"`` phase) and cached by the caller."""
+
+    def __init__(self, p: Tensor, counter: CommCounter):
+        self.rows = ShardRows(p, counter)
+        self.counter = counter
+        self.shape = tuple(p.shape)
+        self.mesh = p.device_mesh
+
+    def whole_basis(self, left: Tensor | None, right: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The whole ``(P, Q)``: ``P`` (``Shard(0)`` rows) all-gathered, ``Q`` (replicated) this rank's copy."""
+        with self.counter.refresh():
+            whole_left = None if left is None else self.rows.gather(left.to_local())
+        return whole_left, local(right)
+
+    def global_index(self, index: Tensor | None) -> tuple[Tensor | None, list[int]]:
+        """Every rank's residual indices (flat into its own rows) as flat indices into the whole
+        matrix, concatenated by rank, and how many each rank has: two all-gathers (counts, then the
+        indices padded to the longest)."""
+        import torch.distributed as dist
+
+        if index is None:
+            return None, []
+        rows = self.rows
+        with self.counter.refresh():
+            count = torch.tensor([index.numel()], dtype=torch.int64)
+            counts = [torch.empty_like(count) for _ in range(rows.world)]
+            self.counter.add("all_gather", count)
+            dist.all_gather(counts, count, group=rows.group)
+            sizes = [int(c) for c in counts]
+            padded = index.new_zeros(max(sizes)).long()
+            padded[: index.numel()] = index.long()
+            parts = [torch.empty_like(padded) for _ in range(rows.world)]
+            self.counter.add("all_gather", padded)
+            dist.all_gather(parts, padded, group=rows.group)
+        n = self.shape[1]
+        whole = torch.cat([part[:size] + k * rows.chunk * n for k, (part, size) in enumerate(zip(parts, sizes))])
+        return whole, sizes
+
+    def reduce(self, low: Tensor, entries: Tensor | None, sizes: list[int], side_right: bool) -> tuple[Tensor, Tensor | None]:
+        """The ranks' summed projected gradient, divided by the world size (FSDP2's mean): ``low``
+        placed as ``RowShards.project`` places it, ``entries`` cut to this rank's residual set."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        rows, world = self.rows, self.rows.world
+        if side_right:  # G Q: m×r, this rank's rows
+            r = low.shape[1]
+            whole = low.new_zeros((rows.chunk * world, r))
+            whole[: low.shape[0]] = low
+            part = low.new_empty((rows.chunk, r))
+            self.counter.add("reduce_scatter", whole)
+            dist.reduce_scatter_tensor(part, whole, group=rows.group)
+            part = part[: rows.rows].div_(world)
+            low = DTensor.from_local(part.contiguous(), self.mesh, [Shard(0)], run_check=False,
+                                     shape=torch.Size((self.shape[0], r)), stride=(r, 1))
+        else:  # Pᵀ G (r×n) or Pᵀ G Q (r×r): replicated
+            low = rows.sum(low).div_(world)
+            low = DTensor.from_local(low, self.mesh, [Replicate()], run_check=False)
+        if entries is not None:
+            entries = rows.sum(entries).div_(world)
+            start = sum(sizes[: rows.rank])
+            entries = entries[start: start + sizes[rows.rank]].clone()
+        return low, entries
