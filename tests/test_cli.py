@@ -451,8 +451,6 @@ BAD_INPUTS = [
     (["--method", "lora", "--embeddings", "frozen"], r"--embeddings frozen needs --method galore or galore\+"),
     (["--method", "adamw", "--projected-backward"], r"--projected-backward needs --method galore or galore\+"),
     (["--method", "adamw", "--no-stochastic-rounding"], r"--no-stochastic-rounding needs --method galore or galore\+"),
-    (["--projected-backward", "--distributed", "fsdp"], r"--projected-backward with --distributed fsdp: FSDP2's "
-                                                        r"sharded weights keep the full backward"),
     (["--data", "{tmp}/chat.jsonl"], r".*chat.jsonl:1: the last message must be the assistant's"),
     (["--data", "gsm8k"], r"--data 'gsm8k' is neither a task nor a file; use arithmetic or gsm_symbolic"),
     (["--data", "{tmp}/missing.jsonl"], r"--data '.*missing.jsonl': no such file"),

@@ -163,3 +163,50 @@ def test_resume_on_two_ranks_is_bitwise_the_uninterrupted_run(ranks, method):
         full, resumed = res[("projected", method, 1)], res[("projected", method, "resumed")]
         for name in full:
             assert torch.equal(full[name], resumed[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_fsdp_uses_the_projected_backward_by_default():
+    from galore_plus.app.cli import parse_config
+    from galore_plus.app.config import FinetuneConfig, projected_backward
+
+    assert projected_backward(FinetuneConfig(model="tiny", distributed="fsdp"))
+    assert not projected_backward(FinetuneConfig(model="tiny", distributed="fsdp", projected_backward=False))
+    config, _ = parse_config(["finetune", "--model", "tiny", "--projected-backward", "--distributed", "fsdp"])
+    assert config.projected_backward and config.distributed == "fsdp"
+
+
+def test_finetune_under_torchrun_with_fsdp_projects_and_equals_single_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m galore_plus.app finetune --distributed fsdp`` on the tiny model
+    runs the projected backward (the default, as in one process) and gives the single-process run's
+    per-step losses on the same global batch."""
+    import json
+    import subprocess
+    import sys
+
+    from _ranks import free_port
+
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
+
+    options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
+                   n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
+                   update_proj_gap=4, residual_warmup=1, eval_before=False)
+    # one refresh in 4 steps (float32: see test_distributed's command test); steps 2-4 are projected
+    finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
+               "--output-dir", str(tmp_path / "fsdp")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("single", "fsdp")}
+    assert metrics["fsdp"]["projected_backward"] and metrics["single"]["projected_backward"]
+    single, fsdp = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                    for run in ("single", "fsdp"))
+    assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
+    for a, b in zip(single, fsdp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)

@@ -100,7 +100,7 @@ class FinetuneConfig:
                             flag="--8bit")
     projected_backward: bool | None = option(
         None, "backward computes the projected gradients between refreshes, not the m×n weight gradients (galore, "
-              "galore+: faster, less memory)", shown="on for galore and galore+, except under --distributed fsdp")
+              "galore+: faster, less memory)", shown="on for galore and galore+")
     embeddings: str = option("full", "the input embedding and lm_head: trained in full (the published recipe), "
                                      "frozen, or low_rank (galore, galore+)", choices=EMBEDDINGS)
     dtype: str = option("auto", "the weights' dtype (galore, galore+ write bf16/fp16 weights with stochastic "
@@ -311,12 +311,11 @@ def residual_ratio(config: FinetuneConfig) -> float:
 
 def projected_backward(config: FinetuneConfig) -> bool:
     """Whether the run uses the projected backward: as given, or on for galore and galore+ (the faster
-    path) except under FSDP2, whose sharded weights keep the full path, and with ``--outside fira``,
+    path; under FSDP2 too since issue 26: DESIGN.md, "Distributed") except with ``--outside fira``,
     whose term needs the full gradient at every step (the projected backward forms it at refreshes only)."""
     if config.projected_backward is not None:
         return config.projected_backward
-    return (config.method in LOW_RANK_METHODS and config.distributed != "fsdp" and config.refresh_policy != "capture"
-            and config.outside == "off")
+    return config.method in LOW_RANK_METHODS and config.refresh_policy != "capture" and config.outside == "off"
 
 
 def torch_dtype(name: str, device):

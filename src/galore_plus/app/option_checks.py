@@ -50,9 +50,6 @@ def check_method(c: FinetuneConfig) -> None:
         raise ConfigError(f"--outside {c.outside} with --projected-backward: the term needs the full gradient, which "
                           "the projected backward forms only at projector refreshes (1 step in --update-proj-gap); "
                           "drop --projected-backward (with --outside fira the full backward is the default)")
-    if c.distributed == "fsdp" and c.projected_backward:
-        raise ConfigError("--projected-backward with --distributed fsdp: FSDP2's sharded weights keep the full "
-                          "backward (their gradients are reduce-scattered whole); drop --projected-backward")
     if c.distributed == "fsdp" and c.method == "adamw8bit":
         raise ConfigError("--distributed fsdp runs galore and galore+ (with or without --8bit) and adamw; "
                           "--method adamw8bit is bitsandbytes' own AdamW8bit, whose kernels take plain tensors, not "
