@@ -352,7 +352,7 @@ def test_an_fsdp_checkpoint_resumes_on_its_own_number_of_ranks_only(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
     assert model.lm_head.weight.shape == (len(models.tiny_tokenizer()), 64)
-    assert json.loads((run / "metrics.json").read_text())["projected_backward"] is False  # FSDP2: the full path
+    assert json.loads((run / "metrics.json").read_text())["projected_backward"] is True  # FSDP2 projects too (issue 26)
 
 
 def test_ddp_with_the_projected_backward_equals_one_process(tmp_path):
