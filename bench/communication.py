@@ -27,6 +27,20 @@ rank, as after DDP's all-reduce.
 The bytes are exact functions of the shapes (``expected_payload``; every run checks the counted
 payloads against it), so the LLaMA-7B figures are also given from the formula.
 
+``--projected-backward`` measures instead what issue 26 asks of FSDP2 with the projected backward:
+a real LLaMA-shaped model (random weights, ``--hidden``, ``--layers``; intermediate 2.6875×hidden,
+heads of 64) under ``fully_shard`` on ``--world`` gloo ranks, trained by the command's GaLore+ optimizer
+(``build_optimizer``, rank ``--rank``, ``update_proj_gap`` 4) once with the full backward and once with
+the projected one, counting per step the payload FSDP2 reduce-scatters (``dist.reduce_scatter_single``,
+which FSDP2 calls, less the optimizer's own reduce-scatters) and the optimizer's own collectives. The target matrices' share of FSDP2's payload
+is the full run's minus the projected run's between refreshes (the other parameters), checked against
+``Σ ⌈m/N⌉·N·n·4``. Refresh steps of both paths form the full gradient (DESIGN.md, "Distributed"), so
+the average per step is given for the measured gap (4) and the command's default (50). Writes
+``communication_projected.json`` / ``.md``:
+
+    python bench/communication.py --projected-backward              # hidden 512, 4 layers, rank 32
+    python bench/communication.py --projected-backward --quick      # hidden 128, 2 layers, rank 8
+
 Writes ``communication.json`` and ``communication.md`` (``--out``, default ``bench/results``).
 FSDP2's own all-gather of parameters and reduce-scatter of gradients, and DDP's gradient all-reduce,
 are the same for every optimizer and not counted here.
@@ -211,15 +225,183 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------------------------- issue 26
+
+
+PROJECTED_GAP = 4  # update_proj_gap of the projected-backward measurement
+
+
+def llama(hidden: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def projected_run(projected: bool, args, rank: int, world: int) -> dict:
+    """Per-step payloads of one run: FSDP2's reduce-scatter, the optimizer's step and refresh phases."""
+    from galore_plus.distributed import wrap_model
+    from galore_plus.integration import build_optimizer
+    from galore_plus.spec import LowRankSpec
+
+    model = wrap_model(llama(args.hidden, args.layers), "fsdp", torch.device("cpu"))
+    spec = LowRankSpec.recipe("galore+", args.rank, "finetune", update_proj_gap=PROJECTED_GAP, scale=4.0,
+                              residual_warmup=1)
+    optimizer = build_optimizer(model, spec, lr=1e-4, projected_backward=projected)
+    targets = [(name, tuple(p.shape)) for g in optimizer.param_groups if "rank" in g
+               for name, p in zip(g["param_names"], g["params"])]
+    original, counted = dist.reduce_scatter_single, [0]
+
+    def reduce_scatter(*a, **k):
+        t = k.get("input", a[1] if len(a) > 1 else None)
+        counted[0] += t.numel() * t.element_size()
+        return original(*a, **k)
+
+    dist.reduce_scatter_single = reduce_scatter
+    steps = []
+    try:
+        for step in range(3 * PROJECTED_GAP):
+            g = torch.Generator().manual_seed(step)
+            ids = torch.randint(0, 1024, (args.batch, args.tokens), generator=g).chunk(world)[rank]
+            counted[0] = 0
+            before = snapshot(optimizer)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            after = snapshot(optimizer)
+            mine = after["step"].get("reduce_scatter", 0) - before["step"].get("reduce_scatter", 0)
+            steps.append({"fsdp_reduce_scatter": counted[0] - mine, **{
+                f"optimizer_{ph}": {op: after[ph].get(op, 0) - before[ph].get(op, 0) for op in after[ph]}
+                for ph in ("step", "refresh")}})
+    finally:
+        dist.reduce_scatter_single = original
+    return {"steps": steps, "targets": targets}
+
+
+def projected_worker(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {"full": projected_run(False, args, rank, world), "projected": projected_run(True, args, rank, world)}
+    if rank == 0:
+        queue.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+RING = {"all_reduce": lambda w: 2 * (w - 1) / w, "reduce_scatter": lambda w: (w - 1) / w,
+        "all_gather": lambda w: w - 1, "broadcast": lambda w: 1.0, "gather": lambda w: 1.0}
+
+
+def projected_summary(multi: dict, args) -> dict:
+    """Payload and ring-model bytes per step of the targets' gradients, full against projected."""
+    world, gap = args.world, PROJECTED_GAP
+    full, proj = multi["full"]["steps"], multi["projected"]["steps"]
+    steady_idx = [i for i in range(gap + 1, len(proj)) if i % gap]  # after the residual set is in place
+    others = proj[steady_idx[0]]["fsdp_reduce_scatter"]
+    targets = multi["full"]["targets"]
+    target_rs = sum(-(-m // world) * world * n * 4 for _, (m, n) in targets)
+
+    def per_step(entry: dict, ring: bool) -> float:
+        factor = (lambda op: RING[op](world)) if ring else (lambda op: 1.0)
+        own = sum(factor(op) * b for op, b in entry["optimizer_step"].items())
+        refresh = sum(factor(op) * b for op, b in entry["optimizer_refresh"].items())
+        return (entry["fsdp_reduce_scatter"] - others) * factor("reduce_scatter") + own, refresh
+
+    rows = {}
+    for name, log in (("full", full), ("projected", proj)):
+        for ring in (False, True):
+            steady = per_step(log[steady_idx[0]], ring)
+            refresh = per_step(log[2 * gap], ring)
+            key = f"{name}_{'sent' if ring else 'payload'}"
+            rows[key] = {"steady_step": steady[0], "steady_refresh_phase": steady[1],
+                         "refresh_step": refresh[0], "refresh_step_refresh_phase": refresh[1]}
+            for T in (gap, 50):
+                rows[key][f"mean_per_step_T{T}"] = ((T - 1) * steady[0] + refresh[0]) / T
+                rows[key][f"mean_per_step_T{T}_with_refresh_work"] = ((T - 1) * sum(steady) + sum(refresh)) / T
+    r_min = min(args.rank / min(shape) for _, shape in targets)
+    r_max = max(args.rank / min(shape) for _, shape in targets)
+    return {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "world": world, "gap": gap,
+            "tokens_per_step": args.batch * args.tokens,
+            "targets": [[n, list(s)] for n, s in targets], "fsdp_others_payload": others,
+            "fsdp_target_payload_formula": target_rs,
+            "fsdp_target_payload_counted": full[steady_idx[0]]["fsdp_reduce_scatter"] - others,
+            "r_over_min_side": [r_min, r_max], "rows": rows, "steps": multi,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+                       "one thread per rank, gloo"}
+
+
+def projected_markdown(r: dict) -> str:
+    kib = lambda b: f"{b / 2**10:,.1f} KiB"  # noqa: E731
+    rows = r["rows"]
+    lines = [f"# FSDP2 with the projected backward: bytes per step of the target matrices ({r['world']} ranks)", "",
+             f"LLaMA-shaped, hidden {r['hidden']}, {r['layers']} layers, GaLore+ rank {r['rank']} (cross-head + "
+             f"residual on q/k, randomized elsewhere), {r['tokens_per_step']} tokens per step, float32; "
+             f"{r['machine']}. r/min(m, n) of the targets: {r['r_over_min_side'][0]:.4f}–"
+             f"{r['r_over_min_side'][1]:.4f}. FSDP2's reduce-scatter of the targets: {r['fsdp_target_payload_counted']:,} "
+             f"bytes counted, {r['fsdp_target_payload_formula']:,} from the shapes.", "",
+             "| targets' gradients | steady step | refresh step | mean per step, T=4 | mean per step, T=50 | "
+             "T=50 with refresh work |", "|---|---|---|---|---|---|"]
+    for kind in ("payload", "sent"):
+        for name in ("full", "projected"):
+            row = rows[f"{name}_{kind}"]
+            lines.append(f"| {name}, {'payload' if kind == 'payload' else 'sent per rank (ring)'} | "
+                         f"{kib(row['steady_step'])} | {kib(row['refresh_step'])} | {kib(row['mean_per_step_T4'])} | "
+                         f"{kib(row['mean_per_step_T50'])} | {kib(row['mean_per_step_T50_with_refresh_work'])} |")
+        f, p = rows[f"full_{kind}"], rows[f"projected_{kind}"]
+        lines.append(f"| ratio projected/full ({kind}) | {p['steady_step'] / f['steady_step']:.4f} | "
+                     f"{p['refresh_step'] / f['refresh_step']:.4f} | {p['mean_per_step_T4'] / f['mean_per_step_T4']:.4f} "
+                     f"| {p['mean_per_step_T50'] / f['mean_per_step_T50']:.4f} | "
+                     f"{p['mean_per_step_T50_with_refresh_work'] / f['mean_per_step_T50_with_refresh_work']:.4f} |")
+    lines += ["", "Steady step: FSDP2's reduce-scatter of the targets' m×n gradients plus the optimizer's r×n "
+              "all-reduce of left projections (full), against the projected path's reduce-scatter of G Q "
+              "(m×r), all-reduce of Pᵀ G (r×n) and of the residual entries. Refresh steps form the full gradient "
+              "on both paths; 'with refresh work' adds the optimizer's refresh-phase collectives (range finder, "
+              "head rows, residual candidates; on the projected path also the all-gathered left bases and "
+              "residual indices).", "", f"Command: `{r['command']}`.", ""]
+    return "\n".join(lines)
+
+
+def projected_main(args) -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=projected_worker, args=(r, args.world, port, args, queue))
+             for port in [free_port()] for r in range(args.world)]
+    for p in procs:
+        p.start()
+    multi = queue.get()
+    for p in procs:
+        p.join()
+    result = projected_summary(multi, args)
+    result["command"] = "python bench/communication.py --projected-backward" + (" --quick" if args.quick else "")
+    name = "communication_projected_quick" if args.quick else "communication_projected"
+    harness.write_outputs(args.out, name, result, projected_markdown)
+    print(projected_markdown(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_modes(parser, quick="dimensions / 8, rank 16")
+    parser.add_argument("--projected-backward", action="store_true",
+                        help="issue 26: a LLaMA-shaped model under FSDP2, full against projected backward")
+    parser.add_argument("--hidden", type=int, default=None, help="with --projected-backward (default 512; 128 quick)")
+    parser.add_argument("--layers", type=int, default=None, help="with --projected-backward (default 4; 2 quick)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--divisor", type=int, default=2,
                         help="LLaMA-7B dimensions divided by this (default 2: 2048 hidden, 5504 MLP, 16 heads)")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--rank", type=int, default=None, help="projection rank (default 128; 16 with --quick)")
     harness.add_out_argument(parser)
     args = parser.parse_args()
+    if args.projected_backward:
+        args.rank = args.rank or (8 if args.quick else 32)
+        args.hidden = args.hidden or (128 if args.quick else 512)
+        args.layers = args.layers or (2 if args.quick else 4)
+        return projected_main(args)
     args.rank = args.rank or (16 if args.quick else 128)
     if args.quick:
         args.divisor = 8

@@ -28,7 +28,7 @@ TARGETS = ("q.weight", "up.weight", "down.weight")  # q 32×16 (right), up 48×1
 
 
 class ReduceScatterBytes:
-    """FSDP2's own reduce-scatter payload (it calls ``dist.reduce_scatter_single``), per step."""
+    """FSDP2's own reduce-scatter payload (it calls ``dist.reduce_scatter_single``) in backward."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -55,7 +55,7 @@ def train(model: nn.Module, optimizer, steps: range, rank: int | None, micro: in
         with ReduceScatterBytes() as counted:
             for xb, yb in zip(x.chunk(micro), y.chunk(micro)):
                 (nn.functional.mse_loss(model(xb), yb) / micro).backward()
-            if log is not None:
+            if log is not None:  # the optimizer's own reduce-scatters happen in step(), outside the count
                 log.append({"fsdp_reduce_scatter": counted.total,
                             "target_grads": [getattr(model, n.split(".")[0]).weight.grad is not None
                                              for n in TARGETS]})

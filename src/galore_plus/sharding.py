@@ -659,7 +659,7 @@ class ProjectedRows:
             whole[: low.shape[0]] = low
             part = low.new_empty((rows.chunk, r))
             self.counter.add("reduce_scatter", whole)
-            dist.reduce_scatter_tensor(part, whole, group=rows.group)
+            dist.reduce_scatter_single(output=part, input=whole, group=rows.group)
             part = part[: rows.rows].div_(world)
             low = DTensor.from_local(part.contiguous(), self.mesh, [Shard(0)], run_check=False,
                                      shape=torch.Size((self.shape[0], r)), stride=(r, 1))
