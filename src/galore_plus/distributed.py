@@ -2,7 +2,9 @@
 
 **FSDP2** needs nothing from here: an optimizer built with its plain constructor on ``fully_shard``
 parameters (sharded ``Shard(0)`` over a 1-D mesh) runs the low-rank math on the row shards without
-gathering a full gradient (``sharding.RowShards``).
+gathering a full gradient (``sharding.RowShards``); with the projected backward (built after
+``wrap_model(model, "fsdp", ...)``) the ranks reduce the targets' projected gradients themselves
+(``sharding.ProjectedRows``) and FSDP2 reduce-scatters only the other parameters.
 
 **DDP** works with the plain constructor too: DDP averages the gradients, and every rank computes the
 same projectors (every random draw is ``rng.generator_for(seed, parameter index, refresh count)``), so

@@ -17,7 +17,7 @@ refreshes need it); at the others it hands a ``LowRankGradient`` to the optimize
 ``LayerwiseOptimizer``'s, applied in backward) and ``W.grad`` stays ``None``.
 
 ``enable_projected_backward(model, optimizer)`` installs it on every ``nn.Linear`` whose weight is a
-low-rank parameter of ``optimizer`` (an FSDP2-sharded weight keeps the full path) and attaches it to
+low-rank parameter of ``optimizer`` (an FSDP2-sharded one too) and attaches it to
 the optimizer (``LowRankOptimizer.attach_projected_backward``; ``optimizer.projected_backward`` reads
 it); ``remove()`` undoes both. How it is installed (DESIGN.md, "Projected backward"): a forward
 pre-hook on each target linear (its ``RemovableHandle`` kept) hands the linear's own ``forward`` its
@@ -41,6 +41,11 @@ was. What users see:
   projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
   is given to ``enable_projected_backward(process_group=...)`` or set by
   ``distributed.distribute(optimizer)`` (``reduce_over``); ``process_group`` reads it.
+- FSDP2 (issue 26; DESIGN.md, "Distributed", FSDP2 with the projected backward): nothing to call.
+  Each rank computes its micro-batches' projected gradient of the whole (all-gathered) matrix; the
+  step pre-hook reduce-scatters ``G Q`` to the row shards and all-reduces ``Pᵀ G`` and the residual
+  entries (``sharding.ProjectedRows``), so FSDP2 reduce-scatters only the other parameters. Refresh
+  steps form the full gradient, which FSDP2 reduce-scatters as before.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ process's part, ``placed_like`` / ``placed_blocks`` to place a local result (8-b
 ``checkpoint_placement`` / ``empty_placed`` for checkpoints, and ``shard_rows`` (how many rows a full
 shard holds).
 
+``ProjectedRows``: the projected backward on an FSDP2 weight (issue 26): a rank's projected gradient
+of its batch over all rows, reduce-scattered (``G Q``) or all-reduced (``Pᵀ G``) across the ranks.
+
 Bytes the optimizer itself communicates are counted in ``CommCounter`` (per phase, ``"step"`` and
 ``"refresh"``, and per collective); FSDP2's own all-gather / reduce-scatter of parameters and
 gradients are the same as for any optimizer and not counted.
