@@ -4,7 +4,8 @@ Between refreshes each rank computes its micro-batch's projected gradient over a
 ranks reduce it (``sharding.ProjectedRows``: ``G Q`` reduce-scattered along FSDP2's row shards,
 ``Pᵀ G`` all-reduced); FSDP2 itself then reduce-scatters only the other parameters. Checked: the
 parameters equal the single-process run's (float64, 1e-9; 20 steps, 4 refreshes, with and without
-gradient accumulation, GaLore and GaLore+ with cross-head, randomized SVD and the residual), the
+gradient accumulation, GaLore and GaLore+ with cross-head, randomized SVD and the residual, and
+GaLoreAdamW8bit), the
 target matrices' ``W.grad`` stays ``None`` between refreshes, the bytes per step of the targets
 against the full path, and a save on 2 ranks → resume → continue is bitwise the uninterrupted run.
 The scenarios reuse ``test_distributed``'s model, data and optimizers.
@@ -18,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from _ranks import run_ranks
-from test_distributed import GAP, STEPS, WORLD, data, fsdp_model, full_params, make_model, make_optimizer
+from test_distributed import (GAP, STEPS, WORLD, data, fsdp_model, fsdp_wide, full_params, make_8bit, make_model,
+                              make_optimizer, make_wide)
 from torch import nn
 
 from galore_plus.distributed import load_checkpoint, save_checkpoint
@@ -100,6 +102,15 @@ def scenario(rank: int, out_dir: str) -> dict:
         load_checkpoint(path, model, optimizer)
         train(model, optimizer, range(STEPS // 2, STEPS), rank)
         results[("projected", method, "resumed")] = full_params(model)
+    # GaLoreAdamW8bit (rows 1024: every shard holds whole 8-bit blocks, so the full path equals one process)
+    model = make_wide(1024)
+    train(model, make_8bit(model), range(STEPS), None)
+    results[("single", "8bit")] = full_params(model)
+    model = fsdp_wide(1024)
+    optimizer = make_8bit(model)
+    enable_projected_backward(model, optimizer)
+    train(model, optimizer, range(STEPS), rank)
+    results[("projected", "8bit")] = full_params(model)
     return results
 
 
@@ -117,6 +128,14 @@ def test_equals_single_process_run(ranks, method, micro):
         got = res[("projected", method, micro)]
         for name in reference:
             torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"{method} {name}")
+
+
+def test_8bit_equals_single_process_run(ranks):
+    reference = ranks[0][("single", "8bit")]
+    for res in ranks:
+        got = res[("projected", "8bit")]
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"8bit {name}")
 
 
 @pytest.mark.parametrize("method", ["galore", "galore+"])
@@ -181,7 +200,8 @@ def test_fsdp_uses_the_projected_backward_by_default():
 def test_finetune_under_torchrun_with_fsdp_projects_and_equals_single_process(tmp_path):
     """``torchrun --nproc_per_node 2 -m galore_plus.app finetune --distributed fsdp`` on the tiny model
     runs the projected backward (the default, as in one process) and gives the single-process run's
-    per-step losses on the same global batch."""
+    per-step losses on the same global batch, with 2 micro-batches per step and gradient
+    checkpointing (FSDP2's recomputed forward hands the projected linear its all-gathered weight again)."""
     import json
     import subprocess
     import sys
@@ -193,18 +213,19 @@ def test_finetune_under_torchrun_with_fsdp_projects_and_equals_single_process(tm
 
     options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
-                   update_proj_gap=4, residual_warmup=1, eval_before=False)
+                   update_proj_gap=4, residual_warmup=1, grad_accum=2, eval_before=False, gradient_checkpointing=True)
     # one refresh in 4 steps (float32: see test_distributed's command test); steps 2-4 are projected
     finetune(FinetuneConfig(**options, output_dir=str(tmp_path / "single")))
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "eval_before"] + ["--no-eval-before"]
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if not isinstance(v, bool)]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--distributed", "fsdp",
-               "--output-dir", str(tmp_path / "fsdp")]
+               str(free_port()), "-m", "galore_plus.app", "finetune", *argv, "--no-eval-before",
+               "--gradient-checkpointing", "--distributed", "fsdp", "--output-dir", str(tmp_path / "fsdp")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("single", "fsdp")}
     assert metrics["fsdp"]["projected_backward"] and metrics["single"]["projected_backward"]
+    assert metrics["fsdp"]["gradient_checkpointing"] and metrics["fsdp"]["config"]["grad_accum"] == 2
     single, fsdp = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
                     for run in ("single", "fsdp"))
     assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
