@@ -635,7 +635,7 @@ class ProjectedRows:
             return None, []
         rows = self.rows
         with self.counter.refresh():
-            count = torch.tensor([index.numel()], dtype=torch.int64)
+            count = torch.tensor([index.numel()], dtype=torch.int64, device=index.device)  # NCCL: on the device
             counts = [torch.empty_like(count) for _ in range(rows.world)]
             self.counter.add("all_gather", count)
             dist.all_gather(counts, count, group=rows.group)
