@@ -117,6 +117,33 @@ def _signal_after(process: subprocess.Popen, run: Path, steps: int, signum: int)
     return process.returncode, err
 
 
+def test_two_real_runs_into_one_directory_the_second_is_refused_and_the_first_finishes_intact(tmp_path, capsys):
+    """Two processes: a run in progress holds its directory; a second run into it (another seed, with
+    --overwrite even) is refused in one line before it touches anything, and the first goes on intact."""
+    options = dict(TINY, max_steps=100_000, save_every=0, update_proj_gap=5)  # it is interrupted long before
+    run = tmp_path / "run"
+    first = _start(run, **options)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and first.poll() is None:
+            if (run / "log.jsonl").exists() and (run / "log.jsonl").read_text().count("\n") >= 3:
+                break
+            time.sleep(0.01)
+        assert first.poll() is None, "the first run ended too soon"
+        record = (run / "run.json").read_text()
+        code, err = run_main(capsys, ["finetune", *argv(**{**options, "seed": 1}), "--output-dir", str(run),
+                                      "--overwrite"])
+        assert code != 0
+        assert re.search(r"is in use by another run \(pid \d+\)", one_line(err)), err
+        assert (run / "run.json").read_text() == record  # the second wrote nothing
+    finally:
+        rc, err = _signal_after(first, run, 3, signal.SIGINT)
+    assert rc == 130, err
+    step = checkpoint.read_state(run)["step"]
+    assert log_steps(run) == list(range(1, step + 1))  # one run's steps, each once
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 0
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_exits_with_one_line_and_resumes_bitwise(tmp_path, signum, code):
     options = dict(TINY, max_steps=150, save_every=0, update_proj_gap=5)
