@@ -419,6 +419,17 @@ def paired_t(differences):
     return mean, t
 
 
+def paired_rows(rows, a, b, seeds):
+    """(differences a − b per seed, mean, t) of two table rows' ``test_loss`` by seed (rows are
+    ``{"method", "test_loss": {seed: loss}}``) where both have every seed, else None."""
+    ra = next((r for r in rows if r["method"] == a), None)
+    rb = next((r for r in rows if r["method"] == b), None)
+    if not ra or not rb or any(s not in ra["test_loss"] or s not in rb["test_loss"] for s in seeds):
+        return None
+    d = [ra["test_loss"][s] - rb["test_loss"][s] for s in seeds]
+    return (d, *paired_t(d))
+
+
 # ---------------------------------------------------------------------------------------------- arguments
 
 

@@ -199,14 +199,7 @@ def summary(proto, by_key):
     return rows, records
 
 
-def paired(rows, a, b, seeds):
-    """(differences a − b per seed, mean, t) where both rows have every seed, else None."""
-    ra = next((r for r in rows if r["method"] == a), None)
-    rb = next((r for r in rows if r["method"] == b), None)
-    if not ra or not rb or any(s not in ra["test_loss"] or s not in rb["test_loss"] for s in seeds):
-        return None
-    d = [ra["test_loss"][s] - rb["test_loss"][s] for s in seeds]
-    return (d, *harness.paired_t(d))
+paired = harness.paired_rows
 
 
 def render(proto, rows, path_md, command, pretrain_lines=()):

@@ -316,16 +316,6 @@ def summary(proto, by_key):
     return rows, records
 
 
-def paired(rows, a, b, seeds):
-    """(differences a − b per seed, mean, t) where both rows have every seed, else None."""
-    ra = next((r for r in rows if r["method"] == a), None)
-    rb = next((r for r in rows if r["method"] == b), None)
-    if not ra or not rb or any(s not in ra["test_loss"] or s not in rb["test_loss"] for s in seeds):
-        return None
-    d = [ra["test_loss"][s] - rb["test_loss"][s] for s in seeds]
-    return (d, *harness.paired_t(d))
-
-
 def fmt(value):
     return "diverged" if value is not None and math.isinf(value) else f"{value:.3f}"
 
@@ -367,7 +357,7 @@ def render(proto, rows):
                     delta = "" if base is None or a is r[key][0] and key == "ablations" or math.isinf(a["loss"]) \
                         else f"{a['loss'] - base:+.3f}"
                 lines.append(f"| {a['name']} | {a['rank']} | {a['lr']:g} | {value} | {delta} |")
-    pairs = [(a, b, paired(rows, a, b, proto["seeds"])) for a, b in PAIRS]
+    pairs = [(a, b, harness.paired_rows(rows, a, b, proto["seeds"])) for a, b in PAIRS]
     lines += ["", "### Paired differences (a − b, final validation loss; negative: a better)", "",
               *harness.table_header("pair", "per seed", "mean", "t")]
     lines += [f"| {a} − {b} | {', '.join(f'{x:+.3f}' for x in p[0])} | {p[1]:+.3f} | {p[2]:.1f} |"

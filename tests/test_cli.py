@@ -66,6 +66,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(x[key], y[key]), key
 
 
+def crash_at(monkeypatch, step_index: int):
+    """Make ``finetune`` raise ``KeyboardInterrupt`` (a simulated crash) in the forward of step
+    ``step_index + 1``; returns the real ``_forward_backward``, to put back before resuming."""
+    real = finetune_module._forward_backward
+
+    def crash(run, built, step):
+        if step == step_index:
+            raise KeyboardInterrupt("simulated crash")
+        return real(run, built, step)
+
+    monkeypatch.setattr(finetune_module, "_forward_backward", crash)
+    return real
+
+
 def run_main(capsys, args: list[str]) -> tuple[int, str]:
     """``main(args)``: its exit code and what it wrote to stderr."""
     capsys.readouterr()
@@ -116,14 +130,7 @@ def test_resume_after_a_crash_equals_uninterrupted_and_logs_each_step_once(tmp_p
     """A crash at step 5 (steps 4 and 5 logged after the step-3 checkpoint) → ``--resume`` → the same
     weights as the uninterrupted run, and log.jsonl holds steps 1–6 once each."""
     finetune(tiny_config(tmp_path, method=method, max_steps=6, output_dir=str(tmp_path / "full"), **extra))
-    real = finetune_module._forward_backward
-
-    def crash_at_step_6(run, built, step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_6)
+    real = crash_at(monkeypatch, 5)
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_config(tmp_path, method=method, max_steps=6, save_every=3, output_dir=str(run), **extra))

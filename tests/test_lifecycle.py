@@ -33,7 +33,7 @@ from galore_plus.app.identity import NOT_IDENTITY
 from galore_plus.app.interrupts import Interrupted
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import argv, assert_same_weights, log_steps, run_main, snapshot  # noqa: E402
+from test_cli import argv, assert_same_weights, crash_at, log_steps, run_main, snapshot  # noqa: E402
 
 TINY = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=2, n_train=24,
             n_test=2, max_length=64, max_new_tokens=2, eval_batch_size=4, warmup_steps=1, lr=1e-3,
@@ -560,14 +560,7 @@ def test_a_lora_checkpoint_holds_the_trained_tensors_only_and_resumes_bitwise(tm
     """LoRA: checkpoint/model.safetensors holds the adapters (the frozen base is the model's, its sha256
     recorded); a crashed run resumes to the uninterrupted run's weights; another base is refused."""
     finetune(config(tmp_path, "full", method="lora", max_steps=6))
-    real = finetune_module._forward_backward
-
-    def crash(run, built, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash)
+    crash_at(monkeypatch, 4)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         finetune(config(tmp_path, method="lora", max_steps=6, save_every=3))

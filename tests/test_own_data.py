@@ -8,6 +8,7 @@ checkpoint without a manifest resumes only when trusted."""
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from galore_plus.app.cli import main
 from galore_plus.app.config import EMBEDDINGS, FinetuneConfig
 from galore_plus.app.finetune import finetune
 from galore_plus.integration import EMBEDDINGS as LIBRARY_EMBEDDINGS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import crash_at  # noqa: E402
 
 TINY = dict(model="tiny", method="galore+", rank=4, max_steps=4, batch_size=2, n_train=100, n_test=200, max_length=64,
             max_new_tokens=4, eval_batch_size=8, warmup_steps=1, lr=1e-3, update_proj_gap=2, residual_warmup=1)
@@ -263,14 +267,7 @@ def test_a_checkpoint_from_before_manifests_resumes_only_when_trusted(tmp_path, 
     data = write_jsonl(tmp_path / "mine.jsonl", forty("gsm8k"))
     finetune(config(tmp_path, name="full", data=data, max_steps=6, eval_before=False))
     run = tmp_path / "old"
-    real = finetune_module._forward_backward
-
-    def crash_at_step_5(run, built, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_5)
+    crash_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         finetune(config(tmp_path, name="old", data=data, max_steps=6, save_every=3, eval_before=False))
     monkeypatch.undo()

@@ -7,6 +7,7 @@ closing summary, and the one-line errors before any work."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from galore_plus.app.config import FinetuneConfig
 from galore_plus.app.errors import ConfigError
 from galore_plus.app.finetune import finetune
 from galore_plus.app.outputs import OUTPUTS, plot_losses
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import crash_at  # noqa: E402
 
 TINY = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=2, n_train=24,
             n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
@@ -79,14 +83,7 @@ def test_resume_continues_the_event_files_without_duplicate_steps(tmp_path, monk
     and the best evaluation point is the one of the uninterrupted run."""
     options = dict(max_steps=6, save_every=3, eval_every=2, report_to="tensorboard")
     full = finetune(tiny_config(tmp_path, "full", **options))
-    real = finetune_module._forward_backward
-
-    def crash_at_step_5(run, built, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_5)
+    real = crash_at(monkeypatch, 4)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_config(tmp_path, **options))
@@ -106,14 +103,7 @@ def test_resume_continues_the_event_files_without_duplicate_steps(tmp_path, monk
 
 
 def test_a_resume_from_before_the_first_checkpoint_starts_the_event_files_over(tmp_path, monkeypatch):
-    real = finetune_module._forward_backward
-
-    def crash_at_step_3(run, built, step):
-        if step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_3)
+    real = crash_at(monkeypatch, 2)
     run = tmp_path / "run"
     options = dict(max_steps=3, eval_every=1, report_to="tensorboard", generate=False)
     with pytest.raises(KeyboardInterrupt):

@@ -17,7 +17,7 @@ from galore_plus.app.cli import main
 from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
 from galore_plus.app.finetune import finetune
 from galore_plus.app.schedules import SCHEDULERS, build_scheduler, warmup_steps
-from test_cli import argv, assert_same_weights, log_steps, run_main, tiny_config
+from test_cli import argv, assert_same_weights, crash_at, log_steps, run_main, tiny_config
 
 
 def lrs(scheduler, steps: int) -> list[float]:
@@ -72,14 +72,7 @@ def test_a_run_logs_its_schedule_and_resumes_bitwise_with_it(tmp_path, monkeypat
     lr = tiny_config(tmp_path).lr
     # the lr after each step's scheduler.step(): warm-up 3 steps, then linear to 0 at step 6
     assert [r["lr"] for r in log] == pytest.approx([lr * x for x in (1 / 3, 2 / 3, 1, 2 / 3, 1 / 3, 0)], abs=1e-12)
-    real = finetune_module._forward_backward
-
-    def crash_at_step_5(run, built, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real(run, built, step)
-
-    monkeypatch.setattr(finetune_module, "_forward_backward", crash_at_step_5)
+    real = crash_at(monkeypatch, 4)
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_config(tmp_path, save_every=3, output_dir=str(run), **options))

@@ -7,28 +7,19 @@ step, refresh steps included (a dispatch-mode watch)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import build_optimizer, engine_of, projection, residual
 from galore_plus.projected import clip_grad_norm_
 from galore_plus.rng import generator_for
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-STEPS, GAP = 12, 4  # refreshes at steps 1, 5, 9
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
-
-
-def batches(accumulation, steps=STEPS, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randint(0, 64, (2, 11), generator=gen) for _ in range(accumulation)] for _ in range(steps)]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_projected import GAP, batches, tiny  # noqa: E402  the same tiny LLaMA and batches
 
 
 def optimizer_for(model, sketched=True, **options):
