@@ -160,7 +160,7 @@ def eval_job(common, task, task_opts, seed):
 
 #: FinetuneConfig fields that say where and how a run writes, not what it computes: left out of a
 #: job's settings (its key), and set by run_job
-NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite", "export")
+NOT_SETTINGS = ("output_dir", "device", "save_every", "save_checkpoint", "overwrite", "export", "save_total_limit")
 NOT_SETTINGS += ("report_to", "eval_every")  # where and how often a run reports (app/reporting.py)
 
 

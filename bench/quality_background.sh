@@ -2,12 +2,19 @@
 # Two invocations of the quality grid side by side (one torch thread each, niced), from a worktree pinned
 # at a commit so that editing src/ does not change runs mid-grid; results go to this checkout's
 # bench/results. Usage: bench/quality_background.sh [WORKTREE] [--methods ...]   (resumable: run it again)
+# TASKS (default "gsm_symbolic gsm_symbolic": two fine-tuning invocations) starts one invocation per word,
+# each with that --task: TASKS="gsm_symbolic pretrain" bench/quality_background.sh WORKTREE runs the
+# pre-training half beside one fine-tuning invocation (--methods then names rows of either half).
 set -euo pipefail
 main=$(cd "$(dirname "$0")/.." && pwd)
 wt=${1:-$main}; shift || true
 cd "$wt"
-for i in 1 2; do
-  OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py \
+mkdir -p "$main/runs/quality"
+i=0
+for task in ${TASKS:-gsm_symbolic gsm_symbolic}; do
+  i=$((i + 1))
+  [ "$task" = gsm_symbolic ] && task_arg=() || task_arg=(--task "$task")  # the default: older worktrees lack --task
+  OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py "${task_arg[@]}" \
     --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" > "$main/runs/quality/invocation$i.log" 2>&1 &
   sleep 90  # the first makes the SmolLM2 export before the second could race for it
 done

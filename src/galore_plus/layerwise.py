@@ -279,8 +279,46 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "clip_previous_norm": self._previous_norm,
         }
 
+    def _check_loadable(self, state_dict: Any) -> None:
+        """What :meth:`LayerwiseOptimizer.load_state_dict` reads after the inner optimizer has loaded,
+        checked before anything is loaded: its keys, names, types and the plain accumulators' shapes."""
+        required = ("state", "param_groups", "received", "low_rank_accumulators", "residual_accumulators",
+                    "clip_sq_norm", "clip_previous_norm")
+        if not isinstance(state_dict, dict) or any(k not in state_dict for k in required):
+            missing = [k for k in required if not isinstance(state_dict, dict) or k not in state_dict]
+            raise ValueError(f"layer-wise state_dict lacks {missing}: not a LayerwiseOptimizer's state")
+        if not isinstance(state_dict["param_groups"], list) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in state_dict["param_groups"]):
+            raise ValueError("layer-wise state_dict: param_groups must be a list of groups with a list of names")
+        names = set(self._params)
+        low = state_dict["low_rank_accumulators"]
+        for key in ("state", "received", "low_rank_accumulators", "residual_accumulators", "full_accumulators",
+                    "plain_accumulators"):
+            entries = state_dict.get(key, {})
+            if not isinstance(entries, dict):
+                raise ValueError(f"layer-wise state_dict: {key} must be a dict keyed by parameter names")
+            unknown = sorted(set(entries) - names)
+            if unknown:
+                raise ValueError(f"layer-wise state_dict: {key} names parameters this optimizer does not have: {unknown}")
+            if key.endswith("accumulators") and not all(isinstance(t, torch.Tensor) for t in entries.values()):
+                raise ValueError(f"layer-wise state_dict: {key} must hold tensors")
+            if key in ("residual_accumulators", "full_accumulators") and not set(entries) <= set(low):
+                raise ValueError(f"layer-wise state_dict: {key} names parameters without a low-rank accumulator")
+        if not all(_is_number(v) for v in state_dict["received"].values()):
+            raise ValueError("layer-wise state_dict: received must map names to counts")
+        for name, grad in state_dict.get("plain_accumulators", {}).items():
+            if tuple(grad.shape) != tuple(self._params[name].shape):
+                raise ValueError(f"layer-wise state_dict: the plain accumulator of {name!r} has shape "
+                                 f"{tuple(grad.shape)}, the parameter {tuple(self._params[name].shape)}")
+        if not _is_number(state_dict["clip_sq_norm"]) or not (state_dict["clip_previous_norm"] is None
+                                                               or _is_number(state_dict["clip_previous_norm"])):
+            raise ValueError("layer-wise state_dict: clip_sq_norm and clip_previous_norm must be numbers")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Strict: every name of this optimizer must be in ``state_dict`` and nothing else."""
+        """Strict: every name of this optimizer must be in ``state_dict`` and nothing else. The whole
+        state is checked before anything changes (issue 25): a state that does not fit raises
+        ``KeyError`` or ``ValueError`` and leaves the optimizer as it was."""
+        self._check_loadable(state_dict)
         saved_names = [n for g in state_dict["param_groups"] for n in g["params"]]
         ours = [self._names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         missing = sorted(set(ours) - set(saved_names))
@@ -308,6 +346,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             p.grad = grad.to(device=p.device, dtype=p.dtype)
         self._sq_norm = float(state_dict["clip_sq_norm"])
         self._previous_norm = state_dict["clip_previous_norm"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def engine_of(optimizer: Any) -> LowRankOptimizer | None:

@@ -388,6 +388,7 @@ class LowRankOptimizer(Optimizer):
         self.refresher: Any = LocalRefresh()
         self._projected_backward: Any = None  # see attach_projected_backward
         self._projected: dict[Tensor, LowRankGradient] = {}
+        self._factored: dict[Tensor, projection.FactoredGradient] = {}  # see add_factored_gradient
         self._where: dict[int, tuple[dict[str, Any], int, int]] = {}
 
     @property
@@ -495,7 +496,7 @@ class LowRankOptimizer(Optimizer):
         if state["last_refresh"] == state.get("step", 0):  # refreshed for this very update: once is enough
             return False
         policy = refresh_policy(group["refresh"])
-        if grad is not None and policy.reads_share:
+        if isinstance(grad, Tensor) and policy.reads_share:  # (a FactoredGradient is never given to such a policy)
             self._measure_share(p, grad)
         return policy.due(state, group)
 
@@ -637,6 +638,8 @@ class LowRankOptimizer(Optimizer):
             raise RuntimeError(f"{self.name_of(p)} has no projector yet: call refresh_projector(p, grad) "
                                "with a full gradient first")
         index = self.residual_index(p)
+        if isinstance(grad, projection.FactoredGradient):  # never formed (DESIGN.md, "Projected backward")
+            return LowRankGradient(grad.project(left, right), None if index is None else grad.entries(index))
         entries = None if index is None else layout.flat_local(grad)[index.long()]
         return LowRankGradient(layout.project(grad, left, right), entries, full)
 
@@ -686,6 +689,53 @@ class LowRankOptimizer(Optimizer):
     def projected_gradient(self, p: Tensor) -> LowRankGradient | None:
         return self._projected.get(p)
 
+    # issue 26: a refresh without the full gradient (DESIGN.md, "Projected backward", refresh without G)
+    def refreshes_from_factors(self, p: Tensor) -> bool:
+        """Whether ``p``'s projector can be refreshed from its gradient's factors
+        (``projection.FactoredGradient``) without forming ``G``: a whole (unsharded) low-rank matrix
+        whose projector is cross-head on row blocks (its block is formed, small) or randomized (the
+        range finder needs only products with ``G`` and ``Gᵀ``), whose group needs no ``G`` otherwise
+        (``outside="off"``) and whose refresh policy reads no captured share. Exact SVD of a whole
+        matrix (plain GaLore, galore-torch parity) needs ``G`` itself."""
+        group = self.group_of(p)
+        if ("rank" not in group or group["outside"] != "off" or refresh_policy(group["refresh"]).reads_share
+                or layout_of(p, self.comm).sharded):
+            return False
+        if group["num_heads"] is not None:
+            return True
+        blocks = group.get("head_blocks")
+        if blocks is not None:
+            return blocks["dim"] == 0
+        return group["svd"] == "randomized"
+
+    def add_factored_gradient(self, p: Tensor, grad: projection.FactoredGradient) -> None:
+        """Hold a micro-batch's gradient of ``p`` as its factors at a step where ``p``'s projector is
+        due (the projected backward keeps its ``x`` and ``dy``); ``step()`` (or ``settle_factored``)
+        refreshes the projector from the sum of the step's micro-batches and applies it, as it would
+        from ``p.grad``. Cleared by ``zero_grad()``."""
+        if not self.projector_due(p) or not self.refreshes_from_factors(p):
+            raise RuntimeError(f"{self.name_of(p)}: a factored gradient is only taken at a refresh that can use it")
+        held = self._factored.get(p)
+        self._factored[p] = grad if held is None else held.add_(grad)
+
+    def factored_gradient(self, p: Tensor) -> projection.FactoredGradient | None:
+        return self._factored.get(p)
+
+    @torch.no_grad()
+    def settle_factored(self) -> None:
+        """Refresh every projector held as factors and turn each into the projected gradient under its
+        new projector (``step()`` does it first; ``projected.clip_grad_norm_`` too, to see them). The
+        factors are checked first, all of them, before anything changes."""
+        if not self._factored:
+            return
+        for p, grad in self._factored.items():
+            if p.grad is not None or p in self._projected:
+                raise RuntimeError(f"{self.name_of(p)} has both a factored and another gradient")
+            self.check_gradient(p, grad)
+        factored, self._factored = self._factored, {}
+        self.refresher.refresh(self, list(factored.items()))
+        for p, grad in factored.items():
+            self._projected[p] = self.project(p, grad)
     def apply_plain(self, params: list[Tensor]) -> None:
         """One update of each of ``params`` (plain parameters of one group) from its ``p.grad``: those
         the rule's fused kernel takes (``InnerRule.fusable``: AdamW's float32/float64 tensors) in one
@@ -743,6 +793,7 @@ class LowRankOptimizer(Optimizer):
             self.check_gradient(p, p.grad)
             if p in self._projected:
                 raise RuntimeError(f"{self.name_of(p)} has both a full and a projected gradient")
+        self.settle_factored()
         due = [(p, p.grad) for p in full if self.projector_due(p, p.grad)]
         if due:
             self.refresher.refresh(self, due)
@@ -763,6 +814,7 @@ class LowRankOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._projected.clear()
+        self._factored.clear()
 
     # ------------------------------------------------------------------ state loading
     def state_dict(self) -> dict[str, Any]:

@@ -55,31 +55,19 @@ from torch import Tensor, nn
 
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
+from .projection import FactoredGradient
 from .sharding import layout_of
-
-#: at most this many ``tokens × indices`` products at a time when computing residual entries
-RESIDUAL_CHUNK_ELEMENTS = 2**22
 
 
 def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right: Tensor | None,
                               index: Tensor | None, n: int) -> LowRankGradient:
     """``LowRankGradient`` of ``G = dyᵀ x`` (``x``: ``tokens×n``, ``dy``: ``tokens×m``, both in the
-    compute dtype) for the projector ``(left, right)`` and the residual's flat ``index`` into ``G``."""
-    a = dy if left is None else dy @ left           # tokens×m  or  tokens×r
-    b = x if right is None else x @ right.T         # tokens×n  or  tokens×r
-    low = a.T @ b
-    entries = None
-    if index is not None:
-        # G[i, j] = dyᵀ[i] · xᵀ[j]: gathering whole rows of the transposes is 2-4x faster than
-        # gathering columns (measured, tokens 128-1536, 576×576); chunks bound the gathered copies
-        index = index.long()
-        rows, cols = index // n, index % n
-        dy_t, x_t = dy.T.contiguous(), x.T.contiguous()
-        chunk = max(1, RESIDUAL_CHUNK_ELEMENTS // max(1, x.shape[0]))
-        entries = torch.cat([torch.einsum("kt,kt->k", dy_t.index_select(0, rows[k:k + chunk]),
-                                          x_t.index_select(0, cols[k:k + chunk]))
-                             for k in range(0, index.numel(), chunk)])
-    return LowRankGradient(low, entries)
+    compute dtype) for the projector ``(left, right)`` and the residual's flat ``index`` into ``G``
+    (``FactoredGradient.project`` and ``.entries``: ``G`` at the index set only, never all of it)."""
+    grad = FactoredGradient.of(x, dy)
+    if grad.shape[1] != n:
+        raise ValueError(f"x has {grad.shape[1]} features, the weight {n} columns")
+    return LowRankGradient(grad.project(left, right), None if index is None else grad.entries(index))
 
 
 class _ProjectedLinear(torch.autograd.Function):
@@ -172,7 +160,7 @@ class ProjectedBackward:
     ``reduce_over`` sets it later, as ``distributed.distribute`` does); None in one process."""
 
     def __init__(self, model: nn.Module, optimizer: Any, refresh_in_backward: bool = False,
-                 process_group: Any = None):
+                 process_group: Any = None, sketched_refresh: bool = True):
         engine = engine_of(optimizer)
         if engine is None:
             raise TypeError(f"projected backward needs a galore_plus optimizer, got {type(optimizer).__name__}")
@@ -184,6 +172,9 @@ class ProjectedBackward:
                              "installed twice?); remove() it first")
         self.engine, self.sink = engine, optimizer
         self.refresh_in_backward = refresh_in_backward
+        #: refresh without the full gradient where the projector allows it (issue 26; see
+        #: ``weight_gradient``); False forms every target's ``G`` at its refresh, as before
+        self.sketched_refresh = sketched_refresh
         self._group = process_group
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
@@ -239,12 +230,32 @@ class ProjectedBackward:
 
     @torch.no_grad()
     def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
-        """Backward of one target: the full ``dyᵀ x`` when the projector is due (autograd puts it in
-        ``weight.grad``; with ``refresh_in_backward`` the projector is refreshed from it here, and it is
-        projected and freed at once), else the projected gradient handed to the optimizer (and
-        ``None``)."""
+        """Backward of one target. Between refreshes: the projected gradient handed to the optimizer
+        (and ``None``). When the projector is due:
+
+        - **without the full gradient** (``sketched_refresh``, where ``engine.refreshes_from_factors``:
+          randomized range finder or cross-head, in one process; DESIGN.md, "Projected backward",
+          refresh without G): ``G = dyᵀ x`` is kept as its factors (``FactoredGradient``). With
+          ``refresh_in_backward`` or in layer-wise mode the projector is refreshed from them here, and
+          the projected gradient under the new projector handed on (the range finder's products
+          ``G Ω = dyᵀ(x Ω)``, ``Gᵀ Y = xᵀ(dy Y)`` and the power iterations all run now, while ``x``
+          and ``dy`` are alive); otherwise the factors are held by the optimizer
+          (``add_factored_gradient``: ``x`` and ``dy`` stay alive until ``step()``, which refreshes
+          from the sum of the step's micro-batches);
+        - else the full ``dyᵀ x`` (autograd puts it in ``weight.grad``; with ``refresh_in_backward``
+          the projector is refreshed from it here, and it is projected and freed at once)."""
         engine = self.engine
         if engine.projector_due(weight):
+            if self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks():
+                # detached: a held x must not keep its graph alive until step()
+                factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
+                if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
+                    engine.check_gradient(weight, factored)
+                    engine.refresh_projector(weight, factored)
+                    self.sink.add_projected_gradient(weight, engine.project(weight, factored))
+                else:
+                    engine.add_factored_gradient(weight, factored)
+                return None
             full = (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             if not self.refresh_in_backward:
                 return full
@@ -258,6 +269,11 @@ class ProjectedBackward:
                                          weight.shape[1])
         self.sink.add_projected_gradient(weight, grad)
         return None
+
+    def _several_ranks(self) -> bool:
+        """Under DDP a refresh needs the averaged gradient: the full path there (the factored
+        products would each need an all-reduce; not done)."""
+        return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
     # ---------------------------------------------------------------- DDP
     @property
@@ -311,7 +327,7 @@ def is_projected(module: nn.Module) -> bool:
 
 
 def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backward: bool = False,
-                              process_group: Any = None) -> ProjectedBackward:
+                              process_group: Any = None, sketched_refresh: bool = True) -> ProjectedBackward:
     """Install the projected backward on ``model``'s linears whose weights are low-rank in
     ``optimizer`` (a ``LowRankOptimizer`` or a ``LayerwiseOptimizer``); returns the handle (also
     ``optimizer.projected_backward``, for a ``LayerwiseOptimizer`` its engine's). For models and groups
@@ -326,8 +342,13 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     backward anyway.
 
     ``process_group``: under DDP, the group to average the targets' gradients over before each step
-    (``distributed.distribute(optimizer)`` sets it too, whichever comes first)."""
-    return ProjectedBackward(model, optimizer, refresh_in_backward, process_group)
+    (``distributed.distribute(optimizer)`` sets it too, whichever comes first).
+
+    ``sketched_refresh`` (default True; issue 26): at a refresh step, targets whose projector needs
+    only products with ``G`` (randomized range finder, cross-head; ``refreshes_from_factors``) never
+    form ``G``: their projector comes from ``x`` and ``dy`` (``ProjectedBackward.weight_gradient``).
+    Exact-SVD GaLore, Fira's term, the captured-share policy and DDP keep the full gradient there."""
+    return ProjectedBackward(model, optimizer, refresh_in_backward, process_group, sketched_refresh)
 
 
 def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
@@ -339,6 +360,7 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
         raise TypeError(f"clip_grad_norm_ needs a galore_plus optimizer, got {type(optimizer).__name__}")
     if engine is not optimizer:
         return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
+    engine.settle_factored()  # a refresh step's factored gradients: refreshed and projected now, then counted
     grads = [p.grad for g in engine.param_groups for p in g["params"] if p.grad is not None]
     projected = [engine.projected_gradient(p) for g in engine.param_groups for p in g["params"]]
     projected = [g for g in projected if g is not None]

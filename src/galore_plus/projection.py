@@ -253,9 +253,12 @@ def cross_head_side(dim: int) -> int:
     return RIGHT if dim == 0 else LEFT
 
 
-def head_rows(grad: Tensor, num_heads: int, heads: list[int]) -> Tensor:
-    """The row blocks of ``heads`` stacked: head ``i`` owns rows ``[i·d_k, (i+1)·d_k)``."""
+def head_rows(grad: Tensor | FactoredGradient, num_heads: int, heads: list[int]) -> Tensor | FactoredGradient:
+    """The row blocks of ``heads`` stacked: head ``i`` owns rows ``[i·d_k, (i+1)·d_k)`` (of a
+    ``FactoredGradient``: the factored block, ``dy``'s columns of those rows)."""
     head_dim = grad.shape[0] // num_heads
+    if isinstance(grad, FactoredGradient):
+        return grad.row_block([j for i in heads for j in range(i * head_dim, (i + 1) * head_dim)])
     return torch.cat([grad[i * head_dim:(i + 1) * head_dim] for i in heads], dim=0)
 
 
@@ -328,7 +331,7 @@ def head_block_projector(
     if randomized and rank + oversample <= min(block.shape) // 2:
         start = warm.T if warm is not None else None
         return None, randomized_svd(block, rank, generator, oversample, power_iters, start)[1]
-    factors = _svd(block)
+    factors = _svd(block.dense() if isinstance(block, FactoredGradient) else block)  # |heads|·d_k × n: small
     if factors is None:
         raise torch.linalg.LinAlgError(f"SVD of the {tuple(block.shape)} head block failed")
     return None, factors[1][:rank].contiguous()
@@ -357,8 +360,10 @@ class RowSharding:
         raise NotImplementedError
 
 
-def project(grad: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+def project(grad: Tensor | FactoredGradient, left: Tensor | None, right: Tensor | None) -> Tensor:
     """``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``: the low-rank gradient."""
+    if isinstance(grad, FactoredGradient):
+        return grad.project(left, right)
     out = grad
     if left is not None:
         out = left.T @ out
@@ -438,3 +443,139 @@ def canonical_projector(left: Tensor | None, right: Tensor | None,
     ``rows``: ``left`` is this rank's rows of a row-sharded basis; a right basis is whole on every rank."""
     return (None if left is None else canonical_signs(left, rows),
             None if right is None else canonical_signs(right.T).T.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------------
+# A weight gradient kept as its factors (issue 26; DESIGN.md, "Projected backward", refresh without
+# the full gradient).
+
+#: at most this many ``tokens × indices`` products at a time when computing entries of ``G``
+RESIDUAL_CHUNK_ELEMENTS = 2**22
+
+
+class FactoredGradient:
+    """A linear layer's weight gradient ``G = Σ_b dy_bᵀ x_b`` (``m×n``) kept as its factors: the
+    inputs ``x_b`` (``tokens×n``) and output gradients ``dy_b`` (``tokens×m``) of the micro-batches
+    ``b`` summed into it. It is never formed: it offers what the range finder, the cross-head block,
+    the projection and the residual need of ``G``, each as thin products (``tokens·k·(m+n)``
+    multiply-adds for ``k`` columns instead of ``tokens·m·n`` and an ``m×n`` tensor):
+
+    - ``G @ M = Σ dyᵀ (x M)``, ``Y @ G = Σ (dy Yᵀ)ᵀ x`` (``Y``: ``k×m``), and ``.T`` (``Gᵀ``) with
+      the roles of ``x`` and ``dy`` swapped, so ``randomized_svd`` runs on it unchanged;
+    - ``row_block(rows)``: ``G``'s rows ``rows`` as a ``FactoredGradient`` (``dy``'s columns), and
+      ``dense()`` to form a block that small (the cross-head block);
+    - ``project(left, right)``, ``entries(index)``: the projected gradient and ``G`` at a flat index
+      set (``G[i, j] = dyᵀ[i]·xᵀ[j]``, chunked);
+    - ``shape``, ``dtype``, ``device``, ``to(dtype)``, ``all_finite()``.
+
+    Sums over micro-batches are taken in their order (``add_``), so one micro-batch computes exactly
+    what the projected backward computes between refreshes."""
+
+    is_sparse = False
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], transposed: bool = False):
+        if not pairs:
+            raise ValueError("a FactoredGradient needs at least one (x, dy) pair")
+        self.pairs = list(pairs)
+        self.transposed = transposed
+
+    @classmethod
+    def of(cls, x: Tensor, dy: Tensor) -> FactoredGradient:
+        """``dyᵀ x`` of one micro-batch (``x``: ``tokens×n``, ``dy``: ``tokens×m``)."""
+        return cls([(x, dy)])
+
+    @property
+    def shape(self) -> torch.Size:
+        x, dy = self.pairs[0]
+        m, n = dy.shape[1], x.shape[1]
+        return torch.Size((n, m) if self.transposed else (m, n))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pairs[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pairs[0][0].device
+
+    def numel(self) -> int:
+        m, n = self.shape
+        return m * n
+
+    @property
+    def T(self) -> FactoredGradient:
+        return FactoredGradient(self.pairs, not self.transposed)
+
+    def to(self, dtype: torch.dtype) -> FactoredGradient:
+        if all(x.dtype == dtype and dy.dtype == dtype for x, dy in self.pairs):
+            return self
+        return FactoredGradient([(x.to(dtype), dy.to(dtype)) for x, dy in self.pairs], self.transposed)
+
+    def add_(self, other: FactoredGradient) -> FactoredGradient:
+        """Add another micro-batch's gradient (its factors are kept, nothing is summed yet)."""
+        if other.transposed != self.transposed or other.shape != self.shape:
+            raise ValueError(f"cannot add a {tuple(other.shape)} factored gradient to a {tuple(self.shape)} one")
+        self.pairs.extend(other.pairs)
+        return self
+
+    def _factors(self) -> list[tuple[Tensor, Tensor]]:
+        """``(a, b)`` per micro-batch with this matrix ``= Σ bᵀ a`` (``(x, dy)``, or ``(dy, x)`` for ``Gᵀ``)."""
+        return [(dy, x) for x, dy in self.pairs] if self.transposed else self.pairs
+
+    @staticmethod
+    def _sum(parts) -> Tensor:
+        total = None
+        for part in parts:
+            total = part if total is None else total.add_(part)
+        return total
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        """``A @ M`` = ``Σ bᵀ (a M)``."""
+        return self._sum(b.T @ (a @ other) for a, b in self._factors())
+
+    def __rmatmul__(self, other: Tensor) -> Tensor:
+        """``Y @ A`` = ``Σ (b Yᵀ)ᵀ a``."""
+        return self._sum((b @ other.T).T @ a for a, b in self._factors())
+
+    def row_block(self, rows: list[int]) -> FactoredGradient:
+        """The rows ``rows`` of ``G`` (in that order) as a factored gradient."""
+        if self.transposed:
+            raise ValueError("row_block of a transposed factored gradient")
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return FactoredGradient([(x, dy.index_select(1, index)) for x, dy in self.pairs])
+
+    def dense(self) -> Tensor:
+        """``G`` itself: only for blocks that are small (a cross-head block), never a target matrix."""
+        return self._sum(b.T @ a for a, b in self._factors())
+
+    def project(self, left: Tensor | None, right: Tensor | None) -> Tensor:
+        """``Pᵀ G = Σ (dy P)ᵀ x``, ``G Q = Σ dyᵀ (x Q)`` or ``Pᵀ G Q = Σ (dy P)ᵀ (x Q)``."""
+        if self.transposed:
+            raise ValueError("project a transposed factored gradient")
+        return self._sum((dy if left is None else dy @ left).T @ (x if right is None else x @ right.T)
+                         for x, dy in self.pairs)
+
+    def entries(self, index: Tensor) -> Tensor:
+        """``G`` flattened (row-major) at the flat ``index``: ``G[i, j] = Σ_t dy[t, i]·x[t, j]``, as
+        dot products of rows of the transposes (gathering whole rows is 2-4x faster than gathering
+        columns, measured at tokens 128-1536, 576×576), in chunks that bound the gathered copies."""
+        if self.transposed:
+            raise ValueError("entries of a transposed factored gradient")
+        n = self.shape[1]
+        index = index.long()
+        rows, cols = index // n, index % n
+
+        def one(x: Tensor, dy: Tensor) -> Tensor:
+            dy_t, x_t = dy.T.contiguous(), x.T.contiguous()
+            chunk = max(1, RESIDUAL_CHUNK_ELEMENTS // max(1, x.shape[0]))
+            return torch.cat([torch.einsum("kt,kt->k", dy_t.index_select(0, rows[k:k + chunk]),
+                                           x_t.index_select(0, cols[k:k + chunk]))
+                              for k in range(0, index.numel(), chunk)])
+
+        return self._sum(one(x, dy) for x, dy in self.pairs)
+
+    def all_finite(self) -> bool:
+        """Whether every factor is finite (then ``G`` is, barring overflow; a NaN/Inf factor makes
+        ``G`` non-finite wherever it meets a non-zero entry, and the refresh refuses it)."""
+        return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+                   for pair in self.pairs for t in pair)

@@ -40,6 +40,38 @@ def select_indices(reconstructed_m: Tensor, ratio: float) -> Tensor:
     return index.to(torch.int32) if flat.numel() < 2**31 else index
 
 
+#: ``select_top_product`` forms at most this many entries of ``a @ b`` at a time, and at most an
+#: eighth of its rows: never a tensor the size of the matrix (issue 26)
+SELECT_CHUNK_ELEMENTS = 2**20
+
+
+def select_top_product(a: Tensor, b: Tensor, ratio: float) -> Tensor:
+    """``select_indices(a @ b, ratio)`` without forming ``a @ b`` (``m×n``; ``a``: ``m×r``, ``b``:
+    ``r×n``, the factors of ``P M'``): row blocks of at most ``SELECT_CHUNK_ELEMENTS`` entries (and
+    at most ⌈m/8⌉ rows) are formed one at a time, and the top ``k`` so far are kept (a running
+    ``topk`` over the kept ``k`` and the block's own top ``k``). The same set as ``select_indices``
+    wherever no two entries tie at the ``k``-th largest magnitude (and a block's products round as
+    the whole product's do); memory ``O(k + block)``."""
+    m, n = a.shape[0], b.shape[1]
+    numel = m * n
+    k = residual_size(numel, ratio)
+    rows = max(1, min(SELECT_CHUNK_ELEMENTS // max(1, n), -(-m // 8)))
+    values = index = None
+    for start in range(0, m, rows):
+        block = (a[start:start + rows] @ b).abs_().reshape(-1)
+        top = block.topk(min(k, block.numel()), sorted=False)
+        block_index = top.indices.add_(start * n)
+        if values is None:
+            values, index = top.values, block_index
+        else:
+            values, index = torch.cat([values, top.values]), torch.cat([index, block_index])
+            if values.numel() > k:
+                keep = values.topk(k, sorted=False).indices
+                values, index = values[keep], index[keep]
+    index = index.sort().values
+    return index.to(torch.int32) if numel < 2**31 else index
+
+
 def exact_residual(
     grad_s: Tensor, m_s: Tensor, v_s: Tensor, steps_since_fixed: int, beta1: float, beta2: float, eps: float
 ) -> Tensor:
@@ -98,7 +130,7 @@ class SparseResidual:
         the rule's step on it; entries of the projected-back update are computed at ``S`` only
         (``projection.project_back_at``). The residual moments are kept in ``dtype`` (the compute
         dtype) whatever the rule stores (they are ρ-sized); the low-rank moments are cast to it."""
-        from .projection import project_back, project_back_at
+        from .projection import project_back_at
 
         step = state["step"]
         beta1, beta2, eps = self.rule.moment_decay(group)
@@ -124,8 +156,7 @@ class SparseResidual:
         fix_now = ("residual_index" not in state and step >= group["residual_warmup"]) or (
             "residual_index" in state and refreshed and group["residual_reselect"])
         if fix_now:
-            reconstructed = project_back(self.rule.moments(state)[0].to(dtype), left, right)
-            index = select(reconstructed, group["residual_ratio"])
+            index = select(self.rule.moments(state)[0].to(dtype), left, right, group["residual_ratio"])
             state["residual_index"] = index
             state["residual_m"] = torch.zeros(index.numel(), dtype=dtype, device=index.device)
             state["residual_v"] = torch.zeros_like(state["residual_m"])

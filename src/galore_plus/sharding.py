@@ -175,7 +175,9 @@ class WholeTensor:
     def check_parameter(self, p: Tensor, name: str, where: str, rule: Any) -> None:
         """Raise if the optimizer cannot train ``p`` in this layout."""
 
-    def all_finite(self, grad: Tensor) -> bool:
+    def all_finite(self, grad: Tensor | projection.FactoredGradient) -> bool:
+        if isinstance(grad, projection.FactoredGradient):  # a refresh without G (issue 26)
+            return grad.all_finite()
         return all_finite(grad)
 
     def compute_projector(self, grad: Tensor, group: dict[str, Any], side: int, gen: torch.Generator,
@@ -273,9 +275,10 @@ class WholeTensor:
         ``like`` (the parameter): here the one part, ``value`` itself."""
         return value
 
-    def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
-        """The residual's flat index set: the top-ρ of ``|P M'|``."""
-        return residual.select_indices(reconstructed, ratio)
+    def select_residual(self, moment: Tensor, left: Tensor | None, right: Tensor | None, ratio: float) -> Tensor:
+        """The residual's flat index set: the top-ρ of ``|P M'|`` (``M'`` the low-rank first moment
+        ``moment`` projected back), by row blocks: no ``m×n`` tensor (issue 26)."""
+        return residual.select_top_product(*projection.back_factors(moment, left, right), ratio)
 
 
 class RowShards(WholeTensor):
@@ -483,14 +486,15 @@ class RowShards(WholeTensor):
         """Summed over the ranks' row shards: one 0-d all-reduce."""
         return ShardRows(like, self.counter).sum(value)
 
-    def select_residual(self, reconstructed: Tensor, ratio: float) -> Tensor:
+    def select_residual(self, moment: Tensor, left: Tensor | None, right: Tensor | None, ratio: float) -> Tensor:
         """This rank's local flat indices of the global top-ρ of ``|P M'|`` (``residual.select_indices``
         over the whole matrix): each rank proposes its top ``k`` candidates, the ``N·k`` candidate
         values are all-gathered (ρ-sized, never the matrix) and every rank keeps its winners."""
         import torch.distributed as dist
 
+        reconstructed = projection.project_back(moment, left, right)
         if not is_dtensor(reconstructed):  # a replicated moment's reconstruction: every rank the same
-            return super().select_residual(reconstructed, ratio)
+            return residual.select_indices(reconstructed, ratio)
         rows = ShardRows(reconstructed, self.counter)
         flat = reconstructed.to_local().reshape(-1).abs()
         k = residual.residual_size(reconstructed.numel(), ratio)

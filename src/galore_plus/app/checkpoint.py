@@ -10,7 +10,14 @@ is not is an error naming the file, never a run on wrong weights.
 
 A save writes ``checkpoint.tmp``, moves the previous checkpoint to ``checkpoint.old``, the new one
 into place and deletes the old one: killed at any moment, a complete checkpoint is in one of the
-three places, and :func:`recover` puts it back.
+three places, and :func:`recover` puts it back. A save that fails (a full disk, a read-only
+directory) deletes its ``checkpoint.tmp`` and leaves the previous checkpoint as it was. With
+``--save-total-limit N`` (N ≠ 1) the previous one is kept as ``checkpoint-STEP/`` instead, the oldest
+of those deleted beyond N checkpoints in all (DESIGN.md, "Interrupts and checkpoints"); ``--resume``
+always continues from ``checkpoint/``, the newest.
+
+``state.json`` and ``run.json`` carry the run's identity (:mod:`galore_plus.app.identity`): a
+checkpoint copied in from another run is refused on ``--resume``.
 
 ``<output-dir>/run.json`` (the config and the data file's sha256) is written when a run starts, so
 a run killed before its first checkpoint can be resumed too: it starts over from step 0.
@@ -32,6 +39,9 @@ import torch
 from .builtin_tasks import TASKS
 from .config import FinetuneConfig, from_dict
 from .errors import CheckpointError, ConfigError
+from .identity import check_same_run, identity
+from .retention import retire
+from .checkpoint_weights import load_weights, save_weights
 from .runtime import Runtime
 
 CHECKPOINT = "checkpoint"
@@ -55,8 +65,24 @@ def write_json(path: Path, value: Any) -> None:
     raise ``ValueError``: they are not JSON, and a reader would choke on them."""
     text = json.dumps(value, indent=1, allow_nan=False)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
+    try:
+        tmp.write_text(text + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def make_readable(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the modes ``save_pretrained``'s
+    files have: 0666 and 0777 less the umask (0644 and 0755 under the usual 022), for the files that
+    safetensors writes 0600 (issue 28: others on the machine could not read the model)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _read_json(path: Path) -> Any:
@@ -78,9 +104,30 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
     ``torch.distributed.checkpoint`` (each rank writes its shards), rank 0 writes the rest, hashes
     every file (the ranks share the file system, as ``torch.distributed.checkpoint`` needs) and moves
     the directory into place."""
-    from safetensors.torch import save_model
-
     tmp = out / (CHECKPOINT + ".tmp")
+    try:
+        written = _write(tmp, model, optimizer, scheduler, step, config, history, runtime=runtime,
+                         data_sha256=data_sha256, eval_data_sha256=eval_data_sha256)
+    except BaseException:  # a full disk, a read-only directory, a second Ctrl-C: the previous checkpoint stays
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not written:  # another rank than 0: rank 0 moved the directory into place
+        return
+    final = out / CHECKPOINT
+    old = out / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    retire(out, old, getattr(config, "save_total_limit", 1))
+    runtime.barrier()
+
+
+def _write(tmp: Path, model, optimizer, scheduler, step: int, config: FinetuneConfig, history: dict[str, Any], *,
+           runtime: Runtime, data_sha256: str | None, eval_data_sha256: str | None) -> bool:
+    """Write the checkpoint's files into ``tmp`` (the manifest last); False on the ranks that leave the
+    rest to rank 0."""
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -92,26 +139,24 @@ def save(out: Path, model, optimizer, scheduler, step: int, config: FinetuneConf
         runtime.barrier()
         if not runtime.is_main:
             runtime.barrier()  # rank 0 moves the directory into place
-            return
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
+            return False
+    frozen = None
+    if not runtime.is_distributed:
+        frozen = save_weights(model, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    saved = dataclasses.asdict(config)
     write_json(tmp / STATE, {"format": FORMAT, "step": step, "world_size": runtime.world_size,
                              "data_sha256": data_sha256, "eval_data_sha256": eval_data_sha256,
-                             "config": dataclasses.asdict(config), "history": history})
-    _write_manifest(tmp)
-    final = out / CHECKPOINT
-    old = out / (CHECKPOINT + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    runtime.barrier()
+                             "config": saved, "history": history,
+                             "identity": identity(saved, data_sha256, eval_data_sha256),
+                             **({"frozen_sha256": frozen} if frozen else {})})
+    make_readable(tmp)
+    write_manifest(tmp)
+    return True
 
 
-def _write_manifest(ckpt: Path) -> int:
+def write_manifest(ckpt: Path) -> int:
     """``manifest.json``: size and sha256 of every other file under ``ckpt``; returns their number."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
     write_json(ckpt / MANIFEST, {"format": FORMAT, "files": {
@@ -163,7 +208,7 @@ def trust_unverified(directory: Path) -> bool:
           f"{MANIFEST}" + (f", with {', '.join(added)} added to {STATE}" if added else ""), file=sys.stderr)
     if added:
         write_json(ckpt / STATE, {"format": FORMAT, **state, **added})
-    _write_manifest(ckpt)
+    write_manifest(ckpt)
     return True
 
 
@@ -191,8 +236,10 @@ def recover(directory: Path) -> None:
 
 def write_run(out: Path, config: FinetuneConfig, data_sha256: str | None, eval_data_sha256: str | None = None) -> None:
     """``run.json``: what the run is, written when it starts (see the module docstring)."""
-    write_json(out / RUN, {"format": FORMAT, "config": dataclasses.asdict(config), "data_sha256": data_sha256,
-                           "eval_data_sha256": eval_data_sha256})
+    saved = dataclasses.asdict(config)
+    write_json(out / RUN, {"format": FORMAT, "config": saved, "data_sha256": data_sha256,
+                           "eval_data_sha256": eval_data_sha256,
+                           "identity": identity(saved, data_sha256, eval_data_sha256)})
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -213,6 +260,8 @@ def saved_config(directory: Path) -> FinetuneConfig:
     record = _read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise CheckpointError(f"{path} has no 'config' object: it was not written by galore-plus finetune")
+    if path.name == STATE and (directory / RUN).exists():  # first: a foreign checkpoint is named as such
+        check_same_run(record, _read_json(directory / RUN), directory)
     try:
         return from_dict(record["config"], str(path))
     except ConfigError as err:
@@ -232,7 +281,7 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     ckpt = Path(directory) / CHECKPOINT
     if not ckpt.exists():
         return None
-    files = _verify(ckpt)
+    files = verify(ckpt)
     for name in (STATE, "scheduler.pt"):
         if name not in files:
             raise CheckpointError(f"{ckpt}: the manifest lists no {name}; the checkpoint is incomplete")
@@ -252,8 +301,9 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
-def _verify(ckpt: Path) -> dict[str, Any]:
-    """Check every file the manifest lists: present, same size, same sha256. Returns the listing."""
+def verify(ckpt: Path) -> dict[str, Any]:
+    """Check every file the manifest lists: present, same size, same sha256 (a checkpoint, or a run's
+    ``final/``). Returns the listing."""
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete or was written before galore-plus "
@@ -287,6 +337,8 @@ def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, di
         raise CheckpointError(
             f"--resume {directory}: the checkpoint was written by {state['world_size']} rank(s) and this run has "
             f"{world_size}; resume it on the same number (torchrun --nproc_per_node {state['world_size']})")
+    if state is not None and run is not None:
+        check_same_run(state, run, directory)
     record = state if state is not None else run
     for name, path, digest in (("data_sha256", data, data_sha256), ("eval_data_sha256", eval_data, eval_data_sha256)):
         expected = record.get(name) if record else None
@@ -298,8 +350,6 @@ def check_resumable(state: dict[str, Any] | None, run: dict[str, Any] | None, di
 
 def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) -> None:
     """Load the verified checkpoint of ``directory`` into the run's model, optimizer and scheduler."""
-    from safetensors.torch import load_model
-
     ckpt = Path(directory) / CHECKPOINT
     scheduler_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
     if scheduler_state.get("last_epoch") != state["step"]:
@@ -314,7 +364,7 @@ def load(directory: Path, state: dict[str, Any], model, optimizer, scheduler) ->
             distributed.load_checkpoint(str(current), model, optimizer)
         else:
             current = ckpt / "model.safetensors"
-            load_model(model, str(current))
+            load_weights(current, state, model)
             current = ckpt / "optimizer.pt"
             optimizer.load_state_dict(torch.load(current, weights_only=True))
     except (RuntimeError, KeyError, ValueError) as err:

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"galore-plus: {line}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's handlers (parsing, evaluate): nothing to save
+        print("galore-plus: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

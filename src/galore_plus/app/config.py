@@ -34,6 +34,8 @@ DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEED_LIMIT = 2**32
+#: ``--save-every`` when not given (DESIGN.md, "Interrupts and checkpoints")
+DEFAULT_SAVE_EVERY = 50
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -132,7 +134,8 @@ class FinetuneConfig:
     device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps, ...")
     output_dir: str = option("runs/finetune", "where metrics.json, log.jsonl, loss.png, run.json, checkpoint/ and "
                                               "final/ go")
-    save_every: int = option(0, "also checkpoint every N steps (0: at the end only)")
+    save_every: int | None = option(None, "also checkpoint every N steps (0: at the end only; a Ctrl-C or SIGTERM "
+                                          "saves too)", shown=f"{DEFAULT_SAVE_EVERY}")
     save_checkpoint: bool = option(True, "write checkpoint/; without it the run cannot be resumed (for "
                                          "benchmarks, where a large model's checkpoint costs time and disk)")
     export: bool = option(True, "write final/: the trained model (LoRA/DoRA merged) and tokenizer, for "
@@ -141,6 +144,8 @@ class FinetuneConfig:
                               choices=DISTRIBUTED)
     overwrite: bool = option(False, "replace a run already in --output-dir (its log, metrics, plot, "
                                     "checkpoint and final/ are deleted)")
+    save_total_limit: int = option(1, "checkpoints kept: checkpoint/ (the newest, which --resume continues) and "
+                                      "the N−1 before it as checkpoint-STEP/ (0: all)")
     report_to: str = option("none", "log training to tensorboard (event files in OUTPUT/tensorboard), wandb or mlflow "
                                     "(offline, under OUTPUT): one, several comma-separated, all (those installed) or "
                                     "none")
@@ -222,7 +227,7 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"--eval-fraction must be a number in [0, 1], got {c.eval_fraction}")
     for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("n_validation", 0),
                         ("eval_batch_size", 1), ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
-                        ("max_new_tokens", 1)):
+                        ("max_new_tokens", 1), ("save_total_limit", 0)):
         value = getattr(c, name)
         if value is not None and value < least:
             raise ConfigError(f"{flag(name)} must be ≥ {least}, got {value}")

@@ -251,15 +251,21 @@ def evaluate_model(config, *, print_json: bool = False) -> dict:
     A data file gives :func:`~galore_plus.app.tasks.eval_examples` (all of it, or the seeded sample of
     ``n_test`` that ``finetune --eval-data`` draws); a task gives the held-out set ``finetune`` draws
     for the same ``seed``, ``n_test`` (and ``split``, ``n_train``). Returns ``{"model", "data", "form",
-    **metrics}``; ``print_json`` prints it, and ``config.output`` is written too."""
+    **metrics}``; ``print_json`` prints it, and ``config.output`` is written too.
+
+    A model directory with a ``manifest.json`` (a run's ``final/``) is verified against it first; a
+    model that does not load (a truncated weights file), or holds non-finite weights, is refused
+    with one line; metrics that are not finite are refused too (the JSON written is always strict).
+    """
     import json
     import sys
     from pathlib import Path
 
-    from .checkpoint import write_json
+    from .checkpoint import MANIFEST, verify, write_json
     from .config import default_max_new_tokens, torch_dtype
+    from .diagnosis import non_finite
     from .tasks import TASKS, eval_examples, load_task
-    from .errors import ConfigError
+    from .errors import CheckpointError, ConfigError, RunError
     from .models import load_model
 
     if config.data in TASKS:
@@ -274,18 +280,34 @@ def evaluate_model(config, *, print_json: bool = False) -> dict:
         raise ConfigError(str(err)) from None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                           else config.device)
+    if (Path(config.model) / MANIFEST).is_file():  # a run's final/ (issue 25): a flipped byte is an error
+        try:
+            verify(Path(config.model))
+        except CheckpointError as err:
+            raise CheckpointError(f"evaluate: --model {config.model}: {err}") from None
     try:
         model, tokenizer = load_model(config.model, seed=config.seed, dtype=torch_dtype(config.dtype, device))
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError on a truncated file
+        if not isinstance(err, (OSError, ValueError)) and type(err).__name__ != "SafetensorError":
+            raise
         raise ConfigError(f"--model {config.model} cannot be loaded: {' '.join(str(err).split())[:300]}") from None
+    bad, first = non_finite(model)
+    if bad:
+        raise ConfigError(f"evaluate: --model {config.model} has {bad} non-finite weight entries (the first in "
+                          f"{first}); its metrics would mean nothing")
     model.to(device)
     print(f"evaluating {config.model} on {len(examples)} examples of {config.data}...", file=sys.stderr)
     metrics = evaluate(model, tokenizer, examples, kind, batch_size=config.eval_batch_size,
                        max_new_tokens=config.max_new_tokens or default_max_new_tokens(config.data),
                        max_length=config.max_length)
     result = {"model": config.model, "data": config.data, "form": form, **metrics}
+    try:
+        text = json.dumps(result, indent=1, allow_nan=False)
+    except ValueError:  # NaN or infinity: not JSON, and not a result
+        shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+        raise RunError(f"evaluate: {config.model} gave non-finite metrics ({shown}); nothing was written") from None
     if config.output is not None:
         write_json(Path(config.output), result)
     if print_json:
-        print(json.dumps(result, indent=1))
+        print(text)
     return result

@@ -9,7 +9,10 @@ bitwise: data order, optimizer randomness and schedule are pure functions of the
 
 Set-up (:mod:`galore_plus.app.preflight`) finds what the user can get wrong before the model
 loads; what the run writes beside the checkpoint is :mod:`galore_plus.app.outputs`'s. A non-finite
-training loss stops the run before its step is applied; what was saved is kept.
+training loss stops the run before its step is applied; what was saved is kept, and the message says
+what is known of the cause (:mod:`galore_plus.app.diagnosis`). SIGINT and SIGTERM finish the step,
+save a checkpoint and stop (:mod:`galore_plus.app.interrupts`); a write to the output directory that
+fails (a full disk) is one line too, the last checkpoint kept.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +30,14 @@ from typing import Any
 
 import torch
 
-from ..sharding import local
 from . import checkpoint
 from .configfile import write_config_file
 from .config import LOW_RANK_METHODS, FinetuneConfig, default_max_new_tokens, torch_dtype
+from .config import DEFAULT_SAVE_EVERY
+from .diagnosis import hints, loss_message, non_finite, update_message
 from .errors import CheckpointError, ConfigError, RunError
-from .outputs import LOG, METRICS, OUTPUTS, PLOT, export, lock_output_dir, plot_losses, remove, truncate_log
+from .interrupts import REPEAT_WINDOW, Interrupts, Stop, interrupted
+from .outputs import LOG, METRICS, PLOT, export, lock_output_dir, plot_losses, remove, run_files, truncate_log
 from .methods import build_method, refresh_seconds, uses_projected_backward
 from .preflight import Run, one_line, setup
 from .reporting import Reporter
@@ -64,24 +70,37 @@ def finetune(config: FinetuneConfig, resume: str | Path | None = None, *,
     larger ``max_steps`` (the run is extended), and its ``output_dir`` is ignored.
     ``trust_unverified_checkpoint``: a checkpoint from before manifests gets one
     (:func:`~galore_plus.app.checkpoint.trust_unverified`) instead of being refused. Raises
-    :class:`~galore_plus.app.errors.CommandError` for what the user can fix (before anything slow)
-    and :class:`~galore_plus.app.errors.RunError` when training has to stop.
+    :class:`~galore_plus.app.errors.CommandError` for what the user can fix (before anything slow),
+    :class:`~galore_plus.app.errors.RunError` when training has to stop, and
+    :class:`~galore_plus.app.interrupts.Interrupted` after SIGINT or SIGTERM (DESIGN.md, "Interrupts
+    and checkpoints").
     """
     if trust_unverified_checkpoint:
         if resume is None:
             raise ConfigError("--trust-unverified-checkpoint applies to the checkpoint of --resume DIR")
         checkpoint.trust_unverified(Path(resume))
-    run = setup(config, resume)
-    try:
-        built = build(run)
-        start_step, history = start(run, built)
-        with Reporter(run, built, start_step, history) as built.reporter:
-            history, saved_step = train(run, built, start_step, history)
-            return finish(run, built, history, saved_step)
-    finally:
-        if run.lock is not None:  # taken by start(): the directory is free again
-            run.lock.close()
-            run.lock = None
+    run = None
+    with Interrupts(repeat_window=REPEAT_WINDOW if config.distributed != "none" else 0.0) as interrupts:
+        try:
+            run = setup(config, resume)
+            run.interrupts = interrupts
+            try:
+                built = build(run)
+                try:
+                    start_step, history = start(run, built)
+                    with Reporter(run, built, start_step, history) as built.reporter:
+                        history, saved_step = train(run, built, start_step, history)
+                        return finish(run, built, history, saved_step)
+                except OSError as err:  # writing the output directory: a full disk, a read-only directory
+                    raise _stop(run, run.step if run.started else None, f"writing to {run.out} failed "
+                                f"({one_line(err)})", run.saved_step,
+                                advice="free space or make it writable, then resume") from None
+            finally:
+                if run.lock is not None:  # taken by start(): the directory is free again
+                    run.lock.close()
+                    run.lock = None
+        except Stop as stop:  # a signal where nothing was left to finish, or the second one
+            raise interrupted(run, stop.signum, at_once=True) from None
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -95,8 +114,14 @@ def build(run: Run) -> Built:
     dtype = torch_dtype(config.dtype, run.runtime.device)
     try:
         model, tokenizer = load_model(config.model, seed=config.seed, dtype=dtype, tokenizer=run.tokenizer)
-    except (OSError, ValueError) as err:  # e.g. a model directory without its weights
+    except Exception as err:  # e.g. a model directory without its weights, or a truncated one (SafetensorError)
+        if not isinstance(err, (OSError, ValueError)) and type(err).__name__ != "SafetensorError":
+            raise
         raise ConfigError(f"--model {config.model} cannot be loaded: {one_line(err)}") from None
+    bad, first = non_finite(model)
+    if bad:  # nothing trains from them, and the first NaN loss would blame the learning rate
+        raise ConfigError(f"--model {config.model} has {bad} non-finite weight entries (the first in {first}) before "
+                          "training; nothing was trained")
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     max_new_tokens = config.max_new_tokens or default_max_new_tokens(config.data)
@@ -140,21 +165,30 @@ def start(run: Run, built: Built) -> tuple[int, dict[str, Any]]:
             raise CheckpointError(f"--resume {run.out}: the checkpoint is at step {step}, past the run's "
                                   f"{built.total_steps} steps")
         print(f"resumed {run.out} at step {step}/{built.total_steps}", file=sys.stderr)
+    run.saved_step, run.step = (step if run.state is not None else None), step
     run.runtime.barrier()  # every rank has finished its checks before rank 0 writes
     if run.runtime.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        run.lock = lock_output_dir(run.out)  # one run at a time in a directory (issue 25)
-        existing = [name for name in OUTPUTS if (run.out / name).exists()]
-        if existing and not run.resume and not run.config.overwrite:  # written since set-up looked
-            raise ConfigError(f"--output-dir {run.out} now holds a run ({', '.join(existing)}) that another process "
-                              "wrote after this one started; nothing of it was changed")
-        if not run.resume:  # only with --overwrite: set-up refused a run's directory otherwise
-            for name in OUTPUTS:
-                remove(run.out / name)
-        # first: from here on --resume finds the run
-        checkpoint.write_run(run.out, run.config, run.data_sha256, run.eval_data_sha256)
-        write_config_file(run.out, run.config)  # the resolved options, for --config (DESIGN.md, "Config files")
-        truncate_log(run.out / LOG, step)
+        with run.interrupts.deferred():  # a signal waits for the directory to be the run's
+            run.out.mkdir(parents=True, exist_ok=True)
+            run.lock = lock_output_dir(run.out)  # one run at a time in a directory (issue 25)
+            existing = run_files(run.out)
+            if existing and not run.resume and not run.config.overwrite:  # written since set-up looked
+                raise ConfigError(f"--output-dir {run.out} now holds a run ({', '.join(existing)}) that another "
+                                  "process wrote after this one started; nothing of it was changed")
+            if not run.resume:  # only with --overwrite: set-up refused a run's directory otherwise
+                for name in existing:
+                    try:
+                        remove(run.out / name)
+                    except OSError as err:
+                        raise ConfigError(f"--overwrite: {run.out / name} cannot be deleted ({one_line(err)}); the "
+                                          "new run did not start") from None
+            # first: from here on --resume finds the run
+            checkpoint.write_run(run.out, run.config, run.data_sha256, run.eval_data_sha256)
+            write_config_file(run.out, run.config)  # the resolved options, for --config (DESIGN.md, "Config files")
+            truncate_log(run.out / LOG, step)
+    run.started = True
+    if run.interrupts.requested:
+        raise Stop(run.interrupts.signum)
     run.runtime.barrier()
     if step == 0 and run.config.eval_before and run.task.test:
         history["eval_before"] = _evaluate(run, built, "before training")
@@ -171,22 +205,27 @@ def train(run: Run, built: Built, start_step: int, history: dict[str, Any]) -> t
 
     config = run.config
     saved_step = start_step if run.state is not None else None
+    every = DEFAULT_SAVE_EVERY if config.save_every is None else config.save_every
     refresh_base = refresh_seconds(built.optimizer) - history["refresh_seconds"]
     built.model.train()
     bar = tqdm(range(start_step, built.total_steps), initial=start_step, total=built.total_steps, desc="fine-tuning",
                dynamic_ncols=True, disable=not run.runtime.is_main)
+    run.interrupts.defer(True)  # a signal waits for the step to end, then stops the run with a checkpoint
     for step in bar:
         began = time.perf_counter()
         try:
             loss, tokens = _forward_backward(run, built, step)
             if not math.isfinite(loss):
-                raise _stop(run, step + 1, f"the training loss is {loss}, so the run stopped before applying the "
-                                           "step", saved_step)
+                (bad,) = run.runtime.sum_across_ranks(non_finite(built.model)[0])
+                what, advice = loss_message(config, built.dtype, built.optimizer, step + 1, loss, saved_step, int(bad))
+                raise _stop(run, step + 1, what, saved_step, advice=advice)
             built.optimizer.step()  # layer-wise: closes the step, the parameters were updated inside backward()
         except FloatingPointError as err:  # a projector refresh on a non-finite gradient
-            raise _stop(run, step + 1, f"{err}; the run stopped", saved_step) from None
+            raise _stop(run, step + 1, f"{err}; the run stopped", saved_step,
+                        advice=hints(config, built.dtype, updated=step > 0, refresh=True)) from None
         built.optimizer.zero_grad(set_to_none=True)
         built.scheduler.step()
+        run.step = step + 1
         seconds = time.perf_counter() - began
         history["train_seconds"] += seconds
         history["tokens"] += tokens
@@ -199,10 +238,27 @@ def train(run: Run, built: Built, start_step: int, history: dict[str, Any]) -> t
         built.reporter.after_step(record)  # its scalars; with --eval-every its evaluation (before its checkpoint)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}",
                         refresh_s=f"{history['refresh_seconds']:.1f}")
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < built.total_steps:
+        if every and (step + 1) % every == 0 and step + 1 < built.total_steps:
             saved_step = _save(run, built, step + 1, history, saved_step)
+        _stop_if_interrupted(run, built, step + 1, history, saved_step, bar)
     bar.close()
+    run.interrupts.defer(False)
     return history, saved_step
+
+
+def _stop_if_interrupted(run: Run, built: Built, step: int, history: dict[str, Any], saved_step: int | None,
+                         bar: Any) -> None:
+    """After step ``step``: when a signal asked the run to stop (on any rank: every rank stops after
+    the same step), save the step's checkpoint and raise :class:`Interrupted`."""
+    run.step = step
+    stop = run.interrupts.requested
+    if run.runtime.world_size > 1:  # one all-reduce of a number per step
+        (stop,) = run.runtime.sum_across_ranks(float(stop))
+    if stop:
+        bar.close()
+        if saved_step != step:
+            _save(run, built, step, history, saved_step)
+        raise interrupted(run, run.interrupts.signum or signal.SIGTERM)
 
 
 def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
@@ -237,15 +293,15 @@ def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
     return loss_sum, int(tokens)
 
 
-def _stop(run: Run, step: int, what: str, saved_step: int | None) -> RunError:
+def _stop(run: Run, step: int | None, what: str, saved_step: int | None, advice: str = "") -> RunError:
     if saved_step is not None:
         kept = f"its checkpoint of step {saved_step} is kept in {run.out / checkpoint.CHECKPOINT}"
     elif run.config.save_checkpoint:
         kept = "no checkpoint had been written yet"
     else:
         kept = "it writes no checkpoint (--no-save-checkpoint)"
-    return RunError(f"step {step}: {what}; {kept}. A smaller --lr (in a new run: a resumed one keeps its options) "
-                    "usually helps")
+    return RunError(f"{'' if step is None else f'step {step}: '}{what}; {kept}" + (f". {advice[0].upper()}{advice[1:]}"
+                                                                                  if advice else ""))
 
 
 def batch_indices(micro_index: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -263,7 +319,10 @@ def finish(run: Run, built: Built, history: dict[str, Any], saved_step: int | No
     """The final checkpoint, the evaluation after training, ``metrics.json``, ``loss.png``."""
     config = run.config
     if saved_step != built.total_steps:
-        saved_step = _save(run, built, built.total_steps, history, saved_step)
+        with run.interrupts.deferred():
+            saved_step = _save(run, built, built.total_steps, history, saved_step)
+        if run.interrupts.requested:
+            raise interrupted(run, run.interrupts.signum)
     # the evaluation's batches (logits of 32 long answers) can exceed it
     train_peak = peak_memory_bytes(run.runtime.device)
     built.reporter.restore_best()  # --load-best-at-end: the final evaluation and final/ are the best point's
@@ -308,13 +367,14 @@ def _save(run: Run, built: Built, step: int, history: dict[str, Any], saved_step
     out (an overflowing gradient makes Adam's update NaN), and no checkpoint may hold them."""
     if not run.config.save_checkpoint:
         return saved_step
-    bad = sum(int((~torch.isfinite(local(p))).sum()) for p in built.model.parameters())
-    (bad,) = run.runtime.sum_across_ranks(bad)  # every rank stops, or none
+    count, first = non_finite(built.model)
+    (bad,) = run.runtime.sum_across_ranks(count)  # every rank stops, or none
     if bad:
-        raise _stop(run, step, f"the update left {int(bad)} parameter entries non-finite, so the run stopped "
-                               "without saving them", saved_step)
+        what, advice = update_message(run.config, built.dtype, built.optimizer, step, saved_step, int(bad), first)
+        raise _stop(run, step, what, saved_step, advice=advice)
     checkpoint.save(run.out, built.model, built.optimizer, built.scheduler, step, run.config, history,
                     runtime=run.runtime, data_sha256=run.data_sha256, eval_data_sha256=run.eval_data_sha256)
+    run.saved_step = step
     return step
 
 

@@ -31,9 +31,9 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: in
                                  target_modules=targets, use_dora=config.method == "dora")
         model = get_peft_model(model, peft_config)
         params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return model, adamw(params, config)
     if config.method == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return model, adamw(model.parameters(), config)
     if config.method == "fira":
         return model, fira_optimizer(config, model)
     if config.method == "adamw8bit":
@@ -61,6 +61,21 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: in
                                 refresh_in_backward=refresh_in_backward, embeddings=config.embeddings,
                                 stochastic_rounding=config.stochastic_rounding, **layerwise)
     return model, optimizer
+
+
+def adamw(params, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` for float32 parameters. bf16/fp16 ones get the library's AdamW on a plain
+    group instead (torch.optim.AdamW's update, tested equal): its moments and math in float32 and
+    each weight written once per step, stochastically rounded (DESIGN.md, "Precision"). torch keeps
+    the moments in the parameter's dtype, where fp16's ε = 1e-8 is 0 (step 2 NaN at every lr) and
+    bf16's ``0.999·v`` rounds back to ``v`` (issue 25)."""
+    params = list(params)
+    if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    from ..adamw import GaLoreAdamW
+
+    return GaLoreAdamW(params, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+                       stochastic_rounding=config.stochastic_rounding)
 
 
 def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -1,6 +1,6 @@
 """What a fine-tune writes in its output directory beside the checkpoint: the names of its files
 (:data:`OUTPUTS`), the per-step log (cut back on resume), the loss plot, and ``final/``, the
-trained model (:func:`export`)."""
+trained model (:func:`export`, with a ``manifest.json`` like the checkpoint's)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 
 from . import checkpoint
 from .configfile import CONFIG_FILE
+from .retention import kept_checkpoints
 
 __all__ = ["LOG", "METRICS", "PLOT", "FINAL", "OUTPUTS", "LOCK", "lock_output_dir", "remove", "truncate_log", "export",
-           "plot_losses"]
+           "plot_losses", "run_files"]
 
 LOG = "log.jsonl"
 METRICS = "metrics.json"
@@ -23,6 +24,12 @@ FINAL = "final"
 OUTPUTS = (checkpoint.RUN, LOG, METRICS, PLOT, checkpoint.CHECKPOINT, checkpoint.CHECKPOINT + ".tmp",
            checkpoint.CHECKPOINT + ".old", FINAL, FINAL + ".tmp", CONFIG_FILE)
 OUTPUTS += ("tensorboard", "wandb", "mlruns", "best", "best.tmp")  # app/reporting.py's: where a run reports
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of :data:`OUTPUTS` present in ``out``, and the earlier checkpoints kept there
+    (``checkpoint-STEP/``, ``--save-total-limit``): what a fresh run into ``out`` would replace."""
+    return [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in kept_checkpoints(out)]
 
 
 #: held (``flock``) by the run writing the directory, for as long as it runs: a second run into the same
@@ -101,6 +108,8 @@ def export(run: Any, built: Any) -> Path:
             save_adapter(model, tmp / ADAPTER, run.config.model)
             model = model.merge_and_unload()
         save_model(model, built.tokenizer, tmp, state_dict)
+        checkpoint.make_readable(tmp)  # save_pretrained's modes: safetensors writes its file 0600 (issue 28)
+        checkpoint.write_manifest(tmp)  # evaluate verifies the files against it (issue 25)
         remove(final)
         tmp.replace(final)
         print(f"saved the model to {final} (from_pretrained loads it)", file=sys.stderr)

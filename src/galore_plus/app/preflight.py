@@ -12,7 +12,7 @@ example with the model's tokenizer (a chat template's refusal is a ``FILE:LINE``
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,9 @@ from .config import LOW_RANK_METHODS, FinetuneConfig, validated
 from .resume import changes, resumed
 from .errors import ConfigError
 from .examples import Task
+from .interrupts import Interrupts
 from .methods import build_method, check_target_modules
-from .outputs import OUTPUTS
+from .outputs import run_files
 from .runtime import Runtime
 from .tasks import TASKS, load_task
 
@@ -50,6 +51,12 @@ class Run:
     features: list[dict[str, list[int]]]
     #: the output directory's lock while the run writes it (``outputs.lock_output_dir``; the main rank)
     lock: Any = None
+    #: the signal handlers of the run (``finetune`` installs them; DESIGN.md, "Interrupts and checkpoints")
+    interrupts: Interrupts = field(default_factory=Interrupts)
+    #: whether ``run.json`` is written (the run can be resumed), the steps done, the step of the checkpoint on disk
+    started: bool = False
+    step: int = 0
+    saved_step: int | None = None
 
 
 def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
@@ -66,7 +73,7 @@ def setup(config: FinetuneConfig, resume: str | Path | None) -> Run:
     if resume is not None:
         state, record = checkpoint.read_state(out), checkpoint.read_run(out)
     else:
-        existing = [name for name in OUTPUTS if (out / name).exists()]
+        existing = run_files(out)
         if existing and not config.overwrite:
             raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): continue it with "
                               f"--resume {out}, replace it with --overwrite, or choose another --output-dir")

@@ -1,0 +1,249 @@
+"""Issue 29's pre-training half (``bench/quality_pretrain.py`` through ``bench/quality.py --task
+pretrain``): the plan's order and reuse of runs, the ablations' translation to the library's spec, a
+diverged run, and ``--smoke`` end to end (tiny model on synthetic text, in-process, seconds): one record
+per run, a rerun that runs nothing, and one report merging both tasks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCH))  # it imports finetune_table, harness, pretrain and quality_pretrain beside it
+    spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def qp(quality):
+    return quality.qp
+
+
+def full_proto(quality, qp):
+    return qp.protocol("full", quality.ABLATIONS, quality.LADDER, quality.MAX_RUNGS)
+
+
+def record(j, loss):
+    return {"key": j["key"], "settings": j["settings"], "row": j["row"], "stage": j["stage"], "task": j["task"],
+            "result": {"diverged": True} if loss is None else {"final_val_loss": loss}}
+
+
+def close_sweep(qp, proto, name, by_key, losses=None):
+    """Record made-up sweep runs of row ``name`` until its sweep closes (the middle rung best by default)."""
+    starts = proto["methods"][name][2]
+    losses = losses or {lr: abs(math.log(lr / starts[1])) for lr in (*proto["ladder"],)}
+    while True:
+        pending, curve, chosen = qp.sweep_state(proto, name, by_key)
+        if not pending:
+            return chosen
+        for j in pending:
+            by_key[j["key"]] = record(j, losses[j["settings"]["lr"]])
+
+
+def test_the_protocol_is_the_issues(quality, qp):
+    proto = full_proto(quality, qp)
+    c = proto["config"]
+    assert c["steps"] >= 1500 and proto["seeds"] == (0, 1) and proto["ranks"] == (8, 16, 32, 64, "full")
+    assert c["rank"] == c["hidden"] // 4
+    assert {"adamw", "galore", "galore+ (old recipe)", "apollo", "fira", "galore+ (full rank)"} <= set(proto["methods"])
+    assert proto["methods"]["galore+ (full rank)"][1] == {"rank": "full", "scale": 1.0}
+    # ≥ 5M parameters (counted on the model itself: the vocabulary is the tokenizer's, CONFIG's at most)
+    model = qp.pretrain.build_model(c, c["vocab"], 0)
+    assert sum(p.numel() for p in model.parameters()) >= 5_000_000
+
+
+def test_every_ablation_becomes_spec_options(quality, qp):
+    from galore_plus.spec import LowRankSpec
+
+    for name, options, _ in quality.ABLATIONS:
+        spec = LowRankSpec.recipe("galore+", 64, **qp.spec_options(options, 1500))  # raises on a bad translation
+        assert spec is not None, name
+    assert qp.spec_options({"refreshes": 8}, 1500) == {"update_proj_gap": 188}
+    assert qp.spec_options({"refresh_policy": "capture", "capture_threshold": 0.5}, 1500) == {
+        "refresh": "capture", "capture_threshold": 0.5}
+    with pytest.raises(ValueError, match="max_steps"):
+        qp.spec_options({"max_steps": 3}, 1500)
+    with pytest.raises(ValueError, match="ablation 'bad'"):
+        qp.protocol("full", (("bad", {"lora_dropout": 0.1}, 1.0),), quality.LADDER, quality.MAX_RUNGS)
+
+
+def test_the_plan_runs_sweeps_then_ablation_then_ranks_then_seeds(quality, qp):
+    proto = full_proto(quality, qp)
+    by_key = {}
+    first = qp.plan(proto, by_key)
+    assert len(first) == 3 * len(proto["methods"]) and {j["stage"] for j in first} == {"sweep"}
+    assert all(j["settings"]["seed"] == 0 for j in first)
+    # §4's rates in the middle of the starting rungs
+    assert [j["settings"]["lr"] for j in first if j["row"] == "adamw"] == [3e-4, 1e-3, 3e-3]
+    base = qp.ABLATION_BASE
+    chosen = close_sweep(qp, proto, base, by_key)
+    assert chosen == proto["methods"][base][2][1]
+    todo = qp.plan(proto, by_key)
+    stages = [j["stage"] for j in todo]
+    assert stages == sorted(stages, key=["sweep", "ablation", "rank", "final"].index)  # sweeps first, seeds last
+    ablation = [j for j in todo if j["stage"] == "ablation"]
+    assert len(ablation) == len(quality.ABLATIONS) and all(j["settings"]["lr"] == chosen for j in ablation)
+    assert ablation[0]["row"] == f"{base} + {quality.ABLATIONS[0][0]}"
+    assert [j["settings"]["seed"] for j in todo if j["stage"] == "final"] == [1]  # seed 0's final is the sweep's run
+    for name in proto["methods"]:
+        close_sweep(qp, proto, name, by_key)
+    todo = qp.plan(proto, by_key)
+    ranks = [j for j in todo if j["stage"] == "rank"]
+    # rank 64 = hidden/4 is GaLore's own sweep run at that rate: reused, not run again
+    assert [j["rank"] for j in ranks] == [8, 16, 32, "full"]
+    assert all(j["settings"]["method"] == "galore" for j in ranks)
+    assert len(todo) == len(quality.ABLATIONS) + 4 + len(proto["methods"])
+    # the grid, planned whole: every key once
+    grid = qp.planned_grid(proto)
+    assert len({j["key"] for j in grid}) == len(grid) == 3 * len(proto["methods"]) + len(todo)
+
+
+def test_a_run_stopped_by_a_non_finite_loss_is_diverged_not_an_earlier_score(qp):
+    cfg = dict(qp.SMOKE, steps=4, eval_every=1)
+    train_ids, val_windows, vocab, _ = qp.pretrain.load_data("smoke", cfg, Path("/nonexistent"), synthetic=True)
+    r = qp.pretrain.run_method("adamw", "adamw", 1e30, cfg, train_ids, val_windows, vocab, 0, 0.0)
+    assert r["diverged"] and math.isinf(r["final_val_loss"]) and r["steps"] < cfg["steps"]
+    assert math.isinf(qp.loss({"result": r}))
+
+
+def test_a_failed_key_shared_between_drives_is_not_retried(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import harness
+
+    tries = []
+
+    def run_job(job, runs_dir, in_process):
+        tries.append(job["key"])
+        raise RuntimeError("boom")
+
+    job = {"key": "k", "settings": {"seed": 0}, "label": "k", "task": "t", "tables": {}}
+    failed = set()
+    for _ in range(2):
+        harness.drive(lambda by_key: [job], tmp_path / "r.json", tmp_path, run_job=run_job, in_process=True,
+                      machine={}, failed=failed)
+    assert tries == ["k"] and failed == {"k"}
+
+
+def test_smoke_records_resumes_and_merges_the_report(quality, qp, tmp_path, monkeypatch):
+    results, runs = tmp_path / "r", tmp_path / "runs"
+    args = ["--smoke", "--task", "pretrain", "--results-dir", str(results), "--runs-dir", str(runs),
+            "--cache", str(tmp_path / "no-corpus")]
+    quality.main(args)
+    raw = json.loads((results / qp.RAW).read_text())["runs"]
+    assert not (results / "quality_runs.json").exists()  # the fine-tuning raw file is not the pre-training's
+    proto = qp.protocol("smoke", quality.protocol("smoke")["ablations"], quality.LADDER, quality.MAX_RUNGS)
+    assert qp.plan(proto, {r["key"]: r for r in raw}) == []  # the grid is complete
+    steps = proto["config"]["steps"]
+    for r in raw:
+        assert r["task"] == "pretrain" and r["settings"]["config"]["steps"] == steps
+        assert r["result"]["val_curve"][-1][0] == steps and r["result"]["cpu_s"] > 0
+    data = json.loads((results / "quality.json").read_text())
+    assert len(data["runs"]) == len(raw)
+    for rec in data["runs"]:
+        assert {"task", "method", "rank", "seed", "lr", "steps", "test_loss", "final"} <= set(rec)
+        assert rec["task"] == "pretrain" and rec["steps"] == steps
+        assert rec["test_loss"] is None or math.isfinite(rec["test_loss"])
+    finals = sorted((r["method"], r["seed"]) for r in data["runs"] if r["final"])
+    assert finals == sorted((m, s) for m in proto["methods"] for s in (0, 1))
+    (ablation,) = [r for r in data["runs"] if r["stage"] == "ablation"]
+    assert ablation["method"] == "galore+ (old recipe) + plain lr x4" and ablation["options"] == {"plain_lr_ratio": 4.0}
+    assert sorted(str(r["rank"]) for r in data["runs"] if r["stage"] == "rank") == ["4", "full"]
+    assert {r["rank"] for r in data["runs"] if r["method"] == "adamw"} == {None}
+
+    # resumable: a second invocation finds everything recorded and runs nothing
+    monkeypatch.setattr(qp, "run_one", lambda *a: pytest.fail("a recorded run ran again"))
+    quality.main(args)
+    assert json.loads((results / qp.RAW).read_text())["runs"] == raw
+
+    # one report for both tasks: made-up fine-tuning runs beside the pre-training ones
+    gsm = quality.protocol("smoke")
+    by_key = {}
+    for name in gsm["methods"]:
+        while True:
+            pending, _, chosen = quality.sweep_state(gsm, name, by_key)
+            pending = pending or [j for j in (quality.job(gsm, name, chosen, s, "final") for s in gsm["seeds"])
+                                  if j["key"] not in by_key]
+            if not pending:
+                break
+            for j in pending:
+                by_key[j["key"]] = {**j, "result": {"eval_validation": {"answer_loss": j["settings"]["lr"]},
+                                                    "eval_after": {"answer_loss": 1.0 + j["settings"]["seed"]}}}
+    (results / "quality_runs.json").write_text(json.dumps({"runs": list(by_key.values())}))
+    quality.write_tables(gsm, results / "quality_runs.json", results, "test", plot_too=True, pretrain_proto=proto)
+    data = json.loads((results / "quality.json").read_text())
+    assert {r["task"] for r in data["runs"]} == {"arithmetic", "pretrain"}
+    assert len(data["runs"]) == len(raw) + len(by_key)
+    assert [r["method"] for r in data["pretrain_rows"]] == list(proto["methods"])
+    md = (results / "quality.md").read_text()
+    assert "## Sweeps (seed 0, validation answer loss" in md and "## Pre-training from scratch" in md
+    assert "| galore+ (old recipe) − adamw |" in md and "### Ranks: galore" in md
+    assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_estimate_times_every_set_up_of_the_grid(quality, qp, tmp_path, capsys):
+    lines = quality.main(["--smoke", "--task", "pretrain", "--estimate", "2", "--results-dir", str(tmp_path / "r"),
+                          "--runs-dir", str(tmp_path / "runs")])
+    proto = qp.protocol("smoke", quality.protocol("smoke")["ablations"], quality.LADDER, quality.MAX_RUNGS)
+    timed = [line for line in lines if "CPU s/step" in line]
+    grid = qp.planned_grid(proto)
+    # each row and rank timed once; "plain lr x4" costs what its base costs and is not timed again
+    assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) + len(proto["ranks"])
+    assert f"grid: {len(grid)} runs" in lines[-1]
+    assert not (tmp_path / "r" / qp.RAW).exists()  # records nothing
+
+
+def test_task_all_runs_both_grids_and_max_runs_counts_both(quality, qp, tmp_path, monkeypatch):
+    """``--task all``: the fine-tuning grid, then the pre-training one, in one invocation (runs made up
+    here: the order and the bookkeeping are under test, not the training)."""
+    order = []
+
+    def gsm_run(job, runs_dir, in_process):
+        order.append(job["task"])
+        loss = abs(math.log(job["settings"]["lr"] / 3e-3))
+        return {"eval_validation": {"answer_loss": loss}, "eval_after": {"answer_loss": loss}, "curve": []}
+
+    def pretrain_run(job, proto, cache):
+        order.append(job["task"])
+        loss = abs(math.log(job["settings"]["lr"] / 1e-2))
+        return {"final_val_loss": loss, "diverged": False, "val_curve": [[0, 9.0], [6, loss]]}
+
+    monkeypatch.setattr(quality, "run_one", gsm_run)
+    monkeypatch.setattr(qp, "run_one", pretrain_run)
+    args = ["--smoke", "--task", "all", "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")]
+    quality.main(args + ["--max-runs", "3"])
+    assert order == ["arithmetic"] * 3  # three runs in all, the fine-tuning grid's first
+    quality.main(args)
+    first_pretrain = order.index("pretrain")
+    assert set(order[:first_pretrain]) == {"arithmetic"} and set(order[first_pretrain:]) == {"pretrain"}
+    data = json.loads((tmp_path / "r" / "quality.json").read_text())
+    assert {r["task"] for r in data["runs"] if r["final"]} == {"arithmetic", "pretrain"}
+    assert len(data["runs"]) == len(order)
+
+
+def test_pretrain_script_takes_fira_with_a_rate_only(qp):
+    assert qp.pretrain.parse_methods("adamw,fira@0.003") == [("adamw", "adamw", 1e-3), ("fira@0.003", "fira", 3e-3)]
+    with pytest.raises(SystemExit, match="fira@LR"):
+        qp.pretrain.parse_methods("fira")
+
+
+def test_in_process_runs_do_not_depend_on_what_ran_before(quality, qp, tmp_path):
+    """Runs share one process: each must seed everything it draws (model, data order, projectors), so a
+    run's result does not depend on the runs before it (a resumed grid runs them in another order)."""
+    proto = qp.protocol("smoke", (), quality.LADDER, quality.MAX_RUNGS)
+    first = qp.job(proto, "galore+ (old recipe)", 1e-2, 1, "final")
+    other = qp.job(proto, "apollo", 3e-2, 0, "sweep")
+    a = qp.run_one(first, proto, tmp_path)
+    qp.run_one(other, proto, tmp_path)
+    b = qp.run_one(first, proto, tmp_path)
+    assert a["val_curve"] == b["val_curve"] and a["train_curve"] == b["train_curve"]
