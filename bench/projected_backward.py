@@ -33,6 +33,18 @@ step all-reduces for the layer's targets, counted by the optimizer on a one-proc
     python bench/projected_backward.py --tasks arithmetic --out /tmp/a &   # or split over the 2 cores,
     python bench/projected_backward.py --tasks gsm_symbolic --no-layer --out /tmp/g; wait
     python bench/projected_backward.py --merge /tmp/a/projected_backward.json /tmp/g/projected_backward.json
+    python bench/projected_backward.py --small 128,32 --repeat 5   # the small LLaMA below, per-phase split
+
+``--small LENGTHS``: instead of SmolLM2, the small LLaMA of BENCHMARKS §7's prediction (hidden 512,
+intermediate 1376, 4 layers, 8 heads, SmolLM2's 49152-token vocabulary, embedding and ``lm_head``
+tied, random weights) on random batches of 4×L tokens for each L, rank 32 (``--ranks``), LoRA
+against GaLore+ projected with the embedding frozen and trained in full (the default recipe); the
+optimizer step is split into the plain parameters' updates and the low-rank ones'
+(``step_split``, timed around ``LowRankOptimizer.apply``/``apply_plain``). With other jobs on the
+cores, wall seconds say more about them than about the code: each phase is also timed in the
+process's CPU seconds (``cpu_phases``, ``tokens_per_cpu_second``), and the table's ×LoRA columns are
+medians of per-repeat ratios (each repeat runs every configuration once, interleaved). Writes
+``projected_backward_small.json``/``.md``.
 
 Writes ``projected_backward.json`` and ``.md`` to ``--out`` (default ``bench/results``;
 ``_quick``/``_smoke`` suffixes in those modes), rewritten after every configuration.
@@ -65,6 +77,23 @@ GAP = 50
 REFRESH_IN_BACKWARD = True
 
 
+#: ``--small``: a 4-layer hidden-512 LLaMA with SmolLM2's tied 49152×512 embedding
+SMALL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8, tie_word_embeddings=True)
+
+
+def small_configs(lengths, ranks):
+    """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length."""
+    out = []
+    for length in lengths:
+        for rank in ranks:
+            out.append({"task": f"small 4x{length}", "method": "lora", "rank": rank, "embeddings": "frozen"})
+            for embeddings in ("frozen", "full"):
+                out.append({"task": f"small 4x{length}", "method": "galore+ projected", "rank": rank,
+                            "embeddings": embeddings})
+    return out
+
+
 def configs(tasks, ranks):
     """Every configuration of part A, in the order they are interleaved."""
     out = []
@@ -83,7 +112,8 @@ def configs(tasks, ranks):
 def label(c):
     rank = "" if c["rank"] is None else f" r{c['rank']}"
     emb = f", embedding {c['embeddings']}" if c["method"].startswith("galore") else ""
-    return f"{c['method']}{rank}{emb}"
+    code = f" [{c['code']}]" if c.get("code") else ""
+    return f"{c['method']}{rank}{emb}{code}"
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -93,9 +123,14 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def batches_for(task, tokenizer, count, smoke):
+def batches_for(task, tokenizer, count, smoke, vocab=SMALL["vocab_size"]):
     from galore_plus.app.data import collate, encode, load_task
 
+    if task.startswith("small"):
+        gen = torch.Generator().manual_seed(0)
+        length = int(task.split("x")[-1])
+        return [{"input_ids": (ids := torch.randint(0, vocab, (BATCH, length), generator=gen)),
+                 "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(count)]
     if smoke:
         gen = torch.Generator().manual_seed(0)
         length = 12 if task == "arithmetic" else 40
@@ -128,7 +163,11 @@ def worker(c, warmup, steps, smoke):
     """One configuration in this process; returns its measurements."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if smoke:
+    if c["task"].startswith("small"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model, tokenizer = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": c.get("vocab", SMALL["vocab_size"])})), None
+    elif smoke:
         from galore_plus.app.models import load_model
 
         model, tokenizer = load_model("tiny")
@@ -140,35 +179,77 @@ def worker(c, warmup, steps, smoke):
     gap = warmup + steps  # refreshes at step 1 and at the step after the timed ones
     model, optimizer = build(c, model, gap)
     model.train()
-    batches = batches_for(c["task"], tokenizer, warmup + steps + 1, smoke)
+    batches = batches_for(c["task"], tokenizer, warmup + steps + 1, smoke, c.get("vocab", SMALL["vocab_size"]))
     phases = {"forward": [], "backward": [], "step": []}
+    split = _time_applies(optimizer)  # the step's plain vs low-rank updates (GaLore+ only)
+    splits = []
     tokens = []
     refresh = None
+    cpu = {"forward": [], "backward": [], "step": []}  # process CPU seconds: robust to other jobs' load
     for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         loss.backward()
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
+        c3, t3 = time.process_time(), time.perf_counter()
         if warmup <= i < warmup + steps:
             for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[key].append(seconds)
+            for key, seconds in zip(cpu, (c1 - c0, c2 - c1, c3 - c2)):
+                cpu[key].append(seconds)
+            splits.append(dict(split))
             tokens.append(int(batch["attention_mask"].sum()))
         elif i == warmup + steps:
             refresh = t3 - t0
+        split.update(plain=0.0, low_rank=0.0)
     steady = statistics.median(f + b + s for f, b, s in zip(*phases.values()))
     per_step_tokens = statistics.mean(tokens)
     amortized = ((GAP - 1) * steady + refresh) / GAP
     return {"steady_seconds": steady, "refresh_step_seconds": refresh,
             "phases": {k: statistics.median(v) for k, v in phases.items()},
+            "step_split": {k: statistics.median(s[k] for s in splits) for k in ("plain", "low_rank")},
+            "cpu_phases": {k: statistics.median(v) for k, v in cpu.items()},
+            "tokens_per_cpu_second": statistics.mean(tokens) / statistics.median(sum(x) for x in zip(*cpu.values())),
             "tokens_per_step": per_step_tokens, "tokens_per_second": per_step_tokens / steady,
             "tokens_per_second_amortized": per_step_tokens / amortized,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_after_load_bytes": loaded,
             "train_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - loaded}
+
+
+def _time_applies(optimizer):
+    """Seconds inside ``optimizer.apply`` this step, for plain and low-rank parameters (a dict the
+    caller resets; zeros for optimizers that are not ours)."""
+    split = {"plain": 0.0, "low_rank": 0.0}
+    apply = getattr(optimizer, "apply", None)
+    if apply is None:
+        return split
+
+    inside = []  # apply_plain calls apply for what its fused kernel does not take
+
+    def timed(p, grad):
+        t0 = time.perf_counter()
+        apply(p, grad)
+        if not inside:
+            split["low_rank" if optimizer.is_low_rank(p) else "plain"] += time.perf_counter() - t0
+
+    def timed_plain(params):
+        t0 = time.perf_counter()
+        inside.append(True)
+        try:
+            apply_plain(params)
+        finally:
+            inside.pop()
+        split["plain"] += time.perf_counter() - t0
+
+    optimizer.apply = timed  # instance attributes: step() and update() call self.apply / self.apply_plain
+    apply_plain = getattr(optimizer, "apply_plain", None)
+    if apply_plain is not None:
+        optimizer.apply_plain = timed_plain
+    return split
 
 
 # ---------------------------------------------------------------------------------------------- part B
@@ -294,6 +375,27 @@ def table(results, part_b, memory=None):
     return "\n".join(lines) + "\n"
 
 
+def small_table(results):
+    """``--small``'s table: tokens/s (median over repeats) against LoRA's at the same length and rank,
+    and the step split into the plain parameters' updates and the low-rank ones'."""
+    lines = harness.table_header("tokens", "configuration", "tok/CPU-s", "×LoRA (CPU)", "CPU fwd / bwd / step s",
+                                 "wall tok/s", "×LoRA (wall)", "step wall: plain / low-rank s")
+    runs = {json.loads(k)["task"] + "|" + label(json.loads(k)): (json.loads(k), v) for k, v in results.items()}
+    for key, (c, rs) in runs.items():
+        lora = runs.get(f"{c['task']}|lora r{c['rank']}")
+        def ratio(key):
+            return statistics.median(r[key] / lr[key] for r, lr in zip(rs, lora[1])) if lora else float("nan")
+
+        ph = {k: statistics.median(r["cpu_phases"][k] for r in rs) for k in ("forward", "backward", "step")}
+        sp = {k: statistics.median(r["step_split"][k] for r in rs) for k in ("plain", "low_rank")}
+        lines.append(f"| {c['task'].split()[-1]} | {label(c)} | "
+                     f"{statistics.median(r['tokens_per_cpu_second'] for r in rs):.0f} | {ratio('tokens_per_cpu_second'):.2f} "
+                     f"| {ph['forward']:.3f} / {ph['backward']:.3f} / {ph['step']:.3f} "
+                     f"| {statistics.median(r['tokens_per_second'] for r in rs):.0f} | {ratio('tokens_per_second'):.2f} "
+                     f"| {sp['plain']:.3f} / {sp['low_rank']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_modes(ap, smoke="seconds: tiny random LLaMA, synthetic batches",
@@ -313,13 +415,23 @@ def main():
                     help="skip part B (the LLaMA-7B layer), e.g. in a second invocation over other --tasks")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="write the table of these result files together (e.g. two invocations' --out) and exit")
+    ap.add_argument("--small", metavar="LENGTHS", default=None,
+                    help="comma-separated sequence lengths: time the small LLaMA (hidden 512, 4 layers, tied "
+                         "49152-token embedding) at 4×L tokens instead of SmolLM2 (see the module docstring)")
+    ap.add_argument("--baseline-src", metavar="DIR", default=None,
+                    help="also run every GaLore+ configuration with this source tree (another checkout's src/) "
+                         "first on PYTHONPATH, labelled [before], interleaved with the others")
+    ap.add_argument("--vocab", type=int, default=SMALL["vocab_size"],
+                    help="--small: the vocabulary (default SmolLM2's; smaller for a quick check)")
+    ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,32; --small: 32)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         job = json.loads(args.worker)
         print(json.dumps(worker(job["config"], job["warmup"], job["steps"], job["smoke"])))
         return
-    suffix = ("_smoke" if args.smoke else "_quick" if args.quick else "") + ("_memory" if args.memory else "")
+    suffix = ("_smoke" if args.smoke else "_quick" if args.quick else "") + ("_small" if args.small else "") + (
+        "_memory" if args.memory else "")
     if args.merge:  # timing records, and --memory records for the live-peak column
         records = [json.loads(Path(f).read_text()) for f in args.merge]
         timing = [r for r in records if not r["mode"].endswith("memory")]
@@ -336,13 +448,21 @@ def main():
     repeat = args.repeat or (1 if args.smoke or args.quick else 2)
     steps = args.steps or (2 if args.smoke else 5)
     tasks = args.tasks.split(",") if args.tasks else (["arithmetic"] if args.quick or args.smoke else list(TASKS))
-    ranks = (4,) if args.smoke else RANKS
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else (4,) if args.smoke else (
+        (32,) if args.small else RANKS)
     grid = configs(tasks, ranks)
+    if args.small:
+        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks), False
+        for c in grid:
+            if args.vocab != SMALL["vocab_size"]:
+                c["vocab"] = args.vocab
     if args.smoke:
         grid = [c for c in grid if c["method"] in ("galore+ projected", "galore+ full", "lora")
                 and c["embeddings"] == "frozen"]
     if args.methods:
         grid = [c for c in grid if c["method"] in args.methods.split(",")]
+    if args.baseline_src:
+        grid = [v for c in grid for v in ([c, {**c, "code": "before"}] if c["method"].startswith("galore") else [c])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"projected_backward{suffix}.json"
@@ -356,7 +476,11 @@ def main():
         order = grid if r % 2 == 0 else list(reversed(grid))  # interleaved, alternating order across repeats
         for c in order:
             job = json.dumps({"config": c, "warmup": args.warmup, "steps": steps, "smoke": args.smoke})
-            done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True, env=env)
+            run_env = env if not c.get("code") else harness.child_env(
+                1, MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([str(Path(args.baseline_src).resolve()), env.get("PYTHONPATH", "")]))
+            done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True,
+                                  env=run_env)
             if done.returncode != 0:
                 raise SystemExit(f"{label(c)} on {c['task']} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -368,8 +492,9 @@ def main():
     if args.layer:
         record["part_b"] = llama7b_layer((64,) if args.smoke else (512,) if args.quick else (512, 2048), args.smoke)
     harness.write_json(path, record)
-    harness.write_text(out / f"projected_backward{suffix}.md", table(record["results"], record["part_b"]))
-    print(table(record["results"], record["part_b"]))
+    text = small_table(record["results"]) if args.small else table(record["results"], record["part_b"])
+    harness.write_text(out / f"projected_backward{suffix}.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,24 @@ def test_projected_backward_bench_smoke(tmp_path):
     assert 0 < b["ddp_bytes_per_step"]["projected step"] < b["full_gradient_bytes"] / 4
     table = (tmp_path / "projected_backward_smoke.md").read_text()
     assert "galore+ projected r4, embedding frozen" in table and "| 1.00 |" in table  # LoRA against itself
+
+
+def test_small_mode_with_a_baseline_smoke(tmp_path):
+    """``--small`` (the small LLaMA, here with a small vocabulary) with ``--baseline-src``: every GaLore+
+    configuration twice ([before] from the given tree), CPU and wall times, the step split."""
+    done = subprocess.run([sys.executable, "bench/projected_backward.py", "--small", "8", "--vocab", "256", "--repeat",
+                           "1", "--steps", "1", "--warmup", "1", "--baseline-src", str(ROOT / "src"), "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "projected_backward_small.json").read_text())
+    configs = [json.loads(k) for k in record["results"]]
+    assert sorted((c["method"], c["embeddings"], c.get("code", "")) for c in configs) == [
+        ("galore+ projected", "frozen", ""), ("galore+ projected", "frozen", "before"),
+        ("galore+ projected", "full", ""), ("galore+ projected", "full", "before"), ("lora", "frozen", "")]
+    for key, runs in record["results"].items():
+        for r in runs:
+            assert r["tokens_per_cpu_second"] > 0 and set(r["cpu_phases"]) == {"forward", "backward", "step"}
+            if json.loads(key)["embeddings"] == "full":
+                assert r["step_split"]["plain"] > 0 and r["step_split"]["low_rank"] > 0
+    table = (tmp_path / "projected_backward_small.md").read_text()
+    assert "embedding full [before]" in table and "| 1.00 |" in table  # LoRA against itself

@@ -87,6 +87,10 @@ class AdamW8bitRule(AdamWRule):
         adam = self._sharded_quantized_adam if is_dtensor(grad) else self._quantized_adam
         adam(grad, state, group, lr, sink)
 
+    def fusable(self, target: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+        """Only tensors whose moments stay 32-bit (below ``MIN_8BIT_SIZE``) take the fused AdamW kernel."""
+        return not self._quantized(grad, state) and super().fusable(target, grad, state)
+
     @staticmethod
     def _quantized(grad: Tensor, state: dict[str, Any]) -> bool:
         """Whether this tensor's moments are (or, at its first step, will be) 8-bit."""

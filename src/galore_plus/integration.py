@@ -472,6 +472,8 @@ def build_optimizer(
     if layerwise:
         optimizer = LayerwiseOptimizer(optimizer, model.named_parameters(), accumulation_steps=accumulation_steps,
                                        clip=clip, max_grad_norm=max_grad_norm)
+    if embeddings != "frozen":
+        sparse_tied_lookup(model)
     if projected_backward:
         from .projected import enable_projected_backward
 
@@ -479,6 +481,28 @@ def build_optimizer(
     elif refresh_in_backward:
         raise ValueError("refresh_in_backward=True is an option of the projected backward (projected_backward=True)")
     return optimizer
+
+
+def sparse_tied_lookup(model: nn.Module) -> bool:
+    """Make the input embedding's lookup hand back a sparse gradient (``nn.Embedding.sparse``) when its
+    weight is tied to the output embedding and trained, outside ``torch.distributed`` (DESIGN.md, "A
+    tied embedding's gradient"); True if it did. The lookup's dense gradient is a zero ``vocab×hidden``
+    tensor with the batch's rows added, then added to ``lm_head``'s: its sparse form is added straight
+    into ``lm_head``'s gradient, in place (autograd's accumulation of a sparse into a dense gradient),
+    so ``W.grad`` ends dense, with the same value up to the order of the sums. An untied embedding
+    keeps its dense gradient (the optimizer refuses sparse ones), and so does DDP/FSDP (DDP expects a
+    sparse gradient from a sparse embedding; an FSDP2 weight is sharded)."""
+    import torch.distributed as dist
+
+    lookup = getattr(model, "get_input_embeddings", lambda: None)()
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(lookup, "weight", None)
+    if (type(lookup) is not nn.Embedding or weight is None or not weight.requires_grad
+            or getattr(output, "weight", None) is not weight or type(weight) is not nn.Parameter
+            or (dist.is_available() and dist.is_initialized())):
+        return False
+    lookup.sparse = True
+    return True
 
 
 def _embedding_targets(model: nn.Module) -> list[Target]:

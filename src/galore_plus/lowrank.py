@@ -177,6 +177,17 @@ class InnerRule:
         """A group without ``rank``: move the parameter by the rule's step on its full gradient."""
         write.sub(self.direction(grad, state, group, lr))
 
+    def fusable(self, target: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+        """Whether ``apply_full_fused`` takes this plain update (``target``: this process's part of the
+        parameter). Rules without a fused kernel say no, and ``step()`` updates one parameter at a time."""
+        return False
+
+    def apply_full_fused(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                         group: dict[str, Any], lr: float) -> None:
+        """``apply_full`` of several ``fusable`` plain parameters of one group at once (their ``step``
+        counted and weight decay applied), bitwise what one ``apply_full`` each would give."""
+        raise NotImplementedError(f"the {self.name} rule has no fused update")
+
     def moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """``(M, V)`` as stored or dequantized (only when ``has_moments``)."""
         raise NotImplementedError(f"the {self.name} rule has no moments")
@@ -725,6 +736,29 @@ class LowRankOptimizer(Optimizer):
         self.refresher.refresh(self, list(factored.items()))
         for p, grad in factored.items():
             self._projected[p] = self.project(p, grad)
+    def apply_plain(self, params: list[Tensor]) -> None:
+        """One update of each of ``params`` (plain parameters of one group) from its ``p.grad``: those
+        the rule's fused kernel takes (``InnerRule.fusable``: AdamW's float32/float64 tensors) in one
+        call, the rest one ``apply`` each; bitwise the same as one ``apply`` each (DESIGN.md, "Plain
+        parameters: one fused update"). The per-parameter work left is counting the step."""
+        group = self.group_of(params[0])
+        fused, states = [], []
+        for p in params:
+            state = self.state[p]
+            if p.dtype in LOW_PRECISION or not self.rule.fusable(p, p.grad, state):
+                self.apply(p, p.grad)
+                continue
+            state["step"] = state.get("step", 0) + 1
+            fused.append(p)
+            states.append(state)
+        if not fused:
+            return
+        lr = self.rule.step_lr(group, states[0], fused[0])  # the group's (a fused rule's lr is per group)
+        decay = 1 - lr * group["weight_decay"]
+        if decay != 1:
+            for p in fused:
+                p.mul_(decay)  # as _begin_step does
+        self.rule.apply_full_fused(fused, [p.grad for p in fused], states, group, lr)
 
     def _begin_step(self, group: dict[str, Any], state: dict[str, Any], p: Tensor) -> tuple[float, ParameterWrite]:
         """Count the step; return the lr and how to write ``p``. Decoupled weight decay (on the full
@@ -763,8 +797,15 @@ class LowRankOptimizer(Optimizer):
         due = [(p, p.grad) for p in full if self.projector_due(p, p.grad)]
         if due:
             self.refresher.refresh(self, due)
+        plain: dict[int, list[Tensor]] = {}
         for p in full:
-            self.update(p, p.grad)
+            group = self.group_of(p)
+            if "rank" in group:
+                self.update(p, p.grad)
+            else:
+                plain.setdefault(id(group), []).append(p)
+        for params in plain.values():
+            self.apply_plain(params)
         projected, self._projected = self._projected, {}
         for p, grad in projected.items():
             self.apply(p, grad)
