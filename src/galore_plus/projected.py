@@ -175,6 +175,9 @@ class ProjectedBackward:
         #: refresh without the full gradient where the projector allows it (issue 26; see
         #: ``weight_gradient``); False forms every target's ``G`` at its refresh, as before
         self.sketched_refresh = sketched_refresh
+        #: fold a target's held factors into its full gradient once they would be larger than it
+        #: (DESIGN.md, "Projected backward", the factors' cap); False keeps them however large
+        self.cap_factors = True
         self._group = process_group
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
@@ -246,16 +249,24 @@ class ProjectedBackward:
           the projector is refreshed from it here, and it is projected and freed at once)."""
         engine = self.engine
         if engine.projector_due(weight):
-            if self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks():
+            # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
+            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks()
+                    and weight.grad is None):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
                     engine.refresh_projector(weight, factored)
                     self.sink.add_projected_gradient(weight, engine.project(weight, factored))
-                else:
+                    return None
+                held = engine.factored_gradient(weight)
+                if not self.cap_factors or _kept_elements(held, factored) <= weight.numel():
                     engine.add_factored_gradient(weight, factored)
-                return None
+                    return None
+                # the factors would outgrow G: fold them into it (DESIGN.md, "Projected backward", the
+                # factors' cap); autograd puts it in weight.grad, and the step's later micro-batches add theirs
+                engine.pop_factored_gradient(weight)
+                return (factored if held is None else held.add_(factored)).dense().to(weight.dtype)
             full = (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             if not self.refresh_in_backward:
                 return full
@@ -310,6 +321,13 @@ class ProjectedBackward:
                 self.engine.comm.add("all_reduce", t)
                 dist.all_reduce(t, group=self._group)
                 t.div_(world)
+
+
+def _kept_elements(held: FactoredGradient | None, new: FactoredGradient) -> int:
+    """Elements of a target's factors held until ``step()`` if ``new`` joins ``held``: ``Σ tokens·(m+n)``
+    over the step's micro-batches (an ``x`` shared by q/k/v counted for each)."""
+    pairs = new.pairs + ([] if held is None else held.pairs)
+    return sum(x.numel() + dy.numel() for x, dy in pairs)
 
 
 def _world_size(group: Any) -> int:
