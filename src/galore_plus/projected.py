@@ -75,6 +75,12 @@ class _ProjectedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, route: ProjectedBackward) -> Tensor:
+        # under torch.autocast the linear runs in autocast's dtype: x is saved in it, as torch's linear
+        # saves its autocast copy, and backward's products run in it (DESIGN.md, "Projected backward",
+        # autocast)
+        ctx.lower = _autocast_dtype(x)
+        if ctx.lower is not None:
+            x = x.to(ctx.lower)
         ctx.save_for_backward(x)
         # the Parameter itself, not a saved copy: the optimizer knows it by identity, and under
         # non-reentrant checkpointing saved tensors come back as other objects
@@ -87,8 +93,16 @@ class _ProjectedLinear(torch.autograd.Function):
         dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dw = ctx.route.weight_gradient(weight, x2, dy2) if ctx.needs_input_grad[1] else None
+        dw = ctx.route.weight_gradient(weight, x2, dy2, ctx.lower) if ctx.needs_input_grad[1] else None
         return dx, dw, db, None
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear in on ``x``'s device when it is enabled there, else None."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 class _Carrier(Tensor):
@@ -232,7 +246,7 @@ class ProjectedBackward:
         return None
 
     @torch.no_grad()
-    def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
+    def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor, lower: torch.dtype | None = None) -> Tensor | None:
         """Backward of one target. Between refreshes: the projected gradient handed to the optimizer
         (and ``None``). When the projector is due:
 
@@ -246,7 +260,11 @@ class ProjectedBackward:
           (``add_factored_gradient``: ``x`` and ``dy`` stay alive until ``step()``, which refreshes
           from the sum of the step's micro-batches);
         - else the full ``dyᵀ x`` (autograd puts it in ``weight.grad``; with ``refresh_in_backward``
-          the projector is refreshed from it here, and it is projected and freed at once)."""
+          the projector is refreshed from it here, and it is projected and freed at once).
+
+        ``lower``: the dtype the forward ran in under ``torch.autocast`` (None without): the projected
+        products between refreshes run in it (as torch's linear forms ``dyᵀx`` in it), their result
+        is handed on in the compute dtype; a refresh's factors are in the compute dtype (float32)."""
         engine = self.engine
         if engine.projector_due(weight):
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
@@ -275,9 +293,12 @@ class ProjectedBackward:
             self.sink.add_projected_gradient(weight, engine.project(weight, full))
             return None
         dtype = compute_dtype(weight)
-        left, right = engine.projector(weight)
-        grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), left, right, engine.residual_index(weight),
+        work = dtype if lower is None else lower
+        left, right = (None if b is None else b.to(work) for b in engine.projector(weight))
+        grad = projected_weight_gradient(x.to(work), dy.to(work), left, right, engine.residual_index(weight),
                                          weight.shape[1])
+        if work != dtype:  # the optimizer's math stays in the compute dtype
+            grad = LowRankGradient(grad.low.to(dtype), None if grad.residual is None else grad.residual.to(dtype))
         self.sink.add_projected_gradient(weight, grad)
         return None
 
