@@ -83,3 +83,25 @@ def test_projected_products_run_in_bf16_under_autocast_and_the_optimizer_in_floa
                 assert any(opt.projected_gradient(w).residual is not None for w in weights)
             opt.step()
             opt.zero_grad()
+
+
+def test_autocast_leaves_a_float64_model_alone_on_the_projected_path():
+    """torch's autocast does not cast float64 tensors; neither does the projected path: under autocast
+    a float64 model trains as without it, to float64 rounding."""
+    runs = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(torch.float64)
+        opt = build_optimizer(model, LowRankSpec.recipe("galore+", 8, update_proj_gap=3, residual_warmup=1),
+                              lr=1e-3, projected_backward=True)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ids = torch.randint(0, 64, (2, 5), generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

@@ -98,9 +98,10 @@ class _ProjectedLinear(torch.autograd.Function):
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` runs a linear in on ``x``'s device when it is enabled there, else None."""
+    """The dtype ``torch.autocast`` runs a linear in on ``x``'s device when it is enabled there, else None
+    (None for float64 ``x`` too: autocast leaves float64 alone)."""
     device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+    if device in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
