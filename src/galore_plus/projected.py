@@ -36,6 +36,10 @@ was. What users see:
   non-reentrant gradient checkpointing work unchanged. At a refresh step the targets' full gradients
   exist until ``step()`` (the refresh needs them) unless ``refresh_in_backward`` refreshes each one
   as it comes (one backward per step; see ``enable_projected_backward``).
+- Under ``torch.autocast`` the projected products run in autocast's dtype (``x`` is saved in it), as
+  torch's linear forms ``dyᵀx`` in it; the optimizer gets float32 (DESIGN.md, "Projected backward").
+- Factors held until ``step()`` at a refresh are capped at the size of the target's ``m×n``
+  gradient: beyond ``m·n/(m+n)`` tokens a step they are folded into it (``cap_factors``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
   each step all-reduces their projected gradients (and their full ones at refresh steps) over the
   projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
