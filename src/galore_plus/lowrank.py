@@ -721,6 +721,11 @@ class LowRankOptimizer(Optimizer):
     def factored_gradient(self, p: Tensor) -> projection.FactoredGradient | None:
         return self._factored.get(p)
 
+    def pop_factored_gradient(self, p: Tensor) -> projection.FactoredGradient | None:
+        """Stop holding ``p``'s factored gradient and return it (the projected backward folds factors
+        that outgrow ``G`` into ``p.grad``: DESIGN.md, "Projected backward", the factors' cap)."""
+        return self._factored.pop(p, None)
+
     @torch.no_grad()
     def settle_factored(self) -> None:
         """Refresh every projector held as factors and turn each into the projected gradient under its

@@ -36,6 +36,10 @@ was. What users see:
   non-reentrant gradient checkpointing work unchanged. At a refresh step the targets' full gradients
   exist until ``step()`` (the refresh needs them) unless ``refresh_in_backward`` refreshes each one
   as it comes (one backward per step; see ``enable_projected_backward``).
+- Under ``torch.autocast`` the projected products run in autocast's dtype (``x`` is saved in it), as
+  torch's linear forms ``dyᵀx`` in it; the optimizer gets float32 (DESIGN.md, "Projected backward").
+- Factors held until ``step()`` at a refresh are capped at the size of the target's ``m×n``
+  gradient: beyond ``m·n/(m+n)`` tokens a step they are folded into it (``cap_factors``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
   each step all-reduces their projected gradients (and their full ones at refresh steps) over the
   projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
@@ -81,6 +85,12 @@ class _ProjectedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, route: ProjectedBackward,
                 target: Tensor) -> Tensor:
+        # under torch.autocast the linear runs in autocast's dtype: x is saved in it, as torch's linear
+        # saves its autocast copy, and backward's products run in it (DESIGN.md, "Projected backward",
+        # autocast)
+        ctx.lower = _autocast_dtype(x)
+        if ctx.lower is not None:
+            x = x.to(ctx.lower)
         ctx.save_for_backward(x)
         # the Parameter itself, not a saved copy: the optimizer knows it by identity, and under
         # non-reentrant checkpointing saved tensors come back as other objects. ``target`` is the
@@ -95,8 +105,17 @@ class _ProjectedLinear(torch.autograd.Function):
         dx = dy @ weight.to(dy.dtype) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dw = ctx.route.weight_gradient(ctx.target, x2, dy2) if ctx.needs_input_grad[1] else None
+        dw = ctx.route.weight_gradient(ctx.target, x2, dy2, ctx.lower) if ctx.needs_input_grad[1] else None
         return dx, dw, db, None, None
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear in on ``x``'s device when it is enabled there, else None
+    (None for float64 ``x`` too: autocast leaves float64 alone)."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 class _Carrier(Tensor):
@@ -186,6 +205,9 @@ class ProjectedBackward:
         #: refresh without the full gradient where the projector allows it (issue 26; see
         #: ``weight_gradient``); False forms every target's ``G`` at its refresh, as before
         self.sketched_refresh = sketched_refresh
+        #: fold a target's held factors into its full gradient once they would be larger than it
+        #: (DESIGN.md, "Projected backward", the factors' cap); False keeps them however large
+        self.cap_factors = True
         self._group = process_group
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
@@ -252,7 +274,7 @@ class ProjectedBackward:
         return None
 
     @torch.no_grad()
-    def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
+    def weight_gradient(self, weight: Tensor, x: Tensor, dy: Tensor, lower: torch.dtype | None = None) -> Tensor | None:
         """Backward of one target. Between refreshes: the projected gradient handed to the optimizer
         (and ``None``). When the projector is due:
 
@@ -266,19 +288,31 @@ class ProjectedBackward:
           (``add_factored_gradient``: ``x`` and ``dy`` stay alive until ``step()``, which refreshes
           from the sum of the step's micro-batches);
         - else the full ``dyᵀ x`` (autograd puts it in ``weight.grad``; with ``refresh_in_backward``
-          the projector is refreshed from it here, and it is projected and freed at once)."""
+          the projector is refreshed from it here, and it is projected and freed at once).
+
+        ``lower``: the dtype the forward ran in under ``torch.autocast`` (None without): the projected
+        products between refreshes run in it (as torch's linear forms ``dyᵀx`` in it), their result
+        is handed on in the compute dtype; a refresh's factors are in the compute dtype (float32)."""
         engine = self.engine
         if engine.projector_due(weight):
-            if self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks():
+            # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
+            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks()
+                    and weight.grad is None):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
                     engine.refresh_projector(weight, factored)
                     self.sink.add_projected_gradient(weight, engine.project(weight, factored))
-                else:
+                    return None
+                held = engine.factored_gradient(weight)
+                if not self.cap_factors or _kept_elements(held, factored) <= weight.numel():
                     engine.add_factored_gradient(weight, factored)
-                return None
+                    return None
+                # the factors would outgrow G: fold them into it (DESIGN.md, "Projected backward", the
+                # factors' cap); autograd puts it in weight.grad, and the step's later micro-batches add theirs
+                engine.pop_factored_gradient(weight)
+                return (factored if held is None else held.add_(factored)).dense().to(weight.dtype)
             full = (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             if not self.refresh_in_backward:
                 return full
@@ -287,14 +321,15 @@ class ProjectedBackward:
             self.sink.add_projected_gradient(weight, engine.project(weight, full))
             return None
         dtype = compute_dtype(weight)
+        work = dtype if lower is None else lower
         if id(weight) in self._sharded:  # FSDP2: this rank's batch over every row, reduced before step()
-            whole = self._whole_projector(weight)
-            grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), whole[0], whole[1], whole[2], weight.shape[1])
-            self.sink.add_projected_gradient(weight, grad)  # this rank's part, until ``_reduce_sharded``
-            return None
-        left, right = engine.projector(weight)
-        grad = projected_weight_gradient(x.to(dtype), dy.to(dtype), left, right, engine.residual_index(weight),
-                                         weight.shape[1])
+            left, right, index, _ = self._whole_projector(weight)  # (``_reduce_sharded``)
+        else:
+            (left, right), index = engine.projector(weight), engine.residual_index(weight)
+        left, right = (None if b is None else b.to(work) for b in (left, right))
+        grad = projected_weight_gradient(x.to(work), dy.to(work), left, right, index, weight.shape[1])
+        if work != dtype:  # the optimizer's math stays in the compute dtype
+            grad = LowRankGradient(grad.low.to(dtype), None if grad.residual is None else grad.residual.to(dtype))
         self.sink.add_projected_gradient(weight, grad)
         return None
 
@@ -379,6 +414,13 @@ class ProjectedBackward:
                 self.engine.comm.add("all_reduce", t)
                 dist.all_reduce(t, group=self._group)
                 t.div_(world)
+
+
+def _kept_elements(held: FactoredGradient | None, new: FactoredGradient) -> int:
+    """Elements of a target's factors held until ``step()`` if ``new`` joins ``held``: ``Σ tokens·(m+n)``
+    over the step's micro-batches (an ``x`` shared by q/k/v counted for each)."""
+    pairs = new.pairs + ([] if held is None else held.pairs)
+    return sum(x.numel() + dy.numel() for x, dy in pairs)
 
 
 def _world_size(group: Any) -> int:

@@ -545,8 +545,12 @@ class FactoredGradient:
         return FactoredGradient([(x, dy.index_select(1, index)) for x, dy in self.pairs])
 
     def dense(self) -> Tensor:
-        """``G`` itself: only for blocks that are small (a cross-head block), never a target matrix."""
-        return self._sum(b.T @ a for a, b in self._factors())
+        """``G`` itself: for blocks that are small (a cross-head block), or where the factors have grown
+        larger than ``G`` (the projected backward's cap); the micro-batches summed in place, in order."""
+        total = None
+        for a, b in self._factors():
+            total = b.T @ a if total is None else total.addmm_(b.T, a)
+        return total
 
     def project(self, left: Tensor | None, right: Tensor | None) -> Tensor:
         """``Pᵀ G = Σ (dy P)ᵀ x``, ``G Q = Σ dyᵀ (x Q)`` or ``Pᵀ G Q = Σ (dy P)ᵀ (x Q)``."""
