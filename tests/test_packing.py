@@ -169,10 +169,10 @@ def test_a_missing_or_empty_template_file_is_refused_with_the_options(tmp_path):
     from galore_plus.app.config import validated
 
     with pytest.raises(ConfigError, match=r"^--chat-template .*none.jinja: cannot be read \(No such file"):
-        validated(FinetuneConfig(chat_template=str(tmp_path / "none.jinja")))
+        validated(FinetuneConfig(model="tiny", chat_template=str(tmp_path / "none.jinja")))
     (tmp_path / "empty.jinja").write_text(" \n")
     with pytest.raises(ConfigError, match="empty.jinja: the file is empty; give a Jinja chat template"):
-        validated(FinetuneConfig(chat_template=str(tmp_path / "empty.jinja")))
+        validated(FinetuneConfig(model="tiny", chat_template=str(tmp_path / "empty.jinja")))
     assert from_dict({"model": "tiny"}, "run.json").chat_template is None
 
 
