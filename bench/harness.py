@@ -128,6 +128,18 @@ def versions(modules=(), distributions=()):
     return out
 
 
+def proc_status(key):
+    """This process's ``/proc/self/status`` entry ``key`` (``VmRSS``, ``VmHWM``: the peak RSS), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+
+
+def reset_peak_rss():
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM
+        f.write("5")
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

@@ -60,8 +60,7 @@ GIB = harness.GIB
 
 
 def rss_now():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    return harness.proc_status("VmRSS")
 
 
 def child(config, shape):

@@ -65,16 +65,6 @@ STEPS, GAP = 5, 3
 MIB = 2**20
 
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
-
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-
-
 def child(mode, shape, embeddings, checkpointing=False):
     harness.passive_omp_wait()
     import torch
@@ -97,17 +87,17 @@ def child(mode, shape, embeddings, checkpointing=False):
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=gen)
                for _ in range(STEPS)]
-    rss_model = status("VmRSS")
+    rss_model = harness.proc_status("VmRSS")
     steps = []
     for ids in batches:
-        reset_peak()
+        harness.reset_peak_rss()
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
-        held = status("VmRSS")  # what backward leaves for step(): gradients, held factors
+        held = harness.proc_status("VmRSS")  # what backward leaves for step(): gradients, held factors
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        steps.append({"seconds": seconds, "peak_above_model_mib": (status("VmHWM") - rss_model) / MIB,
+        steps.append({"seconds": seconds, "peak_above_model_mib": (harness.proc_status("VmHWM") - rss_model) / MIB,
                       "after_backward_above_model_mib": (held - rss_model) / MIB})
     return {"mode": mode, "rss_model_mib": rss_model / MIB, "steps": steps}
 

@@ -52,16 +52,6 @@ TOKENS, RANK, GIB = 512, 128, 2**30
 PAPER = {"GaLore+ paper (GPU, LLaMA2-7B)": 15.5e9, "GaLore README (8-bit, layer-wise)": 22.72e9}
 
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
-
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-
-
 def build_model(layers, shape, seed=0):
     """A random LLaMA of ``shape`` with ``layers`` decoder layers, every weight bf16 from the start."""
     import torch
@@ -136,12 +126,12 @@ def child(layers, smoke, rank, steps):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab_size"], (1, TOKENS), generator=gen)
     param_bytes = tensor_bytes(model.parameters())
-    rss_model = status("VmRSS")
+    rss_model = harness.proc_status("VmRSS")
     records = []
     for i in range(steps):
         opt.zero_grad(set_to_none=True)
         before = param_bytes + tensor_bytes(state_tensors(opt))
-        reset_peak()
+        harness.reset_peak_rss()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             loss = model(input_ids=ids, labels=ids).loss
@@ -151,7 +141,7 @@ def child(layers, smoke, rank, steps):
         peak_alloc, net = step_peak_bytes(prof)
         del prof
         records.append({"step": i + 1, "seconds": seconds, "loss": loss.item(),
-                        "peak_rss_step": status("VmHWM"), "bytes_at_start": before,
+                        "peak_rss_step": harness.proc_status("VmHWM"), "bytes_at_start": before,
                         "tensor_peak": before + peak_alloc, "net_allocated": net})
     state_bytes = tensor_bytes(state_tensors(opt))
     return {"layers": layers, "rank": rank, "tokens": TOKENS, "build_seconds": build_s,

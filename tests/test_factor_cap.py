@@ -9,21 +9,19 @@ counts where the factors reach ``m·n``: q/o 48×48 at 24, k/v 24×48 at 16, gat
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import build_optimizer, engine_of
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_projected import tiny  # noqa: E402  the tiny LLaMA of the projected backward's tests
+from test_sketched_refresh import TargetSized  # noqa: E402  the target-sized-tensor watch
+
 STEPS, GAP = 9, 4  # refreshes at steps 1, 5, 9
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
 
 
 def batches(accumulation, seq, steps=STEPS):
@@ -77,24 +75,6 @@ def test_folded_factors_equal_the_factored_refresh_in_float64(accumulation, seq,
     assert folds[1] == [set()] * 3  # uncapped: factors held everywhere
     for (name, p), q in zip(capped.named_parameters(), uncapped.parameters()):
         assert relative(p, q) < 1e-10, name
-
-
-class TargetSized(TorchDispatchMode):
-    """Every op output of a target's shape (or its transpose), the weights themselves excepted
-    (as in tests/test_sketched_refresh.py)."""
-
-    def __init__(self, shapes, weights):
-        super().__init__()
-        self.shapes, self.seen = shapes, set()
-        self.weights = {w.untyped_storage().data_ptr() for w in weights}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if (isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
-                    and t.untyped_storage().data_ptr() not in self.weights):
-                self.seen.add((str(func), tuple(t.shape)))
-        return out
 
 
 @pytest.mark.parametrize("seq,below", [(7, True), (11, False)])
