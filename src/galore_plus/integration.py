@@ -96,6 +96,19 @@ class Target:
 
 # ---------------------------------------------------------------------- targets
 
+def modules_matching(modules: dict[str, nn.Module], pattern: str | re.Pattern) -> tuple[list[str], str | None]:
+    """The names in ``modules`` (``dict(model.named_modules())``) that ``pattern`` matches whole, the root
+    left out, and the first of them that is not a linear layer (None when every one is): the pattern
+    rule of :func:`find_targets` and of the command's ``--target-modules``."""
+    hits = [name for name in modules if name and re.fullmatch(pattern, name)]
+    return hits, next((name for name in hits if not _is_linear(modules[name])), None)
+
+
+def linear_module_names(modules: dict[str, nn.Module]) -> list[str]:
+    """The names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) among ``modules``."""
+    return [name for name, module in modules.items() if name and _is_linear(module)]
+
+
 def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Target]:
     """The matrices of ``model`` to train low-rank, in ``model.named_modules()`` order.
 
@@ -166,16 +179,15 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[Ta
                 raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}") from err
         chosen = []
         for pattern, regex in zip(patterns, compiled):
-            hits = [name for name in modules if name and regex.fullmatch(name)]
+            hits, not_linear = modules_matching(modules, regex)
             if not hits:
                 raise ValueError(f"pattern {pattern!r} matched no module of {type(model).__name__} (patterns "
                                  f"must match a module's whole name, e.g. r'.*\\.q_proj')")
-            for name in hits:
-                if not _is_linear(modules[name]):
-                    raise ValueError(f"pattern {pattern!r} matched module {name!r} "
-                                     f"({type(modules[name]).__name__}), which is not a linear layer with a "
-                                     "2-D weight (nn.Linear or GPT-2's Conv1D); only linear weights can be "
-                                     "trained low-rank")
+            if not_linear is not None:
+                raise ValueError(f"pattern {pattern!r} matched module {not_linear!r} "
+                                 f"({type(modules[not_linear]).__name__}), which is not a linear layer with a "
+                                 "2-D weight (nn.Linear or GPT-2's Conv1D); only linear weights can be "
+                                 "trained low-rank")
             chosen.extend(hits)
         order = {name: i for i, name in enumerate(modules)}
         chosen = sorted(set(chosen), key=order.__getitem__)

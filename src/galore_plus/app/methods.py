@@ -159,20 +159,19 @@ def target_modules(model: torch.nn.Module, text: str, model_name: str) -> list[s
     """The names of ``model``'s modules that ``--target-modules text`` chooses; an item that matches no
     module, or a module that is not a linear layer, raises :class:`ConfigError` naming it and listing
     the model's linear layers."""
-    from ..integration import _is_linear
+    from ..integration import linear_module_names, modules_matching
 
     modules = dict(model.named_modules())
-    linear = [name for name, module in modules.items() if name and _is_linear(module)]
+    linear = linear_module_names(modules)
     chosen = []
     for item, pattern in zip(target_items(text), target_patterns(text)):
-        hits = [name for name in modules if name and re.fullmatch(pattern, name)]
+        hits, not_linear = modules_matching(modules, pattern)
         if not hits:
             raise ConfigError(f"--target-modules {item!r} matches no module of --model {model_name}; its linear "
                               f"layers are {shortened(linear)}")
-        for name in hits:
-            if not _is_linear(modules[name]):
-                raise ConfigError(f"--target-modules {item!r} matches {name} ({type(modules[name]).__name__}), "
-                                  f"which is not a linear layer; the linear layers are {shortened(linear)}")
+        if not_linear is not None:
+            raise ConfigError(f"--target-modules {item!r} matches {not_linear} ({type(modules[not_linear]).__name__}), "
+                              f"which is not a linear layer; the linear layers are {shortened(linear)}")
         chosen += [name for name in hits if name not in chosen]
     return chosen
 
