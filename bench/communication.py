@@ -365,16 +365,23 @@ def projected_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def projected_main(args) -> None:
+def spawn_ranks(target, args):
+    """``target(rank, world, port, args, queue)`` in ``args.world`` spawned processes; what rank 0 puts
+    on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=projected_worker, args=(r, args.world, port, args, queue))
+    procs = [ctx.Process(target=target, args=(r, args.world, port, args, queue))
              for port in [free_port()] for r in range(args.world)]
     for p in procs:
         p.start()
     multi = queue.get()
     for p in procs:
         p.join()
+    return multi
+
+
+def projected_main(args) -> None:
+    multi = spawn_ranks(projected_worker, args)
     result = projected_summary(multi, args)
     result["command"] = "python bench/communication.py --projected-backward" + (" --quick" if args.quick else "")
     name = "communication_projected_quick" if args.quick else "communication_projected"
@@ -409,15 +416,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     single = run("single", layer, args.rank, 0, 1)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue))
-             for port in [free_port()] for r in range(args.world)]
-    for p in procs:
-        p.start()
-    multi = queue.get()
-    for p in procs:
-        p.join()
+    multi = spawn_ranks(worker, args)
 
     world = args.world
     gather_step = sum((world - 1) / world * m * n * 4 for m, n, _ in layer.values())
