@@ -431,6 +431,17 @@ def paired_t(differences):
     return mean, t
 
 
+def final_losses(seed_jobs, by_key, loss):
+    """({seed: loss(record)} over the finished, not diverged runs of ``seed_jobs`` ((seed, job) pairs;
+    a job's record is ``by_key[job["key"]]``), and the keys of those runs): a table row's finals."""
+    per_seed, keys = {}, set()
+    for seed, j in seed_jobs:
+        rec = by_key.get(j["key"])
+        if rec is not None and not rec["result"].get("diverged"):
+            per_seed[seed], keys = loss(rec), keys | {j["key"]}
+    return per_seed, keys
+
+
 def paired_rows(rows, a, b, seeds):
     """(differences a − b per seed, mean, t) of two table rows' ``test_loss`` by seed (rows are
     ``{"method", "test_loss": {seed: loss}}``) where both have every seed, else None."""

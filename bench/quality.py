@@ -166,13 +166,11 @@ def summary(proto, by_key):
     finals = set()
     for name in proto["methods"]:
         _, curve, chosen = sweep_state(proto, name, by_key)
-        per_seed = {}
-        if chosen is not None:
-            for seed in proto["seeds"]:
-                j = job(proto, name, chosen, seed, "final")
-                if j["key"] in by_key and not by_key[j["key"]]["result"].get("diverged"):
-                    per_seed[seed] = by_key[j["key"]]["result"]["eval_after"]["answer_loss"]
-                    finals.add(j["key"])
+        seed_jobs = ([(seed, job(proto, name, chosen, seed, "final")) for seed in proto["seeds"]]
+                     if chosen is not None else [])
+        per_seed, keys = harness.final_losses(seed_jobs, by_key,
+                                              lambda rec: rec["result"]["eval_after"]["answer_loss"])
+        finals |= keys
         rows.append({"method": name, "rank": proto["methods"][name][1], "curve": sorted(curve.items()),
                      "chosen_lr": chosen, "test_loss": per_seed})
         if name == ABLATION_BASE and chosen is not None:

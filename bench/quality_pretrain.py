@@ -286,13 +286,10 @@ def summary(proto, by_key):
 
     for name in proto["methods"]:
         _, curve, chosen = sweep_state(proto, name, by_key)
-        per_seed = {}
-        if chosen is not None:
-            for seed in proto["seeds"]:
-                j = job(proto, name, chosen, seed, "final")
-                if j["key"] in by_key and not by_key[j["key"]]["result"].get("diverged"):
-                    per_seed[seed] = loss(by_key[j["key"]])
-                    finals.add(j["key"])
+        seed_jobs = ([(seed, job(proto, name, chosen, seed, "final")) for seed in proto["seeds"]]
+                     if chosen is not None else [])
+        per_seed, keys = harness.final_losses(seed_jobs, by_key, loss)
+        finals |= keys
         method, options, _ = proto["methods"][name]
         row = {"method": name, "rank": rank_of(method, options, proto["config"]), "curve": sorted(curve.items()),
                "chosen_lr": chosen, "test_loss": per_seed}
