@@ -44,7 +44,7 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     _, chosen = fill(bench, proto, base, {1e-4: 1.0, 3e-4: 0.9, 1e-3: 0.95}, base_runs)
     todo = bench.plan(proto, base_runs, [base])
     ablations = [j for j in todo if j["stage"] == "ablation"]
-    assert chosen == 3e-4 and len(ablations) == len(bench.ABLATIONS) and todo[0]["stage"] == "ablation"
+    assert chosen == 3e-4 and len(ablations) == len(bench.FINETUNE_ABLATIONS) and todo[0]["stage"] == "ablation"
     assert all(j["settings"]["lr"] == 3e-4 and j["settings"]["seed"] == 0 for j in ablations)
     by_key = {}
     # LoRA starts at 1e-3, 3e-3, 1e-2; falling to 1e-2 adds 3e-2, which is worse: 1e-2 chosen
