@@ -185,7 +185,7 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
 #: every option of ``LEGACY_VALUES`` is either here or was in the keys before).
 LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_threshold", "moment_transport",
                  "canonical_signs", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
-                 "warmup_ratio", "target_modules")
+                 "warmup_ratio", "target_modules", "preset")
 
 
 def train_settings(options, rank):

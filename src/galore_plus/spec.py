@@ -169,6 +169,15 @@ class LowRankSpec:
         base = RECIPES[method]
         return cls.from_options({**base, "rank": rank, **options}, where)
 
+    @classmethod
+    def preset(cls, name: str, method: str = "galore+", where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
+        """The ``method``'s recipe with the named preset's fields (:data:`PRESETS`; DESIGN.md, "Presets"):
+        ``LowRankSpec.preset("quality")`` is GaLore+ at full rank, α 1, no residual. ``options``
+        override fields, the preset's too."""
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is not one of {tuple(PRESETS)}")
+        return cls.recipe(method, where=where, **{**PRESETS[name], **options})
+
 
 #: every field name, the group fields, and the group fields' defaults (``LOW_RANK_DEFAULTS``)
 FIELDS = frozenset(f.name for f in fields(LowRankSpec))
@@ -181,6 +190,13 @@ SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LowRankSpec)}
 RECIPES: dict[str, dict[str, Any]] = {
     "galore": {},
     "galore+": {"svd": "randomized", "cross_head": True, "residual_ratio": PAPER_RESIDUAL_RATIO},
+}
+#: named settings over a method's recipe (DESIGN.md, "Presets"; provisional until BENCHMARKS.md §9
+#: measures them). "quality": every matrix at full rank (its min(m, n)), α 1, no residual: Adam in each
+#: gradient's singular basis, nothing of the gradient lost, AdamW's state size plus a projector per
+#: matrix (issue 29, mechanism 6)
+PRESETS: dict[str, dict[str, Any]] = {
+    "quality": {"rank": "full", "scale": 1.0, "residual_ratio": 0.0},
 }
 
 

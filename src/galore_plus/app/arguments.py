@@ -80,6 +80,9 @@ def _reader(name: str, cls: type) -> Any:
 def from_arguments(given: dict[str, Any]) -> FinetuneConfig:
     """The config of the options given on the command line (the rest at their defaults)."""
     given = dict(given)
+    from .presets import check_given
+
+    check_given(given)  # --preset against options given beside it (DESIGN.md, "Presets")
     if given.get("epochs") is not None:
         given.setdefault("max_steps", None)  # --epochs replaces the default length
     return FinetuneConfig(**given)

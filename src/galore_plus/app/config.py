@@ -23,7 +23,7 @@ from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
-from ..spec import SPEC_DEFAULTS, LowRankSpec
+from ..spec import PRESETS, SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
 from .checks import check_device, check_output_dir, check_types
 from .schedules import SCHEDULERS
@@ -36,6 +36,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEED_LIMIT = 2**32
 #: ``--save-every`` when not given (DESIGN.md, "Interrupts and checkpoints")
 DEFAULT_SAVE_EVERY = 50
+#: ``--lr`` when not given, per ``--method``: each method's tuned rate on the command's own job (DESIGN.md,
+#: "Learning rate per method", which says the evidence); resolved once, by :func:`validated`
+DEFAULT_LR = {"galore+": 1e-4, "galore": 1e-4, "adamw": 1e-4, "adamw8bit": 1e-4, "lora": 1e-3, "dora": 1e-3,
+              "fira": 1e-4}
+DEFAULT_LR_SHOWN = ", ".join(f"{m} {v:.0e}".replace("e-0", "e-") for m, v in DEFAULT_LR.items())  # in --help
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -65,6 +70,9 @@ class FinetuneConfig:
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
                                     "AdamW, LoRA and DoRA adapters, Fira from its own package)", choices=METHODS)
+    preset: str = option("none", "quality: every matrix at full rank, α 1, no residual, at AdamW's --lr (AdamW's "
+                                 "memory plus a projector per matrix; galore, galore+; provisional: DESIGN.md, "
+                                 "'Presets'); sets --rank, --scale, --residual-ratio", choices=("none", *PRESETS))
     rank: int | float | Literal["full"] = option(32, "projection rank per matrix: an int, full (its min(m, n)) or a "
                                                      "fraction in (0, 1] of it (LoRA/DoRA/fira: an int adapter rank)")
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training
@@ -109,7 +117,9 @@ class FinetuneConfig:
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (galore, galore+)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them "
                                                  "(non-reentrant)")
-    lr: float = option(2e-5, "peak learning rate (of --lr-scheduler, after a linear warm-up)")
+    lr: float | None = option(None, "peak learning rate (of --lr-scheduler, after a linear warm-up); a run records "
+                                    "the rate it used", shown=f"per --method: {DEFAULT_LR_SHOWN}; --preset quality: "
+                                                              "adamw's")
     warmup_steps: int = option(10, "linear warm-up steps", group="warmup")
     weight_decay: float = option(0.0, "decoupled weight decay")
     batch_size: int = option(4, "examples per micro-batch (under --distributed: the global batch, split across "
@@ -180,7 +190,8 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
                  "canonical_signs": False, "outside": "off", "packing": False, "chat_template": None,
                  "load_best_at_end": False,  # app/reporting.py: final/ from the last step
-                 "lr_scheduler": "cosine", "warmup_ratio": None, "target_modules": None}
+                 "lr_scheduler": "cosine", "warmup_ratio": None, "target_modules": None,
+                 "preset": "none"}
 
 
 def flag(name: str, cls: type = FinetuneConfig) -> str:
@@ -211,6 +222,12 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
         config = dataclasses.replace(config, data=config.data[0] if len(config.data) == 1 else list(config.data))
     check_types(config)
     c = config
+    if c.method not in METHODS:  # before its default rate is looked up
+        raise ConfigError(f"{flag('method')} must be one of {', '.join(METHODS)}; got {c.method!r}")
+    from .presets import with_preset
+
+    c = with_preset(c)  # --preset's values (DESIGN.md, "Presets")
+    c = dataclasses.replace(c, lr=learning_rate(c))  # recorded with the run (DESIGN.md, "Learning rate per method")
     try:  # the values the library owns, with its messages: the spec checks its own
         low_rank_spec(c)
         check_common({"lr": c.lr, "weight_decay": c.weight_decay, "seed": c.seed}, "finetune")
@@ -307,6 +324,17 @@ def residual_ratio(config: FinetuneConfig) -> float:
     if config.residual_ratio is not None:
         return config.residual_ratio
     return PAPER_RESIDUAL_RATIO if config.method == "galore+" else LOW_RANK_DEFAULTS["residual_ratio"]
+
+
+def learning_rate(config: FinetuneConfig) -> float:
+    """The run's peak learning rate: ``--lr``, else the default rate (:data:`DEFAULT_LR`) of ``--method``, or
+    of the method ``--preset`` names (``presets.PRESET_LR``). :func:`validated` writes it into the config,
+    so a run records the rate it used (DESIGN.md, "Learning rate per method")."""
+    if config.lr is not None:
+        return config.lr
+    from .presets import PRESET_LR
+
+    return DEFAULT_LR[PRESET_LR.get(config.preset, config.method)]
 
 
 def projected_backward(config: FinetuneConfig) -> bool:

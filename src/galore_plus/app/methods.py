@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..layerwise import engine_of
-from .config import FinetuneConfig, low_rank_spec, projected_backward
+from .config import FinetuneConfig, learning_rate, low_rank_spec, projected_backward
 from .errors import ConfigError
 
 #: the methods ``--target-modules`` chooses the matrices of (the others train every parameter)
@@ -39,7 +39,8 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: in
     if config.method == "adamw8bit":
         import bitsandbytes as bnb
 
-        return model, bnb.optim.AdamW8bit(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=learning_rate(config),
+                                          weight_decay=config.weight_decay)
     from ..integration import build_optimizer
 
     projected = projected_backward(config)
@@ -56,9 +57,10 @@ def build_method(config: FinetuneConfig, model: torch.nn.Module, total_steps: in
     patterns = target_patterns(config.target_modules)
     if patterns is not None:
         target_modules(model, config.target_modules, config.model)
-    optimizer = build_optimizer(model, spec, lr=config.lr, weight_decay=config.weight_decay, patterns=patterns,
-                                layerwise=config.layerwise, seed=config.seed, projected_backward=projected,
-                                refresh_in_backward=refresh_in_backward, embeddings=config.embeddings,
+    optimizer = build_optimizer(model, spec, lr=learning_rate(config), weight_decay=config.weight_decay,
+                                patterns=patterns, layerwise=config.layerwise, seed=config.seed,
+                                projected_backward=projected, refresh_in_backward=refresh_in_backward,
+                                embeddings=config.embeddings,
                                 stochastic_rounding=config.stochastic_rounding, **layerwise)
     return model, optimizer
 
@@ -71,10 +73,10 @@ def adamw(params, config: FinetuneConfig) -> torch.optim.Optimizer:
     bf16's ``0.999·v`` rounds back to ``v`` (issue 25)."""
     params = list(params)
     if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=learning_rate(config), weight_decay=config.weight_decay)
     from ..adamw import GaLoreAdamW
 
-    return GaLoreAdamW(params, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+    return GaLoreAdamW(params, lr=learning_rate(config), weight_decay=config.weight_decay, seed=config.seed,
                        stochastic_rounding=config.stochastic_rounding)
 
 
@@ -96,7 +98,7 @@ def fira_optimizer(config: FinetuneConfig, model: torch.nn.Module) -> torch.opti
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
               {"params": targets, "rank": config.rank, "update_proj_gap": config.update_proj_gap, "alpha": 1.0,
                "proj_type": "std"}]
-    return FiraAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return FiraAdamW(groups, lr=learning_rate(config), weight_decay=config.weight_decay)
 
 
 def uses_projected_backward(optimizer: torch.optim.Optimizer) -> bool:
