@@ -170,13 +170,14 @@ class LowRankSpec:
         return cls.from_options({**base, "rank": rank, **options}, where)
 
     @classmethod
-    def preset(cls, name: str, method: str = "galore+", where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
-        """The ``method``'s recipe with the named preset's fields (:data:`PRESETS`; DESIGN.md, "Presets"):
-        ``LowRankSpec.preset("quality")`` is GaLore+ at full rank, α 1, no residual. ``options``
-        override fields, the preset's too."""
+    def preset(cls, name: str, where: str = "LowRankSpec", **options: Any) -> LowRankSpec:
+        """The named preset (:data:`PRESETS`; DESIGN.md, "Presets"): its method's recipe with its fields;
+        ``LowRankSpec.preset("quality")`` is ``LowRankSpec.recipe("galore", "full", scale=1.0)``.
+        ``options`` override fields, the preset's too."""
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not one of {tuple(PRESETS)}")
-        return cls.recipe(method, where=where, **{**PRESETS[name], **options})
+        values = {**PRESETS[name], **options}
+        return cls.recipe(values.pop("method"), where=where, **values)
 
 
 #: every field name, the group fields, and the group fields' defaults (``LOW_RANK_DEFAULTS``)
@@ -191,12 +192,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "galore": {},
     "galore+": {"svd": "randomized", "cross_head": True, "residual_ratio": PAPER_RESIDUAL_RATIO},
 }
-#: named settings over a method's recipe (DESIGN.md, "Presets"; provisional until BENCHMARKS.md §9
-#: measures them). "quality": every matrix at full rank (its min(m, n)), α 1, no residual: Adam in each
-#: gradient's singular basis, nothing of the gradient lost, AdamW's state size plus a projector per
-#: matrix (issue 29, mechanism 6)
+#: named settings: a method (its recipe) and fields over it (DESIGN.md, "Presets"; provisional until
+#: BENCHMARKS.md §9 measures them). "quality" (issue 29, mechanism 6): GaLore with every matrix at full
+#: rank (its min(m, n)) and α 1, Adam in each gradient's singular basis with nothing of the gradient
+#: lost: AdamW's state size plus a k×k projector per matrix. Not GaLore+: its cross-head projection of
+#: q/k is lossy at full rank (a k_proj narrower than its input keeps k of its n columns' directions)
 PRESETS: dict[str, dict[str, Any]] = {
-    "quality": {"rank": "full", "scale": 1.0, "residual_ratio": 0.0},
+    "quality": {"method": "galore", "rank": "full", "scale": 1.0},
 }
 
 

@@ -70,9 +70,9 @@ class FinetuneConfig:
                                     "train and test", choices=SPLITS)
     method: str = option("galore+", "the optimizer: GaLore+ or GaLore, or a baseline (AdamW, bitsandbytes' 8-bit "
                                     "AdamW, LoRA and DoRA adapters, Fira from its own package)", choices=METHODS)
-    preset: str = option("none", "quality: every matrix at full rank, α 1, no residual, at AdamW's --lr (AdamW's "
-                                 "memory plus a projector per matrix; galore, galore+; provisional: DESIGN.md, "
-                                 "'Presets'); sets --rank, --scale, --residual-ratio", choices=("none", *PRESETS))
+    preset: str = option("none", "quality: GaLore with every matrix at full rank and α 1, at AdamW's --lr (AdamW's "
+                                 "memory plus a projector per matrix; provisional: DESIGN.md, 'Presets'); sets --method "
+                                 "galore, --rank full, --scale 1", choices=("none", *PRESETS))
     rank: int | float | Literal["full"] = option(32, "projection rank per matrix: an int, full (its min(m, n)) or a "
                                                      "fraction in (0, 1] of it (LoRA/DoRA/fira: an int adapter rank)")
     # fine-tuning wants a larger α and more frequent refreshes than the library's pre-training

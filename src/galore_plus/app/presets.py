@@ -1,8 +1,8 @@
 """``galore-plus finetune --preset NAME``: the library's named settings (``spec.PRESETS``) as the command
 applies them (DESIGN.md, "Presets").
 
-A preset sets some options (``quality``: ``--rank full --scale 1 --residual-ratio 0``) and, unless
-``--lr`` is given, the learning rate of another method (``quality``: AdamW's, ``config.DEFAULT_LR``).
+A preset sets some options (``quality``: ``--method galore --rank full --scale 1``) and, unless ``--lr``
+is given, the learning rate of another method (``quality``: AdamW's, ``config.DEFAULT_LR``).
 :func:`with_preset` gives a config its preset's values, in ``config.validated``: an option still at the
 command's default takes the preset's value, one set otherwise must agree with it. On the command line,
 where what was given is known, :func:`check_given` refuses an option given against the preset even at
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import PRESETS
 from .config import FinetuneConfig, flag
 from .errors import ConfigError
@@ -30,14 +29,10 @@ PRESET_LR = {"quality": "adamw"}
 def with_preset(config: FinetuneConfig) -> FinetuneConfig:
     """``config`` with the values of its ``preset`` (unchanged without one): the options the preset
     sets take its values where they are at the command's defaults (its rate is ``config.learning_rate``'s).
-    :class:`ConfigError` for a method without low-rank options, or an option set to a value the preset
-    contradicts."""
+    :class:`ConfigError` for an option set to a value the preset contradicts."""
     name = config.preset
     if name not in PRESETS:  # "none" (a bad name: validated() names it)
         return config
-    if config.method not in LOW_RANK_METHODS:
-        raise ConfigError(f"--preset {name} sets the low-rank options of {' and '.join(LOW_RANK_METHODS)}, not of "
-                          f"--method {config.method}; drop one of them")
     changes: dict[str, Any] = {}
     for option, value in PRESETS[name].items():
         current = getattr(config, option)
