@@ -215,7 +215,8 @@ def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
 
 def validated(config: FinetuneConfig) -> FinetuneConfig:
     """``config`` checked, with a data file's path made absolute (a resumed run must read the same
-    file whatever its working directory). Raises :class:`ConfigError` naming the value and what is
+    file whatever its working directory), ``--preset``'s options applied (``presets.with_preset``) and the
+    learning rate resolved (:func:`learning_rate`), so the run records what it computes with. Raises :class:`ConfigError` naming the value and what is
     allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
     the weights)."""
     if isinstance(config.data, (list, tuple)):  # --data FILE is a list of one: that file
