@@ -64,6 +64,9 @@ METHODS = {
     "galore+ (old recipe)": ("galore+", RANK, {}, (1e-4, 3e-4, 1e-3)),
     "dora": ("dora", RANK, {}, (1e-3, 3e-3, 1e-2)),
     "adamw": ("adamw", None, {}, (3e-5, 1e-4, 3e-4)),
+    # the library's quality preset (--preset quality: GaLore, every matrix at full rank, α 1) at AdamW's rungs;
+    # named as issue 29's records name it (DESIGN.md, "Presets": not GaLore+, whose cross-head q/k is lossy there)
+    "galore+ (full rank)": ("galore", "full", {"scale": 1.0}, (3e-5, 1e-4, 3e-4)),
     "fira": ("fira", RANK, {}, (1e-4, 3e-4, 1e-3)),
     "galore": ("galore", RANK, {}, (1e-4, 3e-4, 1e-3)),
 }
@@ -92,7 +95,7 @@ FINETUNE_ABLATIONS = ABLATIONS + (
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
          ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
-         ("fira", "adamw"), ("lora", "dora"))
+         ("fira", "adamw"), ("lora", "dora"), ("galore+ (full rank)", "adamw"))
 
 
 def protocol(mode):

@@ -11,7 +11,9 @@ rank 64 (hidden/4), T 200 (8 refreshes), 96 validation windows of 128 tokens (12
 
 Rows (:data:`METHODS`): GaLore+ as ``bench/pretrain.py`` runs it ("galore+ (old recipe)": α 0.25,
 T 200), AdamW, GaLore, Fira (its package, α 1, as ``galore-plus finetune --method fira``), APOLLO
-(``apollo_torch``, as §4), GaLore+ at full rank with α 1 (the quality-preset candidate), and the new
+(``apollo_torch``, as §4), the library's quality preset (``--preset quality``: GaLore at full rank, α 1;
+named "galore+ (full rank)" as issue 29's records name it; not GaLore+, whose cross-head q/k is lossy at full
+rank: DESIGN.md, "Presets"), and the new
 recipe (:data:`NEW_RECIPE`) once the ablation chooses it. In the order they run:
 
 1. **Sweeps** (seed 0): every row's bracketed sweep (``harness.sweep``: three rungs ~3× apart started
@@ -60,7 +62,7 @@ METHODS = {
     "galore": ("galore", {}, (3e-3, 1e-2, 3e-2)),
     "apollo": ("apollo", {}, (3e-3, 1e-2, 3e-2)),
     "fira": ("fira", {}, (1e-3, 3e-3, 1e-2)),
-    "galore+ (full rank)": ("galore+", {"rank": "full", "scale": 1.0}, (3e-4, 1e-3, 3e-3)),
+    "galore+ (full rank)": ("galore", {"rank": "full", "scale": 1.0}, (3e-4, 1e-3, 3e-3)),
 }
 #: the new GaLore+ recipe once the fine-tuning ablation picks it: ``(LowRankSpec options, starting
 #: rungs)``, which adds the row "galore+" (None: not chosen yet)
