@@ -15,6 +15,6 @@ for task in ${TASKS:-gsm_symbolic gsm_symbolic}; do
   i=$((i + 1))
   [ "$task" = gsm_symbolic ] && task_arg=() || task_arg=(--task "$task")  # the default: older worktrees lack --task
   OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py "${task_arg[@]}" \
-    --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" > "$main/runs/quality/invocation$i.log" 2>&1 &
+    --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" >> "$main/runs/quality/invocation_${task}_$i.log" 2>&1 &
   sleep 90  # the first makes the SmolLM2 export before the second could race for it
 done
