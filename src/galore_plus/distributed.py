@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import projection
+from .distributed_sketch import RankMeanGradient
 from .layerwise import LayerwiseOptimizer, layerwise_unsupported_reason
 from .lowrank import LowRankOptimizer, compute_dtype
 from .sharding import checkpoint_placement, empty_placed, is_dtensor, layout_of
@@ -63,6 +64,13 @@ class SplitRefresh:
     def refresh(self, optimizer: LowRankOptimizer, due: list[tuple[Tensor, Tensor]]) -> None:
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         with optimizer.comm.refresh():
+            # a refresh from the ranks' factors (the projected backward's sketched refresh) needs every
+            # rank in each of its products: every rank computes it, in the order given (the same on every
+            # rank); owners split the rest (DESIGN.md, "Distributed", sketched refresh across ranks)
+            together = [(p, grad) for p, grad in due if isinstance(grad, RankMeanGradient)]
+            due = [(p, grad) for p, grad in due if not isinstance(grad, RankMeanGradient)]
+            for p, grad in together:
+                optimizer.refresh_projector(p, grad)
             costs = [_refresh_cost(optimizer.group_of(p), p) for p, _ in due]
             owners = _balanced_owners(costs, world)
             for (p, grad), owner in zip(due, owners):

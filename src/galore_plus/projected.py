@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed_sketch import is_rank_mean, prepare_refresh
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FactoredGradient
@@ -296,8 +297,10 @@ class ProjectedBackward:
         engine = self.engine
         if engine.projector_due(weight):
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
-            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks()
-                    and weight.grad is None):
+            # DDP: held per rank, averaged over the ranks product by product at step()
+            # (``distributed_sketch.prepare_refresh``; DESIGN.md, "Distributed", sketched refresh across ranks)
+            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
+                    and (self._group is not None or not self._several_ranks())):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
@@ -377,6 +380,11 @@ class ProjectedBackward:
         return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
     # ---------------------------------------------------------------- DDP
+    def _prepare_sketched_refresh(self) -> None:
+        """DDP: the held factors of a refresh step become the mean over the ranks (``distributed_sketch``)."""
+        if self.sketched_refresh and self._group is not None and _world_size(self._group) > 1:
+            prepare_refresh(self.engine, list(self.targets.values()), self._group)
+
     @property
     def process_group(self) -> Any:
         """The process group the targets' gradients are averaged over before each step, or None."""
@@ -404,10 +412,13 @@ class ProjectedBackward:
                     "enable_projected_backward the process_group)")
             return
         world = dist.get_world_size(self._group)
+        self._prepare_sketched_refresh()
         for weight in self.targets.values():
             if id(weight) in self._sharded:  # reduced above
                 continue
             projected = self.engine.projected_gradient(weight)
+            if projected is not None and is_rank_mean(projected.low):  # settled from the ranks' mean already
+                continue
             tensors = [weight.grad] if weight.grad is not None else (
                 [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
             for t in tensors:
@@ -471,6 +482,8 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
         raise TypeError(f"clip_grad_norm_ needs a galore_plus optimizer, got {type(optimizer).__name__}")
     if engine is not optimizer:
         return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
+    if engine.projected_backward is not None:  # DDP: the factors averaged over the ranks (distributed_sketch)
+        engine.projected_backward._prepare_sketched_refresh()
     engine.settle_factored()  # a refresh step's factored gradients: refreshed and projected now, then counted
     if engine.projected_backward is not None:  # FSDP2 targets: reduced over the ranks now, then counted
         engine.projected_backward._reduce_sharded()
