@@ -41,8 +41,10 @@ was. What users see:
 - Factors held until ``step()`` at a refresh are capped at the size of the target's ``m×n``
   gradient: beyond ``m·n/(m+n)`` tokens a step they are folded into it (``cap_factors``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
-  each step all-reduces their projected gradients (and their full ones at refresh steps) over the
-  projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
+  each step all-reduces their projected gradients (and their full ones at refresh steps where the
+  refresh needs ``G``: exact SVD) over the projected backward's own process group instead: ``r``-sized
+  traffic per target matrix. A randomized or cross-head refresh is sketched across the ranks, each
+  product of the range finder all-reduced (``distributed_sketch``). The group
   is given to ``enable_projected_backward(process_group=...)`` or set by
   ``distributed.distribute(optimizer)`` (``reduce_over``); ``process_group`` reads it.
 - FSDP2 (issue 26; DESIGN.md, "Distributed", FSDP2 with the projected backward): nothing to call.
@@ -280,7 +282,7 @@ class ProjectedBackward:
         (and ``None``). When the projector is due:
 
         - **without the full gradient** (``sketched_refresh``, where ``engine.refreshes_from_factors``:
-          randomized range finder or cross-head, in one process; DESIGN.md, "Projected backward",
+          randomized range finder or cross-head, in one process or under DDP; DESIGN.md, "Projected backward",
           refresh without G): ``G = dyᵀ x`` is kept as its factors (``FactoredGradient``). With
           ``refresh_in_backward`` or in layer-wise mode the projector is refreshed from them here, and
           the projected gradient under the new projector handed on (the range finder's products
@@ -375,8 +377,8 @@ class ProjectedBackward:
                 grad.low, grad.residual, sizes, side_right=left is None)
 
     def _several_ranks(self) -> bool:
-        """Under DDP a refresh needs the averaged gradient: the full path there (the factored
-        products would each need an all-reduce; not done)."""
+        """Several ranks: a refresh needs their mean gradient, from factors only with a DDP process group
+        (``distributed_sketch``), else the full path."""
         return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
     # ---------------------------------------------------------------- DDP
@@ -469,7 +471,8 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     ``sketched_refresh`` (default True; issue 26): at a refresh step, targets whose projector needs
     only products with ``G`` (randomized range finder, cross-head; ``refreshes_from_factors``) never
     form ``G``: their projector comes from ``x`` and ``dy`` (``ProjectedBackward.weight_gradient``).
-    Exact-SVD GaLore, Fira's term, the captured-share policy and DDP keep the full gradient there."""
+    Exact-SVD GaLore, Fira's term, the captured-share policy and FSDP2 keep the full gradient there;
+    DDP sketches across the ranks (``distributed_sketch``)."""
     return ProjectedBackward(model, optimizer, refresh_in_backward, process_group, sketched_refresh)
 
 
