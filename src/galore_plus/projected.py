@@ -68,7 +68,7 @@ from .distributed_sketch import is_rank_mean, prepare_refresh
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FactoredGradient
-from .sharding import ProjectedRows, is_dtensor, layout_of
+from .sharding import FactoredRows, ProjectedRows, is_dtensor, layout_of
 
 
 def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right: Tensor | None,
@@ -302,9 +302,12 @@ class ProjectedBackward:
             # DDP: held per rank, averaged over the ranks product by product at step()
             # (``distributed_sketch.prepare_refresh``; DESIGN.md, "Distributed", sketched refresh across ranks)
             if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
-                    and (self._group is not None or not self._several_ranks())):
+                    and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
+                if id(weight) in self._sharded:  # FSDP2: no cap (per rank; DESIGN.md, "Distributed")
+                    engine.add_factored_gradient(weight, FactoredRows(factored.pairs, weight, engine.comm))
+                    return None
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
                     engine.refresh_projector(weight, factored)
