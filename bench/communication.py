@@ -34,8 +34,10 @@ heads of 64) under ``fully_shard`` on ``--world`` gloo ranks, trained by the com
 the projected one, counting per step the payload FSDP2 reduce-scatters (``dist.reduce_scatter_single``,
 which FSDP2 calls, less the optimizer's own reduce-scatters) and the optimizer's own collectives. The target matrices' share of FSDP2's payload
 is the full run's minus the projected run's between refreshes (the other parameters), checked against
-``Σ ⌈m/N⌉·N·n·4``. Refresh steps of both paths form the full gradient (DESIGN.md, "Distributed"), so
-the average per step is given for the measured gap (4) and the command's default (50). Writes
+``Σ ⌈m/N⌉·N·n·4``. Refresh steps of the full path form the full gradient; the projected path refreshes
+from the ranks' factors (DESIGN.md, "Distributed"), its products counted as refresh-phase traffic, so
+the average per step is given with and without that work, for the measured gap (4) and the command's
+default (50). Writes
 ``communication_projected.json`` / ``.md``:
 
     python bench/communication.py --projected-backward              # hidden 512, 4 layers, rank 32
@@ -352,24 +354,27 @@ def projected_markdown(r: dict) -> str:
              f"{r['r_over_min_side'][1]:.4f}. FSDP2's reduce-scatter of the targets: {r['fsdp_target_payload_counted']:,} "
              f"bytes counted, {r['fsdp_target_payload_formula']:,} from the shapes.", "",
              "| targets' gradients | steady step | refresh step | mean per step, T=4 | mean per step, T=50 | "
-             "T=50 with refresh work |", "|---|---|---|---|---|---|"]
+             "T=4 with refresh work | T=50 with refresh work |", "|---|---|---|---|---|---|---|"]
     for kind in ("payload", "sent"):
         for name in ("full", "projected"):
             row = rows[f"{name}_{kind}"]
             lines.append(f"| {name}, {'payload' if kind == 'payload' else 'sent per rank (ring)'} | "
                          f"{kib(row['steady_step'])} | {kib(row['refresh_step'])} | {kib(row['mean_per_step_T4'])} | "
-                         f"{kib(row['mean_per_step_T50'])} | {kib(row['mean_per_step_T50_with_refresh_work'])} |")
+                         f"{kib(row['mean_per_step_T50'])} | {kib(row['mean_per_step_T4_with_refresh_work'])} | "
+                         f"{kib(row['mean_per_step_T50_with_refresh_work'])} |")
         f, p = rows[f"full_{kind}"], rows[f"projected_{kind}"]
         lines.append(f"| ratio projected/full ({kind}) | {p['steady_step'] / f['steady_step']:.4f} | "
                      f"{p['refresh_step'] / f['refresh_step']:.4f} | {p['mean_per_step_T4'] / f['mean_per_step_T4']:.4f} "
                      f"| {p['mean_per_step_T50'] / f['mean_per_step_T50']:.4f} | "
+                     f"{p['mean_per_step_T4_with_refresh_work'] / f['mean_per_step_T4_with_refresh_work']:.4f} | "
                      f"{p['mean_per_step_T50_with_refresh_work'] / f['mean_per_step_T50_with_refresh_work']:.4f} |")
     lines += ["", "Steady step: FSDP2's reduce-scatter of the targets' m×n gradients plus the optimizer's r×n "
               "all-reduce of left projections (full), against the projected path's reduce-scatter of G Q "
-              "(m×r), all-reduce of Pᵀ G (r×n) and of the residual entries. Refresh steps form the full gradient "
-              "on both paths; 'with refresh work' adds the optimizer's refresh-phase collectives (range finder, "
-              "head rows, residual candidates; on the projected path also the all-gathered left bases and "
-              "residual indices).", "", f"Command: `{r['command']}`.", ""]
+              "(m×r), all-reduce of Pᵀ G (r×n) and of the residual entries. Refresh steps: the full path forms and "
+              "reduce-scatters G; the projected path refreshes from the ranks' factors (issue 26, "
+              "sharding.FactoredRows), its range-finder products being refresh-phase traffic: 'with refresh "
+              "work' adds the optimizer's refresh-phase collectives (range finder, head rows, residual candidates; "
+              "on the projected path also the all-gathered left bases, thin Y and residual indices).", "", f"Command: `{r['command']}`.", ""]
     return "\n".join(lines)
 
 
@@ -461,7 +466,7 @@ def ddp_projected_summary(multi: dict, args) -> dict:
             "tokens_per_step": args.batch * args.tokens, "targets": [[n, list(s)] for n, s in targets],
             "ddp_others_payload": others, "ddp_target_payload_formula": sum(m * n * 4 for _, (m, n) in targets),
             "ddp_target_payload_counted": multi["full"]["steps"][steady_idx]["ddp_all_reduce"] - others,
-            "largest_optimizer_payload_per_step": {
+            "optimizer_payload_largest_step": {
                 name: max(sum(e["optimizer_step"].values()) + sum(e["optimizer_refresh"].values())
                           for e in multi[name]["steps"]) for name in DDP_RUNS},
             "r_over_min_side": [min(args.rank / min(s) for _, s in targets), max(args.rank / min(s) for _, s in targets)],
