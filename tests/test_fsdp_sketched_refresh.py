@@ -9,7 +9,8 @@ left basis); at refresh steps the targets' ``W.grad`` stays ``None`` and FSDP2 r
 the other parameters (the same payload as between refreshes), no collective of the optimizer carries
 a tensor as large as a target, and no op in backward or ``step()`` returns a tensor of a target's shape
 other than FSDP2's own all-gathered weights (the full-gradient refresh, the control, shows all three);
-a save on 2 ranks → resume → continue across a refresh is bitwise the uninterrupted run.
+a save on 2 ranks → resume → continue across a refresh is bitwise the uninterrupted run; a rank past
+the factors' cap folds into its own ``G_r`` while the other keeps factors, with the same collectives.
 """
 
 from __future__ import annotations
@@ -106,25 +107,31 @@ def single(method: str) -> dict:
     return full_params(model)
 
 
-def train(model: nn.Module, optimizer, steps: range, rank: int, micro: int = 1, log: list | None = None) -> None:
+def train(model: nn.Module, optimizer, steps: range, rank: int, micro: int = 1, log: list | None = None,
+          rows: list[int] | None = None) -> None:
+    """``rows``: how many of the global batch's rows each rank takes (default: equal halves); the loss
+    is scaled so that FSDP2's mean over the ranks is the global batch's mean."""
     weights = [getattr(model, n).weight for n in TARGETS]
     shapes = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
     for step in steps:
         x, y = data(step)
-        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        sizes = rows or [BATCH // WORLD] * WORLD
+        x, y = x.split(sizes)[rank], y.split(sizes)[rank]
+        scale = sizes[rank] * WORLD / BATCH
         watch = FsdpWatch(shapes, weights)
         with Collectives() as backward:
             for xb, yb in zip(x.chunk(micro), y.chunk(micro)):
-                loss = nn.functional.mse_loss(model(xb), yb) / micro
+                loss = nn.functional.mse_loss(model(xb), yb) * scale / micro
                 with watch:
                     loss.backward()
         held = [optimizer.factored_gradient(w) is not None for w in weights]
+        folded = [getattr(optimizer.factored_gradient(w), "dense", None) is not None for w in weights]
         grads = [w.grad is not None for w in weights]
         with Collectives() as stepped, watch:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if log is not None:
-            log.append({"seen": sorted(watch.seen), "held": held, "grads": grads,
+            log.append({"seen": sorted(watch.seen), "held": held, "grads": grads, "folded": folded,
                         "fsdp_reduce_scatter": sum(n for name, n in backward.calls if name == "reduce_scatter_single"),
                         "largest_in_step": max((n for _, n in stepped.calls), default=0),
                         "refreshes": [optimizer.state[w]["refresh_count"] for w in weights]})
@@ -157,6 +164,12 @@ def scenario(rank: int, out_dir: str) -> dict:
     load_checkpoint(path, model, optimizer)
     train(model, optimizer, range(STEPS // 2, STEPS), rank)
     results[("sketched", "resumed")] = full_params(model)
+    # unequal token counts: rank 0's 12 rows put q (32×16, 10.7 tokens) over the factors' cap, rank 1's 4 not
+    model, optimizer = projected()
+    log = []
+    train(model, optimizer, range(STEPS), rank, 1, log, rows=[12, 4])
+    results[("cap",)] = full_params(model)
+    results[("cap", "log")] = log
     return results
 
 
@@ -210,3 +223,17 @@ def test_resume_across_a_refresh_is_bitwise(ranks):
     for res in ranks:
         for name, value in res[("sketched", 1)].items():
             assert torch.equal(res[("sketched", "resumed")][name], value), name
+
+
+def test_a_rank_past_the_factors_cap_folds_its_own_gradient_and_the_collectives_stay_thin(ranks):
+    """Rank 0 folds q's factors into its own dense ``G_r`` (past the cap), rank 1 keeps them: the
+    ranks still issue the same thin collectives, FSDP2 reduce-scatters no target, and the run equals
+    one process."""
+    for res in ranks:
+        assert_equal_to(ranks[0][("single", "galore+")], res[("cap",)], "cap")
+        log = res[("cap", "log")]
+        assert all(e["largest_in_step"] < SMALLEST for e in log)
+        assert len({e["fsdp_reduce_scatter"] for e in log}) == 1
+        assert not any(any(e["grads"]) for e in log)
+    assert all(e["folded"] == [True, False, False] for e in ranks[0][("cap", "log")][::GAP])
+    assert not any(any(e["folded"]) for e in ranks[1][("cap", "log")])

@@ -305,8 +305,10 @@ class ProjectedBackward:
                     and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
-                if id(weight) in self._sharded:  # FSDP2: no cap (per rank; DESIGN.md, "Distributed")
+                if id(weight) in self._sharded:  # FSDP2: the ranks' mean, from factors (DESIGN.md, "Distributed")
                     engine.add_factored_gradient(weight, FactoredRows(factored.pairs, weight, engine.comm))
+                    if self.cap_factors:  # past the cap, folded into this rank's G, held by the optimizer
+                        engine.factored_gradient(weight).fold_beyond(weight.numel())
                     return None
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
