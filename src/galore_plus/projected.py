@@ -50,8 +50,9 @@ was. What users see:
 - FSDP2 (issue 26; DESIGN.md, "Distributed", FSDP2 with the projected backward): nothing to call.
   Each rank computes its micro-batches' projected gradient of the whole (all-gathered) matrix; the
   step pre-hook reduce-scatters ``G Q`` to the row shards and all-reduces ``Pᵀ G`` and the residual
-  entries (``sharding.ProjectedRows``), so FSDP2 reduce-scatters only the other parameters. Refresh
-  steps form the full gradient, which FSDP2 reduce-scatters as before.
+  entries (``sharding.ProjectedRows``), so FSDP2 reduce-scatters only the other parameters. A
+  randomized or cross-head refresh comes from the ranks' factors (``sharding.FactoredRows``); an
+  exact-SVD one forms the full gradient, which FSDP2 reduce-scatters as before.
 """
 
 from __future__ import annotations
@@ -383,7 +384,7 @@ class ProjectedBackward:
 
     def _several_ranks(self) -> bool:
         """Several ranks: a refresh needs their mean gradient, from factors only with a DDP process group
-        (``distributed_sketch``), else the full path."""
+        (``distributed_sketch``) or on FSDP2 row shards (``sharding.FactoredRows``), else the full path."""
         return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
     # ---------------------------------------------------------------- DDP
@@ -476,8 +477,8 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     ``sketched_refresh`` (default True; issue 26): at a refresh step, targets whose projector needs
     only products with ``G`` (randomized range finder, cross-head; ``refreshes_from_factors``) never
     form ``G``: their projector comes from ``x`` and ``dy`` (``ProjectedBackward.weight_gradient``).
-    Exact-SVD GaLore, Fira's term, the captured-share policy and FSDP2 keep the full gradient there;
-    DDP sketches across the ranks (``distributed_sketch``)."""
+    Exact-SVD GaLore, Fira's term and the captured-share policy keep the full gradient there; under
+    DDP and FSDP2 it is sketched across the ranks (``distributed_sketch``, ``sharding.FactoredRows``)."""
     return ProjectedBackward(model, optimizer, refresh_in_backward, process_group, sketched_refresh)
 
 
