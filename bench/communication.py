@@ -282,7 +282,9 @@ def projected_run(projected: bool, args, rank: int, world: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             after = snapshot(optimizer)
-            mine = after["step"].get("reduce_scatter", 0) - before["step"].get("reduce_scatter", 0)
+            # the optimizer's own reduce-scatters (between refreshes G Q, at a sketched refresh G Ω too)
+            mine = sum(after[ph].get("reduce_scatter", 0) - before[ph].get("reduce_scatter", 0)
+                       for ph in ("step", "refresh"))
             steps.append({"fsdp_reduce_scatter": counted[0] - mine, **{
                 f"optimizer_{ph}": {op: after[ph].get(op, 0) - before[ph].get(op, 0) for op in after[ph]}
                 for ph in ("step", "refresh")}})
