@@ -140,7 +140,25 @@ def scenario(rank: int, out_dir: str) -> dict:
     train(model, optimizer, range(STEPS), rank, 1, log, rows=[12, 4])
     results[("cap",)] = full_params(model)
     results[("cap", "log")] = log
+    results[("nan",)] = non_finite_on_one_rank(rank)
     return results
+
+
+def non_finite_on_one_rank(rank: int) -> dict:
+    """A NaN in rank 0's batch at a refresh step (the first): every rank refuses the refresh (one flag
+    all-reduced), before anything changes."""
+    model, optimizer = ddp_projected()
+    before = full_params(model)
+    x, y = data(0)
+    x, y = x.chunk(WORLD)[rank].clone(), y.chunk(WORLD)[rank]
+    if rank == 0:
+        x[0, 0] = float("nan")
+    nn.functional.mse_loss(model(x), y).backward()
+    try:
+        optimizer.step()
+    except FloatingPointError as err:
+        return {"error": str(err), "unchanged": all(torch.equal(before[n], p) for n, p in full_params(model).items())}
+    return {"error": None}
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +227,9 @@ def test_ranks_disagreeing_on_the_factors_cap_both_take_the_full_path(ranks):
     assert all(e["grads"] == [True, False, False] for e in log0[::GAP])
     assert all(e["held"] == [True, True, True] and not any(e["grads"]) for e in log1[::GAP])
     assert all(e["target_reduces"] == [(32, 16)] for e in log1[::GAP])  # q's G, all-reduced on both
+
+
+def test_non_finite_factors_on_one_rank_are_refused_on_every_rank(ranks):
+    for res in ranks:
+        assert res[("nan",)]["error"] is not None and "NaN or Inf" in res[("nan",)]["error"]
+        assert res[("nan",)]["unchanged"]

@@ -170,7 +170,25 @@ def scenario(rank: int, out_dir: str) -> dict:
     train(model, optimizer, range(STEPS), rank, 1, log, rows=[12, 4])
     results[("cap",)] = full_params(model)
     results[("cap", "log")] = log
+    results[("nan",)] = non_finite_on_one_rank(rank)
     return results
+
+
+def non_finite_on_one_rank(rank: int) -> dict:
+    """A NaN in rank 0's batch at a refresh step (the first): every rank refuses the refresh (one flag
+    all-reduced), before anything changes."""
+    model, optimizer = projected()
+    before = full_params(model)
+    x, y = data(0)
+    x, y = x.chunk(WORLD)[rank].clone(), y.chunk(WORLD)[rank]
+    if rank == 0:
+        x[0, 0] = float("nan")
+    nn.functional.mse_loss(model(x), y).backward()
+    try:
+        optimizer.step()
+    except FloatingPointError as err:
+        return {"error": str(err), "unchanged": all(torch.equal(before[n], p) for n, p in full_params(model).items())}
+    return {"error": None}
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +255,9 @@ def test_a_rank_past_the_factors_cap_folds_its_own_gradient_and_the_collectives_
         assert not any(any(e["grads"]) for e in log)
     assert all(e["folded"] == [True, False, False] for e in ranks[0][("cap", "log")][::GAP])
     assert not any(any(e["folded"]) for e in ranks[1][("cap", "log")])
+
+
+def test_non_finite_factors_on_one_rank_are_refused_on_every_rank(ranks):
+    for res in ranks:
+        assert res[("nan",)]["error"] is not None and "NaN or Inf" in res[("nan",)]["error"]
+        assert res[("nan",)]["unchanged"]
