@@ -9,7 +9,9 @@ with warm starts); no op in backward or ``step()`` on any rank returns a tensor 
 and no all-reduce carries one, at any step, refresh steps included (the full-gradient refresh, the
 control, shows both at its refresh steps); a save on 2 ranks → resume → continue across a refresh is
 bitwise the uninterrupted run; ranks whose token counts put one over the factors' cap and the other
-under it agree (both fold: the full path for that target) and still equal one process.
+under it agree (both fold: the full path for that target) and still equal one process; sketched and
+exact-SVD targets refresh in the same step (the latter split across the ranks); a NaN in one rank's
+batch at a refresh is refused on every rank before anything changes.
 """
 
 from __future__ import annotations
@@ -50,13 +52,20 @@ class AllReduces:
         dist.all_reduce = self.original
 
 
+def adjusted(optimizer, method: str):
+    """``warm``: every low-rank group warm-started; ``mixed``: up/down by exact SVD (their refresh all-reduces
+    ``G``, split across the ranks by ``distribute``) beside the sketched cross-head q in the same step."""
+    for group in optimizer.param_groups:
+        if "rank" in group and method == "warm":
+            group["warm_start"] = True
+        if "rank" in group and method == "mixed" and group["num_heads"] is None:
+            group["svd"] = "exact"
+    return optimizer
+
+
 def ddp_projected(method: str = "galore+", sketched: bool = True):
     model = make_model()
-    optimizer = make_optimizer(model, method)
-    if method == "warm":
-        for group in optimizer.param_groups:
-            if "rank" in group:
-                group["warm_start"] = True
+    optimizer = adjusted(make_optimizer(model, method), method)
     enable_projected_backward(model, optimizer, sketched_refresh=sketched)
     ddp = wrap_model(model, "ddp", torch.device("cpu"))
     distribute(optimizer)
@@ -65,11 +74,7 @@ def ddp_projected(method: str = "galore+", sketched: bool = True):
 
 def single(method: str) -> dict:
     model = make_model()
-    optimizer = make_optimizer(model, method)
-    if method == "warm":
-        for group in optimizer.param_groups:
-            if "rank" in group:
-                group["warm_start"] = True
+    optimizer = adjusted(make_optimizer(model, method), method)
     train(model, optimizer, range(STEPS), None)
     return full_params(model)
 
@@ -107,7 +112,7 @@ def train(model: nn.Module, optimizer, steps: range, rank: int | None, micro: in
 
 def scenario(rank: int, out_dir: str) -> dict:
     results: dict = {}
-    for method in ("galore+", "warm"):
+    for method in ("galore+", "warm", "mixed"):
         results[("single", method)] = single(method)
     for micro in (1, 2):
         model, optimizer = ddp_projected()
@@ -119,6 +124,12 @@ def scenario(rank: int, out_dir: str) -> dict:
     model, optimizer = ddp_projected("warm")
     train(model, optimizer, range(STEPS), rank, 2)
     results[("sketched", "warm")] = full_params(model)
+    model, optimizer = ddp_projected("mixed")
+    log = []
+    train(model, optimizer, range(STEPS), rank, 1, log)
+    results[("sketched", "mixed")] = full_params(model)
+    results[("sketched", "mixed", "log")] = log
+    results[("sketched", "mixed", "comm")] = {ph: dict(ops) for ph, ops in optimizer.comm_bytes.items()}
     # the control: the full-gradient refresh (sketched_refresh=False) forms and all-reduces G
     model, optimizer = ddp_projected(sketched=False)
     log = []
@@ -233,3 +244,14 @@ def test_non_finite_factors_on_one_rank_are_refused_on_every_rank(ranks):
     for res in ranks:
         assert res[("nan",)]["error"] is not None and "NaN or Inf" in res[("nan",)]["error"]
         assert res[("nan",)]["unchanged"]
+
+
+def test_sketched_and_exact_svd_targets_in_one_step(ranks):
+    """q refreshed from the ranks' factors on every rank, up/down from their all-reduced G by their
+    owner rank and broadcast (the split refresh), in the same steps: equal to one process."""
+    for res in ranks:
+        assert_equal_to(ranks[0][("single", "mixed")], res[("sketched", "mixed")], "mixed")
+        log = res[("sketched", "mixed", "log")]
+        assert all(e["held"] == [True, False, False] and e["grads"] == [False, True, True] for e in log[::GAP])
+        assert all(sorted(e["target_reduces"]) == [(16, 48), (48, 16)] for e in log[::GAP])
+    assert ranks[0][("sketched", "mixed", "comm")]["refresh"]["broadcast"] > 0

@@ -10,7 +10,8 @@ the other parameters (the same payload as between refreshes), no collective of t
 a tensor as large as a target, and no op in backward or ``step()`` returns a tensor of a target's shape
 other than FSDP2's own all-gathered weights (the full-gradient refresh, the control, shows all three);
 a save on 2 ranks → resume → continue across a refresh is bitwise the uninterrupted run; a rank past
-the factors' cap folds into its own ``G_r`` while the other keeps factors, with the same collectives.
+the factors' cap folds into its own ``G_r`` while the other keeps factors, with the same collectives;
+a NaN in one rank's batch at a refresh is refused on every rank before anything changes.
 """
 
 from __future__ import annotations
