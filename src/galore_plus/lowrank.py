@@ -693,7 +693,8 @@ class LowRankOptimizer(Optimizer):
     def refreshes_from_factors(self, p: Tensor) -> bool:
         """Whether ``p``'s projector can be refreshed from its gradient's factors
         (``projection.FactoredGradient``) without forming ``G``: a low-rank matrix (whole, or FSDP2
-        row shards: ``sharding.FactoredRows``) whose projector is cross-head on row blocks (its block is formed, small) or randomized (the
+        row shards: ``sharding.FactoredRows``) whose projector is cross-head on row blocks (its block
+        is formed, small) or randomized (the
         range finder needs only products with ``G`` and ``Gᵀ``), whose group needs no ``G`` otherwise
         (``outside="off"``) and whose refresh policy reads no captured share. Exact SVD of a whole
         matrix (plain GaLore, galore-torch parity) needs ``G`` itself."""

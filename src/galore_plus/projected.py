@@ -283,7 +283,8 @@ class ProjectedBackward:
         (and ``None``). When the projector is due:
 
         - **without the full gradient** (``sketched_refresh``, where ``engine.refreshes_from_factors``:
-          randomized range finder or cross-head, in one process or under DDP; DESIGN.md, "Projected backward",
+          randomized range finder or cross-head; under DDP and FSDP2 the ranks' mean, DESIGN.md
+          "Distributed"; DESIGN.md, "Projected backward",
           refresh without G): ``G = dyᵀ x`` is kept as its factors (``FactoredGradient``). With
           ``refresh_in_backward`` or in layer-wise mode the projector is refreshed from them here, and
           the projected gradient under the new projector handed on (the range finder's products
