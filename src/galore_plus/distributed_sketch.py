@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projection import FactoredGradient
+from .projection import FactoredGradient, project
 
-__all__ = ["RankMeanGradient", "mean_over_ranks", "is_rank_mean", "prepare_refresh"]
+__all__ = ["RankMeanGradient", "is_rank_mean"]
 
 #: the low-rank gradients already averaged over the ranks by a ``RankMeanGradient`` (by id, with a
 #: weak reference to tell a reused id apart): the projected backward's step pre-hook must not
@@ -52,22 +52,51 @@ def _mark(t: Tensor) -> Tensor:
 
 
 class RankMeanGradient(FactoredGradient):
-    """The mean over the ranks of ``group`` of each rank's factored gradient (module docstring): every
-    product with it is this rank's product all-reduced and divided by the number of ranks; its
-    collectives' payloads are counted in ``counter`` (the optimizer's ``CommCounter``).
+    """The mean over the ranks of ``group`` of each rank's gradient ``G_r`` (module docstring), ``G_r``
+    held as this rank's factors and, past the factors' cap, a ``dense_part`` (``fold_beyond``): every
+    product with it is this rank's product with ``G_r`` all-reduced and divided by the number of ranks;
+    its collectives' payloads are counted in ``counter`` (the optimizer's ``CommCounter``). Whatever
+    each rank holds, the collectives are the same on every rank, and none carries ``m×n``."""
 
-    ``local()``: this rank's own ``FactoredGradient`` (no communication; ``prepare_refresh`` folds it
-    into ``W.grad`` where the ranks agree the factors outgrew ``G``)."""
-
-    def __init__(self, pairs: list[tuple[Tensor, Tensor]], transposed: bool = False, *, group: Any, counter: Any):
-        super().__init__(pairs, transposed)
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], transposed: bool = False, *, group: Any, counter: Any,
+                 dense_part: Tensor | None = None):
+        self.pairs, self.transposed, self.dense_part = list(pairs), transposed, dense_part
         self.group, self.counter = group, counter
 
-    def _like(self, grad: FactoredGradient) -> RankMeanGradient:
-        return RankMeanGradient(grad.pairs, grad.transposed, group=self.group, counter=self.counter)
+    def _like(self, pairs: list[tuple[Tensor, Tensor]], transposed: bool, dense_part: Tensor | None) -> RankMeanGradient:
+        return RankMeanGradient(pairs, transposed, group=self.group, counter=self.counter, dense_part=dense_part)
 
-    def local(self) -> FactoredGradient:
-        return FactoredGradient(self.pairs, self.transposed)
+    # what the factors alone do not give when every micro-batch was folded
+    @property
+    def shape(self) -> torch.Size:
+        if self.pairs:
+            return super().shape
+        return self.dense_part.T.shape if self.transposed else self.dense_part.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pairs[0][0].dtype if self.pairs else self.dense_part.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pairs[0][0].device if self.pairs else self.dense_part.device
+
+    def _oriented(self) -> Tensor | None:
+        return None if self.dense_part is None or not self.transposed else self.dense_part.T
+
+    def _plus(self, part: Tensor | None, dense: Tensor | None) -> Tensor:
+        return dense if part is None else part if dense is None else part.add_(dense)
+
+    def fold_beyond(self, limit: int) -> None:
+        """The factors' cap (DESIGN.md, "Projected backward"), per rank: once this rank's factors hold more
+        than ``limit`` elements (the target's ``m·n``), and from then on, they are summed into its own
+        dense ``G_r`` (formed once, never sent: the refresh's collectives do not change)."""
+        if self.dense_part is None and sum(x.numel() + dy.numel() for x, dy in self.pairs) <= limit:
+            return
+        dense = self.dense_part
+        for x, dy in self.pairs:
+            dense = dy.T @ x if dense is None else dense.addmm_(dy.T, x)
+        self.pairs, self.dense_part = [], dense
 
     def _mean(self, t: Tensor) -> Tensor:
         t = t.contiguous()
@@ -77,74 +106,51 @@ class RankMeanGradient(FactoredGradient):
 
     @property
     def T(self) -> RankMeanGradient:
-        return RankMeanGradient(self.pairs, not self.transposed, group=self.group, counter=self.counter)
+        return self._like(self.pairs, not self.transposed, self.dense_part)
 
     def to(self, dtype: torch.dtype) -> RankMeanGradient:
-        return self._like(self.local().to(dtype))
+        pairs = [(x.to(dtype), dy.to(dtype)) for x, dy in self.pairs]
+        return self._like(pairs, self.transposed, None if self.dense_part is None else self.dense_part.to(dtype))
+
+    def add_(self, other: FactoredGradient) -> RankMeanGradient:
+        if other.shape != self.shape:
+            raise ValueError(f"cannot add a {tuple(other.shape)} factored gradient to a {tuple(self.shape)} one")
+        self.pairs.extend(other.pairs)
+        return self
 
     def __matmul__(self, other: Tensor) -> Tensor:
-        return self._mean(super().__matmul__(other))
+        a = self.dense_part if not self.transposed else self._oriented()
+        return self._mean(self._plus(super().__matmul__(other), None if a is None else a @ other))
 
     def __rmatmul__(self, other: Tensor) -> Tensor:
-        return self._mean(super().__rmatmul__(other))
+        a = self.dense_part if not self.transposed else self._oriented()
+        return self._mean(self._plus(super().__rmatmul__(other), None if a is None else other @ a))
 
     def row_block(self, rows: list[int]) -> RankMeanGradient:
-        return self._like(super().row_block(rows))
+        if self.transposed:
+            raise ValueError("row_block of a transposed factored gradient")
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._like([(x, dy.index_select(1, index)) for x, dy in self.pairs], False,
+                          None if self.dense_part is None else self.dense_part.index_select(0, index))
 
     def dense(self) -> Tensor:
         """The mean block itself: only for what is small (the cross-head block, ``⌈r/d_k⌉·d_k × n``)."""
-        return self._mean(super().dense())
+        a = self.dense_part if not self.transposed else self._oriented()
+        return self._mean(self._plus(super().dense(), None if a is None else a.clone()))
 
     def project(self, left: Tensor | None, right: Tensor | None) -> Tensor:
-        return self._mean(super().project(left, right))
+        dense = None if self.dense_part is None else project(self.dense_part, left, right)
+        return self._mean(self._plus(super().project(left, right), dense))
 
     def entries(self, index: Tensor) -> Tensor:
-        return self._mean(super().entries(index))
+        dense = None if self.dense_part is None else self.dense_part.reshape(-1)[index.long()]
+        return self._mean(self._plus(super().entries(index) if self.pairs else None, dense))
 
     def all_finite(self) -> bool:
         """Whether every rank's factors are finite (one all-reduce of a flag: the ranks refuse together)."""
-        flag = torch.tensor([1 if super().all_finite() else 0], dtype=torch.int32, device=self.device)
+        mine = super().all_finite() and (self.dense_part is None or bool(torch.isfinite(self.dense_part).all()))
+        flag = torch.tensor([1 if mine else 0], dtype=torch.int32, device=self.device)
         with self.counter.refresh():
             self.counter.add("all_reduce", flag)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
-
-
-def mean_over_ranks(grad: FactoredGradient, group: Any, counter: Any) -> FactoredGradient:
-    """``grad`` (this rank's micro-batch) as a ``RankMeanGradient`` over ``group``; ``grad`` itself
-    with one rank."""
-    if group is None or dist.get_world_size(group) == 1:
-        return grad
-    return RankMeanGradient(grad.pairs, grad.transposed, group=group, counter=counter)
-
-
-def prepare_refresh(engine: Any, weights: list[Tensor], group: Any) -> None:
-    """Before the ranks settle a refresh step (``step()``, or ``projected.clip_grad_norm_`` before it):
-    turn each due target's held factors into a ``RankMeanGradient`` over ``group``, so the refresh
-    and the first projected gradient use the mean over the ranks (DESIGN.md, "Distributed", sketched
-    refresh across ranks). Idempotent; a step without a due target communicates nothing.
-
-    The factors' cap is decided per rank in backward (``ProjectedBackward.cap_factors``: a rank
-    whose factors outgrow ``G`` folds them into ``W.grad``), and each rank's token count is its own,
-    so first the ranks agree: one all-reduce (max) of a flag per due target that refreshes from
-    factors (the same list on every rank); where any rank folded, every rank folds its factors into
-    ``W.grad`` here (``G`` of this rank, formed once), and the step pre-hook all-reduces ``W.grad``
-    as at an exact-SVD refresh."""
-    candidates = [w for w in weights if engine.projector_due(w) and engine.refreshes_from_factors(w)]
-    if not candidates:
-        return
-    flags = torch.tensor([0 if w.grad is None else 1 for w in candidates], dtype=torch.int32,
-                         device=candidates[0].device)
-    with engine.comm.refresh():
-        engine.comm.add("all_reduce", flags)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    for w, folded in zip(candidates, flags.tolist()):
-        held = engine.pop_factored_gradient(w)
-        if held is None:
-            continue
-        local = held.local() if isinstance(held, RankMeanGradient) else held
-        if folded:
-            dense = local.dense().to(w.dtype)
-            w.grad = dense if w.grad is None else w.grad.add_(dense)
-        else:
-            engine.add_factored_gradient(w, mean_over_ranks(local, group, engine.comm))

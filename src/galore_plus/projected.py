@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributed_sketch import is_rank_mean, prepare_refresh
+from .distributed_sketch import RankMeanGradient, is_rank_mean
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FactoredGradient
@@ -301,15 +301,14 @@ class ProjectedBackward:
         engine = self.engine
         if engine.projector_due(weight):
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
-            # DDP: held per rank, averaged over the ranks product by product at step()
-            # (``distributed_sketch.prepare_refresh``; DESIGN.md, "Distributed", sketched refresh across ranks)
             if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
                     and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
-                if id(weight) in self._sharded:  # FSDP2: the ranks' mean, from factors (DESIGN.md, "Distributed")
-                    engine.add_factored_gradient(weight, FactoredRows(factored.pairs, weight, engine.comm))
-                    if self.cap_factors:  # past the cap, folded into this rank's G, held by the optimizer
+                across = self._across_ranks(weight, factored)
+                if across is not None:  # DDP, FSDP2: the ranks' mean, product by product at step() (DESIGN.md,
+                    engine.add_factored_gradient(weight, across)  # "Distributed", sketched refresh across ranks)
+                    if self.cap_factors:  # past the cap: folded into this rank's own G, held, never sent
                         engine.factored_gradient(weight).fold_beyond(weight.numel())
                     return None
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
@@ -388,11 +387,16 @@ class ProjectedBackward:
         (``distributed_sketch``) or on FSDP2 row shards (``sharding.FactoredRows``), else the full path."""
         return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
+    def _across_ranks(self, weight: Tensor, factored: FactoredGradient) -> FactoredGradient | None:
+        """This rank's factors of a due target as the ranks' mean gradient: FSDP2 row shards
+        (``sharding.FactoredRows``), DDP (``distributed_sketch.RankMeanGradient``); None in one process."""
+        if id(weight) in self._sharded:
+            return FactoredRows(factored.pairs, weight, self.engine.comm)
+        if self._group is not None and _world_size(self._group) > 1:
+            return RankMeanGradient(factored.pairs, group=self._group, counter=self.engine.comm)
+        return None
+
     # ---------------------------------------------------------------- DDP
-    def _prepare_sketched_refresh(self) -> None:
-        """DDP: the held factors of a refresh step become the mean over the ranks (``distributed_sketch``)."""
-        if self.sketched_refresh and self._group is not None and _world_size(self._group) > 1:
-            prepare_refresh(self.engine, list(self.targets.values()), self._group)
 
     @property
     def process_group(self) -> Any:
@@ -421,7 +425,6 @@ class ProjectedBackward:
                     "enable_projected_backward the process_group)")
             return
         world = dist.get_world_size(self._group)
-        self._prepare_sketched_refresh()
         for weight in self.targets.values():
             if id(weight) in self._sharded:  # reduced above
                 continue
@@ -492,8 +495,6 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
         raise TypeError(f"clip_grad_norm_ needs a galore_plus optimizer, got {type(optimizer).__name__}")
     if engine is not optimizer:
         return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
-    if engine.projected_backward is not None:  # DDP: the factors averaged over the ranks (distributed_sketch)
-        engine.projected_backward._prepare_sketched_refresh()
     engine.settle_factored()  # a refresh step's factored gradients: refreshed and projected now, then counted
     if engine.projected_backward is not None:  # FSDP2 targets: reduced over the ranks now, then counted
         engine.projected_backward._reduce_sharded()
