@@ -34,12 +34,22 @@ heads of 64) under ``fully_shard`` on ``--world`` gloo ranks, trained by the com
 the projected one, counting per step the payload FSDP2 reduce-scatters (``dist.reduce_scatter_single``,
 which FSDP2 calls, less the optimizer's own reduce-scatters) and the optimizer's own collectives. The target matrices' share of FSDP2's payload
 is the full run's minus the projected run's between refreshes (the other parameters), checked against
-``Σ ⌈m/N⌉·N·n·4``. Refresh steps of both paths form the full gradient (DESIGN.md, "Distributed"), so
-the average per step is given for the measured gap (4) and the command's default (50). Writes
+``Σ ⌈m/N⌉·N·n·4``. Refresh steps of the full path form the full gradient; the projected path refreshes
+from the ranks' factors (DESIGN.md, "Distributed"), its products counted as refresh-phase traffic, so
+the average per step is given with and without that work, for the measured gap (4) and the command's
+default (50). Writes
 ``communication_projected.json`` / ``.md``:
 
     python bench/communication.py --projected-backward              # hidden 512, 4 layers, rank 32
     python bench/communication.py --projected-backward --quick      # hidden 128, 2 layers, rank 8
+
+``--projected-backward --ddp``: the same model under DDP (``wrap_model(..., "ddp")``, ``distribute``),
+three runs: the full path (DDP all-reduces every target's ``m×n``; a DDP comm hook counts its
+buckets), the projected backward with the full-gradient refresh (``sketched_refresh=False``) and with
+the sketched refresh across ranks (``distributed_sketch``: every range-finder product all-reduced).
+Writes ``communication_projected_ddp.json`` / ``.md``:
+
+    python bench/communication.py --projected-backward --ddp        # hidden 512, 4 layers, rank 32
 
 Writes ``communication.json`` and ``communication.md`` (``--out``, default ``bench/results``).
 FSDP2's own all-gather of parameters and reduce-scatter of gradients, and DDP's gradient all-reduce,
@@ -272,7 +282,9 @@ def projected_run(projected: bool, args, rank: int, world: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             after = snapshot(optimizer)
-            mine = after["step"].get("reduce_scatter", 0) - before["step"].get("reduce_scatter", 0)
+            # the optimizer's own reduce-scatters (between refreshes G Q, at a sketched refresh G Ω too)
+            mine = sum(after[ph].get("reduce_scatter", 0) - before[ph].get("reduce_scatter", 0)
+                       for ph in ("step", "refresh"))
             steps.append({"fsdp_reduce_scatter": counted[0] - mine, **{
                 f"optimizer_{ph}": {op: after[ph].get(op, 0) - before[ph].get(op, 0) for op in after[ph]}
                 for ph in ("step", "refresh")}})
@@ -344,25 +356,161 @@ def projected_markdown(r: dict) -> str:
              f"{r['r_over_min_side'][1]:.4f}. FSDP2's reduce-scatter of the targets: {r['fsdp_target_payload_counted']:,} "
              f"bytes counted, {r['fsdp_target_payload_formula']:,} from the shapes.", "",
              "| targets' gradients | steady step | refresh step | mean per step, T=4 | mean per step, T=50 | "
-             "T=50 with refresh work |", "|---|---|---|---|---|---|"]
+             "T=4 with refresh work | T=50 with refresh work |", "|---|---|---|---|---|---|---|"]
     for kind in ("payload", "sent"):
         for name in ("full", "projected"):
             row = rows[f"{name}_{kind}"]
             lines.append(f"| {name}, {'payload' if kind == 'payload' else 'sent per rank (ring)'} | "
                          f"{kib(row['steady_step'])} | {kib(row['refresh_step'])} | {kib(row['mean_per_step_T4'])} | "
-                         f"{kib(row['mean_per_step_T50'])} | {kib(row['mean_per_step_T50_with_refresh_work'])} |")
+                         f"{kib(row['mean_per_step_T50'])} | {kib(row['mean_per_step_T4_with_refresh_work'])} | "
+                         f"{kib(row['mean_per_step_T50_with_refresh_work'])} |")
         f, p = rows[f"full_{kind}"], rows[f"projected_{kind}"]
         lines.append(f"| ratio projected/full ({kind}) | {p['steady_step'] / f['steady_step']:.4f} | "
                      f"{p['refresh_step'] / f['refresh_step']:.4f} | {p['mean_per_step_T4'] / f['mean_per_step_T4']:.4f} "
                      f"| {p['mean_per_step_T50'] / f['mean_per_step_T50']:.4f} | "
+                     f"{p['mean_per_step_T4_with_refresh_work'] / f['mean_per_step_T4_with_refresh_work']:.4f} | "
                      f"{p['mean_per_step_T50_with_refresh_work'] / f['mean_per_step_T50_with_refresh_work']:.4f} |")
     lines += ["", "Steady step: FSDP2's reduce-scatter of the targets' m×n gradients plus the optimizer's r×n "
               "all-reduce of left projections (full), against the projected path's reduce-scatter of G Q "
-              "(m×r), all-reduce of Pᵀ G (r×n) and of the residual entries. Refresh steps form the full gradient "
-              "on both paths; 'with refresh work' adds the optimizer's refresh-phase collectives (range finder, "
-              "head rows, residual candidates; on the projected path also the all-gathered left bases and "
-              "residual indices).", "", f"Command: `{r['command']}`.", ""]
+              "(m×r), all-reduce of Pᵀ G (r×n) and of the residual entries. Refresh steps: the full path forms and "
+              "reduce-scatters G; the projected path refreshes from the ranks' factors (issue 26, "
+              "sharding.FactoredRows), its range-finder products being refresh-phase traffic: 'with refresh "
+              "work' adds the optimizer's refresh-phase collectives (range finder, head rows, residual candidates; "
+              "on the projected path also the all-gathered left bases, thin Y and residual indices).", "", f"Command: `{r['command']}`.", ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ DDP with the projected backward (issue 26)
+DDP_RUNS = ("full", "projected_full_refresh", "projected")
+
+
+def ddp_projected_run(mode: str, args, rank: int, world: int) -> dict:
+    """Per-step payloads of one DDP run (``mode`` in ``DDP_RUNS``): DDP's own all-reduce (a comm hook
+    counts its buckets) and the optimizer's step and refresh phases. ``projected_full_refresh``: the
+    projected backward with ``sketched_refresh=False`` (each refresh step forms and all-reduces ``G``);
+    ``projected``: the sketched refresh across ranks (``distributed_sketch``)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from galore_plus.distributed import distribute, wrap_model
+    from galore_plus.integration import build_optimizer
+    from galore_plus.spec import LowRankSpec
+
+    model = llama(args.hidden, args.layers)
+    spec = LowRankSpec.recipe("galore+", args.rank, "finetune", update_proj_gap=PROJECTED_GAP, scale=4.0,
+                              residual_warmup=1)
+    optimizer = build_optimizer(model, spec, lr=1e-4, projected_backward=mode != "full")
+    if mode == "projected_full_refresh":
+        optimizer.projected_backward.sketched_refresh = False
+    targets = [(name, tuple(p.shape)) for g in optimizer.param_groups if "rank" in g
+               for name, p in zip(g["param_names"], g["params"])]
+    ddp = wrap_model(model, "ddp", torch.device("cpu"))
+    distribute(optimizer)
+    counted = [0]
+
+    def hook(state, bucket):
+        counted[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    steps = []
+    for step in range(3 * PROJECTED_GAP):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 1024, (args.batch, args.tokens), generator=g).chunk(world)[rank]
+        counted[0] = 0
+        before = snapshot(optimizer)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = snapshot(optimizer)
+        steps.append({"ddp_all_reduce": counted[0], **{
+            f"optimizer_{ph}": {op: after[ph].get(op, 0) - before[ph].get(op, 0) for op in after[ph]}
+            for ph in ("step", "refresh")}})
+    return {"steps": steps, "targets": targets}
+
+
+def ddp_projected_worker(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {mode: ddp_projected_run(mode, args, rank, world) for mode in DDP_RUNS}
+    if rank == 0:
+        queue.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ddp_projected_summary(multi: dict, args) -> dict:
+    """Payload and ring-model bytes per step of the targets' gradients under DDP: the full path (DDP's
+    all-reduce of ``m×n``), the projected backward with the full-gradient refresh, and with the
+    sketched refresh across ranks."""
+    world, gap = args.world, PROJECTED_GAP
+    steady_idx = [i for i in range(gap + 1, 3 * gap) if i % gap][0]  # after the residual set is in place
+    refresh_idx = 2 * gap
+    others = multi["projected"]["steps"][steady_idx]["ddp_all_reduce"]  # DDP's buckets without the targets
+    targets = multi["full"]["targets"]
+
+    def per_step(entry: dict, ring: bool) -> tuple[float, float]:
+        factor = (lambda op: RING[op](world)) if ring else (lambda op: 1.0)
+        own = sum(factor(op) * b for op, b in entry["optimizer_step"].items())
+        refresh = sum(factor(op) * b for op, b in entry["optimizer_refresh"].items())
+        return (entry["ddp_all_reduce"] - others) * factor("all_reduce") + own, refresh
+
+    rows = {}
+    for name in DDP_RUNS:
+        log = multi[name]["steps"]
+        for ring in (False, True):
+            steady, refresh = per_step(log[steady_idx], ring), per_step(log[refresh_idx], ring)
+            key = f"{name}_{'sent' if ring else 'payload'}"
+            rows[key] = {"steady_step": sum(steady), "refresh_step": sum(refresh)}
+            for T in (gap, 50):
+                rows[key][f"mean_per_step_T{T}"] = ((T - 1) * sum(steady) + sum(refresh)) / T
+    return {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "world": world, "gap": gap,
+            "tokens_per_step": args.batch * args.tokens, "targets": [[n, list(s)] for n, s in targets],
+            "ddp_others_payload": others, "ddp_target_payload_formula": sum(m * n * 4 for _, (m, n) in targets),
+            "ddp_target_payload_counted": multi["full"]["steps"][steady_idx]["ddp_all_reduce"] - others,
+            "optimizer_payload_largest_step": {
+                name: max(sum(e["optimizer_step"].values()) + sum(e["optimizer_refresh"].values())
+                          for e in multi[name]["steps"]) for name in DDP_RUNS},
+            "r_over_min_side": [min(args.rank / min(s) for _, s in targets), max(args.rank / min(s) for _, s in targets)],
+            "rows": rows, "steps": multi,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+                       "one thread per rank, gloo"}
+
+
+def ddp_projected_markdown(r: dict) -> str:
+    kib = lambda b: f"{b / 2**10:,.1f} KiB"  # noqa: E731
+    rows = r["rows"]
+    lines = [f"# DDP with the projected backward: bytes per step of the target matrices ({r['world']} ranks)", "",
+             f"LLaMA-shaped, hidden {r['hidden']}, {r['layers']} layers, GaLore+ rank {r['rank']} (cross-head + "
+             f"residual on q/k, randomized elsewhere), {r['tokens_per_step']} tokens per step, float32; "
+             f"{r['machine']}. DDP's all-reduce of the targets: {r['ddp_target_payload_counted']:,} bytes counted "
+             f"(comm hook), {r['ddp_target_payload_formula']:,} from the shapes. Every step includes the "
+             "optimizer's refresh-phase collectives (range finder products, flags, projector broadcasts).", "",
+             "| targets' gradients | steady step | refresh step | mean per step, T=4 | mean per step, T=50 |",
+             "|---|---|---|---|---|"]
+    for kind in ("payload", "sent"):
+        full = rows[f"full_{kind}"]
+        for name in DDP_RUNS:
+            row = rows[f"{name}_{kind}"]
+            lines.append(f"| {name}, {'payload' if kind == 'payload' else 'sent per rank (ring)'} | "
+                         f"{kib(row['steady_step'])} | {kib(row['refresh_step'])} | {kib(row['mean_per_step_T4'])} | "
+                         f"{kib(row['mean_per_step_T50'])} |")
+        for name in DDP_RUNS[1:]:
+            row = rows[f"{name}_{kind}"]
+            lines.append(f"| ratio {name}/full ({kind}) | " + " | ".join(
+                f"{row[k] / full[k]:.4f}" for k in ("steady_step", "refresh_step", "mean_per_step_T4",
+                                                    "mean_per_step_T50")) + " |")
+    lines += ["", f"Command: `{r['command']}`.", ""]
+    return "\n".join(lines)
+
+
+def ddp_projected_main(args) -> None:
+    multi = spawn_ranks(ddp_projected_worker, args)
+    result = ddp_projected_summary(multi, args)
+    result["command"] = "python bench/communication.py --projected-backward --ddp" + (" --quick" if args.quick else "")
+    name = "communication_projected_ddp_quick" if args.quick else "communication_projected_ddp"
+    harness.write_outputs(args.out, name, result, ddp_projected_markdown)
+    print(ddp_projected_markdown(result))
 
 
 def spawn_ranks(target, args):
@@ -394,6 +542,9 @@ def main() -> None:
     harness.add_modes(parser, quick="dimensions / 8, rank 16")
     parser.add_argument("--projected-backward", action="store_true",
                         help="issue 26: a LLaMA-shaped model under FSDP2, full against projected backward")
+    parser.add_argument("--ddp", action="store_true",
+                        help="with --projected-backward: DDP instead of FSDP2, the full path against the projected "
+                             "backward with the full-gradient and with the sketched refresh across ranks")
     parser.add_argument("--hidden", type=int, default=None, help="with --projected-backward (default 512; 128 quick)")
     parser.add_argument("--layers", type=int, default=None, help="with --projected-backward (default 4; 2 quick)")
     parser.add_argument("--batch", type=int, default=4)
@@ -408,7 +559,7 @@ def main() -> None:
         args.rank = args.rank or (8 if args.quick else 32)
         args.hidden = args.hidden or (128 if args.quick else 512)
         args.layers = args.layers or (2 if args.quick else 4)
-        return projected_main(args)
+        return ddp_projected_main(args) if args.ddp else projected_main(args)
     args.rank = args.rank or (16 if args.quick else 128)
     if args.quick:
         args.divisor = 8

@@ -142,7 +142,9 @@ def test_8bit_equals_single_process_run(ranks):
 def test_targets_have_no_full_gradient_between_refreshes(ranks, method):
     log = ranks[0][("projected", method, 1, "log")]
     for step, entry in enumerate(log):
-        refresh = step % GAP == 0
+        # GaLore's exact SVD needs G at a refresh; GaLore+ refreshes from the ranks' factors (issue 26,
+        # tests/test_fsdp_sketched_refresh.py), so its targets never get one
+        refresh = step % GAP == 0 and method == "galore"
         assert entry["target_grads"] == [refresh] * len(TARGETS), step
 
 

@@ -12,7 +12,8 @@ from _ranks import run_ranks
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW
-from galore_plus.distributed import distribute
+from galore_plus.distributed import distribute, wrap_model
+from galore_plus.projected import enable_projected_backward
 
 WORLD = 2
 STEPS = 9
@@ -88,6 +89,24 @@ def run(rank: int) -> dict:
         train(model, optimizer, rank)
         results[("fsdp", warm)] = full_params(model)
         results[("fsdp", warm, "left")] = type(optimizer.state[model.c_attn]["proj_left"]).__name__
+        # the projected backward on the row-blocked qkv (an nn.Linear): its refresh sketched from the
+        # ranks' factors (issue 26; distributed_sketch under DDP, sharding.FactoredRows under FSDP2)
+        for kind in ("ddp", "fsdp"):
+            model = make_model()
+            if kind == "fsdp":
+                fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+            optimizer = make_optimizer(model, warm)
+            enable_projected_backward(model, optimizer)
+            if kind == "ddp":
+                model = wrap_model(model, "ddp", torch.device("cpu"))
+                distribute(optimizer)
+            held = []
+            qkv = getattr(model, "module", model).qkv.weight
+            original = optimizer.add_factored_gradient
+            optimizer.add_factored_gradient = lambda p, g: (held.append(p is qkv), original(p, g))[1]
+            train(model, optimizer, rank)
+            results[(f"{kind}-projected", warm)] = full_params(model)
+            results[(f"{kind}-projected", warm, "held")] = held
     return results
 
 
@@ -108,3 +127,14 @@ def test_fused_head_blocks_equal_the_single_process_run(ranks, kind, warm):
     assert not torch.allclose(reference["c_attn"], start.c_attn.detach(), atol=1e-3)
     assert not torch.allclose(reference["qkv.weight"], start.qkv.weight.detach(), atol=1e-3)
     assert ranks[0][("fsdp", warm, "left")] == "DTensor"
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_fused_head_blocks_with_the_sketched_refresh_equal_the_single_process_run(ranks, kind, warm):
+    reference = ranks[0][("single", warm)]
+    for res in ranks:
+        got = res[(f"{kind}-projected", warm)]
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"{kind} {name}")
+        assert res[(f"{kind}-projected", warm, "held")] == [True] * (STEPS // GAP)  # qkv, once per refresh

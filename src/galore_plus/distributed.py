@@ -4,7 +4,8 @@
 parameters (sharded ``Shard(0)`` over a 1-D mesh) runs the low-rank math on the row shards without
 gathering a full gradient (``sharding.RowShards``); with the projected backward (built after
 ``wrap_model(model, "fsdp", ...)``) the ranks reduce the targets' projected gradients themselves
-(``sharding.ProjectedRows``) and FSDP2 reduce-scatters only the other parameters.
+(``sharding.ProjectedRows``) and FSDP2 reduce-scatters only the other parameters; a randomized or
+cross-head refresh comes from the ranks' factors (``sharding.FactoredRows``).
 
 **DDP** works with the plain constructor too: DDP averages the gradients, and every rank computes the
 same projectors (every random draw is ``rng.generator_for(seed, parameter index, refresh count)``), so
@@ -12,7 +13,8 @@ parameters stay identical across ranks. ``distribute(optimizer)`` is the one opt
 the ranks *split* each refresh — each computes the projectors of its share of the parameters (owners
 balanced by estimated cost, largest first) and broadcasts them, so a refresh costs about 1/N of the
 single-process one. It sets ``optimizer.refresher`` and, with a projected backward attached, that
-backward's process group.
+backward's process group; a refresh the projected backward sketches from the ranks' factors
+(``distributed_sketch``) is computed by every rank together instead (each product needs them all).
 
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2 (``layerwise.py`` says why).
 
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import projection
+from .distributed_sketch import RankMeanGradient
 from .layerwise import LayerwiseOptimizer, layerwise_unsupported_reason
 from .lowrank import LowRankOptimizer, compute_dtype
 from .sharding import checkpoint_placement, empty_placed, is_dtensor, layout_of
@@ -63,6 +66,13 @@ class SplitRefresh:
     def refresh(self, optimizer: LowRankOptimizer, due: list[tuple[Tensor, Tensor]]) -> None:
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         with optimizer.comm.refresh():
+            # a refresh from the ranks' factors (the projected backward's sketched refresh) needs every
+            # rank in each of its products: every rank computes it, in the order given (the same on every
+            # rank); owners split the rest (DESIGN.md, "Distributed", sketched refresh across ranks)
+            together = [(p, grad) for p, grad in due if isinstance(grad, RankMeanGradient)]
+            due = [(p, grad) for p, grad in due if not isinstance(grad, RankMeanGradient)]
+            for p, grad in together:
+                optimizer.refresh_projector(p, grad)
             costs = [_refresh_cost(optimizer.group_of(p), p) for p, _ in due]
             owners = _balanced_owners(costs, world)
             for (p, grad), owner in zip(due, owners):

@@ -692,14 +692,14 @@ class LowRankOptimizer(Optimizer):
     # issue 26: a refresh without the full gradient (DESIGN.md, "Projected backward", refresh without G)
     def refreshes_from_factors(self, p: Tensor) -> bool:
         """Whether ``p``'s projector can be refreshed from its gradient's factors
-        (``projection.FactoredGradient``) without forming ``G``: a whole (unsharded) low-rank matrix
-        whose projector is cross-head on row blocks (its block is formed, small) or randomized (the
+        (``projection.FactoredGradient``) without forming ``G``: a low-rank matrix (whole, or FSDP2
+        row shards: ``sharding.FactoredRows``) whose projector is cross-head on row blocks (its block
+        is formed, small) or randomized (the
         range finder needs only products with ``G`` and ``Gᵀ``), whose group needs no ``G`` otherwise
         (``outside="off"``) and whose refresh policy reads no captured share. Exact SVD of a whole
         matrix (plain GaLore, galore-torch parity) needs ``G`` itself."""
         group = self.group_of(p)
-        if ("rank" not in group or group["outside"] != "off" or refresh_policy(group["refresh"]).reads_share
-                or layout_of(p, self.comm).sharded):
+        if "rank" not in group or group["outside"] != "off" or refresh_policy(group["refresh"]).reads_share:
             return False
         if group["num_heads"] is not None:
             return True

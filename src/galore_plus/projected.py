@@ -41,15 +41,18 @@ was. What users see:
 - Factors held until ``step()`` at a refresh are capped at the size of the target's ``m×n``
   gradient: beyond ``m·n/(m+n)`` tokens a step they are folded into it (``cap_factors``).
 - DDP: the targets are left out of DDP's own all-reduce (``distributed.wrap_model`` does it) and
-  each step all-reduces their projected gradients (and their full ones at refresh steps) over the
-  projected backward's own process group instead: ``r``-sized traffic per target matrix. The group
+  each step all-reduces their projected gradients (and their full ones at refresh steps where the
+  refresh needs ``G``: exact SVD) over the projected backward's own process group instead: ``r``-sized
+  traffic per target matrix. A randomized or cross-head refresh is sketched across the ranks, each
+  product of the range finder all-reduced (``distributed_sketch``). The group
   is given to ``enable_projected_backward(process_group=...)`` or set by
   ``distributed.distribute(optimizer)`` (``reduce_over``); ``process_group`` reads it.
 - FSDP2 (issue 26; DESIGN.md, "Distributed", FSDP2 with the projected backward): nothing to call.
   Each rank computes its micro-batches' projected gradient of the whole (all-gathered) matrix; the
   step pre-hook reduce-scatters ``G Q`` to the row shards and all-reduces ``Pᵀ G`` and the residual
-  entries (``sharding.ProjectedRows``), so FSDP2 reduce-scatters only the other parameters. Refresh
-  steps form the full gradient, which FSDP2 reduce-scatters as before.
+  entries (``sharding.ProjectedRows``), so FSDP2 reduce-scatters only the other parameters. A
+  randomized or cross-head refresh comes from the ranks' factors (``sharding.FactoredRows``); an
+  exact-SVD one forms the full gradient, which FSDP2 reduce-scatters as before.
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed_sketch import RankMeanGradient, is_rank_mean
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FactoredGradient
-from .sharding import ProjectedRows, is_dtensor, layout_of
+from .sharding import FactoredRows, ProjectedRows, is_dtensor, layout_of
 
 
 def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right: Tensor | None,
@@ -279,7 +283,8 @@ class ProjectedBackward:
         (and ``None``). When the projector is due:
 
         - **without the full gradient** (``sketched_refresh``, where ``engine.refreshes_from_factors``:
-          randomized range finder or cross-head, in one process; DESIGN.md, "Projected backward",
+          randomized range finder or cross-head; under DDP and FSDP2 the ranks' mean, DESIGN.md
+          "Distributed"; DESIGN.md, "Projected backward",
           refresh without G): ``G = dyᵀ x`` is kept as its factors (``FactoredGradient``). With
           ``refresh_in_backward`` or in layer-wise mode the projector is refreshed from them here, and
           the projected gradient under the new projector handed on (the range finder's products
@@ -296,10 +301,16 @@ class ProjectedBackward:
         engine = self.engine
         if engine.projector_due(weight):
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
-            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and not self._several_ranks()
-                    and weight.grad is None):
+            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
+                    and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
+                across = self._across_ranks(weight, factored)
+                if across is not None:  # DDP, FSDP2: the ranks' mean, product by product at step() (DESIGN.md,
+                    engine.add_factored_gradient(weight, across)  # "Distributed", sketched refresh across ranks)
+                    if self.cap_factors:  # past the cap: folded into this rank's own G, held, never sent
+                        engine.factored_gradient(weight).fold_beyond(weight.numel())
+                    return None
                 if self.refresh_in_backward or self.sink is not engine:  # layer-wise: refreshes in backward
                     engine.check_gradient(weight, factored)
                     engine.refresh_projector(weight, factored)
@@ -372,11 +383,21 @@ class ProjectedBackward:
                 grad.low, grad.residual, sizes, side_right=left is None)
 
     def _several_ranks(self) -> bool:
-        """Under DDP a refresh needs the averaged gradient: the full path there (the factored
-        products would each need an all-reduce; not done)."""
+        """Several ranks: a refresh needs their mean gradient, from factors only with a DDP process group
+        (``distributed_sketch``) or on FSDP2 row shards (``sharding.FactoredRows``), else the full path."""
         return _world_size(self._group) > 1 or (self._group is None and _world_size(None) > 1)
 
+    def _across_ranks(self, weight: Tensor, factored: FactoredGradient) -> FactoredGradient | None:
+        """This rank's factors of a due target as the ranks' mean gradient: FSDP2 row shards
+        (``sharding.FactoredRows``), DDP (``distributed_sketch.RankMeanGradient``); None in one process."""
+        if id(weight) in self._sharded:
+            return FactoredRows(factored.pairs, weight, self.engine.comm)
+        if self._group is not None and _world_size(self._group) > 1:
+            return RankMeanGradient(factored.pairs, group=self._group, counter=self.engine.comm)
+        return None
+
     # ---------------------------------------------------------------- DDP
+
     @property
     def process_group(self) -> Any:
         """The process group the targets' gradients are averaged over before each step, or None."""
@@ -408,6 +429,8 @@ class ProjectedBackward:
             if id(weight) in self._sharded:  # reduced above
                 continue
             projected = self.engine.projected_gradient(weight)
+            if projected is not None and is_rank_mean(projected.low):  # settled from the ranks' mean already
+                continue
             tensors = [weight.grad] if weight.grad is not None else (
                 [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
             for t in tensors:
@@ -458,7 +481,8 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     ``sketched_refresh`` (default True; issue 26): at a refresh step, targets whose projector needs
     only products with ``G`` (randomized range finder, cross-head; ``refreshes_from_factors``) never
     form ``G``: their projector comes from ``x`` and ``dy`` (``ProjectedBackward.weight_gradient``).
-    Exact-SVD GaLore, Fira's term, the captured-share policy and DDP keep the full gradient there."""
+    Exact-SVD GaLore, Fira's term and the captured-share policy keep the full gradient there; under
+    DDP and FSDP2 it is sketched across the ranks (``distributed_sketch``, ``sharding.FactoredRows``)."""
     return ProjectedBackward(model, optimizer, refresh_in_backward, process_group, sketched_refresh)
 
 

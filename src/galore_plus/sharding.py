@@ -307,13 +307,16 @@ class RowShards(WholeTensor):
     def all_finite(self, grad: Tensor) -> bool:
         import torch.distributed as dist
 
-        shard = grad.to_local()
-        finite = torch.tensor([int(all_finite(shard))], dtype=torch.int32, device=shard.device)
+        if isinstance(grad, FactoredRows):  # the projected backward's sketched refresh (issue 26)
+            finite = torch.tensor([int(grad.local_finite())], dtype=torch.int32, device=grad.device)
+        else:
+            shard = grad.to_local()
+            finite = torch.tensor([int(all_finite(shard))], dtype=torch.int32, device=shard.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
         return bool(finite.item())
 
     def compute_projector(self, grad, group, side, gen, warm, index):
-        if grad.placements != self._placements():
+        if not isinstance(grad, FactoredRows) and grad.placements != self._placements():
             raise ValueError(f"galore_plus supports FSDP2 gradients sharded Shard(0) over a 1-D mesh; got "
                              f"placements {grad.placements} on a {grad.device_mesh.ndim}-D mesh")
         with self.counter.refresh():
@@ -577,6 +580,8 @@ class ShardRows(projection.RowSharding):
 
     def head_block(self, grad_local: Tensor, heads: list[int], head_dim: int) -> Tensor:
         """The chosen heads' rows stacked, from the rank(s) that hold them (one all-reduce of the block)."""
+        if isinstance(grad_local, LocalRows):  # from the ranks' factors (issue 26)
+            return grad_local.head_block(heads, head_dim)
         block = grad_local.new_zeros((len(heads) * head_dim, grad_local.shape[1]))
         for j, h in enumerate(heads):
             lo, hi = max(h * head_dim, self.offset), min((h + 1) * head_dim, self.offset + self.rows)
@@ -674,3 +679,168 @@ class ProjectedRows:
             start = sum(sizes[: rows.rank])
             entries = entries[start: start + sizes[rows.rank]].clone()
         return low, entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# FSDP2: a refresh without the full gradient across ranks (issue 26; DESIGN.md, "Distributed", FSDP2
+# with the projected backward, sketched refresh)
+
+
+class FactoredRows(projection.FactoredGradient):
+    """The mean over the ranks of an FSDP2 target's gradient, ``G = (1/N) Σ_r G_r``, with this rank's
+    ``G_r = Σ_b dy_bᵀ x_b`` held as its factors (its micro-batches' ``x`` and ``dy``, which cover every
+    row of the all-gathered weight) and, past the factors' cap, a ``dense`` part (``fold_beyond``),
+    standing where ``RowShards`` expects the target's ``Shard(0)`` gradient: ``shape`` is the whole
+    ``m×n``, ``device_mesh`` the weight's, ``to_local()`` this rank's rows as ``LocalRows`` (``G_i``).
+    What a refresh takes of ``G`` is then the row-sharded algorithm's products with ``G_i``
+    (``projection.randomized_svd(rows=...)``, the head block, the null-direction norms), each computed
+    from this rank's ``G_r``; ``project`` and ``entries`` give the first projected gradient, placed and
+    reduced as between refreshes (``ProjectedRows``). Whatever a rank holds, the collectives are the
+    same on every rank, and none carries an ``m×n`` tensor."""
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], p: Tensor, counter: CommCounter,
+                 dense: Tensor | None = None):
+        self.pairs, self.transposed, self.dense = list(pairs), False, dense
+        self.param, self.counter = p, counter
+        self.device_mesh = p.device_mesh
+        self.rows = ShardRows(p, counter)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pairs[0][0].dtype if self.pairs else self.dense.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pairs[0][0].device if self.pairs else self.dense.device
+
+    def to(self, dtype: torch.dtype) -> FactoredRows:
+        pairs = [(x.to(dtype), dy.to(dtype)) for x, dy in self.pairs]
+        return FactoredRows(pairs, self.param, self.counter, None if self.dense is None else self.dense.to(dtype))
+
+    def add_(self, other: projection.FactoredGradient) -> FactoredRows:
+        self.pairs.extend(other.pairs)
+        return self
+
+    def kept_elements(self) -> int:
+        return sum(x.numel() + dy.numel() for x, dy in self.pairs) + (0 if self.dense is None else self.dense.numel())
+
+    def fold_beyond(self, limit: int) -> None:
+        """The factors' cap (DESIGN.md, "Projected backward"), per rank: once the factors hold more than
+        ``limit`` elements (the target's ``m·n``), sum them into this rank's dense ``G_r`` (formed once,
+        kept by this rank only: the collectives of the refresh do not change)."""
+        if self.dense is None and sum(x.numel() + dy.numel() for x, dy in self.pairs) <= limit:
+            return  # (once folded, later micro-batches are folded as they come, as on one process)
+        dense = self.dense
+        for x, dy in self.pairs:
+            dense = dy.T @ x if dense is None else dense.addmm_(dy.T, x)
+        self.pairs, self.dense = [], dense
+
+    # this rank's G_r, from its factors and its dense part
+    def _times(self, other: Tensor) -> Tensor:
+        """``G_r M``."""
+        out = None if not self.pairs else projection.FactoredGradient(self.pairs) @ other
+        return out if self.dense is None else (self.dense @ other if out is None else out.add_(self.dense @ other))
+
+    def _left_times(self, Y: Tensor) -> Tensor:
+        """``Yᵀ G_r`` (``Y``: ``m×k``)."""
+        out = projection.FactoredGradient._sum((dy @ Y).T @ x for x, dy in self.pairs) if self.pairs else None
+        return out if self.dense is None else (Y.T @ self.dense if out is None else out.add_(Y.T @ self.dense))
+
+    def _projected(self, left: Tensor | None, right: Tensor | None) -> Tensor:
+        out = None if not self.pairs else projection.FactoredGradient(self.pairs).project(left, right)
+        return out if self.dense is None else (projection.project(self.dense, left, right) if out is None
+                                               else out.add_(projection.project(self.dense, left, right)))
+
+    def _entries(self, index: Tensor) -> Tensor:
+        out = None if not self.pairs else projection.FactoredGradient(self.pairs).entries(index)
+        dense = None if self.dense is None else self.dense.reshape(-1)[index.long()]
+        return out if dense is None else (dense if out is None else out.add_(dense))
+
+    def _block(self, rows: list[int]) -> Tensor:
+        out = None if not self.pairs else projection.FactoredGradient(self.pairs).row_block(rows).dense()
+        if self.dense is None:
+            return out
+        block = self.dense[torch.tensor(rows, dtype=torch.long, device=self.dense.device)]
+        return block if out is None else out.add_(block)
+
+    def local_finite(self) -> bool:
+        """Whether this rank's factors are finite (``RowShards.all_finite`` makes the ranks agree)."""
+        return (all(bool(torch.isfinite(t).all()) for pair in self.pairs for t in pair)
+                and (self.dense is None or all_finite(self.dense)))
+
+    def all_finite(self) -> bool:
+        return RowShards(self.counter).all_finite(self)
+
+    def to_local(self) -> LocalRows:
+        return LocalRows(self)
+
+    def project(self, left: Tensor | None, right: Tensor | None) -> Tensor:
+        """The projected gradient under the new projector, placed as ``RowShards.project`` places it:
+        this rank's batch over all rows (the whole left basis all-gathered, ``m×r``), then reduced as
+        between refreshes (``G Q`` reduce-scattered to the row shards, ``Pᵀ G`` all-reduced)."""
+        rows = ProjectedRows(self.param, self.counter)
+        whole_left, whole_right = rows.whole_basis(left, right)
+        return rows.reduce(self._projected(whole_left, whole_right), None, [], side_right=left is None)[0]
+
+    def entries(self, index: Tensor) -> Tensor:
+        """``G`` at this rank's residual set (flat into its rows): every rank's batch at every rank's set
+        (``ProjectedRows.global_index``), all-reduced, this rank's part kept."""
+        rows = ProjectedRows(self.param, self.counter)
+        whole, sizes = rows.global_index(index)
+        entries = self.rows.sum(self._entries(whole)).div_(self.rows.world)
+        start = sum(sizes[: self.rows.rank])
+        return entries[start: start + sizes[self.rows.rank]].clone()
+
+
+class LocalRows:
+    """This rank's rows ``G_i`` of a ``FactoredRows`` mean gradient, for the row-sharded refresh
+    (``projection.randomized_svd(rows=...)`` and ``RowShards``): ``G_i M`` is the ranks' ``G M``
+    (``m×k``) reduce-scattered to the row shards; ``G_iᵀ Y_i`` and ``Y_iᵀ G_i`` (which the caller sums
+    over the ranks) are this rank's share ``(1/N) x_rᵀ (dy_r Y)``, ``Y`` the thin ``m×k`` basis
+    all-gathered; ``head_block`` the chosen heads' rows all-reduced."""
+
+    def __init__(self, whole: FactoredRows, transposed: bool = False):
+        self.whole, self.transposed = whole, transposed
+        rows = whole.rows
+        self.shape = torch.Size((whole.shape[1], rows.rows) if transposed else (rows.rows, whole.shape[1]))
+        self.dtype, self.device = whole.dtype, whole.device
+
+    @property
+    def T(self) -> LocalRows:
+        return LocalRows(self.whole, not self.transposed)
+
+    def _share(self, Y_local: Tensor, left: bool) -> Tensor:
+        """This rank's share of ``Yᵀ G`` (``left``: ``(1/N) (dy_r Y)ᵀ x_r``, ``k×n``) or of ``Gᵀ Y`` (its
+        transpose), ``Y`` all-gathered from the ranks' rows ``Y_local``."""
+        rows = self.whole.rows
+        out = self.whole._left_times(rows.gather(Y_local)).div_(rows.world)
+        return out if left else out.T
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if self.transposed:  # G_iᵀ Y_i: this rank's share, summed over the ranks by the caller
+            return self._share(other, left=False)
+        rows = self.whole.rows
+        full = self.whole._times(other)  # this rank's batch, every row: m×k
+        padded = full.new_zeros((rows.chunk * rows.world, full.shape[1]))
+        padded[: full.shape[0]] = full
+        part = full.new_empty((rows.chunk, full.shape[1]))
+        self.whole.counter.add("reduce_scatter", padded)
+        dist.reduce_scatter_single(output=part, input=padded, group=rows.group)
+        return part[: rows.rows].div_(rows.world)
+
+    def __rmatmul__(self, other: Tensor) -> Tensor:
+        if self.transposed:
+            raise ValueError("Y @ G_iᵀ is not used by the row-sharded refresh")
+        return self._share(other.T, left=True)  # Y_iᵀ G_i: this rank's share, summed by the caller
+
+    def head_block(self, heads: list[int], head_dim: int) -> Tensor:
+        """The chosen heads' rows of ``G`` stacked, the ranks' shares all-reduced (``ShardRows.head_block``)."""
+        rows = [j for i in heads for j in range(i * head_dim, (i + 1) * head_dim)]
+        block = self.whole._block(rows)
+        return self.whole.rows.sum(block).div_(self.whole.rows.world)
