@@ -213,6 +213,7 @@ class ProjectedBackward:
         #: (DESIGN.md, "Projected backward", the factors' cap); False keeps them however large
         self.cap_factors = True
         self._group = process_group
+        self._ddp_reduced: dict[int, Tensor] = {}  # DDP: the gradients averaged this step (_reduce_ddp)
         low_rank = {id(p) for g in engine.param_groups if "rank" in g for p in g["params"]}
         uses: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
@@ -413,8 +414,6 @@ class ProjectedBackward:
 
     @torch.no_grad()
     def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        import torch.distributed as dist
-
         self._reduce_sharded()
         if self._group is None:
             if _world_size(None) > 1 and len(self._sharded) < len(self.targets):
@@ -424,9 +423,23 @@ class ProjectedBackward:
                     "DDP's all-reduce) and call galore_plus.distributed.distribute(optimizer) (or give "
                     "enable_projected_backward the process_group)")
             return
+        self._reduce_ddp()
+        self._ddp_reduced.clear()  # the next step's gradients are new tensors
+
+    @torch.no_grad()
+    def _reduce_ddp(self) -> None:
+        """Under DDP, average every non-FSDP2 target's gradient this rank holds (its projected one, or
+        ``W.grad`` at a full-path refresh) over the process group, in place, in the targets' order.
+        Idempotent within a step (:attr:`_ddp_reduced` keeps what it averaged, until the step pre-hook
+        clears it), so ``clip_grad_norm_`` runs it first and measures the ranks' mean, which every rank
+        then clips by the same factor."""
+        import torch.distributed as dist
+
+        if self._group is None:
+            return
         world = dist.get_world_size(self._group)
         for weight in self.targets.values():
-            if id(weight) in self._sharded:  # reduced above
+            if id(weight) in self._sharded:  # FSDP2: _reduce_sharded
                 continue
             projected = self.engine.projected_gradient(weight)
             if projected is not None and is_rank_mean(projected.low):  # settled from the ranks' mean already
@@ -434,9 +447,12 @@ class ProjectedBackward:
             tensors = [weight.grad] if weight.grad is not None else (
                 [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
             for t in tensors:
+                if id(t) in self._ddp_reduced:
+                    continue
                 self.engine.comm.add("all_reduce", t)
                 dist.all_reduce(t, group=self._group)
                 t.div_(world)
+                self._ddp_reduced[id(t)] = t  # held: its id cannot be reused before the clear
 
 
 def _kept_elements(held: FactoredGradient | None, new: FactoredGradient) -> int:
@@ -496,8 +512,9 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     if engine is not optimizer:
         return optimizer.clip_grad_norm_(max_norm)  # layer-wise: raises, nothing is left to clip after backward
     engine.settle_factored()  # a refresh step's factored gradients: refreshed and projected now, then counted
-    if engine.projected_backward is not None:  # FSDP2 targets: reduced over the ranks now, then counted
+    if engine.projected_backward is not None:  # FSDP2 and DDP targets: reduced over the ranks now, then counted
         engine.projected_backward._reduce_sharded()
+        engine.projected_backward._reduce_ddp()  # every rank measures the same mean, clips by one factor
     grads = [p.grad for g in engine.param_groups for p in g["params"] if p.grad is not None]
     projected = [engine.projected_gradient(p) for g in engine.param_groups for p in g["params"]]
     projected = [g for g in projected if g is not None]
