@@ -138,7 +138,8 @@ def test_resume_within_the_projected_path_is_bitwise_in_float32():
 
 
 class Allocations(TorchDispatchMode):
-    """Shapes of every tensor an op returns while active."""
+    """Shapes of every dense tensor an op returns while active (a sparse one of a target's shape, the
+    residual's sampled product ``torch.sparse.sampled_addmm``, holds only the index set's values)."""
 
     def __init__(self):
         super().__init__()
@@ -147,7 +148,7 @@ class Allocations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self.shapes.append(tuple(t.shape))
         return out
 
