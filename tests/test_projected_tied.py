@@ -3,7 +3,8 @@
 plus the lookup's rows times the projector, never the ``vocab×hidden`` gradient between refreshes.
 Against the full path in float64: the projected gradient itself (1e-12), the trajectory over three
 refreshes (1e-9), padding rows, every projection side and the residual's entries of the lookup half;
-and what stays on the full path (untied, layer-wise, ``max_norm``)."""
+an untied lookup's gradient alone; and what stays on the full path (layer-wise, ``max_norm``,
+``torch.distributed``)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,7 @@ def test_padding_rows_get_no_gradient_on_the_projected_path():
 
 
 def test_what_stays_on_the_full_path():
-    """Untied embeddings (each its own weight; the lookup's is not a linear), layer-wise mode and a
-    lookup with ``max_norm`` leave the embedding to the full path, as before."""
-    untied = LlamaForCausalLM(LlamaConfig(**CONFIG)).double()
-    optimizer_for(untied, projected_backward=True)
-    assert is_projected(untied.lm_head) and not is_projected(untied.model.embed_tokens)
+    """Layer-wise mode and a lookup with ``max_norm`` leave the embedding to the full path, as before."""
     model = tied()
     optimizer_for(model, projected_backward=True, layerwise=True)
     assert not is_projected(model.lm_head) and not is_projected(model.model.embed_tokens)
@@ -174,3 +171,21 @@ def test_under_torch_distributed_the_tied_weight_stays_on_the_full_path():
         assert is_projected(model.model.layers[0].self_attn.q_proj)
     finally:
         dist.destroy_process_group()
+
+
+def test_an_untied_low_rank_embedding_is_projected_too():
+    """Untied (``lm_head`` its own target already): the lookup's gradient alone is projected; the
+    trajectory equals the full path's (float64, three refreshes, 2 micro-batches)."""
+    data = batches(2)
+    models = []
+    for projected in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG)).double()
+        opt = optimizer_for(model, projected_backward=projected)
+        if projected:
+            assert is_projected(model.lm_head) and is_projected(model.model.embed_tokens)
+            assert engine_of(opt).projected_backward._tied == set()
+        train(model, opt, data)
+        models.append(model)
+    assert_same(*models, 1e-9)
+    assert not torch.allclose(models[1].model.embed_tokens.weight, tied(tie_word_embeddings=False).model.embed_tokens.weight)

@@ -298,6 +298,11 @@ class ProjectedBackward:
             if lookup is not None:
                 self.targets[lookup] = weight
                 self._tied.add(id(weight))
+        if self.targets:  # an untied embedding trained low-rank: its lookup's gradient projected alone
+            for weight_id, lookup in lookups.items():
+                if (weight_id in low_rank and uses[weight_id] == 1 and lookup not in _INSTALLED
+                        and self._tied_lookup(lookup.weight, lookup, 2, engine, optimizer) is lookup):
+                    self.targets[lookup] = lookup.weight
         if not self.targets:
             raise ValueError("no nn.Linear of the model has a low-rank weight in this optimizer: nothing to project")
         self.weights = {id(w) for w in self.targets.values()}
@@ -320,7 +325,8 @@ class ProjectedBackward:
                      optimizer: Any) -> nn.Embedding | None:
         """The ``nn.Embedding`` whose lookup shares ``weight`` with one linear (a tied embedding/
         ``lm_head`` trained low-rank: ``build_optimizer(embeddings="low_rank")``), when both halves of
-        its gradient can be projected: a plain parameter (not FSDP2), two uses, a lookup without
+        its gradient can be projected (the same rules for an untied lookup's gradient alone, called
+        with ``uses`` 2): a plain parameter (not FSDP2), two uses, a lookup without
         ``max_norm`` or ``scale_grad_by_freq``, the engine itself as the sink (layer-wise mode applies
         a weight at its first gradient of a micro-batch, before the other half) and outside
         ``torch.distributed`` (the DDP glue leaves projected weights out by module and reduces each
