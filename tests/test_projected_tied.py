@@ -17,6 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import build_optimizer, engine_of
+from galore_plus.lowrank import LowRankGradient
 from galore_plus.projected import is_projected, lookup_projected_gradient
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -118,6 +119,17 @@ def test_lookup_half_equals_the_dense_lookup_gradient(side):
     got = lookup_projected_gradient(ids, grad_rows, left, right, index, vocab, padding)
     assert relative(got.low, want) < 1e-13
     torch.testing.assert_close(got.residual, G.reshape(-1)[index.long()], rtol=1e-13, atol=1e-15)
+    # added to another half (the tied lm_head's): in place for G Q without entries, else summed
+    base = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for entries in (None, index):
+        into = LowRankGradient(base.clone(), None if entries is None else torch.zeros(entries.numel(), dtype=torch.float64))
+        with TargetSized({tuple(want.shape)}, [into.low]) as watch:
+            out = lookup_projected_gradient(ids, grad_rows, left, right, entries, vocab, padding, into)
+        assert out is into and relative(out.low, base + want) < 1e-13
+        if side == "right" and entries is None:  # no vocab×r buffer: the rows went into ``into.low``
+            assert not watch.seen, watch.seen
+        else:  # the control: the summed path forms its own buffer, and the watch sees it
+            assert watch.seen
 
 
 def test_padding_rows_get_no_gradient_on_the_projected_path():

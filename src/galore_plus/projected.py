@@ -80,14 +80,22 @@ def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right:
 
 
 def lookup_projected_gradient(ids: Tensor, grad_rows: Tensor, left: Tensor | None, right: Tensor | None,
-                              index: Tensor | None, vocab: int, padding_idx: int | None = None) -> LowRankGradient:
+                              index: Tensor | None, vocab: int, padding_idx: int | None = None,
+                              into: LowRankGradient | None = None) -> LowRankGradient:
     """``LowRankGradient`` of an embedding lookup's weight gradient ``G = onehot(ids)ᵀ grad_rows``
     (``vocab×n``; ``ids``: ``tokens``, ``grad_rows``: ``tokens×n``, the lookup's output gradient),
     never formed: ``G Q`` is ``grad_rows Q`` added at the rows ``ids`` (``tokens·n·r``), ``Pᵀ G`` is
     ``P[ids]ᵀ grad_rows``; the residual's entries sum the rows of equal ids. Rows at ``padding_idx``
-    get no gradient, as ``F.embedding``'s (DESIGN.md, "Projected backward", a tied embedding)."""
+    get no gradient, as ``F.embedding``'s (DESIGN.md, "Projected backward", a tied embedding).
+
+    ``into``: a projected gradient of the same weight to add it to (the tied ``lm_head`` half's); for
+    ``G Q`` without residual entries the rows are added into ``into.low`` in place (no ``vocab×r``
+    buffer), else the sum is formed; returns ``into`` then."""
     if padding_idx is not None:
         grad_rows = grad_rows * (ids != padding_idx).unsqueeze(1).to(grad_rows.dtype)
+    if left is None and into is not None and index is None and into.residual is None:
+        into.low.index_add_(0, ids, grad_rows @ right.T)
+        return into
     if left is None:
         rows = grad_rows @ right.T
         low = rows.new_zeros(vocab, rows.shape[1]).index_add_(0, ids, rows)
@@ -102,7 +110,8 @@ def lookup_projected_gradient(ids: Tensor, grad_rows: Tensor, left: Tensor | Non
         summed = grad_rows.new_zeros(unique.numel(), n).index_add_(0, inverse, grad_rows)
         where = torch.searchsorted(unique, rows_at).clamp_max(unique.numel() - 1)
         entries = torch.where(unique[where] == rows_at, summed[where, cols_at], summed.new_zeros(()))
-    return LowRankGradient(low, entries)
+    grad = LowRankGradient(low, entries)
+    return grad if into is None else into.add_(grad)
 
 
 class _ProjectedLookup(torch.autograd.Function):
@@ -446,8 +455,12 @@ class ProjectedBackward:
                                                      False, sparse)
         dtype = compute_dtype(weight)
         left, right = engine.projector(weight)
-        self.sink.add_projected_gradient(weight, lookup_projected_gradient(
-            ids, grad.to(dtype), left, right, engine.residual_index(weight), weight.shape[0], padding_idx))
+        index, held = engine.residual_index(weight), engine.projected_gradient(weight)
+        if held is not None and self.sink is engine:  # the lm_head half (or an earlier micro-batch): add to it
+            lookup_projected_gradient(ids, grad.to(dtype), left, right, index, weight.shape[0], padding_idx, held)
+        else:
+            self.sink.add_projected_gradient(weight, lookup_projected_gradient(
+                ids, grad.to(dtype), left, right, index, weight.shape[0], padding_idx))
         return None
 
     # ---------------------------------------------------------------- FSDP2
