@@ -38,7 +38,8 @@ step all-reduces for the layer's targets, counted by the optimizer on a one-proc
 ``--small LENGTHS``: instead of SmolLM2, the small LLaMA of BENCHMARKS §7's prediction (hidden 512,
 intermediate 1376, 4 layers, 8 heads, SmolLM2's 49152-token vocabulary, embedding and ``lm_head``
 tied, random weights) on random batches of 4×L tokens for each L, rank 32 (``--ranks``), LoRA
-against GaLore+ projected with the embedding frozen and trained in full (the default recipe); the
+against GaLore+ projected with the embedding frozen, trained in full (the default recipe) and trained
+low-rank (``low_rank``: with the tied weight's projected backward, issue 26); the
 optimizer step is split into the plain parameters' updates and the low-rank ones'
 (``step_split``, timed around ``LowRankOptimizer.apply``/``apply_plain``). With other jobs on the
 cores, wall seconds say more about them than about the code: each phase is also timed in the
@@ -83,12 +84,13 @@ SMALL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1376, num_hidd
 
 
 def small_configs(lengths, ranks):
-    """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length."""
+    """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length
+    (``low_rank``: the tied embedding/``lm_head`` trained low-rank, projected since issue 26)."""
     out = []
     for length in lengths:
         for rank in ranks:
             out.append({"task": f"small 4x{length}", "method": "lora", "rank": rank, "embeddings": "frozen"})
-            for embeddings in ("frozen", "full"):
+            for embeddings in ("frozen", "full", "low_rank"):
                 out.append({"task": f"small 4x{length}", "method": "galore+ projected", "rank": rank,
                             "embeddings": embeddings})
     return out

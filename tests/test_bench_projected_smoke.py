@@ -41,11 +41,12 @@ def test_small_mode_with_a_baseline_smoke(tmp_path):
     configs = [json.loads(k) for k in record["results"]]
     assert sorted((c["method"], c["embeddings"], c.get("code", "")) for c in configs) == [
         ("galore+ projected", "frozen", ""), ("galore+ projected", "frozen", "before"),
-        ("galore+ projected", "full", ""), ("galore+ projected", "full", "before"), ("lora", "frozen", "")]
+        ("galore+ projected", "full", ""), ("galore+ projected", "full", "before"),
+        ("galore+ projected", "low_rank", ""), ("galore+ projected", "low_rank", "before"), ("lora", "frozen", "")]
     for key, runs in record["results"].items():
         for r in runs:
             assert r["tokens_per_cpu_second"] > 0 and set(r["cpu_phases"]) == {"forward", "backward", "step"}
-            if json.loads(key)["embeddings"] == "full":
+            if json.loads(key)["embeddings"] in ("full", "low_rank"):
                 assert r["step_split"]["plain"] > 0 and r["step_split"]["low_rank"] > 0
     table = (tmp_path / "projected_backward_small.md").read_text()
     assert "embedding full [before]" in table and "| 1.00 |" in table  # LoRA against itself

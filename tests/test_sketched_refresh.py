@@ -256,7 +256,9 @@ def test_clip_grad_norm_at_a_refresh_step_counts_the_new_projection():
 
 class TargetSized(TorchDispatchMode):
     """Records every tensor an op returns whose shape is in ``shapes``, unless it is (a view of) one
-    of ``weights`` (the update writes them in place, and ``F.linear`` views them transposed)."""
+    of ``weights`` (the update writes them in place, and ``F.linear`` views them transposed). Dense
+    tensors only: a sparse one of a target's shape (the residual's sampled product,
+    ``torch.sparse.sampled_addmm``) holds only the index set's values."""
 
     def __init__(self, shapes, weights):
         super().__init__()
@@ -266,7 +268,7 @@ class TargetSized(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if (isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided and tuple(t.shape) in self.shapes
                     and t.untyped_storage().data_ptr() not in self.weights):
                 self.seen.add((str(func), tuple(t.shape)))
         return out

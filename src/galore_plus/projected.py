@@ -83,6 +83,62 @@ def projected_weight_gradient(x: Tensor, dy: Tensor, left: Tensor | None, right:
     return LowRankGradient(grad.project(left, right), None if index is None else grad.entries(index))
 
 
+def lookup_projected_gradient(ids: Tensor, grad_rows: Tensor, left: Tensor | None, right: Tensor | None,
+                              index: Tensor | None, vocab: int, padding_idx: int | None = None,
+                              into: LowRankGradient | None = None) -> LowRankGradient:
+    """``LowRankGradient`` of an embedding lookup's weight gradient ``G = onehot(ids)ᵀ grad_rows``
+    (``vocab×n``; ``ids``: ``tokens``, ``grad_rows``: ``tokens×n``, the lookup's output gradient),
+    never formed: ``G Q`` is ``grad_rows Q`` added at the rows ``ids`` (``tokens·n·r``), ``Pᵀ G`` is
+    ``P[ids]ᵀ grad_rows``; the residual's entries sum the rows of equal ids. Rows at ``padding_idx``
+    get no gradient, as ``F.embedding``'s (DESIGN.md, "Projected backward", a tied embedding).
+
+    ``into``: a projected gradient of the same weight to add it to (the tied ``lm_head`` half's); for
+    ``G Q`` without residual entries the rows are added into ``into.low`` in place (no ``vocab×r``
+    buffer), else the sum is formed; returns ``into`` then."""
+    if padding_idx is not None:
+        grad_rows = grad_rows * (ids != padding_idx).unsqueeze(1).to(grad_rows.dtype)
+    if left is None and into is not None and index is None and into.residual is None:
+        into.low.index_add_(0, ids, grad_rows @ right.T)
+        return into
+    if left is None:
+        rows = grad_rows @ right.T
+        low = rows.new_zeros(vocab, rows.shape[1]).index_add_(0, ids, rows)
+    else:
+        low = left.index_select(0, ids).T @ (grad_rows if right is None else grad_rows @ right.T)
+    entries = None
+    if index is not None:
+        n = grad_rows.shape[1]
+        index = index.long()
+        rows_at, cols_at = index.div(n, rounding_mode="floor"), index % n
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        summed = grad_rows.new_zeros(unique.numel(), n).index_add_(0, inverse, grad_rows)
+        where = torch.searchsorted(unique, rows_at).clamp_max(unique.numel() - 1)
+        entries = torch.where(unique[where] == rows_at, summed[where, cols_at], summed.new_zeros(()))
+    grad = LowRankGradient(low, entries)
+    return grad if into is None else into.add_(grad)
+
+
+class _ProjectedLookup(torch.autograd.Function):
+    """``F.embedding`` (no ``max_norm``, no ``scale_grad_by_freq``) whose weight gradient is the
+    projected one between refreshes: the lookup half of a tied embedding/``lm_head``."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None, sparse: bool,
+                route: ProjectedBackward, target: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.sparse, ctx.route, ctx.target = padding_idx, sparse, route, target
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (ids,) = ctx.saved_tensors
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = ctx.route.lookup_gradient(ctx.target, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]),
+                                           ctx.padding_idx, ctx.sparse)
+        return None, dw, None, None, None, None
+
+
 class _ProjectedLinear(torch.autograd.Function):
     """``F.linear`` whose weight gradient is the projected one between refreshes."""
 
@@ -146,6 +202,13 @@ class _Carrier(Tensor):
             carrier = carriers[0]
             if weight is carrier.weight and x is carrier.source:
                 return _ProjectedLinear.apply(x, weight, bias, carrier.route, carrier.target)
+        if func is F.embedding:  # a tied embedding's lookup (its input is the token ids)
+            ids, weight, padding_idx, max_norm, _, by_frequency, sparse = _embedding_arguments(*args, **kwargs)
+            carrier = carriers[0]
+            if weight is carrier.weight and ids is carrier.source and max_norm is None and not by_frequency:
+                if padding_idx is not None and padding_idx < 0:
+                    padding_idx += weight.shape[0]
+                return _ProjectedLookup.apply(ids, weight, padding_idx, sparse, carrier.route, carrier.target)
         return func(*args, **kwargs)
 
     @staticmethod
@@ -178,6 +241,12 @@ def _unwrap(value: Any, carriers: list[_Carrier]) -> Any:
 def _linear_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, ...]:
     """``F.linear``'s arguments by name, however they were passed."""
     return input, weight, bias
+
+
+def _embedding_arguments(input: Tensor, weight: Tensor, padding_idx: int | None = None, max_norm: float | None = None,
+                         norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> tuple:
+    """``F.embedding``'s arguments by name, however they were passed."""
+    return input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
 
 
 #: every module a projected backward is installed on, and which (weak: a module that is garbage
@@ -219,17 +288,35 @@ class ProjectedBackward:
         for _, p in model.named_parameters(remove_duplicate=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
         self.targets: dict[nn.Module, Tensor] = {}
+        #: ids of the weights shared by an ``lm_head`` linear and an embedding lookup, both projected
+        #: (issue 26; DESIGN.md, "Projected backward", a tied embedding)
+        self._tied: set[int] = set()
+        lookups = {id(m.weight): m for m in model.modules() if type(m) is nn.Embedding and m.weight is not None}
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            # a weight shared with another module (a tied embedding) gets gradient from both: full path.
-            # An FSDP2-sharded weight is projected too (issue 26; DESIGN.md, "Distributed"): reduced in
-            # the step pre-hook (``_reduce_sharded``)
-            if (isinstance(module, nn.Linear) and weight is not None and id(weight) in low_rank
-                    and uses[id(weight)] == 1):
-                if module in _INSTALLED:
-                    raise ValueError(f"{type(module).__name__} {module} already has a projected backward (projected "
+            # a weight shared with another module gets gradient from both: full path, except a tied
+            # embedding/lm_head (``_tied_lookup``). An FSDP2-sharded weight is projected too (issue 26;
+            # DESIGN.md, "Distributed"): reduced in the step pre-hook (``_reduce_sharded``)
+            if not (isinstance(module, nn.Linear) and weight is not None and id(weight) in low_rank):
+                continue
+            lookup = None
+            if uses[id(weight)] != 1:
+                lookup = self._tied_lookup(weight, lookups.get(id(weight)), uses[id(weight)], engine, optimizer)
+                if lookup is None:
+                    continue
+            for held in (module, lookup):
+                if held in _INSTALLED:
+                    raise ValueError(f"{type(held).__name__} {held} already has a projected backward (projected "
                                      "backward installed twice?)")
-                self.targets[module] = weight
+            self.targets[module] = weight
+            if lookup is not None:
+                self.targets[lookup] = weight
+                self._tied.add(id(weight))
+        if self.targets:  # an untied embedding trained low-rank: its lookup's gradient projected alone
+            for weight_id, lookup in lookups.items():
+                if (weight_id in low_rank and uses[weight_id] == 1 and lookup not in _INSTALLED
+                        and self._tied_lookup(lookup.weight, lookup, 2, engine, optimizer) is lookup):
+                    self.targets[lookup] = lookup.weight
         if not self.targets:
             raise ValueError("no nn.Linear of the model has a low-rank weight in this optimizer: nothing to project")
         self.weights = {id(w) for w in self.targets.values()}
@@ -247,6 +334,25 @@ class ProjectedBackward:
             _INSTALLED[module] = self
         self.handle = engine.register_step_pre_hook(self._before_step)
         engine.attach_projected_backward(self)
+
+    def _tied_lookup(self, weight: Tensor, lookup: nn.Embedding | None, uses: int, engine: Any,
+                     optimizer: Any) -> nn.Embedding | None:
+        """The ``nn.Embedding`` whose lookup shares ``weight`` with one linear (a tied embedding/
+        ``lm_head`` trained low-rank: ``build_optimizer(embeddings="low_rank")``), when both halves of
+        its gradient can be projected (the same rules for an untied lookup's gradient alone, called
+        with ``uses`` 2): a plain parameter (not FSDP2), two uses, a lookup without
+        ``max_norm`` or ``scale_grad_by_freq``, the engine itself as the sink (layer-wise mode applies
+        a weight at its first gradient of a micro-batch, before the other half) and outside
+        ``torch.distributed`` (the DDP glue leaves projected weights out by module and reduces each
+        target's gradient once per module; as ``integration.sparse_tied_lookup``). Else None: the full
+        path, as before."""
+        import torch.distributed as dist
+
+        if (lookup is None or uses != 2 or type(weight) is not nn.Parameter or lookup.max_norm is not None
+                or lookup.scale_grad_by_freq or optimizer is not engine or self._group is not None
+                or (dist.is_available() and dist.is_initialized())):
+            return None
+        return lookup
 
     def remove(self) -> None:
         """Remove the hooks from every target module (each is left exactly as it was) and detach from
@@ -301,6 +407,8 @@ class ProjectedBackward:
         is handed on in the compute dtype; a refresh's factors are in the compute dtype (float32)."""
         engine = self.engine
         if engine.projector_due(weight):
+            if id(weight) in self._tied:  # both halves full, summed by autograd; refreshed at step()
+                return (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
             if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
                     and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
@@ -343,6 +451,28 @@ class ProjectedBackward:
         if work != dtype:  # the optimizer's math stays in the compute dtype
             grad = LowRankGradient(grad.low.to(dtype), None if grad.residual is None else grad.residual.to(dtype))
         self.sink.add_projected_gradient(weight, grad)
+        return None
+
+    @torch.no_grad()
+    def lookup_gradient(self, weight: Tensor, ids: Tensor, grad: Tensor, padding_idx: int | None,
+                        sparse: bool) -> Tensor | None:
+        """Backward of a tied embedding's lookup (``ids``: ``tokens``, ``grad``: ``tokens×n``). Between
+        refreshes its projected gradient is handed to the optimizer, which adds it to the ``lm_head``
+        half's (``lookup_projected_gradient``; ``None`` returned); at a refresh step the lookup's full
+        gradient as ``F.embedding`` returns it (sparse rows if the lookup is ``sparse``), which autograd
+        adds to ``lm_head``'s, and ``step()`` refreshes from the sum."""
+        engine = self.engine
+        if engine.projector_due(weight):
+            return torch.ops.aten.embedding_backward(grad, ids, weight.shape[0], -1 if padding_idx is None else padding_idx,
+                                                     False, sparse)
+        dtype = compute_dtype(weight)
+        left, right = engine.projector(weight)
+        index, held = engine.residual_index(weight), engine.projected_gradient(weight)
+        if held is not None and self.sink is engine:  # the lm_head half (or an earlier micro-batch): add to it
+            lookup_projected_gradient(ids, grad.to(dtype), left, right, index, weight.shape[0], padding_idx, held)
+        else:
+            self.sink.add_projected_gradient(weight, lookup_projected_gradient(
+                ids, grad.to(dtype), left, right, index, weight.shape[0], padding_idx))
         return None
 
     # ---------------------------------------------------------------- FSDP2
@@ -410,6 +540,9 @@ class ProjectedBackward:
         if self.refresh_in_backward and _world_size(group) > 1:
             raise ValueError("refresh_in_backward=True cannot average over several ranks: each would refresh from "
                              "its own gradient in backward")
+        if self._tied and _world_size(group) > 1:
+            raise ValueError("the projected backward of a tied embedding/lm_head is for one process; build the optimizer "
+                             "after torch.distributed is initialised (it then leaves that weight on the full path)")
         self._group = group
 
     @torch.no_grad()
@@ -534,5 +667,5 @@ def clip_grad_norm_(optimizer: Any, max_norm: float) -> float:
     return total if math.isfinite(total) else float("nan")
 
 
-__all__ = ["enable_projected_backward", "ProjectedBackward", "projected_weight_gradient", "clip_grad_norm_",
-           "is_projected"]
+__all__ = ["enable_projected_backward", "ProjectedBackward", "projected_weight_gradient", "lookup_projected_gradient",
+           "clip_grad_norm_", "is_projected"]

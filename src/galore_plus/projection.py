@@ -396,7 +396,9 @@ def project_back_at(low: Tensor, left: Tensor | None, right: Tensor | None, inde
     """``project_back(low, left, right)`` flattened, at the flat ``index`` only (``n`` columns):
     ``|index|·r`` work instead of ``m·n·r``."""
     a, b = back_factors(low, left, right)
-    return (a.index_select(0, index // n) * b.T.index_select(0, index % n)).sum(1)
+    # ``bᵀ`` made contiguous (``n×r``) before its rows are gathered: a gather from the transposed view
+    # took 1.7× as long (issue 26, one thread, 3146 entries of 512×512 at r 32); the same values
+    return (a.index_select(0, index // n) * b.T.contiguous().index_select(0, index % n)).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,13 +562,22 @@ class FactoredGradient:
                          for x, dy in self.pairs)
 
     def entries(self, index: Tensor) -> Tensor:
-        """``G`` flattened (row-major) at the flat ``index``: ``G[i, j] = Σ_t dy[t, i]·x[t, j]``, as
-        dot products of rows of the transposes (gathering whole rows is 2-4x faster than gathering
-        columns, measured at tokens 128-1536, 576×576), in chunks that bound the gathered copies."""
+        """``G`` flattened (row-major) at the flat ``index``: ``G[i, j] = Σ_t dy[t, i]·x[t, j]``.
+
+        For float32/float64 factors, one sampled product per micro-batch (``torch.sparse.sampled_addmm``,
+        SDDMM: ``dyᵀ x`` at a sparse CSR pattern, which holds only the index set's values; issue 26:
+        4-10× faster than the gathers below at 128-512 tokens, DESIGN.md "Projected backward"). Other
+        dtypes (bf16 under autocast, which that kernel does not take): dot products of rows of the
+        transposes (gathering whole rows is 2-4x faster than gathering columns, measured at tokens
+        128-1536, 576×576), in chunks that bound the gathered copies. Equal to rounding."""
         if self.transposed:
             raise ValueError("entries of a transposed factored gradient")
-        n = self.shape[1]
         index = index.long()
+        if index.numel() == 0:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        if self.dtype in (torch.float32, torch.float64):
+            return self._sampled_entries(index)
+        n = self.shape[1]
         rows, cols = index // n, index % n
 
         def one(x: Tensor, dy: Tensor) -> Tensor:
@@ -577,6 +588,26 @@ class FactoredGradient:
                               for k in range(0, index.numel(), chunk)])
 
         return self._sum(one(x, dy) for x, dy in self.pairs)
+
+    def _sampled_entries(self, index: Tensor) -> Tensor:
+        """``entries`` by ``torch.sparse.sampled_addmm``: the index set as a CSR pattern (sorted by
+        row, then column, as CSR requires; the values come back in ``index``'s order)."""
+        m, n = self.shape
+        order = torch.argsort(index)
+        flat = index[order]
+        rows = flat.div(n, rounding_mode="floor")
+        crow = torch.zeros(m + 1, dtype=torch.long, device=index.device)
+        crow[1:] = torch.bincount(rows, minlength=m).cumsum(0)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernel used is stable since torch 2.0
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, flat - rows * n, torch.zeros(flat.numel(), dtype=self.dtype,
+                                                                                 device=index.device),
+                                              (m, n), check_invariants=False)
+            values = self._sum(torch.sparse.sampled_addmm(pattern, dy.T, x, beta=0.0).values()
+                               for x, dy in self.pairs)
+        out = torch.empty_like(values)
+        out[order] = values
+        return out
 
     def all_finite(self) -> bool:
         """Whether every factor is finite (then ``G`` is, barring overflow; a NaN/Inf factor makes
