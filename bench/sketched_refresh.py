@@ -46,6 +46,7 @@ Writes ``sketched_refresh.json`` and ``.md`` to ``--out`` (default ``bench/resul
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -57,6 +58,13 @@ from pathlib import Path
 import harness  # bench/harness.py
 
 MODES = ("full", "full_in_backward", "sketched", "sketched_in_backward")
+#: ``--against-lora``'s adapters, built as the command builds them (``app.methods.build_method``)
+ADAPTERS = ("lora", "dora")
+#: ``--against-lora``'s rows: (label, child mode, embeddings); the GaLore+ rows are the command's path with one
+#: micro-batch (the refresh inside backward from x and dy)
+AGAINST_LORA = (("galore+ projected, embedding frozen", "sketched_in_backward", "frozen"),
+                ("galore+ projected, embedding full (default recipe)", "sketched_in_backward", "full"),
+                ("lora", "lora", "frozen"), ("dora", "dora", "frozen"))
 SHAPE = dict(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=16,
              intermediate_size=2730, vocab_size=32000, batch=4, seq=256, rank=64)
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -71,6 +79,10 @@ def child(mode, shape, embeddings, checkpointing=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from galore_plus import build_optimizer, engine_of
+    # imported in every mode, before any RSS is read, so that the libraries' own pages count in no mode
+    importlib.import_module("peft")
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.methods import build_method
 
     harness.pin_threads(1)
     torch.manual_seed(0)
@@ -80,10 +92,23 @@ def child(mode, shape, embeddings, checkpointing=False):
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rss_base = harness.proc_status("VmRSS")  # the base model alone, before adapters or optimizer
+    if mode in ADAPTERS:
+        # PEFT LoRA/DoRA as ``finetune --method lora|dora --rank R`` builds it: every linear layer but
+        # lm_head, alpha 2r, no dropout, the embedding frozen; torch.optim.AdamW on the adapters
+        model, opt = build_method(FinetuneConfig(method=mode, rank=shape["rank"], lr=1e-5), model)
+        return run_steps(mode, model, opt, shape, rss_base)
     opt = build_optimizer(model, "galore+", shape["rank"], lr=1e-5, update_proj_gap=GAP, residual_warmup=2,
                           projected_backward=True, refresh_in_backward=mode.endswith("_in_backward"),
                           embeddings=embeddings)
     engine_of(opt).projected_backward.sketched_refresh = mode.startswith("sketched")
+    return run_steps(mode, model, opt, shape, rss_base)
+
+
+def run_steps(mode, model, opt, shape, rss_base):
+    """``STEPS`` steps of random tokens (the same batches in every mode), each step's peak RSS and time."""
+    import torch
+
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=gen)
                for _ in range(STEPS)]
@@ -99,7 +124,7 @@ def child(mode, shape, embeddings, checkpointing=False):
         seconds = time.perf_counter() - start
         steps.append({"seconds": seconds, "peak_above_model_mib": (harness.proc_status("VmHWM") - rss_model) / MIB,
                       "after_backward_above_model_mib": (held - rss_model) / MIB})
-    return {"mode": mode, "rss_model_mib": rss_model / MIB, "steps": steps}
+    return {"mode": mode, "rss_model_mib": rss_model / MIB, "rss_base_mib": rss_base / MIB, "steps": steps}
 
 
 def run_child(mode, smoke, embeddings, checkpointing=False):
@@ -141,6 +166,60 @@ def table(results, embeddings):
             f"| {med(lambda r: max(r['steps'][i].get('after_backward_above_model_mib', float('nan')) for i in steady)):.0f} "
             f"| {med(lambda r: r['steps'][second]['seconds']):.2f} "
             f"| {med(lambda r: statistics.median(r['steps'][i]['seconds'] for i in steady)):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def against_lora(smoke, repeat, out, only=None):
+    """``--against-lora``: each row of ``AGAINST_LORA`` with and without checkpointing, one process each,
+    interleaved over ``repeat`` rounds; writes ``sketched_refresh_vs_lora[_smoke].{json,md}``."""
+    rows = [(label, mode, emb, ckpt) for ckpt in (False, True) for label, mode, emb in AGAINST_LORA
+            if only is None or mode in only or mode not in ADAPTERS]
+    results = {i: [] for i in range(len(rows))}
+    for _ in range(repeat):
+        for i, (label, mode, emb, ckpt) in enumerate(rows):  # interleaved: each round runs every row once
+            results[i].append(run_child(mode, smoke, emb, ckpt))
+            print(label, ckpt, json.dumps(results[i][-1])[:300], flush=True)
+    record = {"shape": SMOKE if smoke else SHAPE, "steps": STEPS, "gap": GAP, "machine": harness.machine_line(),
+              "rows": [{"label": label, "mode": mode, "embeddings": emb, "checkpointing": ckpt, "runs": results[i]}
+                       for i, (label, mode, emb, ckpt) in enumerate(rows)]}
+    text = lora_table(record)
+    stem = "sketched_refresh_vs_lora" + ("_smoke" if smoke else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def peak_above_base(run):
+    """A run's peak RSS over its steps, MiB above the RSS of the base model alone (before adapters or optimizer)."""
+    return max(s["peak_above_model_mib"] for s in run["steps"]) + run["rss_model_mib"] - run["rss_base_mib"]
+
+
+def lora_table(record):
+    """The ``--against-lora`` table: medians of each row's runs, ×LoRA at the same checkpointing."""
+    def med(runs, f):
+        return statistics.median(f(r) for r in runs)
+
+    lora = {row["checkpointing"]: med([r for r in row["runs"] if "steps" in r], peak_above_base)
+            for row in record["rows"] if row["mode"] == "lora" and any("steps" in r for r in row["runs"])}
+    lines = [f"{record['machine']}; {record['steps']} steps; medians over the interleaved runs; MiB above the RSS "
+             "of the base model alone", "",
+             "| method | checkpointing | runs | peak over the run (MiB) | ×LoRA | peak, 1st step (MiB) "
+             "| left by backward, steady (MiB) | steady step (s) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in record["rows"]:
+        runs = [r for r in row["runs"] if "steps" in r]
+        ckpt = "yes" if row["checkpointing"] else "no"
+        if not runs:
+            lines.append(f"| {row['label']} | {ckpt} | 0 | failed | | | | |")
+            continue
+        peak = med(runs, peak_above_base)
+        ratio = f"{peak / lora[row['checkpointing']]:.2f}" if row["checkpointing"] in lora else "—"
+        steady = [i for i in range(record["steps"]) if i % record["gap"] != 0]
+        lines.append(
+            f"| {row['label']} | {ckpt} | {len(runs)} | {peak:.0f} | {ratio} "
+            f"| {med(runs, lambda r: r['steps'][0]['peak_above_model_mib'] + r['rss_model_mib'] - r['rss_base_mib']):.0f} "
+            f"| {med(runs, lambda r: max(r['steps'][i]['after_backward_above_model_mib'] for i in steady)):.0f} "
+            f"| {med(runs, lambda r: statistics.median(r['steps'][i]['seconds'] for i in steady)):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,15 +308,26 @@ def layer_time(repeat):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--child", choices=MODES + ADAPTERS)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--embeddings", default="full", choices=("full", "frozen"))
     parser.add_argument("--residual", action="store_true", help="the residual index-set comparison only")
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
     parser.add_argument("--layer", action="store_true", help="one layer's refresh work alone")
+    parser.add_argument("--against-lora", action="store_true",
+                        help="GaLore+'s projected path (embedding frozen, and full) against PEFT LoRA and DoRA, "
+                             "each with and without checkpointing")
+    parser.add_argument("--adapters", default=",".join(ADAPTERS),
+                        help="with --against-lora: which of lora,dora to run (default both)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
+    if args.against_lora and not args.child:
+        only = [a for a in args.adapters.split(",") if a]
+        if not set(only) <= set(ADAPTERS) or "lora" not in only:
+            parser.error(f"--adapters must name lora and optionally dora, got {args.adapters!r}")
+        against_lora(args.smoke, 1 if args.smoke else args.repeat, args.out, only)
+        return
     if args.layer:
         text, times = layer_time(args.repeat if args.repeat != 2 else 7)
         args.out.mkdir(parents=True, exist_ok=True)
