@@ -27,6 +27,19 @@ is shared, timings are noisy.
     python bench/sketched_refresh.py --embeddings frozen --checkpointing   # the regime where G sets the peak
     python bench/sketched_refresh.py --residual           # the residual's index set: seconds
     python bench/sketched_refresh.py --layer              # one layer's refresh work alone: ~1 min
+    python bench/sketched_refresh.py --against-lora       # against PEFT LoRA/DoRA r64: 8 rows × 2, ~1 h
+    python bench/sketched_refresh.py --against-lora --table bench/results/sketched_refresh_vs_lora.json
+
+``--against-lora``: GaLore+'s projected path as the command runs it with one micro-batch
+(``sketched_in_backward``) with the embedding/``lm_head`` frozen and trained in full (the default
+recipe), against PEFT LoRA and DoRA at the same rank built by the command's own
+``app.methods.build_method`` (``--adapters lora`` leaves DoRA out), each with and without
+checkpointing, one process per row, interleaved; the same model, batches and measurement. Memory is
+counted above the RSS of the base model alone (peft and the command's modules imported before it in
+every row), so LoRA's adapter weights count, and each step's peak is also split by phase
+(``PHASES``: forward, the loss head's backward up to the logits' gradient, the rest of backward,
+``step()``; ``PhasePeaks``). The JSON is written after every process; ``--table`` redoes the table
+from it.
 
 ``--layer``: the refresh's own work for one decoder layer of that shape (1024 tokens, GaLore+: q/k
 cross-head, one 64-row head block; v, o, gate, up, down the randomized range finder, rank 64,
@@ -106,25 +119,67 @@ def child(mode, shape, embeddings, checkpointing=False):
 
 
 def run_steps(mode, model, opt, shape, rss_base):
-    """``STEPS`` steps of random tokens (the same batches in every mode), each step's peak RSS and time."""
+    """``STEPS`` steps of random tokens (the same batches in every mode), each step's peak RSS and time, and
+    the peak of each of its phases (``PHASES``; ``phase_peaks``)."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=gen)
                for _ in range(STEPS)]
     rss_model = harness.proc_status("VmRSS")
+    phases = PhasePeaks(rss_model)
+
+    def logits_hook(module, args, logits):
+        # its gradient is ready: the loss head's backward (cross-entropy over the vocabulary) is done
+        if logits.requires_grad:
+            logits.register_hook(lambda grad: phases.cut("loss head"))
+
+    model.get_output_embeddings().register_forward_hook(logits_hook)
     steps = []
     for ids in batches:
         harness.reset_peak_rss()
+        phases.start()
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        phases.cut("forward")
+        loss.backward()
+        del loss
+        phases.cut("layers")
         held = harness.proc_status("VmRSS")  # what backward leaves for step(): gradients, held factors
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        steps.append({"seconds": seconds, "peak_above_model_mib": (harness.proc_status("VmHWM") - rss_model) / MIB,
-                      "after_backward_above_model_mib": (held - rss_model) / MIB})
-    return {"mode": mode, "rss_model_mib": rss_model / MIB, "rss_base_mib": rss_base / MIB, "steps": steps}
+        phases.cut("step")
+        steps.append({"seconds": seconds, "peak_above_model_mib": max(phases.peaks.values()),
+                      "after_backward_above_model_mib": (held - rss_model) / MIB,
+                      "phase_peaks_above_model_mib": dict(phases.peaks)})
+    from galore_plus import state_bytes
+
+    return {"mode": mode, "rss_model_mib": rss_model / MIB, "rss_base_mib": rss_base / MIB, "steps": steps,
+            "state_mib": state_bytes(opt) / MIB,
+            "trainable_mib": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / MIB}
+
+
+#: a step's phases: forward (to the loss), the loss head's backward (to the logits' gradient), the rest of
+#: backward (the layers, the embedding), ``step()`` with ``zero_grad``
+PHASES = ("forward", "loss head", "layers", "step")
+
+
+class PhasePeaks:
+    """The peak RSS of each phase of a step, MiB above ``rss_model``: ``cut(name)`` reads the peak since the
+    last cut (``VmHWM``) as phase ``name``'s and resets it (``/proc/self/clear_refs``), so the step's peak
+    is the largest phase peak. One thread: a cut inside backward (a tensor hook) sees nothing concurrent."""
+
+    def __init__(self, rss_model):
+        self.rss_model = rss_model
+        self.peaks = {}
+
+    def start(self):
+        self.peaks = {}
+
+    def cut(self, name):
+        self.peaks[name] = (harness.proc_status("VmHWM") - self.rss_model) / MIB
+        harness.reset_peak_rss()
 
 
 def run_child(mode, smoke, embeddings, checkpointing=False):
@@ -171,22 +226,24 @@ def table(results, embeddings):
 
 def against_lora(smoke, repeat, out, only=None):
     """``--against-lora``: each row of ``AGAINST_LORA`` with and without checkpointing, one process each,
-    interleaved over ``repeat`` rounds; writes ``sketched_refresh_vs_lora[_smoke].{json,md}``."""
+    interleaved over ``repeat`` rounds; writes ``sketched_refresh_vs_lora[_smoke].{json,md}`` after every
+    process (a stopped run keeps what it measured)."""
     rows = [(label, mode, emb, ckpt) for ckpt in (False, True) for label, mode, emb in AGAINST_LORA
             if only is None or mode in only or mode not in ADAPTERS]
-    results = {i: [] for i in range(len(rows))}
-    for _ in range(repeat):
-        for i, (label, mode, emb, ckpt) in enumerate(rows):  # interleaved: each round runs every row once
-            results[i].append(run_child(mode, smoke, emb, ckpt))
-            print(label, ckpt, json.dumps(results[i][-1])[:300], flush=True)
     record = {"shape": SMOKE if smoke else SHAPE, "steps": STEPS, "gap": GAP, "machine": harness.machine_line(),
-              "rows": [{"label": label, "mode": mode, "embeddings": emb, "checkpointing": ckpt, "runs": results[i]}
-                       for i, (label, mode, emb, ckpt) in enumerate(rows)]}
-    text = lora_table(record)
+              "rows": [{"label": label, "mode": mode, "embeddings": emb, "checkpointing": ckpt, "runs": []}
+                       for label, mode, emb, ckpt in rows]}
     stem = "sketched_refresh_vs_lora" + ("_smoke" if smoke else "")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    (out / f"{stem}.md").write_text(text)
+    for _ in range(repeat):
+        for row in record["rows"]:  # interleaved: each round runs every row once
+            run = run_child(row["mode"], smoke, row["embeddings"], row["checkpointing"])
+            row["runs"].append(run)
+            summary = f"peak above the base model {peak_above_base(run):.0f} MiB" if "steps" in run else run
+            print(row["label"], "checkpointing" if row["checkpointing"] else "", summary, flush=True)
+            harness.write_json(out / f"{stem}.json", record)
+    text = lora_table(record)
+    harness.write_text(out / f"{stem}.md", text)
     print(text)
 
 
@@ -196,29 +253,37 @@ def peak_above_base(run):
 
 
 def lora_table(record):
-    """The ``--against-lora`` table: medians of each row's runs, ×LoRA at the same checkpointing."""
+    """The ``--against-lora`` table: medians of each row's runs, ×LoRA at the same checkpointing; each phase's
+    peak (``PHASES``) is its largest over the run's steps."""
     def med(runs, f):
         return statistics.median(f(r) for r in runs)
+
+    def phase(name):
+        def peak(run):
+            shift = run["rss_model_mib"] - run["rss_base_mib"]
+            return max(s["phase_peaks_above_model_mib"][name] for s in run["steps"]) + shift
+        return peak
 
     lora = {row["checkpointing"]: med([r for r in row["runs"] if "steps" in r], peak_above_base)
             for row in record["rows"] if row["mode"] == "lora" and any("steps" in r for r in row["runs"])}
     lines = [f"{record['machine']}; {record['steps']} steps; medians over the interleaved runs; MiB above the RSS "
-             "of the base model alone", "",
-             "| method | checkpointing | runs | peak over the run (MiB) | ×LoRA | peak, 1st step (MiB) "
-             "| left by backward, steady (MiB) | steady step (s) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "of the base model alone; a phase's peak is its largest over the steps", "",
+             "| method | checkpointing | runs | peak over the run (MiB) | ×LoRA | forward | loss head's backward "
+             "| layers' backward | step() | optimizer state (MiB) | trainable parameters (MiB) | steady step (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in record["rows"]:
         runs = [r for r in row["runs"] if "steps" in r]
         ckpt = "yes" if row["checkpointing"] else "no"
         if not runs:
-            lines.append(f"| {row['label']} | {ckpt} | 0 | failed | | | | |")
+            lines.append(f"| {row['label']} | {ckpt} | 0 | failed | | | | | | | | |")
             continue
         peak = med(runs, peak_above_base)
         ratio = f"{peak / lora[row['checkpointing']]:.2f}" if row["checkpointing"] in lora else "—"
         steady = [i for i in range(record["steps"]) if i % record["gap"] != 0]
+        phases = " | ".join(f"{med(runs, phase(name)):.0f}" for name in PHASES)
         lines.append(
-            f"| {row['label']} | {ckpt} | {len(runs)} | {peak:.0f} | {ratio} "
-            f"| {med(runs, lambda r: r['steps'][0]['peak_above_model_mib'] + r['rss_model_mib'] - r['rss_base_mib']):.0f} "
-            f"| {med(runs, lambda r: max(r['steps'][i]['after_backward_above_model_mib'] for i in steady)):.0f} "
+            f"| {row['label']} | {ckpt} | {len(runs)} | {peak:.0f} | {ratio} | {phases} "
+            f"| {med(runs, lambda r: r['state_mib']):.0f} | {med(runs, lambda r: r['trainable_mib']):.0f} "
             f"| {med(runs, lambda r: statistics.median(r['steps'][i]['seconds'] for i in steady)):.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -320,8 +385,15 @@ def main():
                              "each with and without checkpointing")
     parser.add_argument("--adapters", default=",".join(ADAPTERS),
                         help="with --against-lora: which of lora,dora to run (default both)")
+    parser.add_argument("--table", type=Path,
+                        help="with --against-lora: write the table of this JSON (a stopped run's too) beside it")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args()
+    if args.against_lora and args.table:  # the table again from a (possibly stopped) run's JSON
+        text = lora_table(json.loads(args.table.read_text()))
+        harness.write_text(args.table.with_suffix(".md"), text)
+        print(text)
+        return
     if args.against_lora and not args.child:
         only = [a for a in args.adapters.split(",") if a]
         if not set(only) <= set(ADAPTERS) or "lora" not in only:
