@@ -274,8 +274,8 @@ def lora_table(record):
     for row in record["rows"]:
         runs = [r for r in row["runs"] if "steps" in r]
         ckpt = "yes" if row["checkpointing"] else "no"
-        if not runs:
-            lines.append(f"| {row['label']} | {ckpt} | 0 | failed | | | | | | | | |")
+        if not runs:  # every run failed, or none has run yet (a stopped run's JSON)
+            lines.append(f"| {row['label']} | {ckpt} | 0 | {'failed' if row['runs'] else 'not run'} | | | | | | | | |")
             continue
         peak = med(runs, peak_above_base)
         ratio = f"{peak / lora[row['checkpointing']]:.2f}" if row["checkpointing"] in lora else "—"

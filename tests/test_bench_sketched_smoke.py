@@ -76,10 +76,12 @@ def test_against_lora_table_arithmetic():
         {"label": "lora", "mode": "lora", "embeddings": "frozen", "checkpointing": False,
          "runs": [run(1000, 1030, steps), run(1000, 1030, steps)]},
         {"label": "dora", "mode": "dora", "embeddings": "frozen", "checkpointing": True,
-         "runs": [{"mode": "dora", "error": "boom"}]}]}
+         "runs": [{"mode": "dora", "error": "boom"}]},
+        {"label": "lora", "mode": "lora", "embeddings": "frozen", "checkpointing": True, "runs": []}]}
     assert sketched_refresh.peak_above_base(record["rows"][1]["runs"][0]) == 150.0
     lines = sketched_refresh.lora_table(record).splitlines()
-    galore, lora, dora = (line.split("|")[1:-1] for line in lines[4:7])
+    galore, lora, dora, pending = (line.split("|")[1:-1] for line in lines[4:8])
     assert [c.strip() for c in galore[2:5]] == ["2", "65", "0.43"]  # median 65 MiB over 2 runs, 65 / 150
     assert [c.strip() for c in lora[3:5]] == ["150", "1.00"]
-    assert "failed" in dora[3]  # no LoRA row with checkpointing, and the run failed
+    assert "failed" in dora[3] and dora[4].strip() == ""  # the run failed; LoRA's row with checkpointing has no run
+    assert "not run" in pending[3]  # a stopped run's JSON
