@@ -29,6 +29,7 @@ is shared, timings are noisy.
     python bench/sketched_refresh.py --layer              # one layer's refresh work alone: ~1 min
     python bench/sketched_refresh.py --against-lora       # against PEFT LoRA/DoRA r64: 8 rows × 2, ~1 h
     python bench/sketched_refresh.py --against-lora --table bench/results/sketched_refresh_vs_lora.json
+    python bench/sketched_refresh.py --saved-tensors      # what autograd saves in one forward: ~1 min
 
 ``--against-lora``: GaLore+'s projected path as the command runs it with one micro-batch
 (``sketched_in_backward``) with the embedding/``lm_head`` frozen and trained in full (the default
@@ -288,6 +289,51 @@ def lora_table(record):
     return "\n".join(lines) + "\n"
 
 
+def saved_tensors(shape):
+    """``--saved-tensors``: the bytes autograd saves in one forward (distinct storages, parameters left
+    out), by shape, for GaLore+'s projected path with the embedding frozen and for LoRA, the model and
+    batch of ``--against-lora`` (no checkpointing): the activations each keeps for backward."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from galore_plus import build_optimizer
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.methods import build_method
+
+    harness.pin_threads(1)
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1))
+    rows = {}
+    for method in ("galore+ projected, embedding frozen", "lora"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in shape.items() if k not in ("batch", "seq", "rank")},
+                                             max_position_embeddings=shape["seq"], tie_word_embeddings=False))
+        model.train()
+        if method == "lora":
+            model, _ = build_method(FinetuneConfig(method="lora", rank=shape["rank"], lr=1e-5), model)
+        else:
+            build_optimizer(model, "galore+", shape["rank"], lr=1e-5, projected_backward=True, refresh_in_backward=True,
+                            embeddings="frozen")
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen, by_shape = set(), {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                by_shape[tuple(t.shape)] = by_shape.get(tuple(t.shape), 0) + t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids).loss  # noqa: B018 (the forward is what is counted)
+        rows[method] = by_shape
+    shapes = sorted({s for by in rows.values() for s in by}, key=lambda s: -max(by.get(s, 0) for by in rows.values()))
+    lines = ["| saved tensor shape | " + " | ".join(f"{m} (MiB)" for m in rows) + " |", "|---|" + "---:|" * len(rows),
+             "| all | " + " | ".join(f"{sum(by.values()) / MIB:.1f}" for by in rows.values()) + " |"]
+    lines += [f"| {'×'.join(map(str, s))} | " + " | ".join(f"{by.get(s, 0) / MIB:.1f}" for by in rows.values()) + " |"
+              for s in shapes if max(by.get(s, 0) for by in rows.values()) >= MIB / 10]
+    return "\n".join(lines) + "\n"
+
+
 def residual_overlap():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -385,6 +431,8 @@ def main():
                              "each with and without checkpointing")
     parser.add_argument("--adapters", default=",".join(ADAPTERS),
                         help="with --against-lora: which of lora,dora to run (default both)")
+    parser.add_argument("--saved-tensors", action="store_true",
+                        help="the bytes autograd saves in one forward, GaLore+ (embedding frozen) against LoRA")
     parser.add_argument("--table", type=Path,
                         help="with --against-lora: write the table of this JSON (a stopped run's too) beside it")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
@@ -406,6 +454,12 @@ def main():
         (args.out / "sketched_refresh_layer.md").write_text(text)
         (args.out / "sketched_refresh_layer.json").write_text(json.dumps({"seconds": times,
                                                                           "machine": harness.machine_line()}))
+        print(text)
+        return
+    if args.saved_tensors:
+        text = saved_tensors(SMOKE if args.smoke else SHAPE)
+        args.out.mkdir(parents=True, exist_ok=True)
+        harness.write_text(args.out / ("sketched_refresh_saved" + ("_smoke" if args.smoke else "") + ".md"), text)
         print(text)
         return
     if args.residual:

@@ -85,3 +85,13 @@ def test_against_lora_table_arithmetic():
     assert [c.strip() for c in lora[3:5]] == ["150", "1.00"]
     assert "failed" in dora[3] and dora[4].strip() == ""  # the run failed; LoRA's row with checkpointing has no run
     assert "not run" in pending[3]  # a stopped run's JSON
+
+
+def test_saved_tensors_smoke(tmp_path):
+    done = subprocess.run([sys.executable, "bench/sketched_refresh.py", "--saved-tensors", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "sketched_refresh_saved_smoke.md").read_text().splitlines()
+    assert "galore+ projected, embedding frozen" in lines[0] and "lora" in lines[0]
+    total = lines[2].split("|")
+    assert total[1].strip() == "all" and all(float(cell) > 0 for cell in total[2:4])
