@@ -77,6 +77,8 @@ class FsdpWatch(TargetSized):
             if not isinstance(t, torch.Tensor):
                 continue
             part = getattr(t, "_local_tensor", t)  # a DTensor (the mode sees its ops whole): this rank's part
+            if part.layout != torch.strided:  # the residual's sampled product: only the index set's values
+                continue
             if tuple(part.shape) in self.shapes and part.untyped_storage().data_ptr() not in self.weights:
                 self.seen.add((str(func), tuple(part.shape)))
         return out
