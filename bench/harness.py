@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -292,11 +294,27 @@ def claim(job, runs_dir, json_path):
     return path
 
 
+@functools.cache
+def code_version() -> str | None:
+    """The commit of the checkout this bench runs from (``+`` when ``src/`` or ``bench/`` has uncommitted
+    changes), or None outside a git checkout: recorded with each run, since a grid can outlive several
+    commits (its keys say what a run computes, not with which code)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src", "bench"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+" if dirty else "")
+
+
 def record_of(job, result, machine, in_process, started, load_before, **extra):
     """What the results file records of a finished job (``extra``: a plan's own fields)."""
     return {"key": job["key"], "settings": job["settings"], "label": job["label"], "task": job["task"], **extra,
             "result": result, "machine": machine, "in_process": in_process, "started": started,
-            "loadavg_before": [round(x, 2) for x in load_before],
+            "code": code_version(), "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 

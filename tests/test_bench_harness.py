@@ -126,7 +126,11 @@ def test_drive_replans_after_each_run_and_leaves_a_failed_run_unrecorded(tmp_pat
     assert ran == ["a", "bad", "b"] and new == 2 and failed == {"bad"} and len(tables) == 2
     assert [r["key"] for r in records] == ["a", "b"] and records[0]["stage"] == "sweep" and "stage" not in records[1]
     assert set(records[0]) == {"key", "settings", "label", "task", "stage", "result", "machine", "in_process",
-                               "started", "loadavg_before", "loadavg_after"}
+                               "started", "code", "loadavg_before", "loadavg_after"}
+    head = subprocess.run(["git", "-C", str(Path(harness.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert records[0]["code"] == harness.code_version()  # the checkout's commit (None outside a git checkout)
+    assert (records[0]["code"] or "").rstrip("+") == head
     assert not list((runs_dir / "claims").iterdir())  # every claim released, the failed run's too
     with pytest.raises(RuntimeError, match="boom"):  # smoke: a failure stops the grid
         harness.drive(plan, json_path, runs_dir, run_job=run_job, in_process=True, machine={}, stop_on_failure=True)
