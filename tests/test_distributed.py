@@ -498,3 +498,21 @@ def test_command_line_refuses_layerwise_and_unsharded_state():
         parse_config(["finetune", "--model", "tiny", "--method", "adamw8bit", "--distributed", "fsdp"])
     config, _ = parse_config(["finetune", "--model", "tiny", "--8bit", "--distributed", "fsdp"])
     assert config.eightbit and config.distributed == "fsdp"
+
+
+def test_a_cuda_run_joins_with_gloo_beside_nccl(monkeypatch):
+    """Under CUDA the process group has gloo for CPU tensors beside NCCL (the run's per-step flags and
+    sums, ``sum_across_ranks``, are CPU tensors; NCCL alone refuses them); CPU runs use gloo only.
+    Checked on the call (no GPU here): the backend string torch gets."""
+    from galore_plus import distributed as gd
+
+    seen = []
+    monkeypatch.setattr(gd.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(gd.dist, "init_process_group", lambda backend: seen.append(backend))
+    monkeypatch.setattr(gd.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(gd.dist, "get_world_size", lambda: 1)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    gd.init_from_env("cuda")
+    gd.init_from_env("cpu")
+    assert seen == ["cpu:gloo,cuda:nccl", "gloo"]

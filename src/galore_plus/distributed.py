@@ -341,14 +341,15 @@ def _decode(value: Tensor, layout: str) -> Any:
 
 
 def init_from_env(device_type: str = "cpu") -> tuple[int, int, int]:
-    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, NCCL on CUDA);
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU; on CUDA, NCCL for
+    CUDA tensors and gloo for the few CPU ones: the run's flags and sums, checkpoints' numbers);
     returns ``(rank, world size, local rank)``. Raises RuntimeError outside torchrun."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not dist.is_initialized():
         raise RuntimeError(f"a distributed run needs torchrun (or accelerate launch); {', '.join(missing)} "
                            "not set: torchrun --nproc_per_node N -m galore_plus.app finetune --distributed ddp ...")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return dist.get_rank(), dist.get_world_size(), local_rank
 

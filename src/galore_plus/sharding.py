@@ -393,9 +393,12 @@ class RowShards(WholeTensor):
         """Exact SVD: the whole gradient on the owner rank only, the projector broadcast."""
         whole = rows.gather_to(local, owner)
         m, n = rows.global_rows, local.shape[1]
-        ok = torch.ones(1, dtype=torch.int32)
-        left = torch.empty(m, rank, dtype=local.dtype) if side in (projection.LEFT, projection.FULL) else None
-        right = torch.empty(rank, n, dtype=local.dtype) if side in (projection.RIGHT, projection.FULL) else None
+        device = local.device  # NCCL broadcasts only device tensors
+        ok = torch.ones(1, dtype=torch.int32, device=device)
+        left = torch.empty(m, rank, dtype=local.dtype, device=device) if side in (projection.LEFT, projection.FULL) \
+            else None
+        right = torch.empty(rank, n, dtype=local.dtype, device=device) if side in (projection.RIGHT, projection.FULL) \
+            else None
         if whole is not None:
             basis = projection.svd_projector(whole, rank, side)
             if basis is None:
