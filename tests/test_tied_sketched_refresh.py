@@ -233,3 +233,22 @@ def test_resume_across_a_refresh_is_bitwise_in_float32():
     assert opt.state[a.lm_head.weight]["refresh_count"] == 3
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_what_keeps_the_full_gradient_at_a_refresh():
+    """An exact SVD of the whole matrix (plain GaLore) needs ``G`` itself, as ``sketched_refresh=False``
+    does: both halves return their full gradients, autograd sums them in ``W.grad`` (float64, equal to
+    the full path's), nothing is held as factors."""
+    ids = batches(1, steps=1)[0][0]
+    reference = model_for()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for method, sketched in (("galore", True), ("galore+", False)):
+        model = model_for()
+        opt = build_optimizer(model, method, 8, lr=1e-2, embeddings="low_rank", projected_backward=True)
+        engine_of(opt).projected_backward.sketched_refresh = sketched
+        weight = model.lm_head.weight
+        assert id(weight) in engine_of(opt).projected_backward._tied
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert opt.factored_gradient(weight) is None
+        torch.testing.assert_close(weight.grad, reference.lm_head.weight.grad, rtol=1e-12, atol=1e-14)
+        opt.step()
