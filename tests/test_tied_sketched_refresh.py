@@ -252,3 +252,33 @@ def test_what_keeps_the_full_gradient_at_a_refresh():
         assert opt.factored_gradient(weight) is None
         torch.testing.assert_close(weight.grad, reference.lm_head.weight.grad, rtol=1e-12, atol=1e-14)
         opt.step()
+
+
+@pytest.mark.parametrize("accumulation,seq,rows,cap", [(2, 11, 1, True), (2, 9, 2, True), (2, 11, 2, False)])
+def test_a_sparse_lookup_refreshes_the_same(accumulation, seq, rows, cap):
+    """A lookup with ``sparse=True`` (``integration.sparse_tied_lookup``): held as factors, folded by the
+    cap in either half, or returning sparse rows after a fold, the run equals the dense lookup's
+    (float64, 1e-10)."""
+    data = batches(accumulation, seq, rows=rows, steps=6)
+    models = []
+    for sparse in (True, False):
+        model = model_for()
+        model.model.embed_tokens.sparse = sparse
+        train(model, optimizer_for(model, cap=cap), data)
+        models.append(model)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert relative(p, q) < 1e-10, name
+
+
+def test_a_non_finite_lookup_gradient_at_a_refresh_raises_before_anything_changes():
+    model = model_for()
+    opt = optimizer_for(model)
+    ids = batches(1, steps=1)[0][0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    held = opt.factored_gradient(model.lm_head.weight)
+    rows = next(x for x, dy in held.pairs if isinstance(dy, projection.TokenRows))
+    rows[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="embed_tokens|lm_head"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
