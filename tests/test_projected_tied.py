@@ -2,7 +2,7 @@
 (``build_optimizer(embeddings="low_rank")``): the ``lm_head`` half ``dlogitsᵀ(h Q)`` / ``(dlogits P)ᵀ h``
 plus the lookup's rows times the projector, never the ``vocab×hidden`` gradient between refreshes.
 Against the full path in float64: the projected gradient itself (1e-12), the trajectory over three
-refreshes (1e-9), padding rows, every projection side and the residual's entries of the lookup half;
+refreshes (1e-9; their refresh from factors: tests/test_tied_sketched_refresh.py), padding rows, every projection side and the residual's entries of the lookup half;
 an untied lookup's gradient alone; and what stays on the full path (layer-wise, ``max_norm``,
 ``torch.distributed``)."""
 
@@ -43,7 +43,8 @@ def relative(a, b):
 
 @pytest.mark.parametrize("accumulation,refresh_in_backward", [(1, False), (2, False), (1, True)])
 def test_tied_low_rank_embedding_trajectory_equals_the_full_path(accumulation, refresh_in_backward):
-    """12 steps, refreshes at 1, 5, 9 (the tied weight's full gradient at those, refreshed at step()
+    """12 steps, refreshes at 1, 5, 9 (22 tokens pass the tied weight's factors' cap: its full gradient
+    at those, folded; below the cap tests/test_tied_sketched_refresh.py; refreshed at step()
     even with ``refresh_in_backward``, which refreshes the other targets in backward: the same refresh
     with one micro-batch), 1 or 2 micro-batches, float64."""
     data = batches(accumulation)
@@ -67,7 +68,7 @@ def test_projected_gradient_of_the_tied_weight_equals_the_full_one_projected():
     for step, (ids,) in enumerate(data):
         for model in (full, proj):
             model(input_ids=ids, labels=ids).loss.backward()
-        if step == 0:  # the first refresh: both halves full, summed by autograd
+        if step == 0:  # the first refresh: 22 tokens pass the factors' cap, folded into W.grad
             torch.testing.assert_close(weight.grad, full.lm_head.weight.grad.to_dense(), rtol=1e-12, atol=1e-14)
         else:
             assert weight.grad is None
@@ -84,7 +85,8 @@ def test_projected_gradient_of_the_tied_weight_equals_the_full_one_projected():
 def test_no_vocab_by_hidden_tensor_between_refreshes():
     """vocab 64 × hidden 48 (and its transpose) is no other tensor's shape here: between refreshes no op
     in backward or ``step()`` returns one (the weight itself excepted: the update writes it in place);
-    at a refresh step the full gradient is there."""
+    at a refresh step the full gradient is there (22 tokens pass the factors' cap; below it
+    tests/test_tied_sketched_refresh.py watches refresh steps too)."""
     model = tied(torch.float32)
     opt = optimizer_for(model, projected_backward=True)
     shape = (TIED["vocab_size"], TIED["hidden_size"])

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from .distributed_sketch import RankMeanGradient, is_rank_mean
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
-from .projection import FactoredGradient
+from .projection import FactoredGradient, TokenRows, lookup_entries
 from .sharding import FactoredRows, ProjectedRows, is_dtensor, layout_of
 
 
@@ -105,15 +105,7 @@ def lookup_projected_gradient(ids: Tensor, grad_rows: Tensor, left: Tensor | Non
         low = rows.new_zeros(vocab, rows.shape[1]).index_add_(0, ids, rows)
     else:
         low = left.index_select(0, ids).T @ (grad_rows if right is None else grad_rows @ right.T)
-    entries = None
-    if index is not None:
-        n = grad_rows.shape[1]
-        index = index.long()
-        rows_at, cols_at = index.div(n, rounding_mode="floor"), index % n
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        summed = grad_rows.new_zeros(unique.numel(), n).index_add_(0, inverse, grad_rows)
-        where = torch.searchsorted(unique, rows_at).clamp_max(unique.numel() - 1)
-        entries = torch.where(unique[where] == rows_at, summed[where, cols_at], summed.new_zeros(()))
+    entries = None if index is None else lookup_entries(ids, grad_rows, index, grad_rows.shape[1])
     grad = LowRankGradient(low, entries)
     return grad if into is None else into.add_(grad)
 
@@ -291,6 +283,9 @@ class ProjectedBackward:
         #: ids of the weights shared by an ``lm_head`` linear and an embedding lookup, both projected
         #: (issue 26; DESIGN.md, "Projected backward", a tied embedding)
         self._tied: set[int] = set()
+        #: tied weights whose lm_head half folded its factors in this micro-batch's backward (the
+        #: factors' cap), so the lookup half returns its full gradient too (``_hold_tied``)
+        self._folded: set[int] = set()
         lookups = {id(m.weight): m for m in model.modules() if type(m) is nn.Embedding and m.weight is not None}
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -407,11 +402,12 @@ class ProjectedBackward:
         is handed on in the compute dtype; a refresh's factors are in the compute dtype (float32)."""
         engine = self.engine
         if engine.projector_due(weight):
-            if id(weight) in self._tied:  # both halves full, summed by autograd; refreshed at step()
+            if id(weight) in self._tied:  # the lm_head half of a tied weight: (h, dlogits), held until step()
+                if self._sketches(weight):
+                    return self._hold_tied(weight, FactoredGradient.of(x.detach(), dy.detach()), lookup=False)
                 return (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
-            if (self.sketched_refresh and engine.refreshes_from_factors(weight) and weight.grad is None
-                    and (self._group is not None or id(weight) in self._sharded or not self._several_ranks())):
+            if self._sketches(weight):
                 # detached: a held x must not keep its graph alive until step()
                 factored = FactoredGradient.of(x.detach(), dy.detach()).to(compute_dtype(weight))
                 across = self._across_ranks(weight, factored)
@@ -453,16 +449,55 @@ class ProjectedBackward:
         self.sink.add_projected_gradient(weight, grad)
         return None
 
+    def _sketches(self, weight: Tensor) -> bool:
+        """Whether ``weight``'s due refresh comes from factors (``sketched_refresh``, a projector that
+        allows it, no ``W.grad`` yet this step: one there means the factors' cap folded them, and the
+        step goes on in full; one process, or the ranks' factors under DDP/FSDP2)."""
+        return (self.sketched_refresh and self.engine.refreshes_from_factors(weight) and weight.grad is None
+                and (self._group is not None or id(weight) in self._sharded or not self._several_ranks()))
+
+    def _hold_tied(self, weight: Tensor, factored: FactoredGradient, lookup: bool) -> Tensor | None:
+        """One half of a tied (or an untied lookup's) weight at a refresh from factors: held by the
+        optimizer until ``step()``, which refreshes from the sum of both halves over the step's
+        micro-batches (the lookup's backward runs after ``lm_head``'s, so it is never refreshed in
+        backward, not with ``refresh_in_backward`` either). The factors' cap as for any target: the
+        half that would pass ``m·n`` held elements folds the held factors and its own into ``G``, handed
+        to autograd; the lm_head half marks that (``_folded``), so the lookup half of the same
+        micro-batch returns its full gradient too (autograd sums both into ``W.grad``), as do later
+        micro-batches (``W.grad`` is set). DESIGN.md, "Projected backward", a tied embedding."""
+        engine = self.engine
+        factored = factored.to(compute_dtype(weight))
+        if lookup and id(weight) in self._folded:  # the lm_head half of this micro-batch folded
+            self._folded.discard(id(weight))
+            return factored.dense().to(weight.dtype)
+        held = engine.factored_gradient(weight)
+        if not self.cap_factors or _kept_elements(held, factored) <= weight.numel():
+            engine.add_factored_gradient(weight, factored)
+            return None
+        engine.pop_factored_gradient(weight)
+        if not lookup and id(weight) in self._tied:
+            self._folded.add(id(weight))
+        return (factored if held is None else held.add_(factored)).dense().to(weight.dtype)
+
     @torch.no_grad()
     def lookup_gradient(self, weight: Tensor, ids: Tensor, grad: Tensor, padding_idx: int | None,
                         sparse: bool) -> Tensor | None:
         """Backward of a tied embedding's lookup (``ids``: ``tokens``, ``grad``: ``tokens×n``). Between
         refreshes its projected gradient is handed to the optimizer, which adds it to the ``lm_head``
-        half's (``lookup_projected_gradient``; ``None`` returned); at a refresh step the lookup's full
-        gradient as ``F.embedding`` returns it (sparse rows if the lookup is ``sparse``), which autograd
-        adds to ``lm_head``'s, and ``step()`` refreshes from the sum."""
+        half's (``lookup_projected_gradient``; ``None`` returned). At a refresh step from factors
+        (``_sketches``) the pair ``(grad, TokenRows(ids))``, ``G = Sᵀ grad``, joins the ``lm_head``
+        half's held factors (``_hold_tied``); else the lookup's full gradient as ``F.embedding``
+        returns it (sparse rows if the lookup is ``sparse``), which autograd adds to ``lm_head``'s, and
+        ``step()`` refreshes from the sum."""
         engine = self.engine
         if engine.projector_due(weight):
+            if self._sketches(weight):
+                if padding_idx is not None:  # no gradient at the padding row, as F.embedding's
+                    grad = grad * (ids != padding_idx).unsqueeze(1).to(grad.dtype)
+                rows = grad.detach().to(compute_dtype(weight))
+                factored = FactoredGradient([(rows, TokenRows(ids.detach(), weight.shape[0], rows.dtype))])
+                return self._hold_tied(weight, factored, lookup=True)
+            self._folded.discard(id(weight))
             return torch.ops.aten.embedding_backward(grad, ids, weight.shape[0], -1 if padding_idx is None else padding_idx,
                                                      False, sparse)
         dtype = compute_dtype(weight)
@@ -547,6 +582,7 @@ class ProjectedBackward:
 
     @torch.no_grad()
     def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        self._folded.clear()
         self._reduce_sharded()
         if self._group is None:
             if _world_size(None) > 1 and len(self._sharded) < len(self.targets):

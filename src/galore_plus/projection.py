@@ -455,6 +455,64 @@ def canonical_projector(left: Tensor | None, right: Tensor | None,
 RESIDUAL_CHUNK_ELEMENTS = 2**22
 
 
+class TokenRows:
+    """``S`` (``tokens×vocab``), the one-hot matrix of an embedding lookup's token ids (``S[t, ids[t]] = 1``),
+    never formed: the lookup's weight gradient is ``G = Sᵀ D`` (``D``: ``tokens×n``, the lookup's output
+    gradient), so a lookup is a ``FactoredGradient`` pair ``(x = D, dy = S)`` (issue 26; DESIGN.md,
+    "Projected backward", a tied embedding refreshed from factors). Its products are cheap:
+    ``S M = M[ids]`` (``rows``) and ``Sᵀ A`` = the rows of ``A`` added at ``ids`` (``scatter``, an
+    ``index_add_`` into ``vocab×k``). ``numel()`` counts what it holds (the ids), for the factors' cap."""
+
+    def __init__(self, ids: Tensor, vocab: int, dtype: torch.dtype):
+        self.ids, self.vocab, self.dtype = ids.reshape(-1).long(), vocab, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.ids.numel(), self.vocab))
+
+    def numel(self) -> int:
+        return self.ids.numel()
+
+    def to(self, dtype: torch.dtype) -> TokenRows:
+        return self if dtype == self.dtype else TokenRows(self.ids, self.vocab, dtype)
+
+    def rows(self, M: Tensor) -> Tensor:
+        """``S M`` (``M``: ``vocab×k``): the rows of the ids."""
+        return M.index_select(0, self.ids)
+
+    def scatter(self, A: Tensor, into: Tensor | None = None) -> Tensor:
+        """``Sᵀ A`` (``A``: ``tokens×k``): each token's row added at its id (into ``into`` in place if given)."""
+        out = A.new_zeros(self.vocab, A.shape[1]) if into is None else into
+        return out.index_add_(0, self.ids, A)
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        """``S``'s columns ``index`` (``dim`` 1), formed (``tokens×|index|``): a row block of ``G`` (small)."""
+        if dim != 1:
+            raise ValueError("TokenRows selects columns only")
+        return (self.ids.unsqueeze(1) == index.to(self.ids.device).unsqueeze(0)).to(self.dtype)
+
+
+def _times(t: Tensor | TokenRows, M: Tensor) -> Tensor:
+    """``t @ M`` for a factor ``t`` (a tensor or ``TokenRows``)."""
+    return t.rows(M) if isinstance(t, TokenRows) else t @ M
+
+
+def _t_times(t: Tensor | TokenRows, A: Tensor) -> Tensor:
+    """``tᵀ @ A`` for a factor ``t`` (a tensor or ``TokenRows``)."""
+    return t.scatter(A) if isinstance(t, TokenRows) else t.T @ A
+
+
+def lookup_entries(ids: Tensor, grad_rows: Tensor, index: Tensor, n: int) -> Tensor:
+    """``G = onehot(ids)ᵀ grad_rows`` flattened (row-major, ``n`` columns) at the flat ``index``: the rows
+    of equal ids summed once, then read at the index set's rows present (0 at absent ones)."""
+    index = index.long()
+    rows_at, cols_at = index.div(n, rounding_mode="floor"), index % n
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    summed = grad_rows.new_zeros(unique.numel(), n).index_add_(0, inverse, grad_rows)
+    where = torch.searchsorted(unique, rows_at).clamp_max(unique.numel() - 1)
+    return torch.where(unique[where] == rows_at, summed[where, cols_at], summed.new_zeros(()))
+
+
 class FactoredGradient:
     """A linear layer's weight gradient ``G = Σ_b dy_bᵀ x_b`` (``m×n``) kept as its factors: the
     inputs ``x_b`` (``tokens×n``) and output gradients ``dy_b`` (``tokens×m``) of the micro-batches
@@ -469,6 +527,9 @@ class FactoredGradient:
     - ``project(left, right)``, ``entries(index)``: the projected gradient and ``G`` at a flat index
       set (``G[i, j] = dyᵀ[i]·xᵀ[j]``, chunked);
     - ``shape``, ``dtype``, ``device``, ``to(dtype)``, ``all_finite()``.
+
+    A pair's ``dy`` may be a ``TokenRows`` (an embedding lookup's ``G = Sᵀ D``, ``x = D``): every
+    product above then takes rows of ``S`` or adds at them (``S M = M[ids]``, ``Sᵀ A`` by ``index_add_``).
 
     Sums over micro-batches are taken in their order (``add_``), so one micro-batch computes exactly
     what the projected backward computes between refreshes."""
@@ -533,11 +594,12 @@ class FactoredGradient:
 
     def __matmul__(self, other: Tensor) -> Tensor:
         """``A @ M`` = ``Σ bᵀ (a M)``."""
-        return self._sum(b.T @ (a @ other) for a, b in self._factors())
+        return self._sum(_t_times(b, _times(a, other)) for a, b in self._factors())
 
     def __rmatmul__(self, other: Tensor) -> Tensor:
-        """``Y @ A`` = ``Σ (b Yᵀ)ᵀ a``."""
-        return self._sum((b @ other.T).T @ a for a, b in self._factors())
+        """``Y @ A`` = ``Σ (b Yᵀ)ᵀ a`` (``(aᵀ (b Yᵀ))ᵀ`` where ``a`` is a ``TokenRows``)."""
+        return self._sum(a.scatter(_times(b, other.T)).T if isinstance(a, TokenRows) else _times(b, other.T).T @ a
+                         for a, b in self._factors())
 
     def row_block(self, rows: list[int]) -> FactoredGradient:
         """The rows ``rows`` of ``G`` (in that order) as a factored gradient."""
@@ -551,15 +613,26 @@ class FactoredGradient:
         larger than ``G`` (the projected backward's cap); the micro-batches summed in place, in order."""
         total = None
         for a, b in self._factors():
-            total = b.T @ a if total is None else total.addmm_(b.T, a)
+            if isinstance(b, TokenRows):  # a lookup: its rows added at the ids
+                total = b.scatter(a, total)
+            elif isinstance(a, TokenRows):  # a lookup in Gᵀ
+                part = a.scatter(b).T
+                total = part if total is None else total.add_(part)
+            else:
+                total = b.T @ a if total is None else total.addmm_(b.T, a)
         return total
 
     def project(self, left: Tensor | None, right: Tensor | None) -> Tensor:
         """``Pᵀ G = Σ (dy P)ᵀ x``, ``G Q = Σ dyᵀ (x Q)`` or ``Pᵀ G Q = Σ (dy P)ᵀ (x Q)``."""
         if self.transposed:
             raise ValueError("project a transposed factored gradient")
-        return self._sum((dy if left is None else dy @ left).T @ (x if right is None else x @ right.T)
-                         for x, dy in self.pairs)
+        def one(x: Tensor, dy: Tensor | TokenRows) -> Tensor:
+            x = x if right is None else x @ right.T
+            if isinstance(dy, TokenRows):  # Sᵀ(x Q) by index_add_, or P[ids]ᵀ (x Q)
+                return dy.scatter(x) if left is None else dy.rows(left).T @ x
+            return (dy if left is None else dy @ left).T @ x
+
+        return self._sum(one(x, dy) for x, dy in self.pairs)
 
     def entries(self, index: Tensor) -> Tensor:
         """``G`` flattened (row-major) at the flat ``index``: ``G[i, j] = Σ_t dy[t, i]·x[t, j]``.
@@ -575,6 +648,12 @@ class FactoredGradient:
         index = index.long()
         if index.numel() == 0:
             return torch.zeros(0, dtype=self.dtype, device=self.device)
+        lookups = [(x, dy) for x, dy in self.pairs if isinstance(dy, TokenRows)]
+        if lookups:  # lookup pairs by their rows of equal ids, the others as below
+            n = self.shape[1]
+            looked = self._sum(lookup_entries(dy.ids, x, index, n) for x, dy in lookups)
+            dense = [(x, dy) for x, dy in self.pairs if not isinstance(dy, TokenRows)]
+            return looked if not dense else FactoredGradient(dense).entries(index).add_(looked)
         if self.dtype in (torch.float32, torch.float64):
             return self._sampled_entries(index)
         n = self.shape[1]
@@ -613,4 +692,4 @@ class FactoredGradient:
         """Whether every factor is finite (then ``G`` is, barring overflow; a NaN/Inf factor makes
         ``G`` non-finite wherever it meets a non-zero entry, and the refresh refuses it)."""
         return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-                   for pair in self.pairs for t in pair)
+                   for pair in self.pairs for t in pair if isinstance(t, Tensor))  # (TokenRows: ids)
