@@ -1,9 +1,10 @@
-"""The application layer's layout (Design III): modules small enough to read whole, the data
-modules still importable as ``galore_plus.app.data``, and one :class:`Runtime` for a process's place
-in a run."""
+"""The application layer's layout (Design III): modules small enough to read whole, no import circle
+among them (the options below their one check), the data modules still importable as
+``galore_plus.app.data``, and one :class:`Runtime` for a process's place in a run."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from pathlib import Path
 
@@ -26,6 +27,53 @@ DATA_NAMES = ("DataError", "Example", "Task", "TASKS", "FILE_TYPES", "FORMS", "c
 def test_each_app_module_is_under_400_lines(module):
     lines = len((APP / module).read_text().splitlines())
     assert lines < MAX_LINES, f"galore_plus/app/{module} has {lines} lines; split it by job"
+
+
+def app_imports(module: str) -> dict[str, int]:
+    """The app modules ``module`` imports, anywhere in it (a function's import too), each with the line
+    of its first import."""
+    modules = {path.stem for path in APP.glob("*.py")}
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse((APP / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            for name in names:
+                if name in modules and name != module:
+                    found[name] = min(found.get(name, node.lineno), node.lineno)
+    return found
+
+
+def test_no_import_circle_among_app_modules():
+    """Each app module imports only modules below it, a function's import included (a lazy import
+    inside a function only hides a circle): DESIGN.md, "The command (`app/`)"."""
+    graph = {path.stem: app_imports(path.stem) for path in sorted(APP.glob("*.py"))}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circle = path[path.index(module):] + [module]
+            raise AssertionError("import circle: " + " -> ".join(
+                f"{a}.py:{graph[a][b]}" for a, b in zip(circle, circle[1:])) + f" -> {module}.py")
+        if module not in done:
+            for name in graph[module]:
+                visit(name, path + [module])
+            done.add(module)
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_the_options_import_none_of_their_checks():
+    """``config`` (the options) imports no module that checks them; ``validation`` (the one check)
+    imports what it calls at the top, none of which imports it."""
+    assert not {"validation", "presets", "option_checks", "reporting", "tasks", "data", "models",
+                "templates", "schedules"} & set(app_imports("config"))
+    tree = ast.parse((APP / "validation.py").read_text())
+    top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert {"config", "presets", "option_checks", "reporting", "tasks", "models", "templates"} <= top
+    inner = [node.lineno for f in tree.body if isinstance(f, ast.FunctionDef) for node in ast.walk(f)
+             if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not inner, f"validation.py imports inside a function at lines {inner}"
 
 
 def test_data_still_exposes_its_public_names():

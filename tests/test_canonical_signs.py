@@ -270,7 +270,8 @@ def test_the_option_is_checked_and_off_by_default():
         LowRankSpec(rank=4, canonical_signs=1)
     with pytest.raises(ValueError, match=r"parameter group 0: canonical_signs='yes' must be a bool"):
         GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, "canonical_signs": "yes"}])
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, validated
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     assert LEGACY_VALUES["canonical_signs"] is False and FinetuneConfig().canonical_signs is False

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from galore_plus.app import checkpoint, cli, config as config_module, models
 from galore_plus.app import finetune as finetune_module
 from galore_plus.app.cli import main, parse_config
-from galore_plus.app.config import FinetuneConfig, from_dict, validated
+from galore_plus.app.config import FinetuneConfig, from_dict
+from galore_plus.app.validation import validated
 from galore_plus.app.errors import CheckpointError, ConfigError, RunError
 from galore_plus.app.finetune import batch_indices, finetune
 from galore_plus.options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO

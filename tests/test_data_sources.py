@@ -13,7 +13,8 @@ import pytest
 
 from galore_plus.app import checkpoint, models, sources
 from galore_plus.app.cli import main
-from galore_plus.app.config import FinetuneConfig, from_dict, validated
+from galore_plus.app.config import FinetuneConfig, from_dict
+from galore_plus.app.validation import validated
 from galore_plus.app.data import DataError, load_task, read_examples
 from galore_plus.app.errors import ConfigError
 from galore_plus.app.finetune import finetune

@@ -15,7 +15,8 @@ import yaml
 from galore_plus.app import config as config_module
 from galore_plus.app import finetune as finetune_module
 from galore_plus.app.cli import build_parser, parse_config
-from galore_plus.app.config import DEFAULT_LR, METHODS, FinetuneConfig, learning_rate, validated
+from galore_plus.app.config import DEFAULT_LR, METHODS, FinetuneConfig, learning_rate
+from galore_plus.app.validation import validated
 from galore_plus.app.finetune import finetune
 from test_cli import TINY, argv, assert_same_weights, crash_at
 

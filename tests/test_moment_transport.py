@@ -492,7 +492,8 @@ def test_bad_values_and_unsupported_rules_are_one_line_errors():
 
 def test_the_command_line_option():
     from galore_plus.app.arguments import ArgumentParser, add_arguments
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, validated
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     assert FinetuneConfig().moment_transport == "keep" == LEGACY_VALUES["moment_transport"]

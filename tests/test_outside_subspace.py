@@ -497,7 +497,8 @@ def test_bad_values_are_refused_in_one_line(options, message):
 
 
 def test_the_command():
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, projected_backward, validated
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, projected_backward
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     assert LEGACY_VALUES["outside"] == "off" == FinetuneConfig.outside

@@ -166,7 +166,7 @@ def test_a_template_that_fails_to_render_is_one_line_before_the_model_loads(tmp_
 
 
 def test_a_missing_or_empty_template_file_is_refused_with_the_options(tmp_path):
-    from galore_plus.app.config import validated
+    from galore_plus.app.validation import validated
 
     with pytest.raises(ConfigError, match=r"^--chat-template .*none.jinja: cannot be read \(No such file"):
         validated(FinetuneConfig(model="tiny", chat_template=str(tmp_path / "none.jinja")))

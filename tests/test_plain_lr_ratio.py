@@ -119,7 +119,8 @@ def test_bad_ratios_and_the_command():
         LowRankSpec.recipe("galore", 8, plain_lr_ratio=0)
     with pytest.raises(ValueError, match="needs a learning rate"):
         build_optimizer(tiny(), "galore", 8, lr=None, adafactor=True, plain_lr_ratio=2.0)
-    from galore_plus.app.config import FinetuneConfig, low_rank_spec, validated
+    from galore_plus.app.config import FinetuneConfig, low_rank_spec
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     assert low_rank_spec(FinetuneConfig(plain_lr_ratio=4.0)).plain_lr_ratio == 4.0

@@ -15,7 +15,8 @@ from galore_plus import LowRankSpec
 from galore_plus.app import finetune as finetune_module
 from galore_plus.app import models
 from galore_plus.app.cli import main, parse_config
-from galore_plus.app.config import DEFAULT_LR, FinetuneConfig, low_rank_spec, validated
+from galore_plus.app.config import DEFAULT_LR, FinetuneConfig, low_rank_spec
+from galore_plus.app.validation import validated
 from galore_plus.app.errors import ConfigError
 from galore_plus.app.finetune import finetune
 from galore_plus.app.methods import build_method

@@ -231,7 +231,8 @@ def test_a_state_saved_at_one_rank_is_refused_at_another():
 
 def test_the_command_line_takes_full_and_fractions():
     from galore_plus.app.cli import parse_config
-    from galore_plus.app.config import FinetuneConfig, low_rank_spec, validated
+    from galore_plus.app.config import FinetuneConfig, low_rank_spec
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
     from galore_plus.app.preflight import check_fits
 

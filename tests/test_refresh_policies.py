@@ -210,7 +210,8 @@ def test_k_refreshes_over_a_run_and_an_extended_resume_keeps_the_gap():
 
 
 def test_the_command_spaces_the_refreshes_over_the_run(tmp_path):
-    from galore_plus.app.config import FinetuneConfig, low_rank_spec, projected_backward, validated
+    from galore_plus.app.config import FinetuneConfig, low_rank_spec, projected_backward
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     assert low_rank_spec(FinetuneConfig(max_steps=40, refreshes=4)).update_proj_gap == 10

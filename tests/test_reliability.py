@@ -34,7 +34,8 @@ def test_a_transposed_weight_with_the_residual_equals_its_contiguous_copy():
 def test_an_empty_output_dir_is_refused():
     import pytest
 
-    from galore_plus.app.config import FinetuneConfig, validated
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--output-dir is empty"):
@@ -62,7 +63,8 @@ def test_fp16_and_bf16_plain_parameters_keep_float32_moments():
 def test_a_decay_that_would_zero_the_weights_is_refused():
     import pytest
 
-    from galore_plus.app.config import FinetuneConfig, validated
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--lr 1 × --weight-decay 1e\+30 = 1e\+30 ≥ 1"):

@@ -259,7 +259,7 @@ def test_eval_every_needs_examples_to_evaluate_on(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(8)))
     with pytest.raises(ConfigError, match="--eval-every 2 with --eval-fraction 0 has nothing to evaluate on"):
-        from galore_plus.app.config import validated
+        from galore_plus.app.validation import validated
 
         validated(tiny_config(tmp_path, data=str(data), eval_fraction=0.0, eval_every=2))
 

@@ -106,7 +106,7 @@ def test_contradictory_warm_up_is_one_line(tmp_path, capsys, extra, message):
 
 
 def test_warmup_ratio_from_python_refuses_a_warmup_steps_too():
-    from galore_plus.app.config import validated
+    from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--warmup-ratio 0.2 sets the warm-up from the run's length; drop "

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from galore_plus.app import models
-from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, validated
+from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
+from galore_plus.app.validation import validated
 from galore_plus.app.errors import ConfigError
 from galore_plus.app.finetune import finetune
 from galore_plus.app.methods import build_method, shortened, target_items, target_modules, target_patterns

@@ -73,7 +73,7 @@ def check_device(name: str) -> None:
 
 
 def check_launch(distributed: str) -> None:
-    """A distributed run was started by torchrun (checked by the run, not by ``config.validated``: a
+    """A distributed run was started by torchrun (checked by the run, not by ``validation.validated``: a
     config is valid whatever launches it)."""
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if distributed != "none" and missing:

@@ -24,13 +24,14 @@ from typing import Any
 
 from . import checkpoint, models
 from .arguments import ArgumentParser, add_arguments, from_arguments
-from .config import FinetuneConfig, validated
+from .config import FinetuneConfig
 from .evaluate_config import EvaluateConfig, validated_evaluate
 from .resume import resumed
 from .examples import DataError
 from .errors import CommandError
 from .configfile import with_file
 from .quiet import quiet_third_party
+from .validation import validated
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,45 +1,48 @@
-"""The options of ``galore-plus finetune``: one typed dataclass and its one check.
+"""The options of ``galore-plus finetune``: one typed dataclass and its small derived values.
 
 Each option is a field of :class:`FinetuneConfig`; its metadata carries the flag (when it is not the
 field's name), a one-line help and the choices, so an option is declared once and
 ``arguments.add_arguments`` builds the parser from the fields. The defaults of the low-rank options
 the library defines are read from ``galore_plus.options``, and the low-rank values are checked once,
 by building the run's ``spec.LowRankSpec`` (:func:`low_rank_spec`; ``options.check_common`` for the
-rest), so a bad value gets the library's message. :func:`validated` adds what is the command's own
-(batch sizes, steps, paths, devices, launch) and is the one place a config is checked;
-``resume.resumed`` says which options a ``--resume`` may take.
+rest), so a bad value gets the library's message. ``validation.validated`` adds what is the command's
+own (batch sizes, steps, paths, devices, launch) and is the one place a config is checked;
+``resume.resumed`` says which options a ``--resume`` may take. This module imports no app module that
+imports it (the checks import the options, never the reverse: DESIGN.md, "The command (`app/`)").
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ..integration import EMBEDDINGS
-from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO, check_common, is_real
+from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import PRESETS, SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
-from .checks import check_device, check_output_dir, check_types
-from .schedules import SCHEDULERS
+from .builtin_tasks import TASKS
 from .errors import ConfigError
 
 METHODS = ("galore+", "galore", "adamw", "adamw8bit", "lora", "dora", "fira")  # LOW_RANK_METHODS first
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SPLITS = ("question", "template")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: ``--lr-scheduler``'s choices: names of transformers' ``SchedulerType`` (``schedules.build_scheduler``)
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 SEED_LIMIT = 2**32
 #: ``--save-every`` when not given (DESIGN.md, "Interrupts and checkpoints")
 DEFAULT_SAVE_EVERY = 50
 #: ``--lr`` when not given, per ``--method``: each method's tuned rate on the command's own job (DESIGN.md,
-#: "Learning rate per method", which says the evidence); resolved once, by :func:`validated`
+#: "Learning rate per method", which says the evidence); resolved once, by ``validation.validated``
 DEFAULT_LR = {"galore+": 1e-4, "galore": 1e-4, "adamw": 1e-4, "adamw8bit": 1e-4, "lora": 1e-3, "dora": 1e-3,
               "fira": 1e-4}
+#: the method whose default rate (:data:`DEFAULT_LR`) a preset's run takes when ``--lr`` is not given
+#: (:func:`learning_rate`; DESIGN.md, "Presets")
+PRESET_LR = {"quality": "adamw"}
 DEFAULT_LR_SHOWN = ", ".join(f"{m} {v:.0e}".replace("e-0", "e-") for m, v in DEFAULT_LR.items())  # in --help
 
 
@@ -210,97 +213,6 @@ def from_dict(values: dict[str, Any], where: str) -> FinetuneConfig:
     return FinetuneConfig(**{**LEGACY_VALUES, **values})
 
 
-# ---------------------------------------------------------------------------------------------- the check
-
-
-def validated(config: FinetuneConfig) -> FinetuneConfig:
-    """``config`` checked, with a data file's path made absolute (a resumed run must read the same
-    file whatever its working directory), ``--preset``'s options applied (``presets.with_preset``) and the
-    learning rate resolved (:func:`learning_rate`), so the run records what it computes with. Raises :class:`ConfigError` naming the value and what is
-    allowed. Cheap: nothing is loaded (the model's shapes are checked by the run, before it loads
-    the weights)."""
-    if isinstance(config.data, (list, tuple)):  # --data FILE is a list of one: that file
-        config = dataclasses.replace(config, data=config.data[0] if len(config.data) == 1 else list(config.data))
-    check_types(config)
-    c = config
-    if c.method not in METHODS:  # before its default rate is looked up
-        raise ConfigError(f"{flag('method')} must be one of {', '.join(METHODS)}; got {c.method!r}")
-    from .presets import with_preset
-
-    c = with_preset(c)  # --preset's values (DESIGN.md, "Presets")
-    c = dataclasses.replace(c, lr=learning_rate(c))  # recorded with the run (DESIGN.md, "Learning rate per method")
-    try:  # the values the library owns, with its messages: the spec checks its own
-        low_rank_spec(c)
-        check_common({"lr": c.lr, "weight_decay": c.weight_decay, "seed": c.seed}, "finetune")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if c.lr == 0:
-        raise ConfigError(f"--lr {c.lr} would train nothing; give a learning rate > 0")
-    if c.lr * c.weight_decay >= 1:  # decoupled decay scales the weights by 1 − lr·λ each step (issue 25)
-        raise ConfigError(f"--lr {c.lr:g} × --weight-decay {c.weight_decay:g} = {c.lr * c.weight_decay:g} ≥ 1: each step "
-                          "would scale the weights by 1 − lr·λ ≤ 0 (zeroing or flipping them); lower either")
-    if not 0 <= c.seed < SEED_LIMIT:
-        raise ConfigError(f"--seed must be in [0, 2**32), got {c.seed}")
-    if not (is_real(c.eval_fraction) and 0 <= c.eval_fraction <= 1):
-        raise ConfigError(f"--eval-fraction must be a number in [0, 1], got {c.eval_fraction}")
-    for name, least in (("batch_size", 1), ("grad_accum", 1), ("n_train", 1), ("n_test", 1), ("n_validation", 0),
-                        ("eval_batch_size", 1), ("max_length", 2), ("warmup_steps", 0), ("save_every", 0), ("max_steps", 1),
-                        ("max_new_tokens", 1), ("save_total_limit", 0)):
-        value = getattr(c, name)
-        if value is not None and value < least:
-            raise ConfigError(f"{flag(name)} must be ≥ {least}, got {value}")
-    if (c.max_steps is None) == (c.epochs is None):
-        raise ConfigError(f"give the run's length as --max-steps or --epochs, not {'both' if c.epochs else 'neither'} "
-                          f"(max_steps={c.max_steps}, epochs={c.epochs}; from Python, max_steps=None to train by "
-                          "epochs)")
-    if c.epochs is not None and not 0 < c.epochs < math.inf:
-        raise ConfigError(f"--epochs must be a finite number > 0, got {c.epochs}")
-    for f in fields(c):
-        choices = f.metadata["choices"]
-        if choices and getattr(c, f.name) not in choices:
-            raise ConfigError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {getattr(c, f.name)!r}")
-    from .option_checks import check_method, check_schedule_and_targets
-    from .reporting import check as check_reporting
-
-    check_method(c)
-    check_reporting(c)
-    check_schedule_and_targets(c)
-    if not c.save_checkpoint and c.save_every:
-        raise ConfigError(f"--save-every {c.save_every} with --no-save-checkpoint: checkpoints are either written "
-                          "or not; drop one of them")
-    check_device(c.device)
-    check_output_dir(c.output_dir)
-    from .data import TASKS, DataError, check_source
-    from .models import check_spec
-
-    if c.split == "template" and c.data != "gsm_symbolic":
-        raise ConfigError(f"--split template needs --data gsm_symbolic (the only source with templates), not "
-                          f"{c.data!r}")
-    try:
-        check_source(c.data, c.split)
-    except DataError as err:
-        raise ConfigError(f"--data {err}") from None
-    if c.eval_data is not None:
-        try:
-            check_source(c.eval_data)
-        except DataError as err:
-            raise ConfigError(f"--eval-data {err}") from None
-        if c.eval_data in TASKS:
-            raise ConfigError(f"--eval-data {c.eval_data}: give a data file (the held-out set of --data "
-                              f"{c.eval_data} is its own)")
-    try:
-        check_spec(c.model)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from None
-    if c.chat_template is not None:
-        from .templates import read_chat_template
-
-        read_chat_template(c.chat_template)
-    return dataclasses.replace(c, data=absolute_data(c.data),
-                               eval_data=None if c.eval_data is None else absolute_data(c.eval_data),
-                               chat_template=None if c.chat_template is None else os.path.abspath(c.chat_template))
-
-
 def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> LowRankSpec:
     """The library's spec of the run's low-rank method (``galore`` or ``galore+``; for the other methods
     the GaLore+ recipe at the config's values, which validation checks all the same): the command's
@@ -329,12 +241,10 @@ def residual_ratio(config: FinetuneConfig) -> float:
 
 def learning_rate(config: FinetuneConfig) -> float:
     """The run's peak learning rate: ``--lr``, else the default rate (:data:`DEFAULT_LR`) of ``--method``, or
-    of the method ``--preset`` names (``presets.PRESET_LR``). :func:`validated` writes it into the config,
+    of the method ``--preset`` names (:data:`PRESET_LR`). ``validation.validated`` writes it into the config,
     so a run records the rate it used (DESIGN.md, "Learning rate per method")."""
     if config.lr is not None:
         return config.lr
-    from .presets import PRESET_LR
-
     return DEFAULT_LR[PRESET_LR.get(config.preset, config.method)]
 
 
@@ -366,8 +276,6 @@ def default_max_new_tokens(data: str) -> int:
 
 def absolute_data(data: str | list) -> str | list:
     """A task's name, or the data's paths (and glob patterns) made absolute; a list of one is its entry."""
-    from .data import TASKS
-
     if isinstance(data, (list, tuple)):
         if len(data) != 1:
             return [absolute_data(d) for d in data]

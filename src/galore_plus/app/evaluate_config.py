@@ -38,7 +38,7 @@ class EvaluateConfig:
 
 
 def validated_evaluate(config: EvaluateConfig) -> EvaluateConfig:
-    """``galore-plus evaluate``'s options checked like :func:`validated` checks finetune's; the data
+    """``galore-plus evaluate``'s options checked like ``validation.validated`` checks finetune's; the data
     path made absolute."""
     from .data import DataError, check_source
     from .models import check_spec

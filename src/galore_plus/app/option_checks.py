@@ -1,5 +1,5 @@
 """The checks between ``galore-plus finetune``'s options (which options need which method, which
-exclude each other, what the schedule and the target modules allow); :func:`~.config.validated` calls
+exclude each other, what the schedule and the target modules allow); :func:`~.validation.validated` calls
 them after each value's own check."""
 
 from __future__ import annotations

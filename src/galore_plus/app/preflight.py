@@ -2,7 +2,7 @@
 giving the :class:`Run` the other phases share (:func:`setup`).
 
 What the user can get wrong is found before the model loads: the options
-(:func:`~galore_plus.app.config.validated`), a run already in the output directory (refused without
+(:func:`~galore_plus.app.validation.validated`), a run already in the output directory (refused without
 ``--overwrite``), the checkpoint to resume (verified against its manifest; the same world size and
 data file), the data, the evaluation's dependencies, whether the low-rank options fit the
 model's matrices (the optimizer built for the model on the ``meta`` device), and the encoding of every
@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, sources
 from .checks import check_launch
-from .config import LOW_RANK_METHODS, FinetuneConfig, validated
+from .config import LOW_RANK_METHODS, FinetuneConfig
 from .resume import changes, resumed
 from .errors import ConfigError
 from .examples import Task
@@ -29,6 +29,7 @@ from .methods import build_method, check_target_modules
 from .outputs import run_files
 from .runtime import Runtime
 from .tasks import TASKS, load_task
+from .validation import validated
 
 __all__ = ["Run", "setup", "describe_data", "check_fits", "one_line"]
 

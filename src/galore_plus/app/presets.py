@@ -3,7 +3,7 @@ applies them (DESIGN.md, "Presets").
 
 A preset sets some options (``quality``: ``--method galore --rank full --scale 1``) and, unless ``--lr``
 is given, the learning rate of another method (``quality``: AdamW's, ``config.DEFAULT_LR``).
-:func:`with_preset` gives a config its preset's values, in ``config.validated``: an option still at the
+:func:`with_preset` gives a config its preset's values, in ``validation.validated``: an option still at the
 command's default takes the preset's value, one set otherwise must agree with it. On the command line,
 where what was given is known, :func:`check_given` refuses an option given against the preset even at
 the default's value (``--preset quality --rank 32``). A run records the resolved options (``run.json``,
@@ -16,14 +16,10 @@ import dataclasses
 from typing import Any
 
 from ..spec import PRESETS
-from .config import FinetuneConfig, flag
+from .config import PRESET_LR, FinetuneConfig, flag
 from .errors import ConfigError
 
 __all__ = ["PRESET_LR", "check_given", "with_preset"]
-
-#: the method whose default rate (``config.DEFAULT_LR``) a preset's run takes when ``--lr`` is not given
-#: (``config.learning_rate``)
-PRESET_LR = {"quality": "adamw"}
 
 
 def with_preset(config: FinetuneConfig) -> FinetuneConfig:

@@ -3,7 +3,7 @@
 ``--eval-every`` steps with the best model kept in ``OUTPUT/best/`` (``--load-best-at-end`` makes the
 final model from it), and the closing summary on stdout: before/after metrics and sample generations.
 
-:func:`check` is the config's part (called by ``config.validated``: a library that is not installed
+:func:`check` is the config's part (called by ``validation.validated``: a library that is not installed
 is an error before any work); :class:`Reporter` is the run's, opened by ``finetune`` once the output
 directory is the run's, and called by ``train`` after each step's log line and by ``finish``. Only the
 main rank writes or prints; evaluations and the best model's gathering run on every rank (an FSDP2

@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .config import SCHEDULERS, FinetuneConfig
+
 if TYPE_CHECKING:
     import torch
 
-    from .config import FinetuneConfig
-
-#: ``--lr-scheduler``'s choices: names of transformers' ``SchedulerType``
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+__all__ = ["SCHEDULERS", "warmup_steps", "build_scheduler"]
 
 
 def warmup_steps(config: FinetuneConfig, total_steps: int) -> int:
