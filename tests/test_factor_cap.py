@@ -19,7 +19,7 @@ from galore_plus import build_optimizer, engine_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_projected import tiny  # noqa: E402  the tiny LLaMA of the projected backward's tests
-from test_sketched_refresh import TargetSized  # noqa: E402  the target-sized-tensor watch
+from test_sketched_refresh import target_sized_per_step  # noqa: E402  the target-sized-tensor watch
 
 STEPS, GAP = 9, 4  # refreshes at steps 1, 5, 9
 
@@ -85,18 +85,7 @@ def test_below_the_cap_no_target_sized_tensor_is_formed(seq, below):
     model = tiny(torch.float32)
     opt = optimizer_for(model)
     weights = list(opt.projected_backward.targets.values())
-    targets = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
-    seen = []
-    for micro_batches in batches(2, seq):
-        watch = TargetSized(targets, weights)
-        for ids in micro_batches:
-            loss = model(input_ids=ids, labels=ids).loss / 2
-            with watch:
-                loss.backward()
-        with watch:
-            opt.step()
-            opt.zero_grad()
-        seen.append(watch.seen)
+    seen = target_sized_per_step(model, opt, batches(2, seq), weights)
     assert all(opt.state[w]["refresh_count"] == 3 for w in weights)
     if below:
         assert not any(seen), seen

@@ -274,6 +274,25 @@ class TargetSized(TorchDispatchMode):
         return out
 
 
+def target_sized_per_step(model, opt, data, weights) -> list[set]:
+    """Train on ``data`` (a list of steps, each a list of micro-batches of token ids) and return, per
+    step, what :class:`TargetSized` saw in its backward and ``step()``: tensors of any of ``weights``'
+    shapes (or their transposes), the weights themselves excepted."""
+    targets = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
+    seen = []
+    for micro_batches in data:
+        watch = TargetSized(targets, weights)
+        for ids in micro_batches:
+            loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
+            with watch:
+                loss.backward()
+        with watch:
+            opt.step()
+            opt.zero_grad()
+        seen.append(watch.seen)
+    return seen
+
+
 @pytest.mark.parametrize("accumulation,options", [
     (1, {}), (2, {}), (1, {"refresh_in_backward": True}), (2, {"residual_reselect": True, "eightbit": True}),
     (2, {"layerwise": True, "accumulation_steps": 2}),
@@ -288,18 +307,7 @@ def test_no_target_sized_tensor_in_backward_or_step_at_any_step(accumulation, op
         model = tiny(torch.float32)
         opt = optimizer_for(model, sketched, **options)
         weights = list(engine_of(opt).projected_backward.targets.values())
-        targets = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
-        seen = []
-        for micro_batches in batches(accumulation):
-            watch = TargetSized(targets, weights)
-            for ids in micro_batches:
-                loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
-                with watch:
-                    loss.backward()
-            with watch:
-                opt.step()
-                opt.zero_grad()
-            seen.append(watch.seen)
+        seen = target_sized_per_step(model, opt, batches(accumulation), weights)
         assert all(opt.state[w]["refresh_count"] == 3 for w in weights)
         assert any("residual_index" in opt.state[w] for w in weights)
         if sketched:

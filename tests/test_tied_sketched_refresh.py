@@ -21,7 +21,7 @@ from galore_plus.rng import generator_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_projected import CONFIG, GAP  # noqa: E402
-from test_sketched_refresh import TargetSized, assert_close_runs, snapshot  # noqa: E402
+from test_sketched_refresh import assert_close_runs, target_sized_per_step, train  # noqa: E402  (train records snapshot())
 
 TIED = {**CONFIG, "tie_word_embeddings": True}
 
@@ -42,18 +42,6 @@ def optimizer_for(model, sketched=True, cap=False, **options):
 def batches(accumulation, seq=11, steps=12, seed=1, rows=2):
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randint(0, 64, (rows, seq), generator=gen) for _ in range(accumulation)] for _ in range(steps)]
-
-
-def train(model, opt, data, record=None):
-    model.train()
-    for micro_batches in data:
-        for ids in micro_batches:
-            (model(input_ids=ids, labels=ids).loss / len(micro_batches)).backward()
-        opt.step()
-        if record is not None:
-            record.append(snapshot(opt, model))
-        opt.zero_grad()
-    return model
 
 
 def relative(a, b):
@@ -184,18 +172,7 @@ def test_no_target_sized_tensor_in_backward_or_step_at_any_step(accumulation, se
         opt = optimizer_for(model, sketched, cap=cap)
         weights = list({id(w): w for w in engine_of(opt).projected_backward.targets.values()}.values())
         assert any(w is model.lm_head.weight for w in weights)
-        targets = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
-        seen = []
-        for micro_batches in batches(accumulation, seq):
-            watch = TargetSized(targets, weights)
-            for ids in micro_batches:
-                loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
-                with watch:
-                    loss.backward()
-            with watch:
-                opt.step()
-                opt.zero_grad()
-            seen.append(watch.seen)
+        seen = target_sized_per_step(model, opt, batches(accumulation, seq), weights)
         assert all(opt.state[w]["refresh_count"] == 3 for w in weights)
         if sketched:
             assert not any(seen), seen
