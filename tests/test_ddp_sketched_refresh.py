@@ -137,29 +137,34 @@ def scenario(rank: int, out_dir: str) -> dict:
     train(model, optimizer, range(STEPS), rank, 1, log)
     results[("full-refresh", "log")] = log
     results[("full-refresh",)] = full_params(model)
-    # save on 2 ranks after half the steps (the next step refreshes), resume, continue
-    model, optimizer = ddp_projected()
+    return resume_cap_and_nan(results, rank, os.path.join(out_dir, "ddp-sketched"), ddp_projected, train)
+
+
+def resume_cap_and_nan(results: dict, rank: int, path: str, build, train) -> dict:
+    """The scenarios DDP and FSDP2 share, with their model and optimizer (``build()``) and ``train``:
+    a save on 2 ranks after half the steps (the next step refreshes), resume, continue; unequal token
+    counts (rank 0's 12 rows put q, 32×16, over the factors' cap at 10.7 tokens, rank 1's 4 not); a NaN
+    on one rank. Adds them to ``results``."""
+    model, optimizer = build()
     train(model, optimizer, range(STEPS // 2), rank)
-    path = os.path.join(out_dir, "ddp-sketched")
     save_checkpoint(path, model, optimizer)
-    model, optimizer = ddp_projected()
+    model, optimizer = build()
     load_checkpoint(path, model, optimizer)
     train(model, optimizer, range(STEPS // 2, STEPS), rank)
     results[("sketched", "resumed")] = full_params(model)
-    # unequal token counts: rank 0's 12 rows put q (32×16, 10.7 tokens) over the factors' cap, rank 1's 4 not
-    model, optimizer = ddp_projected()
+    model, optimizer = build()
     log = []
     train(model, optimizer, range(STEPS), rank, 1, log, rows=[12, 4])
     results[("cap",)] = full_params(model)
     results[("cap", "log")] = log
-    results[("nan",)] = non_finite_on_one_rank(rank)
+    results[("nan",)] = non_finite_on_one_rank(rank, build)
     return results
 
 
-def non_finite_on_one_rank(rank: int) -> dict:
+def non_finite_on_one_rank(rank: int, build=ddp_projected) -> dict:
     """A NaN in rank 0's batch at a refresh step (the first): every rank refuses the refresh (one flag
     all-reduced), before anything changes."""
-    model, optimizer = ddp_projected()
+    model, optimizer = build()
     before = full_params(model)
     x, y = data(0)
     x, y = x.chunk(WORLD)[rank].clone(), y.chunk(WORLD)[rank]

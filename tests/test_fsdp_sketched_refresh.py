@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from _ranks import run_ranks
 from test_distributed import BATCH, GAP, STEPS, WORLD, data, fsdp_model, full_params, make_model, make_optimizer
+from test_ddp_sketched_refresh import assert_equal_to, resume_cap_and_nan  # the scenarios DDP shares
 from test_sketched_refresh import TargetSized
 from torch import nn
 
-from galore_plus.distributed import load_checkpoint, save_checkpoint
 from galore_plus.projected import enable_projected_backward
 
 TARGETS = ("q", "up", "down")  # q 32×16 (cross-head, right), up 48×16 (right), down 16×48 (left)
@@ -159,50 +159,13 @@ def scenario(rank: int, out_dir: str) -> dict:
     train(model, optimizer, range(STEPS), rank, 1, log)
     results[("full-refresh",)] = full_params(model)
     results[("full-refresh", "log")] = log
-    model, optimizer = projected()
-    train(model, optimizer, range(STEPS // 2), rank)
-    path = os.path.join(out_dir, "fsdp-sketched")
-    save_checkpoint(path, model, optimizer)
-    model, optimizer = projected()
-    load_checkpoint(path, model, optimizer)
-    train(model, optimizer, range(STEPS // 2, STEPS), rank)
-    results[("sketched", "resumed")] = full_params(model)
-    # unequal token counts: rank 0's 12 rows put q (32×16, 10.7 tokens) over the factors' cap, rank 1's 4 not
-    model, optimizer = projected()
-    log = []
-    train(model, optimizer, range(STEPS), rank, 1, log, rows=[12, 4])
-    results[("cap",)] = full_params(model)
-    results[("cap", "log")] = log
-    results[("nan",)] = non_finite_on_one_rank(rank)
-    return results
-
-
-def non_finite_on_one_rank(rank: int) -> dict:
-    """A NaN in rank 0's batch at a refresh step (the first): every rank refuses the refresh (one flag
-    all-reduced), before anything changes."""
-    model, optimizer = projected()
-    before = full_params(model)
-    x, y = data(0)
-    x, y = x.chunk(WORLD)[rank].clone(), y.chunk(WORLD)[rank]
-    if rank == 0:
-        x[0, 0] = float("nan")
-    nn.functional.mse_loss(model(x), y).backward()
-    try:
-        optimizer.step()
-    except FloatingPointError as err:
-        return {"error": str(err), "unchanged": all(torch.equal(before[n], p) for n, p in full_params(model).items())}
-    return {"error": None}
+    return resume_cap_and_nan(results, rank, os.path.join(out_dir, "fsdp-sketched"), projected, train)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_sketched")
     return run_ranks(scenario, WORLD, out, deadline_s=600, out_dir=str(out))
-
-
-def assert_equal_to(reference: dict, got: dict, what: str) -> None:
-    for name in reference:
-        torch.testing.assert_close(got[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"{what} {name}")
 
 
 REFRESH_STEPS = list(range(0, STEPS, GAP))
