@@ -128,7 +128,7 @@ def train(model: nn.Module, optimizer, steps: range, rank: int, micro: int = 1, 
                 with watch:
                     loss.backward()
         held = [optimizer.factored_gradient(w) is not None for w in weights]
-        folded = [getattr(optimizer.factored_gradient(w), "dense", None) is not None for w in weights]
+        folded = [getattr(optimizer.factored_gradient(w), "dense_part", None) is not None for w in weights]
         grads = [w.grad is not None for w in weights]
         with Collectives() as stepped, watch:
             optimizer.step()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projection import FactoredGradient, project
+from .projection import FactoredGradient, RankFactoredGradient, project
 
 __all__ = ["RankMeanGradient", "is_rank_mean"]
 
@@ -51,7 +51,7 @@ def _mark(t: Tensor) -> Tensor:
     return t
 
 
-class RankMeanGradient(FactoredGradient):
+class RankMeanGradient(RankFactoredGradient):
     """The mean over the ranks of ``group`` of each rank's gradient ``G_r`` (module docstring), ``G_r``
     held as this rank's factors and, past the factors' cap, a ``dense_part`` (``fold_beyond``): every
     product with it is this rank's product with ``G_r`` all-reduced and divided by the number of ranks;
@@ -73,30 +73,8 @@ class RankMeanGradient(FactoredGradient):
             return super().shape
         return self.dense_part.T.shape if self.transposed else self.dense_part.shape
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pairs[0][0].dtype if self.pairs else self.dense_part.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.pairs[0][0].device if self.pairs else self.dense_part.device
-
     def _oriented(self) -> Tensor | None:
         return None if self.dense_part is None or not self.transposed else self.dense_part.T
-
-    def _plus(self, part: Tensor | None, dense: Tensor | None) -> Tensor:
-        return dense if part is None else part if dense is None else part.add_(dense)
-
-    def fold_beyond(self, limit: int) -> None:
-        """The factors' cap (DESIGN.md, "Projected backward"), per rank: once this rank's factors hold more
-        than ``limit`` elements (the target's ``m·n``), and from then on, they are summed into its own
-        dense ``G_r`` (formed once, never sent: the refresh's collectives do not change)."""
-        if self.dense_part is None and sum(x.numel() + dy.numel() for x, dy in self.pairs) <= limit:
-            return
-        dense = self.dense_part
-        for x, dy in self.pairs:
-            dense = dy.T @ x if dense is None else dense.addmm_(dy.T, x)
-        self.pairs, self.dense_part = [], dense
 
     def _mean(self, t: Tensor) -> Tensor:
         t = t.contiguous()

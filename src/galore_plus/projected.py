@@ -284,7 +284,7 @@ class ProjectedBackward:
         #: (issue 26; DESIGN.md, "Projected backward", a tied embedding)
         self._tied: set[int] = set()
         #: tied weights whose lm_head half folded its factors in this micro-batch's backward (the
-        #: factors' cap), so the lookup half returns its full gradient too (``_hold_tied``)
+        #: factors' cap), so the lookup half returns its full gradient too (``_hold_or_fold``)
         self._folded: set[int] = set()
         lookups = {id(m.weight): m for m in model.modules() if type(m) is nn.Embedding and m.weight is not None}
         for module in model.modules():
@@ -404,7 +404,7 @@ class ProjectedBackward:
         if engine.projector_due(weight):
             if id(weight) in self._tied:  # the lm_head half of a tied weight: (h, dlogits), held until step()
                 if self._sketches(weight):
-                    return self._hold_tied(weight, FactoredGradient.of(x.detach(), dy.detach()), lookup=False)
+                    return self._hold_or_fold(weight, FactoredGradient.of(x.detach(), dy.detach()), lookup=False)
                 return (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             # weight.grad set at a refresh step: folded (the factors' cap), the step goes on in full
             if self._sketches(weight):
@@ -421,14 +421,7 @@ class ProjectedBackward:
                     engine.refresh_projector(weight, factored)
                     self.sink.add_projected_gradient(weight, engine.project(weight, factored))
                     return None
-                held = engine.factored_gradient(weight)
-                if not self.cap_factors or _kept_elements(held, factored) <= weight.numel():
-                    engine.add_factored_gradient(weight, factored)
-                    return None
-                # the factors would outgrow G: fold them into it (DESIGN.md, "Projected backward", the
-                # factors' cap); autograd puts it in weight.grad, and the step's later micro-batches add theirs
-                engine.pop_factored_gradient(weight)
-                return (factored if held is None else held.add_(factored)).dense().to(weight.dtype)
+                return self._hold_or_fold(weight, factored, lookup=False)
             full = (dy.T @ x.to(dy.dtype)).to(weight.dtype)
             if not self.refresh_in_backward:
                 return full
@@ -456,15 +449,16 @@ class ProjectedBackward:
         return (self.sketched_refresh and self.engine.refreshes_from_factors(weight) and weight.grad is None
                 and (self._group is not None or id(weight) in self._sharded or not self._several_ranks()))
 
-    def _hold_tied(self, weight: Tensor, factored: FactoredGradient, lookup: bool) -> Tensor | None:
-        """One half of a tied (or an untied lookup's) weight at a refresh from factors: held by the
-        optimizer until ``step()``, which refreshes from the sum of both halves over the step's
-        micro-batches (the lookup's backward runs after ``lm_head``'s, so it is never refreshed in
-        backward, not with ``refresh_in_backward`` either). The factors' cap as for any target: the
-        half that would pass ``m·n`` held elements folds the held factors and its own into ``G``, handed
-        to autograd; the lm_head half marks that (``_folded``), so the lookup half of the same
-        micro-batch returns its full gradient too (autograd sums both into ``W.grad``), as do later
-        micro-batches (``W.grad`` is set). DESIGN.md, "Projected backward", a tied embedding."""
+    def _hold_or_fold(self, weight: Tensor, factored: FactoredGradient, lookup: bool) -> Tensor | None:
+        """A target's factors at a refresh from factors in one process (a linear's, or one half of a tied
+        or an untied lookup's weight): held by the optimizer until ``step()``, which refreshes from the
+        sum over the step's micro-batches (a lookup's backward runs after ``lm_head``'s, so a tied weight
+        is never refreshed in backward, not with ``refresh_in_backward`` either). Past the factors' cap
+        (``m·n`` held elements) the held factors and these are folded into ``G``, handed to autograd
+        (``W.grad``), and the step's later micro-batches return theirs in full (``W.grad`` is set;
+        DESIGN.md, "Projected backward", the factors' cap). A tied weight's lm_head half marks its fold
+        (``_folded``), so the lookup half of the same micro-batch returns its full gradient too
+        (autograd sums both). DESIGN.md, "Projected backward", a tied embedding."""
         engine = self.engine
         factored = factored.to(compute_dtype(weight))
         if lookup and id(weight) in self._folded:  # the lm_head half of this micro-batch folded
@@ -486,7 +480,7 @@ class ProjectedBackward:
         refreshes its projected gradient is handed to the optimizer, which adds it to the ``lm_head``
         half's (``lookup_projected_gradient``; ``None`` returned). At a refresh step from factors
         (``_sketches``) the pair ``(grad, TokenRows(ids))``, ``G = Sᵀ grad``, joins the ``lm_head``
-        half's held factors (``_hold_tied``); else the lookup's full gradient as ``F.embedding``
+        half's held factors (``_hold_or_fold``); else the lookup's full gradient as ``F.embedding``
         returns it (sparse rows if the lookup is ``sparse``), which autograd adds to ``lm_head``'s, and
         ``step()`` refreshes from the sum."""
         engine = self.engine
@@ -496,7 +490,7 @@ class ProjectedBackward:
                     grad = grad * (ids != padding_idx).unsqueeze(1).to(grad.dtype)
                 rows = grad.detach().to(compute_dtype(weight))
                 factored = FactoredGradient([(rows, TokenRows(ids.detach(), weight.shape[0], rows.dtype))])
-                return self._hold_tied(weight, factored, lookup=True)
+                return self._hold_or_fold(weight, factored, lookup=True)
             self._folded.discard(id(weight))
             return torch.ops.aten.embedding_backward(grad, ids, weight.shape[0], -1 if padding_idx is None else padding_idx,
                                                      False, sparse)
@@ -627,8 +621,7 @@ class ProjectedBackward:
 def _kept_elements(held: FactoredGradient | None, new: FactoredGradient) -> int:
     """Elements of a target's factors held until ``step()`` if ``new`` joins ``held``: ``Σ tokens·(m+n)``
     over the step's micro-batches (an ``x`` shared by q/k/v counted for each)."""
-    pairs = new.pairs + ([] if held is None else held.pairs)
-    return sum(x.numel() + dy.numel() for x, dy in pairs)
+    return new.held_elements() + (0 if held is None else held.held_elements())
 
 
 def _world_size(group: Any) -> int:

@@ -693,3 +693,40 @@ class FactoredGradient:
         ``G`` non-finite wherever it meets a non-zero entry, and the refresh refuses it)."""
         return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
                    for pair in self.pairs for t in pair if isinstance(t, Tensor))  # (TokenRows: ids)
+
+    def held_elements(self) -> int:
+        """Elements its factors hold: ``Σ tokens·(m+n)`` over the micro-batches (what the factors' cap
+        compares with ``m·n``; DESIGN.md, "Projected backward")."""
+        return sum(x.numel() + dy.numel() for x, dy in self.pairs)
+
+
+class RankFactoredGradient(FactoredGradient):
+    """One rank's share ``G_r`` of a gradient averaged across ranks (``distributed_sketch.RankMeanGradient``
+    under DDP, ``sharding.FactoredRows`` under FSDP2): its micro-batches' factors and, past the factors'
+    cap, a ``dense_part`` that this rank forms once and never sends (``fold_beyond``)."""
+
+    dense_part: Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pairs[0][0].dtype if self.pairs else self.dense_part.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pairs[0][0].device if self.pairs else self.dense_part.device
+
+    def fold_beyond(self, limit: int) -> None:
+        """The factors' cap per rank: once the factors hold more than ``limit`` elements (the target's
+        ``m·n``), and from then on (later micro-batches as they come, as on one process), they are summed
+        into this rank's dense ``G_r``; the refresh's collectives do not change."""
+        if self.dense_part is None and self.held_elements() <= limit:
+            return
+        dense = self.dense_part
+        for x, dy in self.pairs:
+            dense = dy.T @ x if dense is None else dense.addmm_(dy.T, x)
+        self.pairs, self.dense_part = [], dense
+
+    @staticmethod
+    def _plus(part: Tensor | None, dense: Tensor | None) -> Tensor:
+        """The factors' product plus the dense part's (either may be absent)."""
+        return dense if part is None else part if dense is None else part.add_(dense)

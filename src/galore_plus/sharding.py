@@ -689,10 +689,10 @@ class ProjectedRows:
 # with the projected backward, sketched refresh)
 
 
-class FactoredRows(projection.FactoredGradient):
+class FactoredRows(projection.RankFactoredGradient):
     """The mean over the ranks of an FSDP2 target's gradient, ``G = (1/N) Σ_r G_r``, with this rank's
     ``G_r = Σ_b dy_bᵀ x_b`` held as its factors (its micro-batches' ``x`` and ``dy``, which cover every
-    row of the all-gathered weight) and, past the factors' cap, a ``dense`` part (``fold_beyond``),
+    row of the all-gathered weight) and, past the factors' cap, a ``dense_part`` (``fold_beyond``),
     standing where ``RowShards`` expects the target's ``Shard(0)`` gradient: ``shape`` is the whole
     ``m×n``, ``device_mesh`` the weight's, ``to_local()`` this rank's rows as ``LocalRows`` (``G_i``).
     What a refresh takes of ``G`` is then the row-sharded algorithm's products with ``G_i``
@@ -702,8 +702,8 @@ class FactoredRows(projection.FactoredGradient):
     same on every rank, and none carries an ``m×n`` tensor."""
 
     def __init__(self, pairs: list[tuple[Tensor, Tensor]], p: Tensor, counter: CommCounter,
-                 dense: Tensor | None = None):
-        self.pairs, self.transposed, self.dense = list(pairs), False, dense
+                 dense_part: Tensor | None = None):
+        self.pairs, self.transposed, self.dense_part = list(pairs), False, dense_part
         self.param, self.counter = p, counter
         self.device_mesh = p.device_mesh
         self.rows = ShardRows(p, counter)
@@ -712,68 +712,48 @@ class FactoredRows(projection.FactoredGradient):
     def shape(self) -> torch.Size:
         return self.param.shape
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pairs[0][0].dtype if self.pairs else self.dense.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.pairs[0][0].device if self.pairs else self.dense.device
-
     def to(self, dtype: torch.dtype) -> FactoredRows:
         pairs = [(x.to(dtype), dy.to(dtype)) for x, dy in self.pairs]
-        return FactoredRows(pairs, self.param, self.counter, None if self.dense is None else self.dense.to(dtype))
+        return FactoredRows(pairs, self.param, self.counter,
+                            None if self.dense_part is None else self.dense_part.to(dtype))
 
     def add_(self, other: projection.FactoredGradient) -> FactoredRows:
         self.pairs.extend(other.pairs)
         return self
 
-    def kept_elements(self) -> int:
-        return sum(x.numel() + dy.numel() for x, dy in self.pairs) + (0 if self.dense is None else self.dense.numel())
-
-    def fold_beyond(self, limit: int) -> None:
-        """The factors' cap (DESIGN.md, "Projected backward"), per rank: once the factors hold more than
-        ``limit`` elements (the target's ``m·n``), sum them into this rank's dense ``G_r`` (formed once,
-        kept by this rank only: the collectives of the refresh do not change)."""
-        if self.dense is None and sum(x.numel() + dy.numel() for x, dy in self.pairs) <= limit:
-            return  # (once folded, later micro-batches are folded as they come, as on one process)
-        dense = self.dense
-        for x, dy in self.pairs:
-            dense = dy.T @ x if dense is None else dense.addmm_(dy.T, x)
-        self.pairs, self.dense = [], dense
-
     # this rank's G_r, from its factors and its dense part
+    def _local(self) -> projection.FactoredGradient | None:
+        return projection.FactoredGradient(self.pairs) if self.pairs else None
+
     def _times(self, other: Tensor) -> Tensor:
         """``G_r M``."""
-        out = None if not self.pairs else projection.FactoredGradient(self.pairs) @ other
-        return out if self.dense is None else (self.dense @ other if out is None else out.add_(self.dense @ other))
+        local, dense = self._local(), self.dense_part
+        return self._plus(None if local is None else local @ other, None if dense is None else dense @ other)
 
     def _left_times(self, Y: Tensor) -> Tensor:
         """``Yᵀ G_r`` (``Y``: ``m×k``)."""
-        out = projection.FactoredGradient._sum((dy @ Y).T @ x for x, dy in self.pairs) if self.pairs else None
-        return out if self.dense is None else (Y.T @ self.dense if out is None else out.add_(Y.T @ self.dense))
+        local, dense = self._local(), self.dense_part
+        return self._plus(None if local is None else Y.T @ local, None if dense is None else Y.T @ dense)
 
     def _projected(self, left: Tensor | None, right: Tensor | None) -> Tensor:
-        out = None if not self.pairs else projection.FactoredGradient(self.pairs).project(left, right)
-        return out if self.dense is None else (projection.project(self.dense, left, right) if out is None
-                                               else out.add_(projection.project(self.dense, left, right)))
+        local, dense = self._local(), self.dense_part
+        return self._plus(None if local is None else local.project(left, right),
+                          None if dense is None else projection.project(dense, left, right))
 
     def _entries(self, index: Tensor) -> Tensor:
-        out = None if not self.pairs else projection.FactoredGradient(self.pairs).entries(index)
-        dense = None if self.dense is None else self.dense.reshape(-1)[index.long()]
-        return out if dense is None else (dense if out is None else out.add_(dense))
+        local, dense = self._local(), self.dense_part
+        return self._plus(None if local is None else local.entries(index),
+                          None if dense is None else dense.reshape(-1)[index.long()])
 
     def _block(self, rows: list[int]) -> Tensor:
-        out = None if not self.pairs else projection.FactoredGradient(self.pairs).row_block(rows).dense()
-        if self.dense is None:
-            return out
-        block = self.dense[torch.tensor(rows, dtype=torch.long, device=self.dense.device)]
-        return block if out is None else out.add_(block)
+        local, dense = self._local(), self.dense_part
+        return self._plus(None if local is None else local.row_block(rows).dense(),
+                          None if dense is None else dense[torch.tensor(rows, dtype=torch.long, device=dense.device)])
 
     def local_finite(self) -> bool:
         """Whether this rank's factors are finite (``RowShards.all_finite`` makes the ranks agree)."""
         return (all(bool(torch.isfinite(t).all()) for pair in self.pairs for t in pair)
-                and (self.dense is None or all_finite(self.dense)))
+                and (self.dense_part is None or all_finite(self.dense_part)))
 
     def all_finite(self) -> bool:
         return RowShards(self.counter).all_finite(self)
