@@ -181,8 +181,11 @@ def summary(proto, by_key):
         per_seed, keys = harness.final_losses(seed_jobs, by_key,
                                               lambda rec: rec["result"]["eval_after"]["answer_loss"])
         finals |= keys
+        # the training's peak RSS (the command's own measure; issue 29: the full-rank preset at AdamW's memory + ≤ 10%)
+        peak, _ = harness.final_losses(seed_jobs, by_key, lambda rec: rec["result"].get("train_peak_memory_bytes"))
         rows.append({"method": name, "rank": proto["methods"][name][1], "curve": sorted(curve.items()),
-                     "chosen_lr": chosen, "test_loss": per_seed})
+                     "chosen_lr": chosen, "test_loss": per_seed,
+                     "train_peak_rss": {s: v for s, v in peak.items() if v is not None}})
         if name == ABLATION_BASE and chosen is not None:
             ablations = []
             for j in [job(proto, name, chosen, 0, "final")] + ablation_jobs(proto, chosen):
@@ -203,6 +206,7 @@ def summary(proto, by_key):
                         "test_loss": None if res.get("diverged") else res["eval_after"]["answer_loss"],
                         "validation_loss": None if res.get("diverged") else res["eval_validation"]["answer_loss"],
                         "diverged": bool(res.get("diverged")), "train_seconds": res.get("train_seconds"),
+                        "train_peak_memory_bytes": res.get("train_peak_memory_bytes"),
                         "final": rec["key"] in finals})
     return rows, records
 
@@ -219,15 +223,21 @@ def render(proto, rows, path_md, command, pretrain_lines=()):
                           for lr, v in r["curve"])
         lines.append(f"| {r['method']} | {cells or 'not run'} |")
     lines += ["", "## Finals (test answer loss at the chosen rate)", "",
-              *harness.table_header("method", "lr", "seeds", "mean ± sd", "per seed")]
+              "Peak RSS: the training's (the command's `train_peak_memory_bytes`: model, optimizer state, activations; "
+              "evaluation excluded), mean over the seeds; × AdamW: against AdamW's finals.", "",
+              *harness.table_header("method", "lr", "seeds", "mean ± sd", "per seed", "peak RSS GiB", "× AdamW")]
+    adamw_peak = next((statistics.mean(r["train_peak_rss"].values()) for r in rows
+                       if r["method"] == "adamw" and r.get("train_peak_rss")), None)
     for r in rows:
         v = [r["test_loss"][s] for s in sorted(r["test_loss"])]
         if not v:
             continue
         mean, sd = harness.mean_sd(v)
         spread = "" if sd is None else f" ± {sd:.3f}"
+        peak = statistics.mean(r["train_peak_rss"].values()) if r.get("train_peak_rss") else None
+        ratio = f"{peak / adamw_peak:.3f}" if peak and adamw_peak else "—"
         lines.append(f"| {r['method']} | {r['chosen_lr']:g} | {len(v)} | {mean:.3f}{spread} | "
-                     f"{', '.join(f'{x:.3f}' for x in v)} |")
+                     f"{', '.join(f'{x:.3f}' for x in v)} | {'—' if peak is None else f'{peak / 2**30:.2f}'} | {ratio} |")
     for r in rows:
         if not r.get("ablations"):
             continue
