@@ -57,3 +57,37 @@ def test_engine_of():
         layerwise.remove()
     assert engine_of(torch.optim.AdamW(model.parameters())) is None
     assert engine_of(None) is None
+
+
+def test_the_refresher_is_handed_over_by_one_public_call():
+    """``use_refresher`` is how a refresher gets in (``distributed.distribute`` uses it); nothing outside
+    the engine assigns the attribute, and the one handed over computes every due projector."""
+    assigned = [(p.name, node.lineno) for p in SOURCE.rglob("*.py") if p.name != "lowrank.py"
+                for node in ast.walk(ast.parse(p.read_text(), str(p)))
+                if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "refresher"
+                                                        for t in node.targets)]
+    assert not assigned, f"assign through LowRankOptimizer.use_refresher: {assigned}"
+
+    class Recording:
+        def __init__(self):
+            self.seen = []
+
+        def refresh(self, optimizer, due):
+            self.seen.append([tuple(p.shape) for p, _ in due])
+            for p, grad in due:
+                optimizer.refresh_projector(p, grad)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    engine = GaLoreAdamW([{"params": [model.weight], "rank": 2}, {"params": [model.bias]}], lr=1e-2)
+    recording = Recording()
+    engine.use_refresher(recording)
+    model(torch.randn(3, 6)).sum().backward()
+    engine.step()
+    assert recording.seen == [[(5, 6)]]
+    try:
+        engine.use_refresher(object())
+    except TypeError as e:
+        assert "refresh(optimizer, due)" in str(e)
+    else:
+        raise AssertionError("use_refresher took an object without refresh()")

@@ -12,9 +12,10 @@ same projectors (every random draw is ``rng.generator_for(seed, parameter index,
 parameters stay identical across ranks. ``distribute(optimizer)`` is the one optional call: it makes
 the ranks *split* each refresh — each computes the projectors of its share of the parameters (owners
 balanced by estimated cost, largest first) and broadcasts them, so a refresh costs about 1/N of the
-single-process one. It sets ``optimizer.refresher`` and, with a projected backward attached, that
-backward's process group; a refresh the projected backward sketches from the ranks' factors
-(``distributed_sketch``) is computed by every rank together instead (each product needs them all).
+single-process one. It hands the optimizer a ``SplitRefresh`` (``use_refresher``) and, with a
+projected backward attached, gives that backward its process group; a refresh the projected backward
+sketches from the ranks' factors (``distributed_sketch``) is computed by every rank together instead
+(each product needs them all).
 
 Layer-wise mode (``LayerwiseOptimizer``) is refused under DDP and FSDP2 (``layerwise.py`` says why).
 
@@ -126,7 +127,7 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     """Under DDP, split each projector refresh across the ranks of ``process_group`` (default: the
     world); returns ``optimizer``. Optional: without it every rank computes every projector (the same
     ones). Under FSDP2 it only checks (the sharded math needs no call). It sets
-    ``optimizer.refresher`` and, with a projected backward attached, its process group
+    ``optimizer.use_refresher`` and, with a projected backward attached, its process group
     (``reduce_over``); a copy of the optimizer refreshes locally again.
     With the projected backward installed it is required: it makes each step average the target
     matrices' gradients (projected between refreshes) over the group, which ``wrap_model(model,
@@ -146,7 +147,7 @@ def distribute(optimizer: LowRankOptimizer, process_group: dist.ProcessGroup | N
     group = process_group if process_group is not None else dist.group.WORLD
     sharded = any(layout_of(p, optimizer.comm).sharded for g in optimizer.param_groups for p in g["params"])
     if not sharded and dist.get_world_size(group) > 1:
-        optimizer.refresher = SplitRefresh(group)
+        optimizer.use_refresher(SplitRefresh(group))
         projected = optimizer.projected_backward
         if projected is not None:  # it averages the targets' gradients (DDP leaves them out), over this group
             projected.reduce_over(group)

@@ -932,6 +932,15 @@ class LowRankOptimizer(Optimizer):
         goes through ``attach_projected_backward``)."""
         return self._projected_backward
 
+    def use_refresher(self, refresher: Any) -> None:
+        """Compute due projectors with ``refresher`` (an object with ``refresh(optimizer, due)``, ``due``
+        a list of ``(parameter, gradient)``; ``LocalRefresh`` by default). ``distributed.distribute``
+        hands it a ``SplitRefresh`` under DDP. Runtime, not state: a copy of the optimizer refreshes
+        locally again."""
+        if not callable(getattr(refresher, "refresh", None)):
+            raise TypeError(f"use_refresher needs an object with refresh(optimizer, due), got {type(refresher).__name__}")
+        self.refresher = refresher
+
     def attach_projected_backward(self, source: Any) -> None:
         """Record ``source`` (a ``projected.ProjectedBackward``; ``None`` detaches) as what computes
         this optimizer's projected gradients in backward. ``enable_projected_backward`` attaches,
