@@ -152,8 +152,9 @@ def rank_jobs(proto, chosen):
 
 
 def plan(proto, by_key, names=None):
-    """Everything still to run, cheapest and most informative first: every row's sweep, then the
-    ablation, then the ranks, then the other seeds (each as soon as its row's rate is chosen)."""
+    """Everything still to run, most informative first: the ablation as soon as its base row's rate is
+    chosen (it decides the new recipe, which issue 29's targets are about), then every row's sweep, then
+    the ranks, then the other seeds (each as soon as its row's rate is chosen)."""
     rows = [n for n in proto["methods"] if not names or n in names]
     chosen = {}
     sweeps, ablations, ranks, seeds = [], [], [], []
@@ -167,7 +168,7 @@ def plan(proto, by_key, names=None):
     for name in rows:
         if chosen[name] is not None:
             seeds += [job(proto, name, chosen[name], seed, "final") for seed in proto["seeds"]]
-    return [j for j in harness.dedupe(sweeps + ablations + ranks + seeds) if j["key"] not in by_key]
+    return [j for j in harness.dedupe(ablations + sweeps + ranks + seeds) if j["key"] not in by_key]
 
 
 # ---------------------------------------------------------------------------------------------- one run

@@ -78,7 +78,7 @@ def test_every_ablation_becomes_spec_options(quality, qp):
         qp.protocol("full", (("bad", {"lora_dropout": 0.1}, 1.0),), quality.LADDER, quality.MAX_RUNGS)
 
 
-def test_the_plan_runs_sweeps_then_ablation_then_ranks_then_seeds(quality, qp):
+def test_the_plan_runs_the_ablation_then_sweeps_then_ranks_then_seeds(quality, qp):
     proto = full_proto(quality, qp)
     by_key = {}
     first = qp.plan(proto, by_key)
@@ -91,7 +91,9 @@ def test_the_plan_runs_sweeps_then_ablation_then_ranks_then_seeds(quality, qp):
     assert chosen == proto["methods"][base][2][1]
     todo = qp.plan(proto, by_key)
     stages = [j["stage"] for j in todo]
-    assert stages == sorted(stages, key=["sweep", "ablation", "rank", "final"].index)  # sweeps first, seeds last
+    # the ablation as soon as its base is chosen (it decides the new recipe), then the other sweeps, seeds last
+    assert stages == sorted(stages, key=["ablation", "sweep", "rank", "final"].index)
+    assert stages[0] == "ablation" and "sweep" in stages
     ablation = [j for j in todo if j["stage"] == "ablation"]
     assert len(ablation) == len(quality.ABLATIONS) and all(j["settings"]["lr"] == chosen for j in ablation)
     assert ablation[0]["row"] == f"{base} + {quality.ABLATIONS[0][0]}"
