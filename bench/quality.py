@@ -20,8 +20,9 @@ Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch threa
 the same command again).
 
 The pre-training half (``--task pretrain``; ``bench/quality_pretrain.py``: a 5.3M LLaMA from scratch,
-1,500 steps; the same ablations on GaLore+ once its rate is chosen, the sweeps, GaLore's ranks, then seeds 0 and 1) runs
-in-process at one thread, each finished run recorded at once in ``quality_pretrain_runs.json``.
+1,500 steps; the same ablations on GaLore+ once its rate is chosen, the sweeps, GaLore's ranks, then
+seeds 0 and 1) runs in-process at one thread, each finished run recorded at once in
+``quality_pretrain_runs.json``.
 
     python bench/quality.py --smoke          # seconds: tiny model, in-process (CI)
     python bench/quality.py                  # the fine-tuning grid (~33 min a run on one thread here)
