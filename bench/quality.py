@@ -94,6 +94,10 @@ FINETUNE_ABLATIONS = ABLATIONS[:1] + (
     ("embedding frozen", {"embeddings": "frozen"}, 1.0),
     ("embedding low-rank", {"embeddings": "low_rank"}, 1.0),
 ) + ABLATIONS[1:]
+#: fine-tuning: an ablation that extends another runs only once that one beat the base run on validation
+#: (a sweep of the plain rate goes further only while it helps: at LoRA-like rates ×16 puts the
+#: embedding past the rate where LoRA's 1e-2 broke down); otherwise the table says it was skipped
+EXTENDS = {"plain lr x16": "plain lr x4"}
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
          ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
@@ -145,7 +149,8 @@ def plan(proto, by_key, names=None):
         if chosen is None:
             continue
         if name == ABLATION_BASE:
-            out += [j for j in ablation_jobs(proto, chosen) if j["key"] not in by_key]
+            out += [j for j in ablation_jobs(proto, chosen)
+                    if j["key"] not in by_key and extension_state(proto, chosen, by_key, j) == "run"]
         out += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
                 if j["key"] not in by_key]
     return out
@@ -154,6 +159,22 @@ def plan(proto, by_key, names=None):
 def ablation_jobs(proto, chosen):
     return [job(proto, ABLATION_BASE, chosen * factor, 0, "ablation", (name, options, factor))
             for name, options, factor in proto["ablations"]]
+
+
+def extension_state(proto, chosen, by_key, job_):
+    """Whether ablation ``job_`` may run: "run" (it extends nothing, or what it extends beat the base
+    run on validation), "wait" (not both recorded yet) or "skip" (it did not: :data:`EXTENDS`)."""
+    extended = EXTENDS.get(job_["row"].split(" + ", 1)[1])
+    if extended is None:
+        return "run"
+    by_name = {j["row"].split(" + ", 1)[1]: j for j in ablation_jobs(proto, chosen)}
+    if extended not in by_name:  # a protocol without it (the smoke one)
+        return "run"
+    base = by_key.get(job(proto, ABLATION_BASE, chosen, 0, "final")["key"])
+    other = by_key.get(by_name[extended]["key"])
+    if base is None or other is None:
+        return "wait"
+    return "run" if harness.validation_loss(other) < harness.validation_loss(base) else "skip"
 
 
 def run_one(job_, runs_dir, in_process):
@@ -192,7 +213,10 @@ def summary(proto, by_key):
             for j in [job(proto, name, chosen, 0, "final")] + ablation_jobs(proto, chosen):
                 rec = by_key.get(j["key"])
                 res = rec["result"] if rec else None
+                skipped = (rec is None and j["stage"] == "ablation"
+                           and extension_state(proto, chosen, by_key, j) == "skip")
                 ablations.append({"name": j["row"], "lr": j["settings"]["lr"], "done": rec is not None,
+                                  "skipped": skipped,
                                   "diverged": bool(res and res.get("diverged")),
                                   "validation_loss": res["eval_validation"]["answer_loss"] if res and not res.get("diverged") else None,
                                   "test_loss": res["eval_after"]["answer_loss"] if res and not res.get("diverged") else None})
@@ -247,6 +271,8 @@ def render(proto, rows, path_md, command, pretrain_lines=()):
                   *harness.table_header("run", "lr", "validation", "Δ validation", "test", "Δ test")]
         for a in r["ablations"]:
             def cell(key):
+                if a.get("skipped"):
+                    return f"skipped: {EXTENDS[a['name'].split(' + ', 1)[1]]} did not help", ""
                 if not a["done"]:
                     return "not run", ""
                 if a["diverged"]:

@@ -44,7 +44,9 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     _, chosen = fill(bench, proto, base, {1e-4: 1.0, 3e-4: 0.9, 1e-3: 0.95}, base_runs)
     todo = bench.plan(proto, base_runs, [base])
     ablations = [j for j in todo if j["stage"] == "ablation"]
-    assert chosen == 3e-4 and len(ablations) == len(bench.FINETUNE_ABLATIONS) and todo[0]["stage"] == "ablation"
+    # every ablation but the one extending another (it waits for plain lr ×4's result)
+    assert chosen == 3e-4 and len(ablations) == len(bench.FINETUNE_ABLATIONS) - len(bench.EXTENDS)
+    assert todo[0]["stage"] == "ablation" and not any(j["row"].endswith("plain lr x16") for j in ablations)
     assert all(j["settings"]["lr"] == 3e-4 and j["settings"]["seed"] == 0 for j in ablations)
     by_key = {}
     # LoRA starts at 1e-3, 3e-3, 1e-2; falling to 1e-2 adds 3e-2, which is worse: 1e-2 chosen
@@ -56,6 +58,29 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     # every rate diverging moves the sweep down the ladder
     curve, chosen = fill(bench, proto, "fira", {1e-5: 1.3, 3e-5: 1.2, 1e-4: None, 3e-4: None, 1e-3: None}, {})
     assert chosen == 3e-5 and math.isinf(curve[1e-3])
+
+
+def test_plain_lr_x16_runs_only_after_x4_beat_the_base(bench):
+    proto = bench.protocol("full")
+    base = bench.ABLATION_BASE
+    by_key = {}
+    _, chosen = fill(bench, proto, base, {1e-4: 1.0, 3e-4: 0.9, 1e-3: 0.95}, by_key)  # base run: 0.9
+    x4 = next(j for j in bench.ablation_jobs(proto, chosen) if j["row"].endswith("plain lr x4"))
+
+    def x16_planned(x4_loss):
+        runs = dict(by_key)
+        if x4_loss is not None:
+            runs[x4["key"]] = {"key": x4["key"], "settings": x4["settings"], "row": x4["row"], "task": x4["task"],
+                               "stage": "ablation", "result": {"eval_validation": {"answer_loss": x4_loss},
+                                                               "eval_after": {"answer_loss": x4_loss}}}
+        rows, _ = bench.summary(proto, runs)
+        shown = next(a for a in next(r for r in rows if r["method"] == base)["ablations"]
+                     if a["name"].endswith("plain lr x16"))
+        return any(j["row"].endswith("plain lr x16") for j in bench.plan(proto, runs, [base])), shown["skipped"]
+
+    assert x16_planned(None) == (False, False)  # waits for ×4
+    assert x16_planned(0.85) == (True, False)  # ×4 helped: the ratio sweep goes on
+    assert x16_planned(0.95) == (False, True)  # ×4 did not: ×16 skipped, and the table says so
 
 
 def test_paired_differences_and_t(bench):
