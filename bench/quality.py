@@ -12,7 +12,9 @@ and ablations as issue 29's mechanisms land (:data:`METHODS`).
    neighbour on both sides or the ladder's end is reported. Chosen by validation answer loss.
 2. **Ablation** (right after GaLore+'s sweep, :data:`ABLATIONS`): each of issue 29's mechanisms alone,
    seed 0, at GaLore+'s chosen rate, beside its base run: what the new recipe is built from.
-3. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
+3. **Ranks** (right after GaLore's sweep, :data:`RANKS`): GaLore at its chosen rate with ranks 8, 32,
+   64 and full, seed 0 (issue 29 item 6; the pre-training half has the same study).
+4. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
 
 Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch thread per run), driven by
 ``bench/harness.py``'s ``drive`` (each finished run recorded at once in
@@ -98,6 +100,11 @@ FINETUNE_ABLATIONS = ABLATIONS[:1] + (
 #: (a sweep of the plain rate goes further only while it helps: at LoRA-like rates ×16 puts the
 #: embedding past the rate where LoRA's 1e-2 broke down); otherwise the table says it was skipped
 EXTENDS = {"plain lr x16": "plain lr x4"}
+#: issue 29 item 6, "ranks 8, 16, 32, 64 and full in both protocols": this row at its chosen rate, seed 0,
+#: with each rank of :data:`RANKS` (16 is the row itself; "full" here is GaLore at its own α and rate,
+#: unlike the preset's α 1 at AdamW's), after its sweep; the pre-training half has the same study
+RANK_ROW = "galore"
+RANKS = (8, 32, 64, "full")
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
          ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
@@ -112,21 +119,23 @@ def protocol(mode):
                       generate=False, max_new_tokens=4)
         methods = {"lora": ("lora", 4, {}, (1e-3, 3e-3, 1e-2)), "galore+ (old recipe)": ("galore+", 4, {}, (1e-3, 3e-3, 1e-2))}
         return {"common": common, "seeds": (0, 1), "methods": methods,
-                "ablations": (("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),)}
+                "ablations": (("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),), "ranks": ()}
     common = dict(model="smollm2", data="gsm_symbolic", max_steps=200, batch_size=4, n_train=2000, n_test=200,
                   n_validation=200, max_length=384, eval_batch_size=32, generate=False, max_new_tokens=256)
-    return {"common": common, "seeds": SEEDS, "methods": METHODS, "ablations": FINETUNE_ABLATIONS}
+    return {"common": common, "seeds": SEEDS, "methods": METHODS, "ablations": FINETUNE_ABLATIONS, "ranks": RANKS}
 
 
-def job(proto, name, lr, seed, stage, ablation=None):
-    """One run of row ``name`` (with an ablation's ``(name, options, factor)`` on top: its own row)."""
-    method, rank, extra, _ = proto["methods"][name]
+def job(proto, name, lr, seed, stage, ablation=None, rank=None):
+    """One run of row ``name``: with an ablation's ``(name, options, factor)`` on top (its own row), or
+    at another ``rank`` (the same row; its label and its record's rank say which)."""
+    method, row_rank, extra, _ = proto["methods"][name]
+    other_rank, rank = rank is not None, row_rank if rank is None else rank
     options = dict(proto["common"], method=method, seed=seed, lr=lr, eval_before=False, **extra,
                    **(ablation[1] if ablation else {}))
     settings = ft.train_settings(options, rank)
     if ablation:
         name = f"{name} + {ablation[0]}"
-    label = f"{name} lr{lr:g}"
+    label = f"{name}{f' r{rank}' if other_rank else ''} lr{lr:g}"  # a rank run keeps its row (its record's rank says)
     return {"key": harness.settings_key(settings), "settings": settings, "tables": {stage: label},
             "label": label, "task": proto["common"]["data"], "stage": stage, "row": name}
 
@@ -148,6 +157,8 @@ def plan(proto, by_key, names=None):
         out += pending
         if chosen is None:
             continue
+        if name == RANK_ROW:
+            out += [j for j in rank_jobs(proto, chosen) if j["key"] not in by_key]
         if name == ABLATION_BASE:
             out += [j for j in ablation_jobs(proto, chosen)
                     if j["key"] not in by_key and extension_state(proto, chosen, by_key, j) == "run"]
@@ -159,6 +170,10 @@ def plan(proto, by_key, names=None):
 def ablation_jobs(proto, chosen):
     return [job(proto, ABLATION_BASE, chosen * factor, 0, "ablation", (name, options, factor))
             for name, options, factor in proto["ablations"]]
+
+
+def rank_jobs(proto, chosen):
+    return [job(proto, RANK_ROW, chosen, 0, "rank", rank=r) for r in proto["ranks"]]
 
 
 def extension_state(proto, chosen, by_key, job_):
@@ -221,6 +236,15 @@ def summary(proto, by_key):
                                   "validation_loss": res["eval_validation"]["answer_loss"] if res and not res.get("diverged") else None,
                                   "test_loss": res["eval_after"]["answer_loss"] if res and not res.get("diverged") else None})
             rows[-1]["ablations"] = ablations
+        if name == RANK_ROW and chosen is not None:
+            cells = []
+            for r, j in zip(proto["ranks"], rank_jobs(proto, chosen)):
+                res = (by_key.get(j["key"]) or {}).get("result")
+                ok = res is not None and not res.get("diverged")
+                cells.append({"rank": r, "done": res is not None, "diverged": bool(res and res.get("diverged")),
+                              "validation_loss": res["eval_validation"]["answer_loss"] if ok else None,
+                              "test_loss": res["eval_after"]["answer_loss"] if ok else None})
+            rows[-1]["ranks"] = cells
     for rec in by_key.values():
         if rec["settings"].get("kind") != "train" or "row" not in rec:
             continue
@@ -281,6 +305,18 @@ def render(proto, rows, path_md, command, pretrain_lines=()):
                 return f"{a[key]:.3f}", delta
             (v, dv), (t, dt) = cell("validation_loss"), cell("test_loss")
             lines.append(f"| {a['name']} | {a['lr']:g} | {v} | {dv} | {t} | {dt} |")
+    for r in rows:
+        if not r.get("ranks"):
+            continue
+        seed0 = r["test_loss"].get(0)
+        lines += ["", f"## Ranks: {r['method']} at its chosen rate {r['chosen_lr']:g} (seed 0; rank {r['rank']} is the row's "
+                  "own run)", "", *harness.table_header("rank", "validation", "test", "Δ test against the row")]
+        for c in r["ranks"]:
+            if not c["done"] or c["diverged"]:
+                lines.append(f"| {c['rank']} | {'diverged' if c['diverged'] else 'not run'} | | |")
+                continue
+            delta = "" if seed0 is None else f"{c['test_loss'] - seed0:+.3f}"
+            lines.append(f"| {c['rank']} | {c['validation_loss']:.3f} | {c['test_loss']:.3f} | {delta} |")
     lines += ["", "## Paired differences (a − b, test answer loss; negative: a better)", "",
               *harness.table_header("pair", "per seed", "mean", "t")]
     for a, b in PAIRS:

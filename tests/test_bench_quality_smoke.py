@@ -83,6 +83,31 @@ def test_plain_lr_x16_runs_only_after_x4_beat_the_base(bench):
     assert x16_planned(0.95) == (False, True)  # ×4 did not: ×16 skipped, and the table says so
 
 
+def test_galore_runs_the_other_ranks_at_its_chosen_rate(bench, tmp_path):
+    proto = bench.protocol("full")
+    by_key = {}
+    _, chosen = fill(bench, proto, bench.RANK_ROW, {1e-4: 1.0, 3e-4: 0.9, 1e-3: 0.95}, by_key)
+    ranks = [j for j in bench.plan(proto, by_key, [bench.RANK_ROW]) if j["stage"] == "rank"]
+    assert [j["settings"]["rank"] for j in ranks] == [8, 32, 64, "full"]  # 16: the row's own run
+    assert all(j["settings"]["lr"] == chosen and j["settings"]["seed"] == 0 and j["row"] == bench.RANK_ROW
+               for j in ranks)
+    assert len({j["key"] for j in ranks} | set(by_key)) == len(ranks) + len(by_key)
+    for j, loss in zip(ranks, (1.1, 0.8, 0.7, None)):
+        by_key[j["key"]] = {"key": j["key"], "settings": j["settings"], "row": j["row"], "task": j["task"],
+                            "stage": "rank", "result": {"diverged": True} if loss is None else
+                            {"eval_validation": {"answer_loss": loss}, "eval_after": {"answer_loss": loss + 0.1}}}
+    assert not [j for j in bench.plan(proto, by_key, [bench.RANK_ROW]) if j["stage"] == "rank"]
+    rows, records = bench.summary(proto, by_key)
+    cells = next(r for r in rows if r["method"] == bench.RANK_ROW)["ranks"]
+    assert [(c["rank"], c["validation_loss"], c["diverged"]) for c in cells] == [
+        (8, 1.1, False), (32, 0.8, False), (64, 0.7, False), ("full", None, True)]
+    assert sorted(str(r["rank"]) for r in records if r["stage"] == "rank") == ["32", "64", "8", "full"]
+    assert all(r["method"] == bench.RANK_ROW for r in records)
+    bench.render(proto, rows, tmp_path / "q.md", "test")
+    text = (tmp_path / "q.md").read_text()
+    assert "## Ranks: galore" in text and "| 64 | 0.700 | 0.800 | -0.200 |" in text and "| full | diverged |" in text
+
+
 def test_paired_differences_and_t(bench):
     rows = [{"method": "a", "test_loss": {0: 1.0, 1: 1.1, 2: 0.9}}, {"method": "b", "test_loss": {0: 1.2, 1: 1.2, 2: 1.2}}]
     d, mean, t = bench.paired(rows, "a", "b", (0, 1, 2))
