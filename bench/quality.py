@@ -384,12 +384,23 @@ def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretr
 TASKS = ("gsm_symbolic", "pretrain")
 
 
+def task_list(text):
+    """``--task``: one task, ``all`` (both, fine-tuning first) or tasks in the order to run them, comma-separated
+    (``pretrain,gsm_symbolic``: the pre-training grid, then this invocation joins the fine-tuning one)."""
+    tasks = TASKS if text == "all" else tuple(text.split(","))
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or len(set(tasks)) != len(tasks) or not tasks:
+        raise argparse.ArgumentTypeError(f"{text!r}: give all, or one or more of {', '.join(TASKS)} without repeats")
+    return tasks
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_grid_arguments(ap, "quality")
-    ap.add_argument("--task", choices=(*TASKS, "all"), default="gsm_symbolic",
+    ap.add_argument("--task", type=task_list, default=("gsm_symbolic",),
                     help="which half of the protocol to run: fine-tuning (gsm_symbolic, the default), pre-training, "
-                         "or both, one after the other (the report always shows both)")
+                         "all (both, one after the other), or a comma-separated order such as pretrain,gsm_symbolic "
+                         "(the report always shows both)")
     ap.add_argument("--methods", default=None, help="only these rows (comma-separated names of METHODS or of "
                                                     "quality_pretrain.METHODS)")
     ap.add_argument("--cache", type=Path, default=qp.pretrain.DEFAULT_CACHE,
@@ -407,7 +418,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not among {', '.join(proto['methods'])} (fine-tuning) "
                          f"or {', '.join(pretrain_proto['methods'])} (pre-training)")
-    tasks = TASKS if args.task == "all" else (args.task,)
+    tasks = args.task
     results_dir, runs_dir = harness.grid_dirs(args, "quality")
     json_path = results_dir / "quality_runs.json"
     pretrain_json = results_dir / qp.RAW

@@ -4,7 +4,8 @@
 # bench/results. Usage: bench/quality_background.sh [WORKTREE] [--methods ...]   (resumable: run it again)
 # TASKS (default "gsm_symbolic gsm_symbolic": two fine-tuning invocations) starts one invocation per word,
 # each with that --task: TASKS="gsm_symbolic pretrain" bench/quality_background.sh WORKTREE runs the
-# pre-training half beside one fine-tuning invocation (--methods then names rows of either half).
+# pre-training half beside one fine-tuning invocation (--methods then names rows of either half);
+# TASKS="gsm_symbolic pretrain,gsm_symbolic" makes the second join the fine-tuning grid once pre-training is done.
 set -euo pipefail
 main=$(cd "$(dirname "$0")/.." && pwd)
 wt=${1:-$main}; shift || true
@@ -15,6 +16,6 @@ for task in ${TASKS:-gsm_symbolic gsm_symbolic}; do
   i=$((i + 1))
   [ "$task" = gsm_symbolic ] && task_arg=() || task_arg=(--task "$task")  # the default: older worktrees lack --task
   OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py "${task_arg[@]}" \
-    --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" >> "$main/runs/quality/invocation_${task}_$i.log" 2>&1 &
+    --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" >> "$main/runs/quality/invocation_${task//,/-}_$i.log" 2>&1 &
   sleep 90  # the first makes the SmolLM2 export before the second could race for it
 done

@@ -233,6 +233,23 @@ def test_task_all_runs_both_grids_and_max_runs_counts_both(quality, qp, tmp_path
     assert len(data["runs"]) == len(order)
 
 
+def test_a_task_order_runs_pretraining_first_then_joins_fine_tuning(quality, qp, tmp_path, monkeypatch):
+    """``--task pretrain,gsm_symbolic``: what the second background invocation runs, so that it moves on
+    to the fine-tuning grid once the pre-training one is done."""
+    order = []
+    monkeypatch.setattr(quality, "run_one", lambda job, runs_dir, in_process: order.append(job["task"]) or {
+        "eval_validation": {"answer_loss": 1.0}, "eval_after": {"answer_loss": 1.0}, "curve": []})
+    monkeypatch.setattr(qp, "run_one", lambda job, proto, cache: order.append(job["task"]) or {
+        "final_val_loss": 1.0, "diverged": False, "val_curve": [[0, 9.0], [6, 1.0]]})
+    quality.main(["--smoke", "--task", "pretrain,gsm_symbolic", "--results-dir", str(tmp_path / "r"),
+                  "--runs-dir", str(tmp_path / "runs")])
+    first_gsm = order.index("arithmetic")
+    assert set(order[:first_gsm]) == {"pretrain"} and set(order[first_gsm:]) == {"arithmetic"}
+    for bad in ("pretrain,pretrain", "finetune", ""):
+        with pytest.raises(SystemExit):
+            quality.main(["--smoke", "--task", bad, "--table-only"])
+
+
 def test_pretrain_script_takes_fira_with_a_rate_only(qp):
     assert qp.pretrain.parse_methods("adamw,fira@0.003") == [("adamw", "adamw", 1e-3), ("fira@0.003", "fira", 3e-3)]
     with pytest.raises(SystemExit, match="fira@LR"):
