@@ -96,6 +96,10 @@ FINETUNE_ABLATIONS = ABLATIONS[:1] + (
     ("embedding frozen", {"embeddings": "frozen"}, 1.0),
     ("embedding low-rank", {"embeddings": "low_rank"}, 1.0),
 ) + ABLATIONS[1:]
+#: the new GaLore+ recipe once the ablation picks it: ``(extra FinetuneConfig options, starting rungs)`` at
+#: rank 16, the row "galore+", planned right after the base row (before the peers' rows); None: not chosen
+#: yet. ``bench/quality_pretrain.py``'s ``NEW_RECIPE`` is its pre-training twin.
+NEW_RECIPE = None
 #: fine-tuning: an ablation that extends another runs only once that one beat the base run on validation
 #: (a sweep of the plain rate goes further only while it helps: at LoRA-like rates ×16 puts the
 #: embedding past the rate where LoRA's 1e-2 broke down); otherwise the table says it was skipped
@@ -106,7 +110,8 @@ EXTENDS = {"plain lr x16": "plain lr x4"}
 RANK_ROW = "galore"
 RANKS = (8, 32, 64, "full")
 #: pairs reported with paired differences over the seeds (when both rows are final)
-PAIRS = (("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
+PAIRS = (("galore+", "lora"), ("galore+", "dora"), ("galore+", "adamw"), ("galore+", "galore+ (old recipe)"),
+         ("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
          ("galore+ (old recipe)", "galore"), ("galore+ (old recipe)", "fira"), ("lora", "adamw"), ("dora", "adamw"),
          ("fira", "adamw"), ("lora", "dora"), ("galore+ (full rank)", "adamw"))
 
@@ -122,7 +127,21 @@ def protocol(mode):
                 "ablations": (("plain lr x4", {"plain_lr_ratio": 4.0}, 1.0),), "ranks": ()}
     common = dict(model="smollm2", data="gsm_symbolic", max_steps=200, batch_size=4, n_train=2000, n_test=200,
                   n_validation=200, max_length=384, eval_batch_size=32, generate=False, max_new_tokens=256)
-    return {"common": common, "seeds": SEEDS, "methods": METHODS, "ablations": FINETUNE_ABLATIONS, "ranks": RANKS}
+    return {"common": common, "seeds": SEEDS, "methods": with_new_recipe(METHODS, NEW_RECIPE),
+            "ablations": FINETUNE_ABLATIONS, "ranks": RANKS}
+
+
+def with_new_recipe(methods, recipe):
+    """``methods`` with the row "galore+" (``recipe``: options and starting rungs) right after
+    :data:`ABLATION_BASE`, or as they are while ``recipe`` is None."""
+    if recipe is None:
+        return dict(methods)
+    out = {}
+    for name, row in methods.items():
+        out[name] = row
+        if name == ABLATION_BASE:
+            out["galore+"] = ("galore+", RANK, *recipe)
+    return out
 
 
 def job(proto, name, lr, seed, stage, ablation=None, rank=None):
@@ -263,7 +282,61 @@ def summary(proto, by_key):
 paired = harness.paired_rows
 
 
-def render(proto, rows, path_md, command, pretrain_lines=()):
+#: issue 29's targets (the row the new recipe will fill; until it exists the old recipe stands in, said so)
+TARGET_ROW, STAND_IN = "galore+", "galore+ (old recipe)"
+
+
+def target_lines(rows, pre_rows, seeds, pre_seeds):
+    """quality.md's "Targets" section: each of issue 29's targets met, missed (by how much) or not yet
+    measurable, from the finals' means over every seed (a row counts only with all its seeds)."""
+    def means(table, n_seeds):
+        out = {}
+        for r in table:
+            v = r["test_loss"]
+            if len(v) == len(n_seeds) and all(s in v for s in n_seeds):
+                out[r["method"]] = statistics.mean(v.values())
+        return out
+
+    def row_name(m):
+        return TARGET_ROW if TARGET_ROW in m else STAND_IN
+
+    def stand_in_note(m):
+        return "" if TARGET_ROW in m else f" ({STAND_IN} stands in: the new recipe's row has not run)"
+
+    def below(m, a, b, what, strict=True):
+        if a not in m or b not in m:
+            return f"- {what}: not measured yet (needs the finals of {a} and {b})"
+        gap = m[a] - m[b]
+        ok = gap < 0 if strict else gap <= 0
+        return f"- {what}: {'met' if ok else 'missed'} ({a} {m[a]:.3f} against {b} {m[b]:.3f}, {gap:+.3f})"
+
+    ft, pt = means(rows, seeds), means(pre_rows, pre_seeds)
+    g, pg = row_name(ft), row_name(pt)
+    lines = ["## Issue 29's targets (means over every seed of the finals)", ""]
+    lines.append(below(ft, g, "lora", "Fine-tuning: GaLore+ below LoRA" + stand_in_note(ft)))
+    lines.append(below(ft, g, "dora", "Fine-tuning: GaLore+ below DoRA" + stand_in_note(ft)))
+    if all(k in ft for k in (g, "lora", "adamw")):
+        ours, lora = ft[g] - ft["adamw"], ft["lora"] - ft["adamw"]
+        ok = ours <= 0.5 * lora
+        lines.append(f"- Fine-tuning: GaLore+'s gap to AdamW at most half LoRA's{stand_in_note(ft)}: "
+                     f"{'met' if ok else 'missed'} ({ours:+.3f} against half of {lora:+.3f})")
+    else:
+        lines.append(f"- Fine-tuning: GaLore+'s gap to AdamW at most half LoRA's: not measured yet (needs {g}, lora, adamw)")
+    lines.append(below(ft, "galore+ (full rank)", "adamw", "Fine-tuning: the full-rank preset below AdamW"))
+    peak = {r["method"]: statistics.mean(r["train_peak_rss"].values()) for r in rows if r.get("train_peak_rss")}
+    if "galore+ (full rank)" in peak and "adamw" in peak:
+        ratio = peak["galore+ (full rank)"] / peak["adamw"]
+        lines.append(f"- The full-rank preset at AdamW's memory + ≤ 10% (fine-tuning's training peak RSS): "
+                     f"{'met' if ratio <= 1.10 else 'missed'} ({ratio:.3f}× AdamW's)")
+    else:
+        lines.append("- The full-rank preset at AdamW's memory + ≤ 10%: not measured yet (needs both rows' finals)")
+    lines.append(below(pt, "galore+ (full rank)", "adamw", "Pre-training: the full-rank preset below AdamW"))
+    for peer in ("adamw", "apollo", "fira"):
+        lines.append(below(pt, pg, peer, f"Pre-training: GaLore+ at or below {peer}" + stand_in_note(pt), strict=False))
+    return lines + [""]
+
+
+def render(proto, rows, path_md, command, pretrain_lines=(), target_section=()):
     lines = ["# Quality protocol (issue 29)", "", f"Written by `{command}`; BENCHMARKS.md §9 discusses it.",
              f"Options shared by every run: `{json.dumps(proto['common'])}`.", "",
              "## Sweeps (seed 0, validation answer loss; * chosen)", "", *harness.table_header("method", "rates tried")]
@@ -324,7 +397,7 @@ def render(proto, rows, path_md, command, pretrain_lines=()):
         if p is not None:
             d, mean, t = p
             lines.append(f"| {a} − {b} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} | {t:.1f} |")
-    lines += ["", *pretrain_lines]
+    lines += ["", *pretrain_lines, "", *target_section]
     harness.write_text(path_md, "\n".join(lines) + "\n")
 
 
@@ -375,7 +448,8 @@ def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretr
         pre_rows, pre_records = qp.summary(pretrain_proto, pre_by_key)
         harness.write_json(results_dir / "quality.json",
                            {"runs": records + pre_records, "rows": rows, "pretrain_rows": pre_rows})
-        render(proto, rows, results_dir / "quality.md", command, qp.render(pretrain_proto, pre_rows))
+        render(proto, rows, results_dir / "quality.md", command, qp.render(pretrain_proto, pre_rows),
+               target_lines(rows, pre_rows, proto["seeds"], pretrain_proto["seeds"]))
         if plot_too:
             plot(rows, by_key, proto, results_dir / "quality.png", (pre_rows, pre_by_key, pretrain_proto))
     return rows, records + pre_records

@@ -108,6 +108,37 @@ def test_galore_runs_the_other_ranks_at_its_chosen_rate(bench, tmp_path):
     assert "## Ranks: galore" in text and "| 64 | 0.700 | 0.800 | -0.200 |" in text and "| full | diverged |" in text
 
 
+def test_the_targets_section_reads_the_finals(bench):
+    seeds, pre_seeds = (0, 1, 2), (0, 1)
+
+    def row(method, losses, peak=None):
+        return {"method": method, "test_loss": dict(enumerate(losses)),
+                "train_peak_rss": {} if peak is None else {s: peak for s in range(len(losses))}}
+
+    rows = [row("lora", [0.16, 0.17, 0.15]), row("galore+ (old recipe)", [0.20, 0.21, 0.19]),
+            row("dora", [0.15, 0.15, 0.15]), row("adamw", [0.10, 0.10, 0.10], peak=100.0),
+            row("galore+ (full rank)", [0.09, 0.09, 0.10], peak=112.0), row("fira", [0.3, 0.3])]  # fira: 2 of 3 seeds
+    pre = [row("galore+ (old recipe)", [4.50, 4.52]), row("adamw", [4.80, 4.82]), row("apollo", [4.50, 4.52])]
+    text = "\n".join(bench.target_lines(rows, pre, seeds, pre_seeds))
+    assert "GaLore+ below LoRA (galore+ (old recipe) stands in: the new recipe's row has not run): missed " \
+           "(galore+ (old recipe) 0.200 against lora 0.160, +0.040)" in text
+    assert "gap to AdamW at most half LoRA's (galore+ (old recipe) stands in" in text and "+0.100 against half of +0.060" in text
+    assert "the full-rank preset below AdamW: met (galore+ (full rank) 0.093 against adamw 0.100, -0.007)" in text
+    assert "AdamW's memory + ≤ 10% (fine-tuning's training peak RSS): missed (1.120× AdamW's)" in text
+    assert "Pre-training: GaLore+ at or below adamw (galore+ (old recipe) stands in" in text and "met (galore+" in text
+    assert "at or below apollo" in text and "apollo 4.510, +0.000)" in text  # a tie is "at or below"
+    assert "Pre-training: GaLore+ at or below fira (galore+ (old recipe) stands in the new" not in text
+    assert "at or below fira (galore+ (old recipe) stands in: the new recipe's row has not run): not measured yet" in text
+    # the new recipe's row, once it has every seed, replaces the stand-in
+    text = "\n".join(bench.target_lines(rows + [row("galore+", [0.14, 0.14, 0.14])], pre, seeds, pre_seeds))
+    assert "GaLore+ below LoRA: met (galore+ 0.140 against lora 0.160, -0.020)" in text
+    # and it is planned right after the base row when set
+    methods = bench.with_new_recipe(bench.METHODS, ({"plain_lr_ratio": 4.0}, (3e-4, 1e-3, 3e-3)))
+    names = list(methods)
+    assert names[names.index(bench.ABLATION_BASE) + 1] == "galore+" and methods["galore+"][:2] == ("galore+", bench.RANK)
+    assert bench.with_new_recipe(bench.METHODS, None) == bench.METHODS
+
+
 def test_paired_differences_and_t(bench):
     rows = [{"method": "a", "test_loss": {0: 1.0, 1: 1.1, 2: 0.9}}, {"method": "b", "test_loss": {0: 1.2, 1: 1.2, 2: 1.2}}]
     d, mean, t = bench.paired(rows, "a", "b", (0, 1, 2))
