@@ -258,17 +258,26 @@ def parse_methods(spec: str) -> list[tuple[str, str, float]]:
 def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int, options: dict | None = None):
     """``(optimizer, settings dict)``. ``options``: for ``galore``/``galore+``, ``LowRankSpec`` fields
     over this script's (``rank``, ``update_proj_gap`` from ``cfg``, α 0.25), e.g. ``{"rank": "full",
-    "scale": 1.0}`` or ``{"moment_transport": "project"}``; for ``fira``, ``rank``."""
+    "scale": 1.0}`` or ``{"moment_transport": "project"}``; for ``fira``, ``rank``; for ``adamw``,
+    ``plain_lr_ratio`` (the parameters GaLore would not project, embeddings, ``lm_head`` and norms, at
+    that multiple of ``lr``: GaLore's plain groups, without the projection)."""
     from galore_plus import find_targets
     from galore_plus import build_optimizer as gp_build
 
     options = dict(options or {})
     rank, gap = options.pop("rank", cfg["rank"]), options.pop("update_proj_gap", cfg["update_proj_gap"])
+    ratio = options.pop("plain_lr_ratio", None) if method == "adamw" else None
     if options and method not in ("galore", "galore+"):
         raise ValueError(f"{method}: options {sorted(options)} are GaLore(+)'s only")
     if method == "adamw":
-        return (torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-                {"optimizer": "torch.optim.AdamW", "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0})
+        settings = {"optimizer": "torch.optim.AdamW", "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0}
+        params = model.parameters()
+        if ratio is not None:
+            targets = {id(t.param) for t in find_targets(model)}
+            params = [{"params": [p for p in model.parameters() if id(p) in targets]},
+                      {"params": [p for p in model.parameters() if id(p) not in targets], "lr": lr * ratio}]
+            settings["plain_lr_ratio"] = ratio
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), settings
     if method in ("galore", "galore+"):
         low = {"scale": 0.25, **options}
         opt = gp_build(model, method, rank, lr=lr, weight_decay=0.0, seed=seed, update_proj_gap=gap, **low)

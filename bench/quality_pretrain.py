@@ -14,14 +14,17 @@ T 200), AdamW, GaLore, Fira (its package, α 1, as ``galore-plus finetune --meth
 (``apollo_torch``, as §4), the library's quality preset (``--preset quality``: GaLore at full rank, α 1;
 named "galore+ (full rank)" as issue 29's records name it; not GaLore+, whose cross-head q/k is lossy at full
 rank: DESIGN.md, "Presets"), and the new
-recipe (:data:`NEW_RECIPE`) once the ablation chooses it. In the order they run:
+recipe ("galore+", :data:`NEW_RECIPE`: what this half's own ablation chose). In the order they run:
 
 1. **Sweeps** (seed 0): every row's bracketed sweep (``harness.sweep``: three rungs ~3× apart started
    at §4's optima, a winner at an end adds the next rung), chosen by final validation loss.
 2. **Ablation** (seed 0): each of ``bench/quality.py``'s ABLATIONS alone on GaLore+ (old recipe) at its
    chosen rate (their FinetuneConfig names translated to the library's spec, :func:`spec_options`).
-3. **Ranks** (seed 0): GaLore at ranks 8, 16, 32, 64 and full at its chosen rate (issue 29, item 6).
-4. **Seeds**: seed 1 at each row's chosen rate (seed 0's final is the sweep's run).
+3. **Controls** (seed 0, :data:`CONTROLS`): AdamW at its chosen rate with its plainly trained
+   parameters (embeddings, ``lm_head``, norms) at 10× and 40× that rate, GaLore+'s plain rates: whether
+   GaLore+'s lead over AdamW here is the projection's or the plain parameters' larger step.
+4. **Ranks** (seed 0): GaLore at ranks 8, 16, 32, 64 and full at its chosen rate (issue 29, item 6).
+5. **Seeds**: seed 1 at each row's chosen rate (seed 0's final is the sweep's run).
 
 Every run is in-process at one torch thread; each finished run is recorded at once in
 ``quality_pretrain_runs.json`` (``harness.drive``'s format, shared claims, resumable).
@@ -64,9 +67,17 @@ METHODS = {
     "fira": ("fira", {}, (1e-3, 3e-3, 1e-2)),
     "galore+ (full rank)": ("galore", {"rank": "full", "scale": 1.0}, (3e-4, 1e-3, 3e-3)),
 }
-#: the new GaLore+ recipe once the fine-tuning ablation picks it: ``(LowRankSpec options, starting
-#: rungs)``, which adds the row "galore+" (None: not chosen yet)
-NEW_RECIPE = None
+#: the pre-training GaLore+ recipe, the row "galore+": ``(LowRankSpec options, starting rungs)``. Chosen
+#: by this half's own ablation (seed 0, on GaLore+ (old recipe) at its 1e-2; BENCHMARKS.md §9): the one
+#: mechanism that helped by more than 0.01 is the plain parameters at 4× (−0.030; ×16 +0.093, T 25
+#: −0.006, the others +0.023 to −0.001). Fine-tuning's ablation disagrees on the plain rate (×4 +0.035
+#: there: pretrained embeddings want the smaller step), so the two halves' recipes may differ.
+NEW_RECIPE = ({"plain_lr_ratio": 4.0}, (3e-3, 1e-2, 3e-2))
+#: controls on :data:`CONTROL_BASE` at its chosen rate, seed 0, (name, LowRankSpec-named options, lr factor):
+#: AdamW's plainly trained parameters (embeddings, ``lm_head``, norms) at 10× its rate (GaLore+ (old
+#: recipe)'s plain rate at its chosen 1e-2 against AdamW's 1e-3) and 40× (the new recipe's)
+CONTROL_BASE = "adamw"
+CONTROLS = (("plain lr x10", {"plain_lr_ratio": 10.0}, 1.0), ("plain lr x40", {"plain_lr_ratio": 40.0}, 1.0))
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+", "adamw"), ("galore+ (old recipe)", "adamw"), ("galore+ (old recipe)", "apollo"),
          ("galore+ (old recipe)", "fira"), ("galore+ (old recipe)", "galore"), ("galore+ (full rank)", "adamw"),
@@ -84,9 +95,10 @@ def protocol(mode, ablations, ladder, max_rungs):
     cfg = dict(SMOKE if mode == "smoke" else CONFIG)
     proto = {"task": TASK, "mode": mode, "config": cfg, "clip": CLIP, "seeds": SEEDS, "methods": methods,
              "ablations": tuple(ablations), "ranks": (4, "full") if mode == "smoke" else RANKS,
+             "controls": CONTROLS[:1] if mode == "smoke" else CONTROLS,
              "ladder": tuple(ladder), "max_rungs": max_rungs,
              "data": "synthetic" if mode == "smoke" else f"npm {pretrain.PACKAGE}"}
-    for name, options, _ in proto["ablations"]:  # an option the spec cannot take fails here, before any run
+    for name, options, _ in proto["ablations"] + proto["controls"]:  # a bad option fails here, before any run
         spec_options(options, cfg["steps"], f"ablation {name!r}")
     return proto
 
@@ -115,8 +127,8 @@ def rank_of(method, options, cfg):
 
 
 def job(proto, name, lr, seed, stage, ablation=None, options=None):
-    """One run of row ``name`` (an ablation's ``(name, options, factor)`` or extra spec ``options`` on
-    top: its own row name)."""
+    """One run of row ``name`` (an ablation's or control's ``(name, options, factor)`` on top: its own
+    row name; or extra spec ``options``: the same row)."""
     method, base, _ = proto["methods"][name]
     extra = spec_options(ablation[1], proto["config"]["steps"]) if ablation else dict(options or {})
     opts = {**base, **extra}
@@ -147,6 +159,11 @@ def ablation_jobs(proto, chosen):
             for name, options, factor in proto["ablations"]]
 
 
+def control_jobs(proto, chosen):
+    return [job(proto, CONTROL_BASE, chosen * factor, 0, "control", ablation=(name, options, factor))
+            for name, options, factor in proto["controls"]]
+
+
 def rank_jobs(proto, chosen):
     return [job(proto, RANK_ROW, chosen, 0, "rank", options={"rank": r}) for r in proto["ranks"]]
 
@@ -154,21 +171,23 @@ def rank_jobs(proto, chosen):
 def plan(proto, by_key, names=None):
     """Everything still to run, most informative first: the ablation as soon as its base row's rate is
     chosen (it decides the new recipe, which issue 29's targets are about), then every row's sweep, then
-    the ranks, then the other seeds (each as soon as its row's rate is chosen)."""
+    the controls, the ranks, then the other seeds (each as soon as its row's rate is chosen)."""
     rows = [n for n in proto["methods"] if not names or n in names]
     chosen = {}
-    sweeps, ablations, ranks, seeds = [], [], [], []
+    sweeps, ablations, controls, ranks, seeds = [], [], [], [], []
     for name in rows:
         pending, _, chosen[name] = sweep_state(proto, name, by_key)
         sweeps += pending
     if chosen.get(ABLATION_BASE) is not None:
         ablations = ablation_jobs(proto, chosen[ABLATION_BASE])
+    if chosen.get(CONTROL_BASE) is not None:
+        controls = control_jobs(proto, chosen[CONTROL_BASE])
     if chosen.get(RANK_ROW) is not None:
         ranks = rank_jobs(proto, chosen[RANK_ROW])
     for name in rows:
         if chosen[name] is not None:
             seeds += [job(proto, name, chosen[name], seed, "final") for seed in proto["seeds"]]
-    return [j for j in harness.dedupe(ablations + sweeps + ranks + seeds) if j["key"] not in by_key]
+    return [j for j in harness.dedupe(ablations + sweeps + controls + ranks + seeds) if j["key"] not in by_key]
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -280,7 +299,7 @@ def estimate(proto, cache, steps=50, names=None):
 def summary(proto, by_key):
     """(rows, flat records): per row its sweep curve, chosen rate, final losses per seed, and for the
     ablation base and the rank row their runs."""
-    rows, finals = [], set()
+    rows, finals = [], {}  # finals: a final run's key → its row (a run may also be another row's ablation)
 
     def run_cell(j):
         rec = by_key.get(j["key"])
@@ -292,13 +311,16 @@ def summary(proto, by_key):
         seed_jobs = ([(seed, job(proto, name, chosen, seed, "final")) for seed in proto["seeds"]]
                      if chosen is not None else [])
         per_seed, keys = harness.final_losses(seed_jobs, by_key, loss)
-        finals |= keys
+        finals.update(dict.fromkeys(keys, name))
         method, options, _ = proto["methods"][name]
         row = {"method": name, "rank": rank_of(method, options, proto["config"]), "curve": sorted(curve.items()),
                "chosen_lr": chosen, "test_loss": per_seed}
         if name == ABLATION_BASE and chosen is not None:
             base = job(proto, name, chosen, 0, "final")
             row["ablations"] = [run_cell(j) for j in [base] + ablation_jobs(proto, chosen)]
+        if name == CONTROL_BASE and chosen is not None:
+            base = job(proto, name, chosen, 0, "final")
+            row["controls"] = [run_cell(j) for j in [base] + control_jobs(proto, chosen)]
         if name == RANK_ROW and chosen is not None:
             row["ranks"] = [run_cell(j) for j in rank_jobs(proto, chosen)]
         rows.append(row)
@@ -308,7 +330,7 @@ def summary(proto, by_key):
             continue
         s, res = rec["settings"], rec["result"]
         value = None if res.get("diverged") else res["final_val_loss"]
-        records.append({"task": TASK, "method": rec["row"], "rank": rank_of(s["method"], s["options"], s["config"]),
+        records.append({"task": TASK, "method": finals.get(rec["key"], rec["row"]), "rank": rank_of(s["method"], s["options"], s["config"]),
                         "seed": s["seed"], "lr": s["lr"], "steps": s["config"]["steps"], "stage": rec.get("stage"),
                         "test_loss": value, "validation_loss": value, "diverged": bool(res.get("diverged")),
                         "train_seconds": res.get("train_s"), "cpu_seconds": res.get("cpu_s"),
@@ -343,6 +365,8 @@ def render(proto, rows):
                          f"{'' if sd is None else f' ± {sd:.3f}'} | {', '.join(f'{x:.3f}' for x in v)} |")
     for r in rows:
         for key, title in (("ablations", f"Ablation: each mechanism alone on {r['method']} (seed 0; Δ against it)"),
+                           ("controls", f"Controls: {r['method']} with its plainly trained parameters (embeddings, "
+                                        f"lm_head, norms) at k× its rate (seed 0; Δ against it)"),
                            ("ranks", f"Ranks: {r['method']} at its chosen rate (seed 0; Δ against rank {r['rank']})")):
             if not r.get(key):
                 continue
@@ -354,9 +378,9 @@ def render(proto, rows):
                     value, delta = "not run", ""
                 else:
                     value = fmt(a["loss"])
-                    delta = "" if base is None or a is r[key][0] and key == "ablations" or math.isinf(a["loss"]) \
+                    delta = "" if base is None or a is r[key][0] and key != "ranks" or math.isinf(a["loss"]) \
                         else f"{a['loss'] - base:+.3f}"
-                lines.append(f"| {a['name']} | {a['rank']} | {a['lr']:g} | {value} | {delta} |")
+                lines.append(f"| {a['name']} | {'—' if a['rank'] is None else a['rank']} | {a['lr']:g} | {value} | {delta} |")
     pairs = [(a, b, harness.paired_rows(rows, a, b, proto["seeds"])) for a, b in PAIRS]
     lines += ["", "### Paired differences (a − b, final validation loss; negative: a better)", "",
               *harness.table_header("pair", "per seed", "mean", "t")]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -78,7 +79,7 @@ def test_every_ablation_becomes_spec_options(quality, qp):
         qp.protocol("full", (("bad", {"lora_dropout": 0.1}, 1.0),), quality.LADDER, quality.MAX_RUNGS)
 
 
-def test_the_plan_runs_the_ablation_then_sweeps_then_ranks_then_seeds(quality, qp):
+def test_the_plan_runs_the_ablation_then_sweeps_then_controls_then_ranks_then_seeds(quality, qp):
     proto = full_proto(quality, qp)
     by_key = {}
     first = qp.plan(proto, by_key)
@@ -92,7 +93,7 @@ def test_the_plan_runs_the_ablation_then_sweeps_then_ranks_then_seeds(quality, q
     todo = qp.plan(proto, by_key)
     stages = [j["stage"] for j in todo]
     # the ablation as soon as its base is chosen (it decides the new recipe), then the other sweeps, seeds last
-    assert stages == sorted(stages, key=["ablation", "sweep", "rank", "final"].index)
+    assert stages == sorted(stages, key=["ablation", "sweep", "control", "rank", "final"].index)
     assert stages[0] == "ablation" and "sweep" in stages
     ablation = [j for j in todo if j["stage"] == "ablation"]
     assert len(ablation) == len(quality.ABLATIONS) and all(j["settings"]["lr"] == chosen for j in ablation)
@@ -102,10 +103,18 @@ def test_the_plan_runs_the_ablation_then_sweeps_then_ranks_then_seeds(quality, q
         close_sweep(qp, proto, name, by_key)
     todo = qp.plan(proto, by_key)
     ranks = [j for j in todo if j["stage"] == "rank"]
+    controls = [j for j in todo if j["stage"] == "control"]
+    adamw = proto["methods"][qp.CONTROL_BASE][2][1]
+    assert [(j["row"], j["settings"]["lr"], j["settings"]["options"]) for j in controls] == [
+        ("adamw + plain lr x10", adamw, {"plain_lr_ratio": 10.0}), ("adamw + plain lr x40", adamw, {"plain_lr_ratio": 40.0})]
     # rank 64 = hidden/4 is GaLore's own sweep run at that rate: reused, not run again
     assert [j["rank"] for j in ranks] == [8, 16, 32, "full"]
     assert all(j["settings"]["method"] == "galore" for j in ranks)
-    assert len(todo) == len(quality.ABLATIONS) + 4 + len(proto["methods"])
+    # the "plain lr x4" ablation is the new recipe's middle rung (the same settings, so the same key):
+    # recorded by that sweep, not run twice
+    plain_x4 = [j for j in todo if j["row"] == f"{base} + plain lr x4"]
+    assert qp.NEW_RECIPE[0] == {"plain_lr_ratio": 4.0} and plain_x4 == []
+    assert len(todo) == len(quality.ABLATIONS) - 1 + len(qp.CONTROLS) + 4 + len(proto["methods"])
     # the grid, planned whole: every key once
     grid = qp.planned_grid(proto)
     assert len({j["key"] for j in grid}) == len(grid) == 3 * len(proto["methods"]) + len(todo)
@@ -159,8 +168,12 @@ def test_smoke_records_resumes_and_merges_the_report(quality, qp, tmp_path, monk
     finals = sorted((r["method"], r["seed"]) for r in data["runs"] if r["final"])
     assert finals == sorted((m, s) for m in proto["methods"] for s in (0, 1))
     (ablation,) = [r for r in data["runs"] if r["stage"] == "ablation"]
-    assert ablation["method"] == "galore+ (old recipe) + plain lr x4" and ablation["options"] == {"plain_lr_ratio": 4.0}
+    assert ablation["options"] == {"plain_lr_ratio": 4.0} == qp.NEW_RECIPE[0]
+    # the same settings as the new recipe's sweep rung at that rate: named by the row it is final for, if any
+    assert (ablation["method"], ablation["final"]) in (("galore+ (old recipe) + plain lr x4", False), ("galore+", True))
     assert sorted(str(r["rank"]) for r in data["runs"] if r["stage"] == "rank") == ["4", "full"]
+    (control,) = [r for r in data["runs"] if r["stage"] == "control"]
+    assert control["method"] == "adamw + plain lr x10" and control["options"] == {"plain_lr_ratio": 10.0}
     assert {r["rank"] for r in data["runs"] if r["method"] == "adamw"} == {None}
 
     # resumable: a second invocation finds everything recorded and runs nothing
@@ -189,7 +202,7 @@ def test_smoke_records_resumes_and_merges_the_report(quality, qp, tmp_path, monk
     assert [r["method"] for r in data["pretrain_rows"]] == list(proto["methods"])
     md = (results / "quality.md").read_text()
     assert "## Sweeps (seed 0, validation answer loss" in md and "## Pre-training from scratch" in md
-    assert "| galore+ (old recipe) − adamw |" in md and "### Ranks: galore" in md
+    assert "| galore+ (old recipe) − adamw |" in md and "### Ranks: galore" in md and "### Controls: adamw" in md
     assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -200,7 +213,8 @@ def test_smoke_estimate_times_every_set_up_of_the_grid(quality, qp, tmp_path, ca
     timed = [line for line in lines if "CPU s/step" in line]
     grid = qp.planned_grid(proto)
     # each row and rank timed once; "plain lr x4" costs what its base costs and is not timed again
-    assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) + len(proto["ranks"])
+    # and the new recipe ("plain lr x4" on GaLore+) and AdamW's controls cost what their bases cost
+    assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) - 1 + len(proto["ranks"])
     assert f"grid: {len(grid)} runs" in lines[-1]
     assert not (tmp_path / "r" / qp.RAW).exists()  # records nothing
 
@@ -248,6 +262,30 @@ def test_a_task_order_runs_pretraining_first_then_joins_fine_tuning(quality, qp,
     for bad in ("pretrain,pretrain", "finetune", ""):
         with pytest.raises(SystemExit):
             quality.main(["--smoke", "--task", bad, "--table-only"])
+
+
+def test_adamw_control_steps_the_plain_parameters_at_the_ratio(qp):
+    """The control's AdamW: GaLore's targets at lr, every other parameter at ratio × lr, through the
+    schedule; without the ratio it is the plain AdamW of one group."""
+    from galore_plus import find_targets
+
+    cfg = dict(qp.SMOKE)
+    model = qp.pretrain.build_model(cfg, cfg["vocab"], 0)
+    targets = {id(t.param) for t in find_targets(model)}
+    opt, settings = qp.pretrain.build_optimizer("adamw", model, cfg, 1e-3, 0, {"plain_lr_ratio": 10.0})
+    low, plain = opt.param_groups
+    assert {id(p) for p in low["params"]} == targets and low["lr"] == 1e-3
+    assert plain["lr"] == pytest.approx(1e-2) and settings["plain_lr_ratio"] == 10.0
+    assert len(low["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert "embed_tokens" in {n.split(".")[1] for n, p in model.named_parameters() if id(p) in
+                              {id(q) for q in plain["params"]}}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-3])
+    del sched
+    opt, settings = qp.pretrain.build_optimizer("adamw", model, cfg, 1e-3, 0)
+    assert len(opt.param_groups) == 1 and "plain_lr_ratio" not in settings
+    with pytest.raises(ValueError, match="GaLore"):
+        qp.pretrain.build_optimizer("adamw", model, cfg, 1e-3, 0, {"scale": 1.0})
 
 
 def test_pretrain_script_takes_fira_with_a_rate_only(qp):
