@@ -14,7 +14,8 @@ and ablations as issue 29's mechanisms land (:data:`METHODS`).
    seed 0, at GaLore+'s chosen rate, beside its base run: what the new recipe is built from.
 3. **Ranks** (right after GaLore's sweep, :data:`RANKS`): GaLore at its chosen rate with ranks 8, 32,
    64 and full, seed 0 (issue 29 item 6; the pre-training half has the same study).
-4. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run).
+4. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run),
+   once every row's sweep has closed (choices before confirmations; the peers' sweeps in :data:`METHODS`' order).
 
 Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch thread per run), driven by
 ``bench/harness.py``'s ``drive`` (each finished run recorded at once in
@@ -61,15 +62,17 @@ SEEDS = (0, 1, 2)
 RANK = 16
 #: row name → (the command's --method, rank or None, extra FinetuneConfig options, starting rungs).
 #: Starts: §8's chosen rates at 40 steps (LoRA/DoRA 3e-3, AdamW 3e-4 and 1e-4, GaLore(+) 3e-4) in the
-#: middle; Fira, new here, at GaLore's. In this order: the peers first (they need no new code).
+#: middle; Fira, new here, at GaLore's. In this order (the sweeps'; every row's finals come after all sweeps):
+#: LoRA and GaLore+ (old recipe) first, then AdamW and the full-rank preset (issue 29's targets are
+#: measured against AdamW), then the other peers.
 METHODS = {
     "lora": ("lora", RANK, {}, (1e-3, 3e-3, 1e-2)),
     "galore+ (old recipe)": ("galore+", RANK, {}, (1e-4, 3e-4, 1e-3)),
-    "dora": ("dora", RANK, {}, (1e-3, 3e-3, 1e-2)),
     "adamw": ("adamw", None, {}, (3e-5, 1e-4, 3e-4)),
     # the library's quality preset (--preset quality: GaLore, every matrix at full rank, α 1) at AdamW's rungs;
     # named as issue 29's records name it (DESIGN.md, "Presets": not GaLore+, whose cross-head q/k is lossy there)
     "galore+ (full rank)": ("galore", "full", {"scale": 1.0}, (3e-5, 1e-4, 3e-4)),
+    "dora": ("dora", RANK, {}, (1e-3, 3e-3, 1e-2)),
     "fira": ("fira", RANK, {}, (1e-4, 3e-4, 1e-3)),
     "galore": ("galore", RANK, {}, (1e-4, 3e-4, 1e-3)),
 }
@@ -167,8 +170,10 @@ def sweep_state(proto, name, by_key):
 
 
 def plan(proto, by_key, names=None):
-    """Everything still to run, in order: each row's sweep, then (rate chosen) its finals."""
-    out = []
+    """Everything still to run, in order: each row's sweep (with, once its rate is chosen, the ablation
+    or the rank study it carries), row after row; then every chosen row's finals. Choices before
+    confirmations: the other seeds of a row wait until every sweep has closed (as in pre-training)."""
+    out, finals = [], []
     for name in proto["methods"]:
         if names and name not in names:
             continue
@@ -181,9 +186,9 @@ def plan(proto, by_key, names=None):
         if name == ABLATION_BASE:
             out += [j for j in ablation_jobs(proto, chosen)
                     if j["key"] not in by_key and extension_state(proto, chosen, by_key, j) == "run"]
-        out += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
-                if j["key"] not in by_key]
-    return out
+        finals += [j for j in (job(proto, name, chosen, seed, "final") for seed in proto["seeds"])
+                   if j["key"] not in by_key]
+    return out + finals
 
 
 def ablation_jobs(proto, chosen):

@@ -55,6 +55,13 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     finals = [j for j in bench.plan(proto, by_key, ["lora"]) if j["stage"] == "final"]
     assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0's final is the sweep's run
     assert all(j["settings"]["lr"] == 1e-2 for j in finals)
+    # every row's sweep before any row's other seeds: AdamW's (issue 29's targets are measured against it)
+    # before GaLore+'s and LoRA's finals
+    todo = bench.plan(proto, {**base_runs, **by_key})
+    stages = [j["stage"] for j in todo]
+    assert stages.index("final") > max(i for i, j in enumerate(todo) if j["stage"] == "sweep")
+    assert [j["row"] for j in todo if j["stage"] == "sweep"][:3] == ["adamw"] * 3
+    assert {j["row"] for j in todo if j["stage"] == "final"} == {"lora", base}
     # every rate diverging moves the sweep down the ladder
     curve, chosen = fill(bench, proto, "fira", {1e-5: 1.3, 3e-5: 1.2, 1e-4: None, 3e-4: None, 1e-3: None}, {})
     assert chosen == 3e-5 and math.isinf(curve[1e-3])
