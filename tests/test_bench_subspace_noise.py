@@ -1,0 +1,30 @@
+"""``bench/subspace_noise.py`` end to end on the tiny model (seconds): every capture is a share in
+[0, 1], and the signal's own top-r projector captures at least as much of it as any other rank-r
+projector the script measures (Eckart–Young): a capture computed on the wrong side, or of the wrong
+gradient, breaks that."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_captured_shares_are_bounded_by_the_signals_own_projector(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("subspace_noise", BENCH / "subspace_noise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--model", "tiny", "--data", "arithmetic", "--layers", "0", "--batches", "4", "--rank", "2",
+                       "--results-dir", str(tmp_path), "--tag", "_tiny"])
+    rows = json.loads((tmp_path / "subspace_noise_tiny.json").read_text())["rows"]
+    assert rows == out["rows"] and len(rows) == 7  # q, k, v, o, gate, up, down of layer 0
+    for r in rows:
+        for key in ("one_batch", "one_batch_own", "half_mean", "signal_own", "random"):
+            assert 0.0 <= r[key] <= 1.0 + 1e-12, (r["matrix"], key)
+        best = r["signal_own"] + 1e-9
+        assert r["one_batch"] <= best and r["half_mean"] <= best and r["random"] <= best, r["matrix"]
+    assert "| matrix | shape | side |" in (tmp_path / "subspace_noise_tiny.md").read_text()
