@@ -184,7 +184,7 @@ def train_job(common, task, task_opts, seed, label, method, rank, extra, lr, tab
 #: reachable; a run that turns one on has it in its key. A new option goes here (a test checks that
 #: every option of ``LEGACY_VALUES`` is either here or was in the keys before).
 LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_threshold", "moment_transport",
-                 "canonical_signs", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
+                 "canonical_signs", "proj_type", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
                  "warmup_ratio", "target_modules", "preset")
 
 

@@ -87,6 +87,9 @@ ABLATIONS = (
     ("plain lr x16", {"plain_lr_ratio": 16.0}, 1.0),
     ("8 refreshes (T 25)", {"refreshes": 8}, 1.0),
     ("capture refresh < 0.5", {"refresh_policy": "capture", "capture_threshold": 0.5}, 1.0),
+    # added 2026-12-07 after bench/subspace_noise.py (BENCHMARKS.md §9): one batch's input-side subspace
+    # holds across batches, its output side (std's choice for v, k and down) does not
+    ("input side (proj_type right)", {"proj_type": "right"}, 1.0),
     ("moments projected", {"moment_transport": "project"}, 1.0),
     ("moments reset", {"moment_transport": "reset"}, 1.0),
     ("canonical signs", {"canonical_signs": True}, 1.0),

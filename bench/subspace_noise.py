@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_table as ft  # noqa: E402  (the SmolLM2 export the grid uses)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: a side's opposite (projection.LEFT ↔ projection.RIGHT)
+OTHER = {0: 1, 1: 0}
 
 
 def gradients_of(model, targets, features, pad_id, batch_ids):
@@ -116,10 +118,10 @@ def main(argv=None):
         into = sum_a if i < half else sum_b
         for name, g in grads.items():
             into[name] = into.get(name, 0) + g
-            if i < half:  # the projector a refresh at this batch size would take, and its own capture
+            if i < half:  # the projector a refresh at this batch size would take (either side), its own capture
                 side = projection.projection_side(g.shape, "std")
-                basis = top(g, args.rank, side)
-                own[name].append((basis, captured(g, basis)))
+                basis, other = top(g, args.rank, side), top(g, args.rank, OTHER[side])
+                own[name].append((basis, captured(g, basis), other))
         print(f"batch {i + 1}/{args.batches}: loss {loss:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -127,18 +129,22 @@ def main(argv=None):
         signal, mean_a = sum_b[name] / half, sum_a[name] / half
         side = projection.projection_side(signal.shape, "std")
         d = signal.shape[0] if side == projection.LEFT else signal.shape[1]
-        one = [captured(signal, basis) for basis, _ in own[name]]
+        one = [captured(signal, basis) for basis, _, _ in own[name]]
+        one_other = [captured(signal, other) for _, _, other in own[name]]
         rows.append({
             "matrix": name, "shape": list(signal.shape), "side": "left" if side == projection.LEFT else "right",
             "one_batch": statistics.mean(one), "one_batch_sd": statistics.stdev(one) if len(one) > 1 else 0.0,
-            "one_batch_own": statistics.mean(c for _, c in own[name]),
+            "one_batch_own": statistics.mean(c for _, c, _ in own[name]),
+            # the same on the other side (proj_type "reverse_std": the larger dimension's space)
+            "other_side_one_batch": statistics.mean(one_other),
+            "other_side_signal_own": captured(signal, top(signal, args.rank, OTHER[side])),
             "half_mean": captured(signal, top(mean_a, args.rank, side)),
             "signal_own": captured(signal, top(signal, args.rank, side)),
             "random": captured(signal, projection.random_projector(signal.shape, args.rank, side, gen)),
             "random_expected": args.rank / d,
             "cos_halves": float(torch.nn.functional.cosine_similarity(mean_a.flatten(), signal.flatten(), dim=0)),
         })
-    kinds = ("one_batch", "half_mean", "signal_own", "random")
+    kinds = ("one_batch", "half_mean", "signal_own", "random", "other_side_one_batch", "other_side_signal_own")
     summary = {k: statistics.mean(r[k] for r in rows) for k in kinds + ("one_batch_own", "cos_halves")}
     out = {"model": model_dir, "rank": args.rank, "batch_size": args.batch_size, "batches": args.batches, "layers": sorted(layers),
            "losses": losses, "rows": rows, "summary": summary, "seconds": round(time.perf_counter() - start, 1)}
@@ -153,16 +159,19 @@ def main(argv=None):
              f"(mean ± sd over the first {half}), from the first half's mean gradient ({half * args.batch_size} "
              "examples), from the signal itself (an upper bound, biased up), and from a random basis; "
              "'own': one batch's projector on its own gradient; cos: the two halves' mean gradients.", "",
-             "| matrix | shape | side | one batch | own | half mean | signal itself | random (r/d) | cos(halves) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| matrix | shape | side | one batch | own | half mean | signal itself | random (r/d) | cos(halves) "
+             "| other side: one batch | other side: signal itself |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['matrix'].replace('model.layers.', 'L')} | {r['shape'][0]}×{r['shape'][1]} | {r['side']} | "
                      f"{r['one_batch']:.3f} ± {r['one_batch_sd']:.3f} | {r['one_batch_own']:.3f} | {r['half_mean']:.3f} | "
-                     f"{r['signal_own']:.3f} | {r['random']:.3f} ({r['random_expected']:.3f}) | {r['cos_halves']:.2f} |")
+                     f"{r['signal_own']:.3f} | {r['random']:.3f} ({r['random_expected']:.3f}) | {r['cos_halves']:.2f} | "
+                     f"{r['other_side_one_batch']:.3f} | {r['other_side_signal_own']:.3f} |")
     s = summary
     lines += ["", f"Mean over the {len(rows)} matrices: one batch {s['one_batch']:.3f} (own {s['one_batch_own']:.3f}), "
               f"half mean {s['half_mean']:.3f}, signal itself {s['signal_own']:.3f}, random {s['random']:.3f}; "
-              f"cos between halves {s['cos_halves']:.2f}. {out['seconds']:.0f} s."]
+              f"cos between halves {s['cos_halves']:.2f}; on the other side: one batch {s['other_side_one_batch']:.3f}, "
+              f"signal itself {s['other_side_signal_own']:.3f}. {out['seconds']:.0f} s."]
     (args.results_dir / f"subspace_noise{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-1:]))
     return out

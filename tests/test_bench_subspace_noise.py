@@ -23,8 +23,10 @@ def test_captured_shares_are_bounded_by_the_signals_own_projector(tmp_path):
     rows = json.loads((tmp_path / "subspace_noise_tiny.json").read_text())["rows"]
     assert rows == out["rows"] and len(rows) == 7  # q, k, v, o, gate, up, down of layer 0
     for r in rows:
-        for key in ("one_batch", "one_batch_own", "half_mean", "signal_own", "random"):
+        for key in ("one_batch", "one_batch_own", "half_mean", "signal_own", "random", "other_side_one_batch",
+                    "other_side_signal_own"):
             assert 0.0 <= r[key] <= 1.0 + 1e-12, (r["matrix"], key)
         best = r["signal_own"] + 1e-9
         assert r["one_batch"] <= best and r["half_mean"] <= best and r["random"] <= best, r["matrix"]
+        assert r["other_side_one_batch"] <= r["other_side_signal_own"] + 1e-9, r["matrix"]
     assert "| matrix | shape | side |" in (tmp_path / "subspace_noise_tiny.md").read_text()

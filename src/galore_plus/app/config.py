@@ -21,6 +21,7 @@ from ..integration import EMBEDDINGS
 from ..options import LOW_RANK_DEFAULTS, PAPER_RESIDUAL_RATIO
 from ..refresh import refresh_gap
 from ..outside import OUTSIDE_MODES
+from ..projection import PROJ_TYPES
 from ..spec import METHODS as LOW_RANK_METHODS
 from ..spec import PRESETS, SPEC_DEFAULTS, LowRankSpec
 from ..transport import MOMENT_TRANSPORTS
@@ -96,6 +97,10 @@ class FinetuneConfig:
                                    choices=MOMENT_TRANSPORTS)
     canonical_signs: bool = option(LOW_RANK_DEFAULTS["canonical_signs"], "fix each projector vector's sign (its "
                                    "largest entry positive), so a refresh or rounding does not flip it (galore, galore+)")
+    proj_type: str = option(LOW_RANK_DEFAULTS["proj_type"], "each matrix's projected side: std (its smaller "
+                            "dimension's, galore-torch's), reverse_std, left (the output space), right (the input "
+                            "space) or full (galore, galore+; galore+'s cross-head q/k keep theirs)",
+                            choices=PROJ_TYPES)
     residual_ratio: float | None = option(
         None, "sparse residual ρ: fraction of a matrix's entries with exact Adam moments (0 turns it off)",
         shown=f"{PAPER_RESIDUAL_RATIO:g} on q/k for galore+, {LOW_RANK_DEFAULTS['residual_ratio']:g} for galore")
@@ -191,7 +196,7 @@ LEGACY_VALUES = {"eval_data": None, "eval_fraction": 1.0, "projected_backward": 
                  "dtype": "float32", "stochastic_rounding": True, "gradient_checkpointing": False,
                  "n_validation": 0, "generate": True, "plain_lr_ratio": 1.0, "refreshes": None,
                  "refresh_policy": "interval", "capture_threshold": None, "moment_transport": "keep",
-                 "canonical_signs": False, "outside": "off", "packing": False, "chat_template": None,
+                 "canonical_signs": False, "proj_type": "std", "outside": "off", "packing": False, "chat_template": None,
                  "load_best_at_end": False,  # app/reporting.py: final/ from the last step
                  "lr_scheduler": "cosine", "warmup_ratio": None, "target_modules": None,
                  "preset": "none"}
@@ -228,6 +233,7 @@ def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> Low
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
                               plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
                               canonical_signs=config.canonical_signs, outside=config.outside,
+                              proj_type=config.proj_type,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
 

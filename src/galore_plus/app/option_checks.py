@@ -14,14 +14,14 @@ def check_method(c: FinetuneConfig) -> None:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
                 if getattr(c, name)]
         used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
-                                   "refresh_policy", "capture_threshold", "moment_transport", "outside")
+                                   "refresh_policy", "capture_threshold", "moment_transport", "outside", "proj_type")
                  if getattr(c, name) != getattr(FinetuneConfig, name)]  # moved from its default
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
             name = used[0]
             given = flag(name) if getattr(c, name) is not False else flag(name).replace("--", "--no-", 1)
-            if name in ("embeddings", "outside"):
+            if name in ("embeddings", "outside", "proj_type"):
                 given += f" {getattr(c, name)}"
             raise ConfigError(f"{given} needs --method galore or galore+, not {c.method}")
     if c.refreshes is not None and c.update_proj_gap != FinetuneConfig.update_proj_gap:
