@@ -255,13 +255,22 @@ def parse_methods(spec: str) -> list[tuple[str, str, float]]:
     return out
 
 
+def projected_and_plain(model) -> tuple[list, list]:
+    """``(projected, plain)``: the model's parameters that GaLore projects (``find_targets``) and the rest
+    (embeddings, ``lm_head``, norms), each in ``model.parameters()`` order."""
+    from galore_plus import find_targets
+
+    targets = {id(t.param) for t in find_targets(model)}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in targets], [p for p in params if id(p) not in targets]
+
+
 def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int, options: dict | None = None):
     """``(optimizer, settings dict)``. ``options``: for ``galore``/``galore+``, ``LowRankSpec`` fields
     over this script's (``rank``, ``update_proj_gap`` from ``cfg``, α 0.25), e.g. ``{"rank": "full",
     "scale": 1.0}`` or ``{"moment_transport": "project"}``; for ``fira``, ``rank``; for ``adamw``,
     ``plain_lr_ratio`` (the parameters GaLore would not project, embeddings, ``lm_head`` and norms, at
     that multiple of ``lr``: GaLore's plain groups, without the projection)."""
-    from galore_plus import find_targets
     from galore_plus import build_optimizer as gp_build
 
     options = dict(options or {})
@@ -273,9 +282,8 @@ def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int, options
         settings = {"optimizer": "torch.optim.AdamW", "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0}
         params = model.parameters()
         if ratio is not None:
-            targets = {id(t.param) for t in find_targets(model)}
-            params = [{"params": [p for p in model.parameters() if id(p) in targets]},
-                      {"params": [p for p in model.parameters() if id(p) not in targets], "lr": lr * ratio}]
+            low, plain = projected_and_plain(model)
+            params = [{"params": low}, {"params": plain, "lr": lr * ratio}]
             settings["plain_lr_ratio"] = ratio
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), settings
     if method in ("galore", "galore+"):
@@ -288,19 +296,16 @@ def build_optimizer(method: str, model, cfg: dict, lr: float, seed: int, options
     if method == "fira":  # as `galore-plus finetune --method fira` builds it (app/methods.py), α 1
         from fira import FiraAdamW
 
-        targets = {id(t.param) for t in find_targets(model)}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in targets]},
-                  {"params": [p for p in model.parameters() if id(p) in targets], "rank": rank,
-                   "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"}]
+        low, plain = projected_and_plain(model)
+        groups = [{"params": plain},
+                  {"params": low, "rank": rank, "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"}]
         return (FiraAdamW(groups, lr=lr, weight_decay=0.0),
                 {"optimizer": "fira.FiraAdamW", "lr": lr, "rank": rank, "update_proj_gap": gap, "alpha": 1.0,
                  "weight_decay": 0})
     if method == "apollo":
         from apollo_torch import APOLLOAdamW
 
-        targets = {id(t.param) for t in find_targets(model)}
-        low = [p for p in model.parameters() if id(p) in targets]
-        plain = [p for p in model.parameters() if id(p) not in targets]
+        low, plain = projected_and_plain(model)
         group = {"params": low, "rank": rank, "proj": "random", "scale_type": "channel", "scale": 1,
                  "update_proj_gap": gap, "proj_type": "std"}
         torch.manual_seed(seed)

@@ -154,14 +154,16 @@ def sweep_state(proto, name, by_key):
                          proto["ladder"], proto["max_rungs"])
 
 
-def ablation_jobs(proto, chosen):
-    return [job(proto, ABLATION_BASE, chosen * factor, 0, "ablation", ablation=(name, options, factor))
-            for name, options, factor in proto["ablations"]]
+#: the runs made of one row's seed-0 run at its chosen rate × a factor with options on top: key of the
+#: proto's ``(name, options, factor)`` list and of the row's table cells → (that row, the runs' stage)
+ON_TOP = {"ablations": (ABLATION_BASE, "ablation"), "controls": (CONTROL_BASE, "control")}
 
 
-def control_jobs(proto, chosen):
-    return [job(proto, CONTROL_BASE, chosen * factor, 0, "control", ablation=(name, options, factor))
-            for name, options, factor in proto["controls"]]
+def on_top_jobs(proto, kind, chosen):
+    """The :data:`ON_TOP` runs of ``kind`` ("ablations" or "controls") at their row's ``chosen`` rate."""
+    row, stage = ON_TOP[kind]
+    return [job(proto, row, chosen * factor, 0, stage, ablation=(name, options, factor))
+            for name, options, factor in proto[kind]]
 
 
 def rank_jobs(proto, chosen):
@@ -179,9 +181,9 @@ def plan(proto, by_key, names=None):
         pending, _, chosen[name] = sweep_state(proto, name, by_key)
         sweeps += pending
     if chosen.get(ABLATION_BASE) is not None:
-        ablations = ablation_jobs(proto, chosen[ABLATION_BASE])
+        ablations = on_top_jobs(proto, "ablations", chosen[ABLATION_BASE])
     if chosen.get(CONTROL_BASE) is not None:
-        controls = control_jobs(proto, chosen[CONTROL_BASE])
+        controls = on_top_jobs(proto, "controls", chosen[CONTROL_BASE])
     if chosen.get(RANK_ROW) is not None:
         ranks = rank_jobs(proto, chosen[RANK_ROW])
     for name in rows:
@@ -315,12 +317,9 @@ def summary(proto, by_key):
         method, options, _ = proto["methods"][name]
         row = {"method": name, "rank": rank_of(method, options, proto["config"]), "curve": sorted(curve.items()),
                "chosen_lr": chosen, "test_loss": per_seed}
-        if name == ABLATION_BASE and chosen is not None:
-            base = job(proto, name, chosen, 0, "final")
-            row["ablations"] = [run_cell(j) for j in [base] + ablation_jobs(proto, chosen)]
-        if name == CONTROL_BASE and chosen is not None:
-            base = job(proto, name, chosen, 0, "final")
-            row["controls"] = [run_cell(j) for j in [base] + control_jobs(proto, chosen)]
+        for kind, (base_row, _) in ON_TOP.items():  # the row's own seed-0 run first, then each on top of it
+            if name == base_row and chosen is not None:
+                row[kind] = [run_cell(j) for j in [job(proto, name, chosen, 0, "final")] + on_top_jobs(proto, kind, chosen)]
         if name == RANK_ROW and chosen is not None:
             row["ranks"] = [run_cell(j) for j in rank_jobs(proto, chosen)]
         rows.append(row)

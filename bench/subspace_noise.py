@@ -36,10 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_table as ft  # noqa: E402  (the SmolLM2 export the grid uses)
+from galore_plus import projection  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: a side's opposite (projection.LEFT ↔ projection.RIGHT)
-OTHER = {0: 1, 1: 0}
+#: a one-sided projection's opposite side
+OTHER = {projection.LEFT: projection.RIGHT, projection.RIGHT: projection.LEFT}
 
 
 def gradients_of(model, targets, features, pad_id, batch_ids):
@@ -56,17 +57,12 @@ def gradients_of(model, targets, features, pad_id, batch_ids):
     return {name: p.grad.detach().double().clone() for name, p in targets}, loss.item()
 
 
-def top(grad, rank, side):
-    from galore_plus import projection
-
-    left, right = projection.svd_projector(grad, rank, side)
-    return left, right
+top = projection.svd_projector  # (grad, rank, side) → the top-rank basis (left, right) of that side
 
 
 def captured(grad, basis):
-    """``‖proj(G)‖² / ‖G‖²`` for a one-sided basis ``(left, right)``."""
-    left, right = basis
-    kept = left.double().T @ grad if left is not None else grad @ right.double().T
+    """``‖proj(G)‖² / ‖G‖²`` for a one-sided basis ``(left, right)`` (cast to ``grad``'s dtype)."""
+    kept = projection.project(grad, *(None if b is None else b.to(grad.dtype) for b in basis))
     return float(kept.square().sum() / grad.square().sum())
 
 
@@ -86,7 +82,7 @@ def main(argv=None):
     if args.batches < 2 or args.batches % 2:
         ap.error("--batches must be an even number ≥ 2")
     torch.set_num_threads(1)
-    from galore_plus import find_targets, projection
+    from galore_plus import find_targets
     from galore_plus.app.config import FinetuneConfig
     from galore_plus.app.finetune import batch_indices
     from galore_plus.app.models import load_model
@@ -132,7 +128,7 @@ def main(argv=None):
         one = [captured(signal, basis) for basis, _, _ in own[name]]
         one_other = [captured(signal, other) for _, _, other in own[name]]
         rows.append({
-            "matrix": name, "shape": list(signal.shape), "side": "left" if side == projection.LEFT else "right",
+            "matrix": name, "shape": list(signal.shape), "side": projection.SIDE_NAMES[side],
             "one_batch": statistics.mean(one), "one_batch_sd": statistics.stdev(one) if len(one) > 1 else 0.0,
             "one_batch_own": statistics.mean(c for _, c, _ in own[name]),
             # the same on the other side (proj_type "reverse_std": the larger dimension's space)

@@ -279,9 +279,8 @@ def test_adamw_control_steps_the_plain_parameters_at_the_ratio(qp):
     assert len(low["params"]) + len(plain["params"]) == len(list(model.parameters()))
     assert "embed_tokens" in {n.split(".")[1] for n, p in model.named_parameters() if id(p) in
                               {id(q) for q in plain["params"]}}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # scales each group's own initial rate
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-3])
-    del sched
     opt, settings = qp.pretrain.build_optimizer("adamw", model, cfg, 1e-3, 0)
     assert len(opt.param_groups) == 1 and "plain_lr_ratio" not in settings
     with pytest.raises(ValueError, match="GaLore"):
