@@ -66,20 +66,24 @@ METHODS = {
     "apollo": ("apollo", {}, (3e-3, 1e-2, 3e-2)),
     "fira": ("fira", {}, (1e-3, 3e-3, 1e-2)),
     "galore+ (full rank)": ("galore", {"rank": "full", "scale": 1.0}, (3e-4, 1e-3, 3e-3)),
+    # session 34's recipe (the plain rate alone), kept as a row: its sweep is recorded, and it is the
+    # recipe without the input side, which measures what the input side adds on top of the plain rate
+    "galore+ (plain lr x4)": ("galore+", {"plain_lr_ratio": 4.0}, (3e-3, 1e-2, 3e-2)),
 }
 #: the pre-training GaLore+ recipe, the row "galore+": ``(LowRankSpec options, starting rungs)``. Chosen
-#: by this half's own ablation (seed 0, on GaLore+ (old recipe) at its 1e-2; BENCHMARKS.md §9): the one
-#: mechanism that helped by more than 0.01 is the plain parameters at 4× (−0.030; ×16 +0.093, T 25
-#: −0.006, the others +0.023 to −0.001). Fine-tuning's ablation disagrees on the plain rate (×4 +0.035
-#: there: pretrained embeddings want the smaller step), so the two halves' recipes may differ.
-NEW_RECIPE = ({"plain_lr_ratio": 4.0}, (3e-3, 1e-2, 3e-2))
+#: by this half's own ablation (seed 0, on GaLore+ (old recipe) at its 1e-2; BENCHMARKS.md §9): every
+#: mechanism that helped by more than 0.01, the plain parameters at 4× (−0.030; ×16 +0.093) and the input
+#: side, ``proj_type="right"`` (−0.018); T 25 −0.006, the others +0.023 to −0.001. Fine-tuning's ablation
+#: disagrees on both (×4 +0.035, input side +0.019 there), so the two halves' recipes differ. Rungs
+#: centred on the plain-rate recipe's best (3e-3; row "galore+ (plain lr x4)").
+NEW_RECIPE = ({"plain_lr_ratio": 4.0, "proj_type": "right"}, (1e-3, 3e-3, 1e-2))
 #: controls on :data:`CONTROL_BASE` at its chosen rate, seed 0, (name, LowRankSpec-named options, lr factor):
 #: AdamW's plainly trained parameters (embeddings, ``lm_head``, norms) at 10× its rate (GaLore+ (old
 #: recipe)'s plain rate at its chosen 1e-2 against AdamW's 1e-3) and 40× (the new recipe's)
 CONTROL_BASE = "adamw"
 CONTROLS = (("plain lr x10", {"plain_lr_ratio": 10.0}, 1.0), ("plain lr x40", {"plain_lr_ratio": 40.0}, 1.0))
 #: pairs reported with paired differences over the seeds (when both rows are final)
-PAIRS = (("galore+", "adamw"), ("galore+ (old recipe)", "adamw"), ("galore+ (old recipe)", "apollo"),
+PAIRS = (("galore+", "adamw"), ("galore+", "galore+ (plain lr x4)"), ("galore+ (old recipe)", "adamw"), ("galore+ (old recipe)", "apollo"),
          ("galore+ (old recipe)", "fira"), ("galore+ (old recipe)", "galore"), ("galore+ (full rank)", "adamw"),
          ("apollo", "adamw"), ("fira", "adamw"), ("galore", "adamw"))
 #: FinetuneConfig names of the ablations' options that the library's spec spells differently
@@ -302,6 +306,7 @@ def summary(proto, by_key):
     """(rows, flat records): per row its sweep curve, chosen rate, final losses per seed, and for the
     ablation base and the rank row their runs."""
     rows, finals = [], {}  # finals: a final run's key → its row (a run may also be another row's ablation)
+    swept = {}  # a sweep run's key → its row as the protocol names it now (a recorded "row" may be older)
 
     def run_cell(j):
         rec = by_key.get(j["key"])
@@ -310,6 +315,7 @@ def summary(proto, by_key):
 
     for name in proto["methods"]:
         _, curve, chosen = sweep_state(proto, name, by_key)
+        swept.update((job(proto, name, lr, 0, "sweep")["key"], name) for lr in curve)
         seed_jobs = ([(seed, job(proto, name, chosen, seed, "final")) for seed in proto["seeds"]]
                      if chosen is not None else [])
         per_seed, keys = harness.final_losses(seed_jobs, by_key, loss)
@@ -329,7 +335,7 @@ def summary(proto, by_key):
             continue
         s, res = rec["settings"], rec["result"]
         value = None if res.get("diverged") else res["final_val_loss"]
-        records.append({"task": TASK, "method": finals.get(rec["key"], rec["row"]), "rank": rank_of(s["method"], s["options"], s["config"]),
+        records.append({"task": TASK, "method": finals.get(rec["key"], swept.get(rec["key"], rec["row"])), "rank": rank_of(s["method"], s["options"], s["config"]),
                         "seed": s["seed"], "lr": s["lr"], "steps": s["config"]["steps"], "stage": rec.get("stage"),
                         "test_loss": value, "validation_loss": value, "diverged": bool(res.get("diverged")),
                         "train_seconds": res.get("train_s"), "cpu_seconds": res.get("cpu_s"),
