@@ -45,14 +45,13 @@ OTHER = {projection.LEFT: projection.RIGHT, projection.RIGHT: projection.LEFT}
 
 def gradients_of(model, targets, features, pad_id, batch_ids):
     """``{name: gradient}`` of the targets for one batch, as the command's step forms it."""
-    from galore_plus.app.encoding import collate
+    from galore_plus.app.encoding import IGNORE_INDEX, answer_loss_sum, collate
 
     model.zero_grad(set_to_none=True)
     batch = collate([features[i] for i in batch_ids], pad_id)
-    answer_tokens = sum(sum(1 for t in features[i]["labels"] if t != -100) for i in batch_ids)
+    answer_tokens = sum(sum(1 for t in features[i]["labels"] if t != IGNORE_INDEX) for i in batch_ids)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum") / answer_tokens
+    loss = answer_loss_sum(logits, batch["labels"]) / answer_tokens
     loss.backward()
     return {name: p.grad.detach().double().clone() for name, p in targets}, loss.item()
 

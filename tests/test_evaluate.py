@@ -219,3 +219,17 @@ def test_dora_caching_gives_the_same_results_and_is_dropped_afterwards(monkeypat
         for name, p in model.named_parameters():
             p.copy_(before[name])
     assert results() == cached
+
+
+def test_answer_loss_sum_is_the_summed_next_token_loss_of_the_labelled_positions():
+    from galore_plus.app.encoding import answer_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
+    expected = 0.0
+    for b in range(2):
+        for t in range(4):  # logits at t predict the label at t + 1
+            if labels[b, t + 1] != -100:
+                expected -= torch.log_softmax(logits[b, t], dim=-1)[labels[b, t + 1]].item()
+    assert answer_loss_sum(logits, labels).item() == pytest.approx(expected, rel=1e-6)

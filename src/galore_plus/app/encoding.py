@@ -64,3 +64,11 @@ def collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
             rows.append(torch.cat([row, row.new_full((length - row.numel(),), value)]))
         batch[key] = torch.stack(rows)
     return batch
+
+
+def answer_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy (float32) of the answer tokens: ``logits[:, t]`` predicts
+    ``labels[:, t + 1]``, and positions labelled −100 (prompt, padding) count nothing. The training
+    step and the evaluation both score with it."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")

@@ -21,9 +21,8 @@ from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .encoding import IGNORE_INDEX, collate, encode
+from .encoding import IGNORE_INDEX, answer_loss_sum, collate, encode
 from .examples import NUMBER_RE, Example, normalize_number
 from .templates import context_ids
 
@@ -110,11 +109,9 @@ def answer_loss(model, tokenizer, examples: Sequence[Example], *, batch_size: in
                 logits = model(**inputs, logits_to_keep=length - first).logits
             else:
                 logits = model(**inputs).logits[:, first:]
-            targets = labels[:, first + 1:].to(device)
-            logits = logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").double().cpu()
-            count += int((targets != IGNORE_INDEX).sum())
+            targets = labels[:, first:].to(device)  # position t of logits predicts t + 1 of targets
+            total += answer_loss_sum(logits, targets).double().cpu()
+            count += int((targets[:, 1:] != IGNORE_INDEX).sum())
     if count == 0:
         raise ValueError("no answer tokens to score")
     return float(total / count)

@@ -264,7 +264,7 @@ def _stop_if_interrupted(run: Run, built: Built, step: int, history: dict[str, A
 def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
     """The step's gradient over its micro-batches; returns its loss (mean over the step's answer
     tokens, summed over ranks) and its token count."""
-    from .encoding import collate
+    from .encoding import answer_loss_sum, collate
 
     config, features, runtime = run.config, built.features, run.runtime
     micro_batches = [batch_indices(step * config.grad_accum + j, config.batch_size, len(features), config.seed)
@@ -282,9 +282,7 @@ def _forward_backward(run: Run, built: Built, step: int) -> tuple[float, int]:
         logits = built.train_model(input_ids=batch["input_ids"], **masks).logits
         # token-level mean over the whole step's answer tokens, so accumulation equals a bigger batch
         # (times the world size: DDP and FSDP2 average the ranks' gradients, we want their sum)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-            reduction="sum") * runtime.world_size / answer_tokens
+        loss = answer_loss_sum(logits, batch["labels"]) * runtime.world_size / answer_tokens
         loss.backward()
         loss_sum += loss.item() / runtime.world_size
         tokens += int(batch["attention_mask"].sum())
