@@ -101,7 +101,11 @@ ABLATIONS = (
 FINETUNE_ABLATIONS = ABLATIONS[:1] + (
     ("embedding frozen", {"embeddings": "frozen"}, 1.0),
     ("embedding low-rank", {"embeddings": "low_rank"}, 1.0),
-) + ABLATIONS[1:]
+) + ABLATIONS[1:] + (
+    # added 2026-12-07 (session 35): the plain rate's sweep downward, after ×4 hurt (+0.035) and a frozen
+    # embedding hurt (+0.019): whether the optimum lies between them, below the projected step's rate
+    ("plain lr x1/4", {"plain_lr_ratio": 0.25}, 1.0),
+)
 #: the new GaLore+ recipe: ``(extra FinetuneConfig options, starting rungs)`` at rank 16, the row "galore+",
 #: planned right after the base row (before the peers' rows). Chosen by the ablation so far (seed 0, Δ
 #: validation against the base at 1e-3; BENCHMARKS.md §9): the capture refresh at 0.5 is the one
