@@ -5,8 +5,8 @@ run-length schedule (``refresh_gap``, ``--refreshes``) and the captured-share po
 The share the engine measures equals ``‖PᵀG‖/‖G‖`` written plainly (float64); a constructed gradient
 that leaves the subspace refreshes at exactly the step where its share falls below the threshold, one
 that stays never refreshes before ``update_proj_gap``; ``K`` refreshes over ``S`` steps, and a resumed,
-extended run keeps its gap; on the projected backward the policy is the interval (documented) and the
-full path equals it when nothing triggers; 8-bit states; a bitwise resume across a capture refresh;
+extended run keeps its gap; the projected backward refreshes on its estimate (tests/test_capture_projected.py)
+and the full path equals the interval when nothing triggers; 8-bit states; a bitwise resume across a capture refresh;
 DDP (split refresh) and FSDP2 against one process, the decision the same on every rank."""
 
 from __future__ import annotations
@@ -231,8 +231,6 @@ def test_the_command_spaces_the_refreshes_over_the_run(tmp_path):
          r"refresh='capture' needs capture_threshold"),
         (FinetuneConfig(model="tiny", capture_threshold=0.5, output_dir=out),
          r"--capture-threshold 0.5 needs --refresh-policy capture"),
-        (FinetuneConfig(model="tiny", refresh_policy="capture", capture_threshold=0.5, projected_backward=True,
-                        output_dir=out), r"--refresh-policy capture reads full gradients"),
         (FinetuneConfig(model="tiny", method="lora", refreshes=4, output_dir=out),
          r"--refreshes needs --method galore or galore\+, not lora"),
     ]:
@@ -300,10 +298,11 @@ def refresh_counts(opt):
     return [int(s["refresh_count"]) for s in opt.state.values() if "refresh_count" in s]
 
 
-def test_projected_backward_is_the_interval_and_the_full_path_equals_it_where_nothing_triggers():
-    """Documented: between refreshes the projected backward forms no full gradient, so the policy has
-    no share and refreshes every ``update_proj_gap`` updates, exactly the interval (float64, as
-    tests/test_projected.py compares the two paths); the full path measures and refreshes earlier."""
+def test_the_projected_backward_estimates_and_the_full_path_equals_the_interval_where_nothing_triggers():
+    """The full path measures the share exactly and refreshes earlier than the interval; the projected
+    backward, which forms no full gradient between refreshes, estimates it from a sketch and refreshes
+    at the update after a low one (tests/test_capture_projected.py checks the estimate and the rule);
+    where nothing triggers the full path is the interval, bitwise."""
     data = batches(9)  # interval refreshes at 1, 5, 9
     runs = {}
     for name, options, projected in [("interval", {}, False), ("capture", {"refresh": "capture",
@@ -316,12 +315,8 @@ def test_projected_backward_is_the_interval_and_the_full_path_equals_it_where_no
         runs[name] = (model, refresh_counts(opt), opt)
     interval = runs["interval"]
     assert set(interval[1]) == {3}
-    assert runs["projected"][1] == interval[1]
-    # measured only where the projected backward formed a full gradient: the interval's refresh steps
-    assert {s.get("capture_step") for s in runs["projected"][2].state.values() if "proj_side" in s} == {9}
-    for p, q in zip(interval[0].parameters(), runs["projected"][0].parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
     assert sum(runs["capture"][1]) > sum(interval[1])  # the full path measured and refreshed earlier
+    assert sum(runs["projected"][1]) > sum(interval[1])  # so did the projected backward's estimate
     assert runs["never"][1] == interval[1]  # nothing triggered: the same training, bitwise
     for p, q in zip(interval[0].parameters(), runs["never"][0].parameters()):
         assert torch.equal(p, q)

@@ -44,7 +44,8 @@ State of a low-rank parameter (tensors and Python numbers only, so it loads with
 - with a residual (``residual_ratio > 0``, after warm-up): ``residual_index`` (flat int32),
   ``residual_m``, ``residual_v`` (one value per index) and ``residual_start`` (``residual.py``).
 - with a policy that reads the captured share (``refresh="capture"``): ``capture_share`` (a float)
-  and ``capture_step`` (the update it was measured for; DESIGN.md, "Refresh").
+  and ``capture_step`` (the update it was measured for, exactly from ``G`` or, on the projected
+  backward, estimated from a sketch; DESIGN.md, "Refresh").
 - ``moment_start``: the ``step`` at which ``moment_transport="reset"`` last dropped the moments
   (absent until then); the rule's bias correction counts from it (``moment_steps``).
 - with ``outside="fira"``: ``outside_norm``, the norm of the last Fira term applied (a 0-d tensor;
@@ -70,7 +71,7 @@ from torch.optim import Optimizer
 from . import outside, projection, residual, transport
 from .registry import REFRESH_POLICIES, RULES, refresh_policy, register_refresh_policy, register_rule  # noqa: F401
 from .options import LOW_RANK_DEFAULTS, as_float, check_common, check_low_rank, check_matrix
-from .rng import generator_for, rounding_generator
+from .rng import generator_for, rounding_generator, share_generator
 from .rounding import LOW_PRECISION, stochastic_round
 from .sharding import CommCounter, layout_of, local, local_offset
 
@@ -220,24 +221,28 @@ class InnerRule:
 class LowRankGradient:
     """A low-rank parameter's gradient as the optimizer uses it: ``low``, the projected gradient
     (``Pᵀ G``, ``G Q`` or ``Pᵀ G Q``), ``residual``, the gradient's entries at the residual index
-    set (``None`` without a residual), and ``full``, ``G`` itself where it was formed and the group's
-    ``outside`` term needs it (``None`` otherwise). Micro-batches add up (``full`` only when every one
-    has it: a sum with a micro-batch that never formed ``G`` has none); clipping scales all three."""
+    set (``None`` without a residual), ``full``, ``G`` itself where it was formed and the group's
+    ``outside`` term needs it (``None`` otherwise), and ``sketch``, ``G Ω`` or ``Ωᵀ G`` for the
+    captured share's estimate on the projected backward (``LowRankOptimizer.share_sketch``; ``None``
+    otherwise). Micro-batches add up (``full`` and ``sketch`` only when every one has them: a sum with
+    a micro-batch without is without); clipping scales all four."""
 
     low: Tensor
     residual: Tensor | None = None
     full: Tensor | None = None
+    sketch: Tensor | None = None
 
     def add_(self, other: LowRankGradient) -> LowRankGradient:
         self.low.add_(other.low)
         if self.residual is not None and other.residual is not None:
             self.residual.add_(other.residual)
         self.full = None if self.full is None or other.full is None else self.full.add_(other.full)
+        self.sketch = None if self.sketch is None or other.sketch is None else self.sketch.add_(other.sketch)
         return self
 
     def mul_(self, factor: float) -> LowRankGradient:
         self.low.mul_(factor)
-        for t in (self.residual, self.full):
+        for t in (self.residual, self.full, self.sketch):
             if t is not None:
                 t.mul_(factor)
         return self
@@ -389,6 +394,7 @@ class LowRankOptimizer(Optimizer):
         self._projected_backward: Any = None  # see attach_projected_backward
         self._projected: dict[Tensor, LowRankGradient] = {}
         self._factored: dict[Tensor, projection.FactoredGradient] = {}  # see add_factored_gradient
+        self._sketches: dict[Tensor, tuple[int, Tensor]] = {}  # see share_sketch: (update, Ω) per parameter
         self._where: dict[int, tuple[dict[str, Any], int, int]] = {}
 
     @property
@@ -496,7 +502,9 @@ class LowRankOptimizer(Optimizer):
         if state["last_refresh"] == state.get("step", 0):  # refreshed for this very update: once is enough
             return False
         policy = refresh_policy(group["refresh"])
-        if isinstance(grad, Tensor) and policy.reads_share:  # (a FactoredGradient is never given to such a policy)
+        # (a FactoredGradient is not measured); a refresh already due (the interval, or the projected
+        # backward's estimate of the previous update: DESIGN.md, "Refresh") stays due, as backward saw it
+        if isinstance(grad, Tensor) and policy.reads_share and not policy.due(state, group):
             self._measure_share(p, grad)
         return policy.due(state, group)
 
@@ -514,6 +522,45 @@ class LowRankOptimizer(Optimizer):
         captured, total = layout.squared_norms(low, grad)
         state["capture_share"] = math.sqrt(captured / total) if total > 0 else 1.0
         state["capture_step"] = step
+
+    def share_sketch(self, p: Tensor) -> Tensor | None:
+        """``Ω`` of the captured share's estimate for ``p``'s next update on the projected backward
+        (DESIGN.md, "Refresh"): ``SHARE_SKETCH`` standard normal columns on the side the projector
+        leaves whole (``n×k`` for a left projector, the backward forms ``G Ω = dyᵀ(x Ω)``; ``m×k`` for
+        a right one, ``Ωᵀ G = (dy Ω)ᵀ x``), drawn from ``(seed, parameter index, update)``: the same on
+        every micro-batch and rank, and after a resume. None where no estimate is taken: a group whose
+        policy reads no share, before the first projector, or a two-sided projector."""
+        from .refresh import SHARE_SKETCH
+
+        group, _, index = self._locate(p)
+        state = self.state.get(p, {})
+        if "rank" not in group or "proj_side" not in state or not refresh_policy(group["refresh"]).reads_share:
+            return None
+        left, right = self.projector(p)
+        if (left is None) == (right is None):
+            return None
+        update = state.get("step", 0) + 1
+        held = self._sketches.get(p)
+        if held is None or held[0] != update:
+            rows = p.shape[1] if right is None else p.shape[0]
+            omega = torch.randn(rows, SHARE_SKETCH, generator=share_generator(group["seed"], index, update),
+                                dtype=torch.float64).to(device=local(p).device, dtype=compute_dtype(p))
+            held = self._sketches[p] = (update, omega)
+        return held[1]
+
+    def _record_sketched_share(self, p: Tensor, grad: LowRankGradient) -> None:
+        """The projected backward's estimate of this update's captured share, ``‖Pᵀ(G Ω)‖ / ‖G Ω‖``
+        (``‖(Ωᵀ G) Q‖ / ‖Ωᵀ G‖`` for a right projector), from the summed sketch and ``low``, recorded
+        as ``capture_share`` of this update (``capture_step``) before it is applied; the policy reads
+        it at the next update (DESIGN.md, "Refresh")."""
+        state = self.state[p]
+        left, _ = self.projector(p)
+        omega = self.share_sketch(p)
+        low = grad.low @ omega if left is not None else omega.T @ grad.low
+        captured = float(low.double().square().sum())
+        total = float(grad.sketch.double().square().sum())
+        state["capture_share"] = math.sqrt(captured / total) if total > 0 else 1.0
+        state["capture_step"] = state.get("step", 0) + 1
 
     def check_gradient(self, p: Tensor, grad: Tensor, name: str | None = None) -> None:
         """Raise on a gradient that must not be used; changes nothing.
@@ -696,10 +743,11 @@ class LowRankOptimizer(Optimizer):
         row shards: ``sharding.FactoredRows``) whose projector is cross-head on row blocks (its block
         is formed, small) or randomized (the
         range finder needs only products with ``G`` and ``Gᵀ``), whose group needs no ``G`` otherwise
-        (``outside="off"``) and whose refresh policy reads no captured share. Exact SVD of a whole
-        matrix (plain GaLore, galore-torch parity) needs ``G`` itself."""
+        (``outside="off"``). Exact SVD of a whole matrix (plain GaLore, galore-torch parity) needs ``G``
+        itself. (A captured-share policy refreshes from factors too: on this path its share is the
+        sketched estimate of the previous update, DESIGN.md "Refresh".)"""
         group = self.group_of(p)
-        if "rank" not in group or group["outside"] != "off" or refresh_policy(group["refresh"]).reads_share:
+        if "rank" not in group or group["outside"] != "off":
             return False
         if group["num_heads"] is not None:
             return True
@@ -813,6 +861,8 @@ class LowRankOptimizer(Optimizer):
             self.apply_plain(params)
         projected, self._projected = self._projected, {}
         for p, grad in projected.items():
+            if grad.sketch is not None:  # the projected backward's captured share, under this projector
+                self._record_sketched_share(p, grad)
             self.apply(p, grad)
         return loss
 

@@ -436,11 +436,30 @@ class ProjectedBackward:
         else:
             (left, right), index = engine.projector(weight), engine.residual_index(weight)
         left, right = (None if b is None else b.to(work) for b in (left, right))
-        grad = projected_weight_gradient(x.to(work), dy.to(work), left, right, index, weight.shape[1])
+        x, dy = x.to(work), dy.to(work)
+        grad = projected_weight_gradient(x, dy, left, right, index, weight.shape[1])
+        sketch = self._share_sketch(weight, x, dy)
         if work != dtype:  # the optimizer's math stays in the compute dtype
             grad = LowRankGradient(grad.low.to(dtype), None if grad.residual is None else grad.residual.to(dtype))
+        grad.sketch = None if sketch is None else sketch.to(dtype)
         self.sink.add_projected_gradient(weight, grad)
         return None
+
+    def _share_sketch(self, weight: Tensor, x: Tensor, dy: Tensor) -> Tensor | None:
+        """This micro-batch's sketch of ``G = dyᵀ x`` for the captured share's estimate (a
+        ``refresh="capture"`` group; DESIGN.md, "Refresh"): ``dyᵀ (x Ω)`` for a left projector, ``(dy Ω)ᵀ
+        x`` for a right one, ``Ω`` from ``engine.share_sketch``. None where no estimate is taken: layer-
+        wise mode (it applies each micro-batch in backward), FSDP2-sharded and tied weights (their
+        gradient has other parts), a two-sided projector, a policy that reads no share."""
+        if self.sink is not self.engine or id(weight) in self._sharded or id(weight) in self._tied:
+            return None
+        omega = self.engine.share_sketch(weight)
+        if omega is None:
+            return None
+        omega = omega.to(x.dtype)
+        if self.engine.projector(weight)[1] is None:  # a left projector: G Ω (m×k)
+            return dy.T @ (x @ omega)
+        return (dy @ omega).T @ x  # right: Ωᵀ G (k×n)
 
     def _sketches(self, weight: Tensor) -> bool:
         """Whether ``weight``'s due refresh comes from factors (``sketched_refresh``, a projector that
@@ -608,7 +627,8 @@ class ProjectedBackward:
             if projected is not None and is_rank_mean(projected.low):  # settled from the ranks' mean already
                 continue
             tensors = [weight.grad] if weight.grad is not None else (
-                [t for t in (projected.low, projected.residual) if t is not None] if projected is not None else [])
+                [t for t in (projected.low, projected.residual, projected.sketch) if t is not None]
+                if projected is not None else [])
             for t in tensors:
                 if id(t) in self._ddp_reduced:
                     continue
@@ -659,8 +679,10 @@ def enable_projected_backward(model: nn.Module, optimizer: Any, refresh_in_backw
     ``sketched_refresh`` (default True; issue 26): at a refresh step, targets whose projector needs
     only products with ``G`` (randomized range finder, cross-head; ``refreshes_from_factors``) never
     form ``G``: their projector comes from ``x`` and ``dy`` (``ProjectedBackward.weight_gradient``).
-    Exact-SVD GaLore, Fira's term and the captured-share policy keep the full gradient there; under
-    DDP and FSDP2 it is sketched across the ranks (``distributed_sketch``, ``sharding.FactoredRows``)."""
+    Exact-SVD GaLore and Fira's term keep the full gradient there; under
+    DDP and FSDP2 it is sketched across the ranks (``distributed_sketch``, ``sharding.FactoredRows``).
+    With ``refresh="capture"`` the captured share is estimated from a sketch of ``G`` between refreshes
+    and a refresh it calls for comes at the next update (DESIGN.md, "Refresh")."""
     return ProjectedBackward(model, optimizer, refresh_in_backward, process_group, sketched_refresh)
 
 

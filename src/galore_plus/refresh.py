@@ -10,13 +10,16 @@ a refresh triggered by the captured share of the gradient.
 - **Captured share** (``refresh="capture"``, :class:`CaptureRefresh`): refresh when the share of the
   update's full gradient ``G`` that the current projector captures, ``‖PᵀG‖_F / ‖G‖_F`` (``‖G Q‖``,
   ``‖Pᵀ G Q‖`` for right and two-sided projectors), is below ``capture_threshold``, and at the latest
-  every ``update_proj_gap`` updates. The share is measured by the engine
-  (``LowRankOptimizer.projector_due(p, grad)``) on the update's own gradient before the refresh
-  decision, so the refresh comes from the gradient that fell out of the subspace. It is exact where
-  a full gradient exists. The projected backward has none between refreshes (``‖G‖`` cannot be had
-  from the projected gradient, and not exactly from ``x``, ``dy`` once micro-batches or DDP ranks
-  are summed), so there the policy is ``interval``: its refreshes come every ``update_proj_gap``
-  updates.
+  every ``update_proj_gap`` updates. Where a full gradient exists the share is measured exactly by
+  the engine (``LowRankOptimizer.projector_due(p, grad)``) on the update's own gradient before the
+  refresh decision, so the refresh comes from the gradient that fell out of the subspace. The
+  projected backward has no ``G`` between refreshes: there it sketches ``G`` with
+  :data:`SHARE_SKETCH` random columns on the side the projector leaves whole (``G Ω = dyᵀ(x Ω)``,
+  summed over micro-batches and averaged over DDP ranks like the projected gradient), estimates the
+  share as ``‖Pᵀ G Ω‖ / ‖G Ω‖`` at ``step()`` and, when it is below the threshold, refreshes at the
+  *next* update (from that update's gradient, as the projected backward's refreshes do: from
+  factors where the projector allows it). Two-sided projectors, FSDP2-sharded and tied weights and
+  layer-wise mode take no estimate there: the interval.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from typing import Any
 
 from .lowrank import IntervalRefresh
 from .registry import register_refresh_policy
+
+
+#: random columns of the projected backward's sketch of the captured share (DESIGN.md, "Refresh"): its
+#: relative error is about ``√(2/(k·ρ))`` for a gradient of effective rank ``ρ`` outside the subspace,
+#: its cost ``tokens·k·(m+n)`` a step, half the projection's at rank 16
+SHARE_SKETCH = 8
 
 
 def refresh_gap(total_steps: int, refreshes: int) -> int:
@@ -48,8 +57,9 @@ def refresh_steps(total_steps: int, gap: int) -> list[int]:
 @register_refresh_policy("capture")
 class CaptureRefresh(IntervalRefresh):
     """Refresh when this update's captured share ``‖PᵀG‖/‖G‖`` is below the group's
-    ``capture_threshold`` (strictly), or ``update_proj_gap`` updates after the last refresh. Without
-    a share measured for this update (the projected backward between refreshes) it is the interval."""
+    ``capture_threshold`` (strictly), or when the previous update's was and no refresh came since (the
+    projected backward's estimate, recorded after that update), or ``update_proj_gap`` updates after
+    the last refresh. Without either share it is the interval."""
 
     reads_share = True
     requires = ("capture_threshold",)
@@ -57,5 +67,9 @@ class CaptureRefresh(IntervalRefresh):
     def due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         if super().due(state, group):
             return True
-        measured = state.get("capture_step") == state.get("step", 0) + 1
-        return measured and state["capture_share"] < group["capture_threshold"]
+        step, measured = state.get("step", 0), state.get("capture_step")
+        if measured is None or state["capture_share"] >= group["capture_threshold"]:
+            return False
+        # this update's own (exact, measured before the decision), or the previous update's when that
+        # update did not refresh (``last_refresh`` is the ``step`` before the update that refreshed)
+        return measured == step + 1 or (measured == step and state["last_refresh"] < step - 1)

@@ -47,3 +47,13 @@ def rounding_generator(seed: int, param_index: int, step: int, offset: int, devi
 
 
 _ROUNDING_TAG = 0x5EED_0F_5A  # separates the rounding streams from the refresh streams
+_SHARE_TAG = 0x5EED_5_CA7E  # separates the captured share's sketches from both
+
+
+def share_generator(seed: int, param_index: int, update: int) -> torch.Generator:
+    """A CPU generator for the sketch of one parameter's captured share at ``update`` (the projected
+    backward's ``refresh="capture"``; DESIGN.md, "Refresh"): a pure function of the three numbers, so
+    every micro-batch and every DDP rank draws the same sketch and a resumed run repeats it."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(derive_seed(derive_seed(seed, param_index, update) ^ _SHARE_TAG, 0, 0))
+    return generator

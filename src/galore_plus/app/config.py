@@ -116,7 +116,7 @@ class FinetuneConfig:
                             flag="--8bit")
     projected_backward: bool | None = option(
         None, "backward computes the projected gradients between refreshes, not the m×n weight gradients (galore, "
-              "galore+: faster, less memory)", shown="on for galore and galore+")
+              "galore+: faster, less memory)", shown="on for galore and galore+, off with --outside fira or --refresh-policy capture")
     embeddings: str = option("full", "the input embedding and lm_head: trained in full (the published recipe), "
                                      "frozen, or low_rank (galore, galore+)", choices=EMBEDDINGS)
     dtype: str = option("auto", "the weights' dtype (galore, galore+ write bf16/fp16 weights with stochastic "

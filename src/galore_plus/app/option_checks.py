@@ -28,8 +28,11 @@ def check_method(c: FinetuneConfig) -> None:
         raise ConfigError(f"--refreshes {c.refreshes} sets T from the run's length; drop --update-proj-gap")
     if c.capture_threshold is not None and c.refresh_policy != "capture":
         raise ConfigError(f"--capture-threshold {c.capture_threshold} needs --refresh-policy capture")
-    if c.refresh_policy == "capture" and c.projected_backward:  # DESIGN.md, "Refresh"
-        raise ConfigError("--refresh-policy capture reads full gradients, which --projected-backward forms at refreshes only")
+    if c.refresh_policy == "capture" and c.projected_backward and (c.layerwise or c.distributed == "fsdp"):
+        where = "--layerwise" if c.layerwise else "--distributed fsdp"  # DESIGN.md, "Refresh"
+        raise ConfigError(f"--refresh-policy capture with --projected-backward and {where}: the projected backward "
+                          "estimates the captured share in one process or under DDP only; drop --projected-backward "
+                          "(the full backward measures it exactly)")
     if c.method in ("lora", "dora", "fira") and not is_int(c.rank):  # "full"/fractions: per-matrix projection ranks
         raise ConfigError(f"--rank {c.rank} with --method {c.method}: its adapter rank is one int for every matrix; "
                           "'full' and fractions are galore's and galore+'s")
