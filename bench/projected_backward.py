@@ -83,17 +83,33 @@ SMALL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1376, num_hidd
              num_key_value_heads=8, tie_word_embeddings=True)
 
 
-def small_configs(lengths, ranks):
+def small_configs(lengths, ranks, capture=False):
     """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length
-    (``low_rank``: the tied embedding/``lm_head`` trained low-rank, projected since issue 26)."""
+    (``low_rank``: the tied embedding/``lm_head`` trained low-rank, projected since issue 26).
+    ``capture`` (``--capture``): instead, LoRA against GaLore+ with the embedding frozen, on the
+    interval and with the captured-share refresh (:data:`CAPTURE_CONFIGS`)."""
     out = []
     for length in lengths:
         for rank in ranks:
-            out.append({"task": f"small 4x{length}", "method": "lora", "rank": rank, "embeddings": "frozen"})
+            task = f"small 4x{length}"
+            out.append({"task": task, "method": "lora", "rank": rank, "embeddings": "frozen"})
+            if capture:
+                out += [{"task": task, "method": method, "rank": rank, "embeddings": "frozen",
+                         **({} if threshold is None else {"capture": threshold})}
+                        for method, threshold in CAPTURE_CONFIGS]
+                continue
             for embeddings in ("frozen", "full", "low_rank"):
-                out.append({"task": f"small 4x{length}", "method": "galore+ projected", "rank": rank,
+                out.append({"task": task, "method": "galore+ projected", "rank": rank,
                             "embeddings": embeddings})
     return out
+
+
+#: ``--capture``: what the captured-share refresh costs (DESIGN.md, "Refresh"), as (method, threshold;
+#: None: the interval). With no interval refresh in the timed steps (T 10⁶), the projected backward at
+#: threshold 1e-9 pays the sketch alone, at 1.0 the sketch and a refresh from factors every other update
+#: (its most frequent); the full path at 1e-9 pays the full backward and the exact share every update.
+CAPTURE_CONFIGS = (("galore+ projected", None), ("galore+ projected", 1e-9), ("galore+ projected", 1.0),
+                   ("galore+ full", 1e-9))
 
 
 def configs(tasks, ranks):
@@ -114,6 +130,8 @@ def configs(tasks, ranks):
 def label(c):
     rank = "" if c["rank"] is None else f" r{c['rank']}"
     emb = f", embedding {c['embeddings']}" if c["method"].startswith("galore") else ""
+    if "capture" in c:
+        emb += f", capture < {c['capture']:g} ({'sketched' if c['method'] == 'galore+ projected' else 'exact'})"
     code = f" [{c['code']}]" if c.get("code") else ""
     return f"{c['method']}{rank}{emb}{code}"
 
@@ -155,9 +173,11 @@ def build(c, model, gap):
     if c["method"] == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     projected = c["method"] == "galore+ projected"
-    optimizer = build_optimizer(model, "galore+", c["rank"], lr=LR, weight_decay=0.0, update_proj_gap=gap, scale=4.0,
-                                residual_warmup=1, embeddings=c["embeddings"], projected_backward=projected,
-                                refresh_in_backward=projected and REFRESH_IN_BACKWARD)
+    capture = {"refresh": "capture", "capture_threshold": c["capture"]} if "capture" in c else {}
+    optimizer = build_optimizer(model, "galore+", c["rank"], lr=LR, weight_decay=0.0,
+                                update_proj_gap=10**6 if capture else gap, scale=4.0, residual_warmup=1,
+                                embeddings=c["embeddings"], projected_backward=projected,
+                                refresh_in_backward=projected and REFRESH_IN_BACKWARD, **capture)
     return model, optimizer
 
 
@@ -208,6 +228,8 @@ def worker(c, warmup, steps, smoke):
             refresh = t3 - t0
         split.update(plain=0.0, low_rank=0.0)
     steady = statistics.median(f + b + s for f, b, s in zip(*phases.values()))
+    counts = [int(state["refresh_count"]) for state in getattr(optimizer, "state", {}).values()
+              if isinstance(state, dict) and "refresh_count" in state]
     per_step_tokens = statistics.mean(tokens)
     amortized = ((GAP - 1) * steady + refresh) / GAP
     return {"steady_seconds": steady, "refresh_step_seconds": refresh,
@@ -215,6 +237,9 @@ def worker(c, warmup, steps, smoke):
             "step_split": {k: statistics.median(s[k] for s in splits) for k in ("plain", "low_rank")},
             "cpu_phases": {k: statistics.median(v) for k, v in cpu.items()},
             "tokens_per_cpu_second": statistics.mean(tokens) / statistics.median(sum(x) for x in zip(*cpu.values())),
+            # the mean over the timed steps (steps that refresh and steps that do not, as a run has them)
+            "tokens_per_cpu_second_mean": statistics.mean(tokens) / statistics.mean(sum(x) for x in zip(*cpu.values())),
+            "refreshes_per_matrix": statistics.mean(counts) if counts else None,
             "tokens_per_step": per_step_tokens, "tokens_per_second": per_step_tokens / steady,
             "tokens_per_second_amortized": per_step_tokens / amortized,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -377,11 +402,18 @@ def table(results, part_b, memory=None):
     return "\n".join(lines) + "\n"
 
 
+def refreshes(runs):
+    """Projector refreshes per low-rank matrix over a run (median over repeats; "—" for LoRA, older records)."""
+    counts = [r.get("refreshes_per_matrix") for r in runs]
+    return "—" if None in counts else f"{statistics.median(counts):.1f}"
+
+
 def small_table(results):
     """``--small``'s table: tokens/s (median over repeats) against LoRA's at the same length and rank,
     and the step split into the plain parameters' updates and the low-rank ones'."""
-    lines = harness.table_header("tokens", "configuration", "tok/CPU-s", "×LoRA (CPU)", "CPU fwd / bwd / step s",
-                                 "wall tok/s", "×LoRA (wall)", "step wall: plain / low-rank s")
+    lines = harness.table_header("tokens", "configuration", "tok/CPU-s", "×LoRA (CPU)", "×LoRA (CPU, mean)",
+                                 "CPU fwd / bwd / step s", "wall tok/s", "×LoRA (wall)",
+                                 "step wall: plain / low-rank s", "refreshes a matrix")
     runs = {json.loads(k)["task"] + "|" + label(json.loads(k)): (json.loads(k), v) for k, v in results.items()}
     for key, (c, rs) in runs.items():
         lora = runs.get(f"{c['task']}|lora r{c['rank']}")
@@ -392,9 +424,10 @@ def small_table(results):
         sp = {k: statistics.median(r["step_split"][k] for r in rs) for k in ("plain", "low_rank")}
         lines.append(f"| {c['task'].split()[-1]} | {label(c)} | "
                      f"{statistics.median(r['tokens_per_cpu_second'] for r in rs):.0f} | {ratio('tokens_per_cpu_second'):.2f} "
+                     f"| {ratio('tokens_per_cpu_second_mean') if 'tokens_per_cpu_second_mean' in rs[0] else float('nan'):.2f} "
                      f"| {ph['forward']:.3f} / {ph['backward']:.3f} / {ph['step']:.3f} "
                      f"| {statistics.median(r['tokens_per_second'] for r in rs):.0f} | {ratio('tokens_per_second'):.2f} "
-                     f"| {sp['plain']:.3f} / {sp['low_rank']:.3f} |")
+                     f"| {sp['plain']:.3f} / {sp['low_rank']:.3f} | {refreshes(rs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -423,6 +456,9 @@ def main():
     ap.add_argument("--baseline-src", metavar="DIR", default=None,
                     help="also run every GaLore+ configuration with this source tree (another checkout's src/) "
                          "first on PYTHONPATH, labelled [before], interleaved with the others")
+    ap.add_argument("--capture", action="store_true",
+                    help="--small: LoRA against GaLore+ (embedding frozen) on the interval and with the captured-share "
+                         "refresh, sketched on the projected backward and exact on the full path (CAPTURE_CONFIGS)")
     ap.add_argument("--vocab", type=int, default=SMALL["vocab_size"],
                     help="--small: the vocabulary (default SmolLM2's; smaller for a quick check)")
     ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,32; --small: 32)")
@@ -433,6 +469,7 @@ def main():
         print(json.dumps(worker(job["config"], job["warmup"], job["steps"], job["smoke"])))
         return
     suffix = ("_smoke" if args.smoke else "_quick" if args.quick else "") + ("_small" if args.small else "") + (
+        "_capture" if args.capture else "") + (
         "_memory" if args.memory else "")
     if args.merge:  # timing records, and --memory records for the live-peak column
         records = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -454,7 +491,7 @@ def main():
         (32,) if args.small else RANKS)
     grid = configs(tasks, ranks)
     if args.small:
-        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks), False
+        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks, args.capture), False
         for c in grid:
             if args.vocab != SMALL["vocab_size"]:
                 c["vocab"] = args.vocab

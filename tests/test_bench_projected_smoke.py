@@ -50,3 +50,23 @@ def test_small_mode_with_a_baseline_smoke(tmp_path):
                 assert r["step_split"]["plain"] > 0 and r["step_split"]["low_rank"] > 0
     table = (tmp_path / "projected_backward_small.md").read_text()
     assert "embedding full [before]" in table and "| 1.00 |" in table  # LoRA against itself
+
+
+def test_small_capture_mode_smoke(tmp_path):
+    """``--small --capture``: LoRA and GaLore+ on the interval and with the captured-share refresh, sketched
+    (threshold 1e-9: the sketch alone; 1.0: a late refresh every other update) and exact; the refreshes
+    each run took are recorded and shown."""
+    done = subprocess.run([sys.executable, "bench/projected_backward.py", "--small", "8", "--vocab", "256", "--repeat",
+                           "1", "--steps", "4", "--warmup", "1", "--capture", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "projected_backward_small_capture.json").read_text())
+    counts = {(c["method"], c.get("capture")): runs[0]["refreshes_per_matrix"]
+              for c, runs in ((json.loads(k), v) for k, v in record["results"].items())}
+    assert counts[("lora", None)] is None
+    # 6 updates (1 warm-up, 4 timed, 1 more): the first refresh, then at 3 and 5 with threshold 1
+    assert counts[("galore+ projected", 1.0)] == 3
+    assert counts[("galore+ projected", 1e-9)] == counts[("galore+ full", 1e-9)] == 1
+    assert counts[("galore+ projected", None)] == 2  # the interval's: 1, and the step after the timed ones
+    table = (tmp_path / "projected_backward_small_capture.md").read_text()
+    assert "capture < 1 (sketched)" in table and "capture < 1e-09 (exact)" in table
