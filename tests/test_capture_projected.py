@@ -14,12 +14,11 @@ bitwise; layer-wise mode takes no estimate (the interval); DDP on 2 gloo ranks e
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 from _ranks import run_ranks
-from torch import nn
+from _saving import through_disk
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer, engine_of
@@ -180,10 +179,7 @@ def test_resume_across_a_late_refresh_is_bitwise():
         counts = []
         for step, ids in enumerate(data):
             if step == split:
-                buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=True)
+                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
                 model = tiny(torch.float32)
                 model.load_state_dict(saved["model"])
                 opt = build_optimizer(model, spec(0.7), lr=1e-2, projected_backward=True)

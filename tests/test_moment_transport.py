@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 from _ranks import run_ranks
+from _saving import through_disk
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer
@@ -368,10 +369,7 @@ def test_resume_across_a_refresh_is_bitwise(how):
         opt = build_optimizer(model, spec, lr=LR, projected_backward=True)
         for step, ids in enumerate(data):
             if step == split:
-                buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=True)
+                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
                 if how == "reset":
                     assert any(s.get("moment_start") == 3 for s in saved["opt"]["state"].values())
                 model = tiny(torch.float32)

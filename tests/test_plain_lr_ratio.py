@@ -5,10 +5,10 @@ a refresh is bitwise."""
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
+from _saving import through_disk
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer
@@ -96,10 +96,7 @@ def test_resume_across_a_refresh_is_bitwise():
         opt = build_optimizer(model, spec(), lr=LR, projected_backward=True)
         for step, ids in enumerate(data):
             if step == split:  # save at step 3, before the refresh of step 4; load into fresh objects
-                buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=True)
+                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
                 model = tiny(torch.float32)
                 model.load_state_dict(saved["model"])
                 opt = build_optimizer(model, spec(), lr=LR, projected_backward=True)

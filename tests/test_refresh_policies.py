@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from _ranks import run_ranks
+from _saving import through_disk
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -349,10 +350,7 @@ def test_resume_across_a_capture_refresh_is_bitwise():
         counts = []
         for step, ids in enumerate(data):
             if step == split:
-                buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-                buf.seek(0)
-                saved = torch.load(buf, weights_only=True)
+                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
                 model = tiny(torch.float32)
                 model.load_state_dict(saved["model"])
                 opt = build_optimizer(model, spec(**options), lr=1e-2)
