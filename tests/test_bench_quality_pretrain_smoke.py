@@ -110,11 +110,10 @@ def test_the_plan_runs_the_ablation_then_sweeps_then_controls_then_ranks_then_se
     # rank 64 = hidden/4 is GaLore's own sweep run at that rate: reused, not run again
     assert [j["rank"] for j in ranks] == [8, 16, 32, "full"]
     assert all(j["settings"]["method"] == "galore" for j in ranks)
-    # the "plain lr x4" ablation is the "galore+ (plain lr x4)" row's middle rung (the same settings, so
-    # the same key): recorded by that sweep, not run twice
+    # the "plain lr x4" ablation is the new recipe's middle rung (the same settings, so the same key):
+    # recorded by that sweep, not run twice
     plain_x4 = [j for j in todo if j["row"] == f"{base} + plain lr x4"]
-    assert proto["methods"]["galore+ (plain lr x4)"][1] == {"plain_lr_ratio": 4.0} and plain_x4 == []
-    assert qp.NEW_RECIPE[0] == {"plain_lr_ratio": 4.0, "proj_type": "right"}
+    assert qp.NEW_RECIPE[0] == {"plain_lr_ratio": 4.0} and plain_x4 == []
     assert len(todo) == len(quality.ABLATIONS) - 1 + len(qp.CONTROLS) + 4 + len(proto["methods"])
     # the grid, planned whole: every key once
     grid = qp.planned_grid(proto)
@@ -169,9 +168,9 @@ def test_smoke_records_resumes_and_merges_the_report(quality, qp, tmp_path, monk
     finals = sorted((r["method"], r["seed"]) for r in data["runs"] if r["final"])
     assert finals == sorted((m, s) for m in proto["methods"] for s in (0, 1))
     (ablation,) = [r for r in data["runs"] if r["stage"] == "ablation"]
-    assert ablation["options"] == {"plain_lr_ratio": 4.0} == proto["methods"]["galore+ (plain lr x4)"][1]
-    # the same settings as that row's sweep rung at this rate: named by the row (final for it, if chosen)
-    assert ablation["method"] == "galore+ (plain lr x4)"
+    assert ablation["options"] == {"plain_lr_ratio": 4.0} == qp.NEW_RECIPE[0]
+    # the same settings as the new recipe's sweep rung at this rate: named by that row
+    assert ablation["method"] == "galore+"
     assert sorted(str(r["rank"]) for r in data["runs"] if r["stage"] == "rank") == ["4", "full"]
     (control,) = [r for r in data["runs"] if r["stage"] == "control"]
     assert control["method"] == "adamw + plain lr x10" and control["options"] == {"plain_lr_ratio": 10.0}
