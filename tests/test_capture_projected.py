@@ -8,7 +8,7 @@ Checked: the sketch and the recorded share equal the plain float64 formulas on `
 full path (one and two micro-batches, left and right projectors, cross-head q/k); the refreshes
 follow the rule restated plainly from the recorded shares; threshold 1 refreshes every other update
 and a tiny one is the interval, bitwise; 8-bit states decide alike; a resume across a late refresh is
-bitwise; layer-wise mode takes no estimate (the interval); DDP on 2 gloo ranks equals one process
+bitwise; layer-wise mode takes no estimate (the interval) and warns, as two-sided projectors do; DDP on 2 gloo ranks equals one process
 (float64, 1e-9) with the same refreshes on every rank; the command accepts ``--refresh-policy capture
 --projected-backward`` and refuses it where no estimate is taken."""
 
@@ -160,9 +160,10 @@ def test_eight_bit_states_decide_alike():
     assert [row[0][0] for row in steps] == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
-def test_layerwise_mode_takes_no_estimate_and_is_the_interval():
+def test_layerwise_mode_takes_no_estimate_is_the_interval_and_says_so():
     model = tiny()
-    opt = build_optimizer(model, spec(1.0, gap=4), lr=1e-2, projected_backward=True, layerwise=True)
+    with pytest.warns(UserWarning, match=r"no share estimate in layer-wise mode .*: they refresh every update_proj_gap"):
+        opt = build_optimizer(model, spec(1.0, gap=4), lr=1e-2, projected_backward=True, layerwise=True)
     for ids in batches(6):
         backward(model, ids)
     engine = engine_of(opt)
@@ -259,3 +260,13 @@ def test_the_command_takes_capture_on_the_projected_backward_and_refuses_it_wher
     for extra, message in [({"layerwise": True}, r"--layerwise"), ({"distributed": "fsdp"}, r"--distributed fsdp")]:
         with pytest.raises(ConfigError, match=message):
             validated(FinetuneConfig(**base, projected_backward=True, **extra))
+
+
+def test_two_sided_projectors_take_no_estimate_and_say_so():
+    model = tiny()
+    with pytest.warns(UserWarning, match=r"no share estimate in these targets"):
+        opt = build_optimizer(model, LowRankSpec.recipe("galore", 8, update_proj_gap=4, scale=1.0, proj_type="full",
+                                                        refresh="capture", capture_threshold=1.0),
+                              lr=1e-2, projected_backward=True)
+    steps = history(model, opt, batches(6))
+    assert [row[0][0] for row in steps] == [1, 1, 1, 1, 2, 2]  # the interval: 1, 5

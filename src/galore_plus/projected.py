@@ -58,6 +58,7 @@ was. What users see:
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Any
 
@@ -68,7 +69,7 @@ from torch import Tensor, nn
 from .distributed_sketch import RankMeanGradient, is_rank_mean
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
-from .projection import FactoredGradient, TokenRows, lookup_entries
+from .projection import FULL, FactoredGradient, TokenRows, lookup_entries
 from .sharding import FactoredRows, ProjectedRows, is_dtensor, layout_of
 
 
@@ -329,6 +330,29 @@ class ProjectedBackward:
             _INSTALLED[module] = self
         self.handle = engine.register_step_pre_hook(self._before_step)
         engine.attach_projected_backward(self)
+        self._warn_unestimated(model)
+
+    def _warn_unestimated(self, model: nn.Module) -> None:
+        """Warn once for the targets whose captured-share policy (``refresh="capture"``) falls back to the
+        interval here, where no estimate is taken (DESIGN.md, "Refresh"): layer-wise mode, FSDP2-sharded
+        and tied weights, two-sided projectors."""
+        from .registry import refresh_policy
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        unestimated = []
+        for weight in dict.fromkeys(self.targets.values()):
+            group = self.engine.group_of(weight)
+            if not refresh_policy(group["refresh"]).reads_share:
+                continue
+            if (self.sink is not self.engine or id(weight) in self._sharded or id(weight) in self._tied
+                    or self.engine.projection_side(weight) == FULL):
+                unestimated.append(names.get(id(weight), f"a {tuple(weight.shape)} weight"))
+        if unestimated:
+            where = "layer-wise mode" if self.sink is not self.engine else "these targets"
+            warnings.warn(f"refresh='capture' on the projected backward takes no share estimate in {where} "
+                          f"({', '.join(unestimated[:3])}{', …' if len(unestimated) > 3 else ''}): they refresh "
+                          "every update_proj_gap updates (the interval); the full backward measures the share "
+                          "exactly", stacklevel=3)
 
     def _tied_lookup(self, weight: Tensor, lookup: nn.Embedding | None, uses: int, engine: Any,
                      optimizer: Any) -> nn.Embedding | None:
