@@ -105,8 +105,10 @@ def test_the_plan_runs_the_ablation_then_sweeps_then_controls_then_ranks_then_se
     ranks = [j for j in todo if j["stage"] == "rank"]
     controls = [j for j in todo if j["stage"] == "control"]
     adamw = proto["methods"][qp.CONTROL_BASE][2][1]
+    # the x10 control is the "adamw (plain lr x10)" row's middle rung (the same key): recorded by its sweep
+    assert proto["methods"]["adamw (plain lr x10)"][2][1] == adamw
     assert [(j["row"], j["settings"]["lr"], j["settings"]["options"]) for j in controls] == [
-        ("adamw + plain lr x10", adamw, {"plain_lr_ratio": 10.0}), ("adamw + plain lr x40", adamw, {"plain_lr_ratio": 40.0})]
+        ("adamw + plain lr x40", adamw, {"plain_lr_ratio": 40.0})]
     # rank 64 = hidden/4 is GaLore's own sweep run at that rate: reused, not run again
     assert [j["rank"] for j in ranks] == [8, 16, 32, "full"]
     assert all(j["settings"]["method"] == "galore" for j in ranks)
@@ -114,7 +116,7 @@ def test_the_plan_runs_the_ablation_then_sweeps_then_controls_then_ranks_then_se
     # recorded by that sweep, not run twice
     plain_x4 = [j for j in todo if j["row"] == f"{base} + plain lr x4"]
     assert qp.NEW_RECIPE[0] == {"plain_lr_ratio": 4.0} and plain_x4 == []
-    assert len(todo) == len(quality.ABLATIONS) - 1 + len(qp.CONTROLS) + 4 + len(proto["methods"])
+    assert len(todo) == len(quality.ABLATIONS) - 1 + len(qp.CONTROLS) - 1 + 4 + len(proto["methods"])
     # the grid, planned whole: every key once
     grid = qp.planned_grid(proto)
     assert len({j["key"] for j in grid}) == len(grid) == 3 * len(proto["methods"]) + len(todo)
@@ -172,8 +174,11 @@ def test_smoke_records_resumes_and_merges_the_report(quality, qp, tmp_path, monk
     # the same settings as the new recipe's sweep rung at this rate: named by that row
     assert ablation["method"] == "galore+"
     assert sorted(str(r["rank"]) for r in data["runs"] if r["stage"] == "rank") == ["4", "full"]
-    (control,) = [r for r in data["runs"] if r["stage"] == "control"]
-    assert control["method"] == "adamw + plain lr x10" and control["options"] == {"plain_lr_ratio": 10.0}
+    # the smoke protocol's one control (x10) is the "adamw (plain lr x10)" row's rung: run once, by that sweep
+    assert not [r for r in data["runs"] if r["stage"] == "control"]
+    x10 = [r for r in data["runs"] if r["options"] == {"plain_lr_ratio": 10.0}]
+    assert x10 and {r["method"] for r in x10} == {"adamw (plain lr x10)"} and len({r["lr"] for r in x10 if r["seed"] == 0}) == len(
+        [r for r in x10 if r["seed"] == 0])
     assert {r["rank"] for r in data["runs"] if r["method"] == "adamw"} == {None}
 
     # resumable: a second invocation finds everything recorded and runs nothing
@@ -214,7 +219,8 @@ def test_smoke_estimate_times_every_set_up_of_the_grid(quality, qp, tmp_path, ca
     grid = qp.planned_grid(proto)
     # each row and rank timed once; "plain lr x4" costs what its base costs and is not timed again
     # and the new recipe ("plain lr x4" on GaLore+) and AdamW's controls cost what their bases cost
-    assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) - 1 + len(proto["ranks"])
+    # ("adamw (plain lr x10)" costs what AdamW costs; the input-side row is a set-up of its own)
+    assert len(timed) == len({qp.variant(j["settings"]) for j in grid}) == len(proto["methods"]) - 2 + len(proto["ranks"])
     assert f"grid: {len(grid)} runs" in lines[-1]
     assert not (tmp_path / "r" / qp.RAW).exists()  # records nothing
 
