@@ -20,6 +20,12 @@ weights: for every projected matrix of the chosen layers (the library's ``find_t
     python bench/subspace_noise.py                       # SmolLM2, gsm_symbolic, rank 16, 16 batches of 4
     python bench/subspace_noise.py --layers 0,29 --batches 8   # quicker
 
+``--estimate DRAWS`` also measures the projected backward's estimate of the captured share (DESIGN.md,
+"Refresh"): for each batch after the first, the exact share ``‖proj_P(G_i)‖ / ‖G_i‖`` of its gradient
+under the projector of the batch before (what the capture policy reads) against the estimate
+``‖proj_P(G_i Ω)‖ / ‖G_i Ω‖`` from ``refresh.SHARE_SKETCH`` Gaussian columns, over ``DRAWS`` draws of
+``Ω``: the error, and how often the two agree on "below ``--threshold``" (the refresh decision).
+
 Writes ``bench/results/subspace_noise{--tag}.{json,md}``. One torch thread (the grid runs beside it).
 """
 
@@ -65,6 +71,43 @@ def captured(grad, basis):
     return float(kept.square().sum() / grad.square().sum())
 
 
+def estimates(grad, basis, draws, gen):
+    """``(exact share, [sketched estimates])`` of ``grad`` under the one-sided ``basis`` (the share, not
+    its square: what ``capture_threshold`` compares): ``‖Pᵀ G Ω‖ / ‖G Ω‖`` (``‖Ωᵀ G Qᵀ‖ / ‖Ωᵀ G‖`` for a
+    right basis) with ``refresh.SHARE_SKETCH`` standard normal columns, ``draws`` times."""
+    from galore_plus.refresh import SHARE_SKETCH
+
+    left, right = (None if b is None else b.to(grad.dtype) for b in basis)
+    exact = captured(grad, basis) ** 0.5
+    out = []
+    for _ in range(draws):
+        if right is None:
+            sketch = grad @ torch.randn(grad.shape[1], SHARE_SKETCH, generator=gen, dtype=grad.dtype)
+            kept = left.T @ sketch
+        else:
+            sketch = torch.randn(grad.shape[0], SHARE_SKETCH, generator=gen, dtype=grad.dtype).T @ grad
+            kept = sketch @ right.T
+        out.append(float(torch.linalg.norm(kept) / torch.linalg.norm(sketch)))
+    return exact, out
+
+
+def estimate_table(pairs, threshold):
+    """Per matrix type (q, k, v, o, gate, up, down): the exact shares' mean, the estimate's mean absolute
+    error and bias, and the share of (pair, draw) where both say "below ``threshold``" or both do not."""
+    kinds = {}
+    for name, exact, ests in pairs:
+        kinds.setdefault(name.split(".")[-2], []).append((exact, ests))
+    rows = []
+    for kind, cells in kinds.items():
+        errors = [e - x for x, es in cells for e in es]
+        agree = [(e < threshold) == (x < threshold) for x, es in cells for e in es]
+        rows.append({"kind": kind, "pairs": len(cells), "exact_mean": statistics.mean(x for x, _ in cells),
+                     "exact_below": statistics.mean(x < threshold for x, _ in cells),
+                     "abs_error": statistics.mean(abs(e) for e in errors), "bias": statistics.mean(errors),
+                     "agreement": statistics.mean(agree)})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=16)
@@ -77,6 +120,10 @@ def main(argv=None):
     ap.add_argument("--data", default="gsm_symbolic", help="a built-in task (the grid's by default)")
     ap.add_argument("--tag", default="", help="a suffix of the output files' names")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--estimate", type=int, default=0, metavar="DRAWS",
+                    help="also compare the projected backward's sketched share with the exact one, DRAWS sketches "
+                         "per batch and matrix (see the module docstring)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="--estimate: the capture threshold the decisions use")
     args = ap.parse_args(argv)
     if args.batches < 2 or args.batches % 2:
         ap.error("--batches must be an even number ≥ 2")
@@ -105,6 +152,7 @@ def main(argv=None):
         p.requires_grad_(True)
     half = args.batches // 2
     own, sum_a, sum_b, losses = {n: [] for n, _ in targets}, {}, {}, []
+    previous, pairs, draw_gen = {}, [], torch.Generator().manual_seed(1)  # --estimate
     start = time.perf_counter()
     for i in range(args.batches):
         ids = batch_indices(i, args.batch_size, len(run.features), 0)
@@ -113,10 +161,14 @@ def main(argv=None):
         into = sum_a if i < half else sum_b
         for name, g in grads.items():
             into[name] = into.get(name, 0) + g
+            side = projection.projection_side(g.shape, "std")
             if i < half:  # the projector a refresh at this batch size would take (either side), its own capture
-                side = projection.projection_side(g.shape, "std")
                 basis, other = top(g, args.rank, side), top(g, args.rank, OTHER[side])
                 own[name].append((basis, captured(g, basis), other))
+            if args.estimate:  # this batch's share under the previous batch's projector: exact and sketched
+                if name in previous:
+                    pairs.append((name, *estimates(g, previous[name], args.estimate, draw_gen)))
+                previous[name] = own[name][-1][0] if i < half else top(g, args.rank, side)
         print(f"batch {i + 1}/{args.batches}: loss {loss:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -143,6 +195,9 @@ def main(argv=None):
     summary = {k: statistics.mean(r[k] for r in rows) for k in kinds + ("one_batch_own", "cos_halves")}
     out = {"model": model_dir, "rank": args.rank, "batch_size": args.batch_size, "batches": args.batches, "layers": sorted(layers),
            "losses": losses, "rows": rows, "summary": summary, "seconds": round(time.perf_counter() - start, 1)}
+    if args.estimate:
+        out["estimate"] = {"draws": args.estimate, "threshold": args.threshold,
+                           "pairs": [[n, x, es] for n, x, es in pairs], "by_kind": estimate_table(pairs, args.threshold)}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"subspace_noise{args.tag}.json").write_text(json.dumps(out, indent=1))
     lines = [f"# Captured share of the expected gradient by a rank-{args.rank} projector (issue 29)", "",
@@ -167,6 +222,17 @@ def main(argv=None):
               f"half mean {s['half_mean']:.3f}, signal itself {s['signal_own']:.3f}, random {s['random']:.3f}; "
               f"cos between halves {s['cos_halves']:.2f}; on the other side: one batch {s['other_side_one_batch']:.3f}, "
               f"signal itself {s['other_side_signal_own']:.3f}. {out['seconds']:.0f} s."]
+    if args.estimate:
+        from galore_plus.refresh import SHARE_SKETCH
+
+        lines += ["", f"The projected backward's estimate of the captured share ({SHARE_SKETCH}-column sketch, "
+                  f"{args.estimate} draws per batch and matrix): each batch's share under the previous batch's "
+                  f"projector, exact against estimated; agreement: both below {args.threshold:g} or both not.", "",
+                  "| matrix | pairs | exact share (mean) | exact below threshold | mean abs error | bias | agreement |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in out["estimate"]["by_kind"]:
+            lines.append(f"| {r['kind']} | {r['pairs']} | {r['exact_mean']:.3f} | {r['exact_below']:.2f} | "
+                         f"{r['abs_error']:.3f} | {r['bias']:+.3f} | {r['agreement']:.2f} |")
     (args.results_dir / f"subspace_noise{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-1:]))
     return out
