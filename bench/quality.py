@@ -101,14 +101,15 @@ ABLATIONS = (
 FINETUNE_ABLATIONS = ABLATIONS[:1] + (
     ("embedding frozen", {"embeddings": "frozen"}, 1.0),
     ("embedding low-rank", {"embeddings": "low_rank"}, 1.0),
-) + ABLATIONS[1:] + (
-    # added 2026-12-07 (session 35): the capture refresh on the projected backward (its share estimated
-    # from an 8-column sketch, the refresh one update later; DESIGN.md, "Refresh"), against the exact
-    # capture above (full backward): whether the recipe keeps its gain at the projected path's speed
+) + ABLATIONS[1:4] + (
+    # added 2026-12-07 (session 35), next to the exact capture (ABLATIONS[3]): the capture refresh on the
+    # projected backward (its share estimated from an 8-column sketch, the refresh one update later;
+    # DESIGN.md, "Refresh"): whether the recipe keeps its gain at the projected path's speed
     ("capture < 0.5, projected backward", {"refresh_policy": "capture", "capture_threshold": 0.5,
                                            "projected_backward": True}, 1.0),
-    # the plain rate's sweep downward, after ×4 hurt (+0.035) and a frozen embedding hurt (+0.019):
-    # whether the optimum lies between them, below the projected step's rate
+) + ABLATIONS[4:] + (
+    # added 2026-12-07 (session 35): the plain rate's sweep downward, after ×4 hurt (+0.035) and a frozen
+    # embedding hurt (+0.019): whether the optimum lies between them, below the projected step's rate
     ("plain lr x1/4", {"plain_lr_ratio": 0.25}, 1.0),
 )
 #: the new GaLore+ recipe: ``(extra FinetuneConfig options, starting rungs)`` at rank 16, the row "galore+",
