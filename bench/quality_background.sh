@@ -6,6 +6,9 @@
 # each with that --task: TASKS="gsm_symbolic pretrain" bench/quality_background.sh WORKTREE runs the
 # pre-training half beside one fine-tuning invocation (--methods then names rows of either half);
 # TASKS="gsm_symbolic pretrain,gsm_symbolic" makes the second join the fine-tuning grid once pre-training is done.
+# Each invocation leads its own process group (setsid), with its fine-tuning workers in it: stop one with
+# `kill -- -PID` (PID: its bench/quality.py process). Killing only that process leaves its running worker
+# going, whose result no invocation then records.
 set -euo pipefail
 main=$(cd "$(dirname "$0")/.." && pwd)
 wt=${1:-$main}; shift || true
@@ -15,7 +18,7 @@ i=0
 for task in ${TASKS:-gsm_symbolic gsm_symbolic}; do
   i=$((i + 1))
   [ "$task" = gsm_symbolic ] && task_arg=() || task_arg=(--task "$task")  # the default: older worktrees lack --task
-  OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py "${task_arg[@]}" \
+  OMP_NUM_THREADS=1 PYTHONPATH="$wt/src" setsid nohup nice -n 10 "$main/.venv/bin/python" bench/quality.py "${task_arg[@]}" \
     --results-dir "$main/bench/results" --runs-dir "$main/runs/quality" "$@" >> "$main/runs/quality/invocation_${task//,/-}_$i.log" 2>&1 &
   sleep 90  # the first makes the SmolLM2 export before the second could race for it
 done
