@@ -83,7 +83,7 @@ SMALL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1376, num_hidd
              num_key_value_heads=8, tie_word_embeddings=True)
 
 
-def small_configs(lengths, ranks, capture=False):
+def small_configs(lengths, ranks, capture=False, fira=False):
     """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length
     (``low_rank``: the tied embedding/``lm_head`` trained low-rank, projected since issue 26).
     ``capture`` (``--capture``): instead, LoRA against GaLore+ with the embedding frozen, on the
@@ -98,6 +98,10 @@ def small_configs(lengths, ranks, capture=False):
                          **({} if threshold is None else {"capture": threshold})}
                         for method, threshold in CAPTURE_CONFIGS]
                 continue
+            if fira:
+                out += [{"task": task, "method": method, "rank": rank, "embeddings": "frozen",
+                         **({"outside": "fira"} if term else {})} for method, term in FIRA_CONFIGS]
+                continue
             for embeddings in ("frozen", "full", "low_rank"):
                 out.append({"task": task, "method": "galore+ projected", "rank": rank,
                             "embeddings": embeddings})
@@ -110,6 +114,9 @@ def small_configs(lengths, ranks, capture=False):
 #: (its most frequent); the full path at 1e-9 pays the full backward and the exact share every update.
 CAPTURE_CONFIGS = (("galore+ projected", None), ("galore+ projected", 1e-9), ("galore+ projected", 1.0),
                    ("galore+ full", 1e-9))
+#: ``--fira``: what Fira's term costs (``outside="fira"``, the fine-tuning recipe since session 35; it reads
+#: ``G`` every update, so the full backward), against the projected and the full path on the interval
+FIRA_CONFIGS = (("galore+ projected", False), ("galore+ full", False), ("galore+ full", True))
 
 
 def configs(tasks, ranks):
@@ -132,6 +139,8 @@ def label(c):
     emb = f", embedding {c['embeddings']}" if c["method"].startswith("galore") else ""
     if "capture" in c:
         emb += f", capture < {c['capture']:g} ({'sketched' if c['method'] == 'galore+ projected' else 'exact'})"
+    if "outside" in c:
+        emb += ", Fira term"
     code = f" [{c['code']}]" if c.get("code") else ""
     return f"{c['method']}{rank}{emb}{code}"
 
@@ -174,8 +183,10 @@ def build(c, model, gap):
         return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     projected = c["method"] == "galore+ projected"
     capture = {"refresh": "capture", "capture_threshold": c["capture"]} if "capture" in c else {}
+    if "outside" in c:
+        capture["outside"] = c["outside"]
     optimizer = build_optimizer(model, "galore+", c["rank"], lr=LR, weight_decay=0.0,
-                                update_proj_gap=10**6 if capture else gap, scale=4.0, residual_warmup=1,
+                                update_proj_gap=10**6 if "capture" in c else gap, scale=4.0, residual_warmup=1,
                                 embeddings=c["embeddings"], projected_backward=projected,
                                 refresh_in_backward=projected and REFRESH_IN_BACKWARD, **capture)
     return model, optimizer
@@ -459,6 +470,9 @@ def main():
     ap.add_argument("--capture", action="store_true",
                     help="--small: LoRA against GaLore+ (embedding frozen) on the interval and with the captured-share "
                          "refresh, sketched on the projected backward and exact on the full path (CAPTURE_CONFIGS)")
+    ap.add_argument("--fira", action="store_true",
+                    help="--small: LoRA against GaLore+ (embedding frozen) projected, on the full path, and on the full "
+                         "path with Fira's term (FIRA_CONFIGS)")
     ap.add_argument("--vocab", type=int, default=SMALL["vocab_size"],
                     help="--small: the vocabulary (default SmolLM2's; smaller for a quick check)")
     ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,32; --small: 32)")
@@ -469,7 +483,7 @@ def main():
         print(json.dumps(worker(job["config"], job["warmup"], job["steps"], job["smoke"])))
         return
     suffix = ("_smoke" if args.smoke else "_quick" if args.quick else "") + ("_small" if args.small else "") + (
-        "_capture" if args.capture else "") + (
+        "_capture" if args.capture else "") + ("_fira" if args.fira else "") + (
         "_memory" if args.memory else "")
     if args.merge:  # timing records, and --memory records for the live-peak column
         records = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -491,7 +505,7 @@ def main():
         (32,) if args.small else RANKS)
     grid = configs(tasks, ranks)
     if args.small:
-        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks, args.capture), False
+        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks, args.capture, args.fira), False
         for c in grid:
             if args.vocab != SMALL["vocab_size"]:
                 c["vocab"] = args.vocab

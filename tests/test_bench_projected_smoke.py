@@ -70,3 +70,15 @@ def test_small_capture_mode_smoke(tmp_path):
     assert counts[("galore+ projected", None)] == 2  # the interval's: 1, and the step after the timed ones
     table = (tmp_path / "projected_backward_small_capture.md").read_text()
     assert "capture < 1 (sketched)" in table and "capture < 1e-09 (exact)" in table
+
+
+def test_small_fira_mode_smoke(tmp_path):
+    """``--small --fira``: LoRA, GaLore+ projected and on the full path, and with Fira's term."""
+    done = subprocess.run([sys.executable, "bench/projected_backward.py", "--small", "8", "--vocab", "256", "--repeat",
+                           "1", "--steps", "1", "--warmup", "1", "--fira", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "projected_backward_small_fira.json").read_text())
+    assert sorted((json.loads(k)["method"], json.loads(k).get("outside", "")) for k in record["results"]) == [
+        ("galore+ full", ""), ("galore+ full", "fira"), ("galore+ projected", ""), ("lora", "")]
+    assert "embedding frozen, Fira term" in (tmp_path / "projected_backward_small_fira.md").read_text()
