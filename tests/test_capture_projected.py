@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _ranks import run_ranks
-from _saving import through_disk
+from _saving import train_across_a_resume
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer, engine_of
@@ -175,20 +175,9 @@ def test_resume_across_a_late_refresh_is_bitwise():
     data = batches(7)
 
     def run(split=None):
-        model = tiny(torch.float32)
-        opt = build_optimizer(model, spec(0.7), lr=1e-2, projected_backward=True)
-        counts = []
-        for step, ids in enumerate(data):
-            if step == split:
-                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
-                model = tiny(torch.float32)
-                model.load_state_dict(saved["model"])
-                opt = build_optimizer(model, spec(0.7), lr=1e-2, projected_backward=True)
-                opt.load_state_dict(saved["opt"])
-            backward(model, ids)
-            opt.step()
-            opt.zero_grad()
-            counts.append(sum(int(opt.state[p]["refresh_count"]) for p in targets(opt)))
+        model, counts, _ = train_across_a_resume(
+            lambda: tiny(torch.float32), lambda m: build_optimizer(m, spec(0.7), lr=1e-2, projected_backward=True),
+            data, split)
         return model, counts
 
     a, counts = run()

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 from _ranks import run_ranks
-from _saving import through_disk
+from _saving import train_across_a_resume
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer
@@ -365,23 +365,12 @@ def test_resume_across_a_refresh_is_bitwise(how):
     spec = LowRankSpec.recipe("galore+", 8, update_proj_gap=3, residual_warmup=2, scale=1.0, moment_transport=how)
 
     def run(split=None):
-        model = tiny(torch.float32)
-        opt = build_optimizer(model, spec, lr=LR, projected_backward=True)
-        for step, ids in enumerate(data):
-            if step == split:
-                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
-                if how == "reset":
-                    assert any(s.get("moment_start") == 3 for s in saved["opt"]["state"].values())
-                model = tiny(torch.float32)
-                model.load_state_dict(saved["model"])
-                opt = build_optimizer(model, spec, lr=LR, projected_backward=True)
-                opt.load_state_dict(saved["opt"])
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return model
+        return train_across_a_resume(lambda: tiny(torch.float32),
+                                     lambda m: build_optimizer(m, spec, lr=LR, projected_backward=True), data, split)
 
-    a, b = run(), run(split=5)
+    (a, _, _), (b, _, saved) = run(), run(split=5)
+    if how == "reset":
+        assert any(s.get("moment_start") == 3 for s in saved["opt"]["state"].values())
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _saving import through_disk
+from _saving import train_across_a_resume
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer
@@ -91,20 +91,9 @@ def test_8bit_states_take_the_ratio():
 def test_resume_across_a_refresh_is_bitwise():
     data = batches(6)
 
-    def run(split=None):
-        model = tiny(torch.float32)
-        opt = build_optimizer(model, spec(), lr=LR, projected_backward=True)
-        for step, ids in enumerate(data):
-            if step == split:  # save at step 3, before the refresh of step 4; load into fresh objects
-                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
-                model = tiny(torch.float32)
-                model.load_state_dict(saved["model"])
-                opt = build_optimizer(model, spec(), lr=LR, projected_backward=True)
-                opt.load_state_dict(saved["opt"])
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return model
+    def run(split=None):  # split 3: saved before the refresh of step 4, loaded into fresh objects
+        return train_across_a_resume(lambda: tiny(torch.float32),
+                                     lambda m: build_optimizer(m, spec(), lr=LR, projected_backward=True), data, split)[0]
 
     a, b = run(), run(split=3)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):

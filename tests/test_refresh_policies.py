@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from _ranks import run_ranks
-from _saving import through_disk
+from _saving import train_across_a_resume
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -345,20 +345,8 @@ def test_resume_across_a_capture_refresh_is_bitwise():
     options = {"refresh": "capture", "capture_threshold": 0.95}
 
     def run(split=None):
-        model = tiny(torch.float32)
-        opt = build_optimizer(model, spec(**options), lr=1e-2)
-        counts = []
-        for step, ids in enumerate(data):
-            if step == split:
-                saved = through_disk({"model": model.state_dict(), "opt": opt.state_dict()})
-                model = tiny(torch.float32)
-                model.load_state_dict(saved["model"])
-                opt = build_optimizer(model, spec(**options), lr=1e-2)
-                opt.load_state_dict(saved["opt"])
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            counts.append(sum(refresh_counts(opt)))
+        model, counts, _ = train_across_a_resume(lambda: tiny(torch.float32),
+                                                 lambda m: build_optimizer(m, spec(**options), lr=1e-2), data, split)
         return model, counts
 
     a, counts = run()

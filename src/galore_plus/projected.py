@@ -70,6 +70,7 @@ from .distributed_sketch import RankMeanGradient, is_rank_mean
 from .layerwise import engine_of
 from .lowrank import LowRankGradient, compute_dtype
 from .projection import FULL, FactoredGradient, TokenRows, lookup_entries
+from .registry import refresh_policy
 from .sharding import FactoredRows, ProjectedRows, is_dtensor, layout_of
 
 
@@ -336,17 +337,11 @@ class ProjectedBackward:
         """Warn once for the targets whose captured-share policy (``refresh="capture"``) falls back to the
         interval here, where no estimate is taken (DESIGN.md, "Refresh"): layer-wise mode, FSDP2-sharded
         and tied weights, two-sided projectors."""
-        from .registry import refresh_policy
-
         names = {id(p): n for n, p in model.named_parameters()}
-        unestimated = []
-        for weight in dict.fromkeys(self.targets.values()):
-            group = self.engine.group_of(weight)
-            if not refresh_policy(group["refresh"]).reads_share:
-                continue
-            if (self.sink is not self.engine or id(weight) in self._sharded or id(weight) in self._tied
-                    or self.engine.projection_side(weight) == FULL):
-                unestimated.append(names.get(id(weight), f"a {tuple(weight.shape)} weight"))
+        unestimated = [names.get(id(weight), f"a {tuple(weight.shape)} weight")
+                       for weight in dict.fromkeys(self.targets.values())
+                       if refresh_policy(self.engine.group_of(weight)["refresh"]).reads_share
+                       and (not self._estimates_share(weight) or self.engine.projection_side(weight) == FULL)]
         if unestimated:
             where = "layer-wise mode" if self.sink is not self.engine else "these targets"
             warnings.warn(f"refresh='capture' on the projected backward takes no share estimate in {where} "
@@ -475,15 +470,21 @@ class ProjectedBackward:
         x`` for a right one, ``Ω`` from ``engine.share_sketch``. None where no estimate is taken: layer-
         wise mode (it applies each micro-batch in backward), FSDP2-sharded and tied weights (their
         gradient has other parts), a two-sided projector, a policy that reads no share."""
-        if self.sink is not self.engine or id(weight) in self._sharded or id(weight) in self._tied:
+        if not self._estimates_share(weight):
             return None
-        omega = self.engine.share_sketch(weight)
+        omega = self.engine.share_sketch(weight)  # None for a two-sided projector or another policy
         if omega is None:
             return None
         omega = omega.to(x.dtype)
         if self.engine.projector(weight)[1] is None:  # a left projector: G Ω (m×k)
             return dy.T @ (x @ omega)
         return (dy @ omega).T @ x  # right: Ωᵀ G (k×n)
+
+    def _estimates_share(self, weight: Tensor) -> bool:
+        """Whether this backward can sketch ``weight``'s captured share (the engine decides the rest:
+        ``share_sketch``): not in layer-wise mode (each micro-batch is applied in backward), and not for
+        an FSDP2-sharded or a tied weight (their gradient has parts reduced or added elsewhere)."""
+        return self.sink is self.engine and id(weight) not in self._sharded and id(weight) not in self._tied
 
     def _sketches(self, weight: Tensor) -> bool:
         """Whether ``weight``'s due refresh comes from factors (``sketched_refresh``, a projector that
