@@ -83,24 +83,19 @@ SMALL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1376, num_hidd
              num_key_value_heads=8, tie_word_embeddings=True)
 
 
-def small_configs(lengths, ranks, capture=False, fira=False):
+def small_configs(lengths, ranks, variants=None):
     """``--small``: LoRA against GaLore+ projected with each embedding choice, per sequence length
     (``low_rank``: the tied embedding/``lm_head`` trained low-rank, projected since issue 26).
-    ``capture`` (``--capture``): instead, LoRA against GaLore+ with the embedding frozen, on the
-    interval and with the captured-share refresh (:data:`CAPTURE_CONFIGS`)."""
+    ``variants`` (``--capture``: :data:`CAPTURE_CONFIGS`, ``--fira``: :data:`FIRA_CONFIGS`): instead,
+    LoRA against these GaLore+ configurations, the embedding frozen."""
     out = []
     for length in lengths:
         for rank in ranks:
             task = f"small 4x{length}"
             out.append({"task": task, "method": "lora", "rank": rank, "embeddings": "frozen"})
-            if capture:
-                out += [{"task": task, "method": method, "rank": rank, "embeddings": "frozen",
-                         **({} if threshold is None else {"capture": threshold})}
-                        for method, threshold in CAPTURE_CONFIGS]
-                continue
-            if fira:
-                out += [{"task": task, "method": method, "rank": rank, "embeddings": "frozen",
-                         **({"outside": "fira"} if term else {})} for method, term in FIRA_CONFIGS]
+            if variants:
+                out += [{"task": task, "method": method, "rank": rank, "embeddings": "frozen", **extra}
+                        for method, extra in variants]
                 continue
             for embeddings in ("frozen", "full", "low_rank"):
                 out.append({"task": task, "method": "galore+ projected", "rank": rank,
@@ -108,15 +103,15 @@ def small_configs(lengths, ranks, capture=False, fira=False):
     return out
 
 
-#: ``--capture``: what the captured-share refresh costs (DESIGN.md, "Refresh"), as (method, threshold;
-#: None: the interval). With no interval refresh in the timed steps (T 10⁶), the projected backward at
+#: ``--capture``: what the captured-share refresh costs (DESIGN.md, "Refresh"), as (method, config keys;
+#: none: the interval). With no interval refresh in the timed steps (T 10⁶), the projected backward at
 #: threshold 1e-9 pays the sketch alone, at 1.0 the sketch and a refresh from factors every other update
 #: (its most frequent); the full path at 1e-9 pays the full backward and the exact share every update.
-CAPTURE_CONFIGS = (("galore+ projected", None), ("galore+ projected", 1e-9), ("galore+ projected", 1.0),
-                   ("galore+ full", 1e-9))
+CAPTURE_CONFIGS = (("galore+ projected", {}), ("galore+ projected", {"capture": 1e-9}),
+                   ("galore+ projected", {"capture": 1.0}), ("galore+ full", {"capture": 1e-9}))
 #: ``--fira``: what Fira's term costs (``outside="fira"``, the fine-tuning recipe since session 35; it reads
 #: ``G`` every update, so the full backward), against the projected and the full path on the interval
-FIRA_CONFIGS = (("galore+ projected", False), ("galore+ full", False), ("galore+ full", True))
+FIRA_CONFIGS = (("galore+ projected", {}), ("galore+ full", {}), ("galore+ full", {"outside": "fira"}))
 
 
 def configs(tasks, ranks):
@@ -182,13 +177,13 @@ def build(c, model, gap):
     if c["method"] == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     projected = c["method"] == "galore+ projected"
-    capture = {"refresh": "capture", "capture_threshold": c["capture"]} if "capture" in c else {}
+    options = {"refresh": "capture", "capture_threshold": c["capture"]} if "capture" in c else {}
     if "outside" in c:
-        capture["outside"] = c["outside"]
+        options["outside"] = c["outside"]
     optimizer = build_optimizer(model, "galore+", c["rank"], lr=LR, weight_decay=0.0,
                                 update_proj_gap=10**6 if "capture" in c else gap, scale=4.0, residual_warmup=1,
                                 embeddings=c["embeddings"], projected_backward=projected,
-                                refresh_in_backward=projected and REFRESH_IN_BACKWARD, **capture)
+                                refresh_in_backward=projected and REFRESH_IN_BACKWARD, **options)
     return model, optimizer
 
 
@@ -467,12 +462,14 @@ def main():
     ap.add_argument("--baseline-src", metavar="DIR", default=None,
                     help="also run every GaLore+ configuration with this source tree (another checkout's src/) "
                          "first on PYTHONPATH, labelled [before], interleaved with the others")
-    ap.add_argument("--capture", action="store_true",
-                    help="--small: LoRA against GaLore+ (embedding frozen) on the interval and with the captured-share "
-                         "refresh, sketched on the projected backward and exact on the full path (CAPTURE_CONFIGS)")
-    ap.add_argument("--fira", action="store_true",
-                    help="--small: LoRA against GaLore+ (embedding frozen) projected, on the full path, and on the full "
-                         "path with Fira's term (FIRA_CONFIGS)")
+    variant = ap.add_mutually_exclusive_group()
+    variant.add_argument("--capture", action="store_true",
+                         help="--small: LoRA against GaLore+ (embedding frozen) on the interval and with the "
+                              "captured-share refresh, sketched on the projected backward and exact on the full path "
+                              "(CAPTURE_CONFIGS)")
+    variant.add_argument("--fira", action="store_true",
+                         help="--small: LoRA against GaLore+ (embedding frozen) projected, on the full path, and on the "
+                              "full path with Fira's term (FIRA_CONFIGS)")
     ap.add_argument("--vocab", type=int, default=SMALL["vocab_size"],
                     help="--small: the vocabulary (default SmolLM2's; smaller for a quick check)")
     ap.add_argument("--ranks", default=None, help="comma-separated ranks (default 8,32; --small: 32)")
@@ -505,7 +502,8 @@ def main():
         (32,) if args.small else RANKS)
     grid = configs(tasks, ranks)
     if args.small:
-        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks, args.capture, args.fira), False
+        variants = CAPTURE_CONFIGS if args.capture else FIRA_CONFIGS if args.fira else None
+        grid, args.layer = small_configs([int(n) for n in args.small.split(",")], ranks, variants), False
         for c in grid:
             if args.vocab != SMALL["vocab_size"]:
                 c["vocab"] = args.vocab
