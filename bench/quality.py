@@ -111,8 +111,8 @@ FINETUNE_ABLATIONS = ABLATIONS[:1] + (
     # added 2026-12-07 (session 35) after Fira's term alone took 0.044 off (the capture refresh 0.021):
     # whether the two add, which decides whether the recipe takes both
     ("Fira term + capture < 0.5", {"outside": "fira", "refresh_policy": "capture", "capture_threshold": 0.5}, 1.0),
-    # the plain rate's sweep downward, after ×4 hurt (+0.035) and a frozen
-    # embedding hurt (+0.019): whether the optimum lies between them, below the projected step's rate
+    # the plain rate's sweep downward, after ×4 hurt (+0.035) and a frozen embedding hurt (+0.019):
+    # whether the optimum lies between them, below the projected step's rate
     ("plain lr x1/4", {"plain_lr_ratio": 0.25}, 1.0),
 )
 #: the new GaLore+ recipe: ``(extra FinetuneConfig options, starting rungs)`` at rank 16, the row "galore+",

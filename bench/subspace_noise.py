@@ -80,14 +80,10 @@ def estimates(grad, basis, draws, gen):
     left, right = (None if b is None else b.to(grad.dtype) for b in basis)
     exact = captured(grad, basis) ** 0.5
     out = []
-    for _ in range(draws):
-        if right is None:
-            sketch = grad @ torch.randn(grad.shape[1], SHARE_SKETCH, generator=gen, dtype=grad.dtype)
-            kept = left.T @ sketch
-        else:
-            sketch = torch.randn(grad.shape[0], SHARE_SKETCH, generator=gen, dtype=grad.dtype).T @ grad
-            kept = sketch @ right.T
-        out.append(float(torch.linalg.norm(kept) / torch.linalg.norm(sketch)))
+    for _ in range(draws):  # the sketch on the side the basis leaves whole, then projected as G would be
+        omega = torch.randn(grad.shape[1 if right is None else 0], SHARE_SKETCH, generator=gen, dtype=grad.dtype)
+        sketch = grad @ omega if right is None else omega.T @ grad
+        out.append(float(torch.linalg.norm(projection.project(sketch, left, right)) / torch.linalg.norm(sketch)))
     return exact, out
 
 
