@@ -318,6 +318,10 @@ def record_of(job, result, machine, in_process, started, load_before, **extra):
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
+#: the file in a grid's runs directory that stops :func:`drive` between runs
+STOP = "STOP"
+
+
 def drive(plan, json_path, runs_dir, *, run_job, in_process, machine, max_runs=None, wait_for_others=False,
           after_each=None, stop_on_failure=False, failed=None):
     """Run a grid to the end, resumably and shared with other invocations: ``plan(by_key)`` lists the
@@ -329,9 +333,15 @@ def drive(plan, json_path, runs_dir, *, run_job, in_process, machine, max_runs=N
     is printed, left unrecorded for the next invocation and not retried by this one
     (``stop_on_failure``: raise); ``failed``: a set of keys not to retry, shared by several calls (the
     keys that fail here are added to it). A job's ``stage`` and ``row`` are recorded with it.
+    A file named :data:`STOP` in ``runs_dir`` stops every invocation before its next run (each finishes
+    and records the one it is in: how a session ends a grid without losing a run; remove the file, or
+    start ``quality_background.sh``, which does, to go on).
     Returns (runs made, keys of the runs that failed)."""
     new, failed = 0, set() if failed is None else failed
     while max_runs is None or new < max_runs:
+        if (Path(runs_dir) / STOP).exists():
+            print(f"  {Path(runs_dir) / STOP} exists: stopping before the next run", flush=True)
+            break
         by_key = load_records(json_path)
         todo = [j for j in plan(by_key) if j["key"] not in by_key and j["key"] not in failed]
         claimed = None

@@ -6,14 +6,17 @@
 # each with that --task: TASKS="gsm_symbolic pretrain" bench/quality_background.sh WORKTREE runs the
 # pre-training half beside one fine-tuning invocation (--methods then names rows of either half);
 # TASKS="gsm_symbolic pretrain,gsm_symbolic" makes the second join the fine-tuning grid once pre-training is done.
-# Each invocation leads its own process group (setsid), with its fine-tuning workers in it: stop one with
-# `kill -- -PID` (PID: its bench/quality.py process). Killing only that process leaves its running worker
-# going, whose result no invocation then records.
+# To end the grid without losing a run: `touch runs/quality/STOP`; each invocation finishes and records the
+# run it is in, then stops (this script removes the file when it starts). To stop at once: each invocation
+# leads its own process group (setsid), with its fine-tuning workers in it: `kill -- -PID` (PID: its
+# bench/quality.py process). Killing only that process leaves its running worker going, whose result no
+# invocation then records.
 set -euo pipefail
 main=$(cd "$(dirname "$0")/.." && pwd)
 wt=${1:-$main}; shift || true
 cd "$wt"
 mkdir -p "$main/runs/quality"
+rm -f "$main/runs/quality/STOP"
 i=0
 for task in ${TASKS:-gsm_symbolic gsm_symbolic}; do
   i=$((i + 1))

@@ -153,6 +153,25 @@ def test_drive_skips_what_another_invocation_runs(tmp_path):
         other.wait()
 
 
+def test_a_stop_file_ends_the_grid_between_runs(tmp_path):
+    json_path, runs_dir = tmp_path / "grid.json", tmp_path / "runs"
+    ran = []
+
+    def run_job(job_, runs_dir_, in_process):
+        ran.append(job_["key"])
+        if job_["key"] == "a":  # asked to stop during run "a": it is finished and recorded, "b" is not started
+            (runs_dir / harness.STOP).write_text("")
+        return {}
+
+    runs_dir.mkdir()
+    assert harness.drive(lambda by_key: [job("a"), job("b")], json_path, runs_dir, in_process=True, machine={},
+                         run_job=run_job) == (1, set())
+    assert ran == ["a"] and [r["key"] for r in json.loads(json_path.read_text())["runs"]] == ["a"]
+    (runs_dir / harness.STOP).unlink()
+    assert harness.drive(lambda by_key: [job("a"), job("b")], json_path, runs_dir, in_process=True, machine={},
+                         run_job=run_job) == (1, set()) and ran == ["a", "b"]
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 

@@ -55,14 +55,20 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     finals = [j for j in bench.plan(proto, by_key, ["lora"]) if j["stage"] == "final"]
     assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0's final is the sweep's run
     assert all(j["settings"]["lr"] == 1e-2 for j in finals)
-    # every row's sweep before any row's other seeds: AdamW's (issue 29's targets are measured against it)
-    # before GaLore+'s and LoRA's finals
+    # the target rows' sweeps (AdamW's: issue 29's targets are measured against it) before any of their other
+    # seeds; their finals before the other peers' sweeps, and those before the peers' finals
     todo = bench.plan(proto, {**base_runs, **by_key})
-    stages = [j["stage"] for j in todo]
-    assert stages.index("final") > max(i for i, j in enumerate(todo) if j["stage"] == "sweep")
-    sweep_rows = list(dict.fromkeys(j["row"] for j in todo if j["stage"] == "sweep"))
+    first = [i for i, j in enumerate(todo) if j["row"].split(" + ")[0] in bench.TARGET_ROWS]  # with the ablations
+    assert first == list(range(len(first))) and len(first) < len(todo)  # the targets' round comes first
+    targets, peers = todo[:len(first)], todo[len(first):]
+    for round_ in (targets, peers):
+        stages = [j["stage"] for j in round_]
+        assert "final" not in stages or stages.index("final") > max(i for i, s in enumerate(stages) if s == "sweep")
+    sweep_rows = list(dict.fromkeys(j["row"] for j in targets if j["stage"] == "sweep"))
     assert sweep_rows[:2] == (["galore+", "adamw"] if bench.NEW_RECIPE else ["adamw", "galore+ (full rank)"])
-    assert {j["row"] for j in todo if j["stage"] == "final"} == {"lora", base}
+    assert {j["row"] for j in targets if j["stage"] == "final"} == {"lora", base}
+    assert {j["row"] for j in peers} == set(bench.METHODS) - set(bench.TARGET_ROWS)
+    assert not [j for j in peers if j["stage"] == "final"]  # no peer's rate is chosen yet
     # every rate diverging moves the sweep down the ladder
     curve, chosen = fill(bench, proto, "fira", {1e-5: 1.3, 3e-5: 1.2, 1e-4: None, 3e-4: None, 1e-3: None}, {})
     assert chosen == 3e-5 and math.isinf(curve[1e-3])
