@@ -138,7 +138,7 @@ RANK_ROW = "galore"
 RANKS = (8, 32, 64, "full")
 #: the rows issue 29's targets are measured on (GaLore+ against LoRA, DoRA and AdamW; the full-rank preset
 #: against AdamW; the recipe against the old one): :func:`plan` runs their sweeps and finals before the other
-#: peers' (Fira's package, GaLore and its ranks), added 2026-12-08 when the grid passed its budget
+#: peers' (Fira's package, GaLore and its ranks), added 2026-12-07 (session 36) as the grid heads past its budget
 TARGET_ROWS = ("lora", "galore+ (old recipe)", "galore+", "adamw", "galore+ (full rank)", "dora")
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+", "lora"), ("galore+", "dora"), ("galore+", "adamw"), ("galore+", "galore+ (old recipe)"),
