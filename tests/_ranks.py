@@ -78,3 +78,35 @@ def run_ranks(scenario, world: int, out_dir, /, deadline_s: float = 300, **kwarg
     for r, res in enumerate(results):
         assert res is not None, f"rank {r} wrote no results"
     return results
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor: a DTensor's ``full_tensor()`` (a collective: every rank calls
+    it), anything else as it is."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (:func:`whole`), by its name without DDP's ``module.`` prefix."""
+    return {n.removeprefix("module."): whole(p) for n, p in model.named_parameters()}
+
+
+def single_ddp_fsdp(make_model, make_optimizer, train, rank: int, world: int) -> dict:
+    """``train(model, optimizer, rank)``'s result three ways, for a test that the distributed runs equal
+    one process: ``"single"`` (rank None: the whole batch), ``"ddp"`` (the model in
+    ``DistributedDataParallel``, the optimizer in ``distribute``) and ``"fsdp"`` (``fully_shard`` on a
+    1-D CPU mesh of ``world`` ranks); a fresh ``make_model()`` and ``make_optimizer(model)`` each time."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from galore_plus.distributed import distribute
+
+    model = make_model()
+    out = {"single": train(model, make_optimizer(model), None)}
+    model = DistributedDataParallel(make_model())
+    out["ddp"] = train(model, distribute(make_optimizer(model)), rank)
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    out["fsdp"] = train(model, make_optimizer(model), rank)
+    return out

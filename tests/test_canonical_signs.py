@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from _ranks import run_ranks
+from _ranks import run_ranks, single_ddp_fsdp, whole
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -340,29 +340,15 @@ def run_net(model, optimizer, rank):
         optimizer.zero_grad(set_to_none=True)
         if step % D_GAP == 0:
             left = optimizer.state[weight]["proj_left"]
-            bases.append((left.full_tensor() if hasattr(left, "full_tensor") else left).clone())
-    params = {n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-              for n, p in model.named_parameters()}
+            bases.append(whole(left))
+    params = {n.removeprefix("module."): whole(p) for n, p in model.named_parameters()}
     return params, bases
 
 
 def _scenarios(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
-
-    from galore_plus.distributed import distribute
-
-    results = {}
-    for method in METHODS:
-        model = make_net()
-        results["single", method] = run_net(model, net_optimizer(model, method), None)
-        model = DistributedDataParallel(make_net())
-        results["ddp", method] = run_net(model, distribute(net_optimizer(model, method)), rank)
-        model = make_net()
-        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-        results["fsdp", method] = run_net(model, net_optimizer(model, method), rank)
-    return results
+    return {(kind, method): result for method in METHODS
+            for kind, result in single_ddp_fsdp(make_net, lambda m: net_optimizer(m, method), run_net, rank,
+                                                WORLD).items()}
 
 
 @pytest.fixture(scope="module")

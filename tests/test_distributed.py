@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from _ranks import free_port, run_ranks, spawn_with_deadline
+from _ranks import free_port, full_params, run_ranks, spawn_with_deadline  # full_params: imported from here too
 from torch import nn
 
 from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LayerwiseOptimizer
@@ -172,14 +172,6 @@ def train(model: nn.Module, optimizer, steps: range, rank: int | None) -> None:
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        name = name.removeprefix("module.")
-        out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-    return out
 
 
 def ddp_model() -> nn.Module:

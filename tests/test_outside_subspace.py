@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from _ranks import run_ranks
+from _ranks import full_params, run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, LowRankSpec, build_optimizer, outside
@@ -432,26 +432,21 @@ def dist_run(kind, rank, steps, model=None, opt=None):
     return model, opt
 
 
-def dist_params(model):
-    return {n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
-
-
 def _dist_scenarios(rank, out_dir):
     from galore_plus.distributed import load_checkpoint, save_checkpoint
 
     results = {}
-    results["single"] = dist_params(dist_run("single", rank, range(STEPS))[0])
+    results["single"] = full_params(dist_run("single", rank, range(STEPS))[0])
     for kind in ("ddp", "fsdp"):
         model, opt = dist_run(kind, rank, range(STEPS))
-        results[kind] = dist_params(model)
+        results[kind] = full_params(model)
         results[(kind, "comm")] = {phase: dict(ops) for phase, ops in opt.comm_bytes.items()}
     model, opt = dist_run("fsdp", rank, range(STEPS // 2))  # save on 2 ranks, resume, continue
     path = os.path.join(out_dir, "fsdp-fira")
     save_checkpoint(path, model, opt)
     fresh, fresh_opt = dist_run("fsdp", rank, range(0))
     load_checkpoint(path, fresh, fresh_opt)
-    results["fsdp-resumed"] = dist_params(dist_run("fsdp", rank, range(STEPS // 2, STEPS), fresh, fresh_opt)[0])
+    results["fsdp-resumed"] = full_params(dist_run("fsdp", rank, range(STEPS // 2, STEPS), fresh, fresh_opt)[0])
     return results
 
 

@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from _ranks import run_ranks
+from _ranks import run_ranks, single_ddp_fsdp, whole
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -309,7 +309,6 @@ def run_net(model, optimizer, rank):
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    whole = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()  # noqa: E731
     shapes = {n.removeprefix("module."): {k: tuple(whole(v).shape) for k, v in optimizer.state[p].items()
                                           if k.startswith("proj_") and torch.is_tensor(v) and v.dim() == 2}
               for n, p in model.named_parameters() if n.endswith(("a.weight", "b.weight"))}
@@ -317,22 +316,9 @@ def run_net(model, optimizer, rank):
 
 
 def _scenarios(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
-
-    from galore_plus.distributed import distribute
-
-    results = {}
-    for method in METHODS:
-        model = make_net()
-        results["single", method] = run_net(model, net_optimizer(model, method), None)
-        model = DistributedDataParallel(make_net())
-        results["ddp", method] = run_net(model, distribute(net_optimizer(model, method)), rank)
-        model = make_net()
-        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-        results["fsdp", method] = run_net(model, net_optimizer(model, method), rank)
-    return results
+    return {(kind, method): result for method in METHODS
+            for kind, result in single_ddp_fsdp(make_net, lambda m: net_optimizer(m, method), run_net, rank,
+                                                WORLD).items()}
 
 
 @pytest.fixture(scope="module")

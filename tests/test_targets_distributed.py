@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ranks import run_ranks
+from _ranks import full_params, run_ranks
 from torch import nn
 
 from galore_plus import GaLorePlusAdamW
@@ -63,11 +63,6 @@ def train(model, optimizer, rank):
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def full_params(model):
-    return {n.removeprefix("module."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
 
 
 def run(rank: int) -> dict:
