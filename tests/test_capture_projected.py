@@ -17,30 +17,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_llama import batches, tiny
 from _ranks import run_ranks
 from _saving import train_across_a_resume
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer, engine_of
 from galore_plus.refresh import SHARE_SKETCH
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
 
 
 def spec(threshold, gap=100, **options):
     return LowRankSpec.recipe("galore+", 8, update_proj_gap=gap, residual_warmup=2, scale=1.0, refresh="capture",
                               capture_threshold=threshold, **options)
-
-
-def batches(steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 11), generator=gen) for _ in range(steps)]
 
 
 def backward(model, ids, micro=1):

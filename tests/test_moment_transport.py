@@ -18,9 +18,9 @@ import os
 
 import pytest
 import torch
+from _tiny_llama import batches, tiny, train
 from _ranks import run_ranks
 from _saving import train_across_a_resume
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer
 from galore_plus import projection
@@ -311,25 +311,6 @@ def test_8bit_moments_are_transported_within_the_quantizer_error():
 
 # ---------------------------------------------------------------------------------------------- the paths
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-
-
-def tiny(dtype=F64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
-
-
-def batches(steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 11), generator=gen) for _ in range(steps)]
-
-
-def train(model, opt, data):
-    for ids in data:
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 @pytest.mark.parametrize("method,options", [("galore+", {}), ("galore", {}), ("galore", {"proj_type": "full"})],

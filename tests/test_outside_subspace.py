@@ -17,8 +17,8 @@ import os
 
 import pytest
 import torch
+from _tiny_llama import batches, tiny
 from _ranks import full_params, run_ranks
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdafactor, GaLoreAdamW, LowRankSpec, build_optimizer, outside
 from galore_plus.memory import estimate_state_bytes, state_bytes
@@ -271,23 +271,11 @@ def test_the_cost_benchmark_runs(monkeypatch, capsys):
 
 # ---------------------------------------------------------------------- the projected backward, resume
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
 
 
 def spec(mode="fira", **options):
     return LowRankSpec.recipe("galore+", 8, update_proj_gap=GAP, residual_warmup=2, scale=ALPHA, outside=mode,
                               **options)
-
-
-def batches(steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 11), generator=gen) for _ in range(steps)]
 
 
 def copied(model, opt, projected, dtype=torch.float64, mode="fira"):

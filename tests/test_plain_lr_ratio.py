@@ -8,38 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_llama import batches, tiny, train
 from _saving import train_across_a_resume
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import LowRankSpec, build_optimizer
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 LR, RATIO, GAP = 1e-2, 4.0, 3
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
 
 
 def spec(**options):
     return LowRankSpec.recipe("galore+", 8, update_proj_gap=GAP, residual_warmup=2, scale=1.0,
                               plain_lr_ratio=RATIO, **options)
-
-
-def batches(steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 11), generator=gen) for _ in range(steps)]
-
-
-def train(model, opt, data, scheduler=None):
-    for ids in data:
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
 
 
 def test_the_plain_group_steps_at_lr_times_the_ratio_float64_reference():

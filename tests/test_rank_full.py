@@ -11,34 +11,17 @@ import io
 
 import pytest
 import torch
+from _tiny_llama import CONFIG, micro_batches, tiny, train
 from _ranks import run_ranks, single_ddp_fsdp, whole
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer, projection
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 STEPS, GAP = 12, 4  # refreshes at steps 1, 5, 9
 
 
-def tiny(dtype=torch.float64, config=CONFIG):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
-
-
 def batches(accumulation, steps=STEPS, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randint(0, 64, (2, 11), generator=gen) for _ in range(accumulation)] for _ in range(steps)]
-
-
-def train(model, opt, data):
-    for micro_batches in data:
-        for ids in micro_batches:
-            (model(input_ids=ids, labels=ids).loss / len(micro_batches)).backward()
-        opt.step()
-        opt.zero_grad()
-    return model
+    return micro_batches(accumulation, steps, seed)
 
 
 def max_difference(a, b):
@@ -198,7 +181,7 @@ def test_resume_across_a_refresh_is_bitwise(rank):
     def run(split=None):
         model = tiny(torch.float32)
         opt = build(model)
-        for step, micro_batches in enumerate(data):
+        for step, parts in enumerate(data):
             if step == split:  # save before the refresh of step 5; load into fresh objects
                 buf = io.BytesIO()
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -209,7 +192,7 @@ def test_resume_across_a_refresh_is_bitwise(rank):
                 model.load_state_dict(saved["model"])
                 opt = build(model)
                 opt.load_state_dict(saved["opt"])
-            train(model, opt, [micro_batches])
+            train(model, opt, [parts])
         return model
 
     a, b = run(), run(split=3)

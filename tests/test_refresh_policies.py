@@ -16,10 +16,10 @@ import math
 
 import pytest
 import torch
+from _tiny_llama import batches, tiny, train
 from _ranks import run_ranks
 from _saving import train_across_a_resume
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_plus import GaLoreAdamW, LowRankSpec, build_optimizer, engine_of, refresh_gap
 from galore_plus.refresh import refresh_steps
@@ -270,29 +270,10 @@ def test_the_command_resumed_and_extended_keeps_its_gap(tmp_path):
 # ---------------------------------------------------------------------------------------------- paths
 
 
-CONFIG = dict(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-
-
-def tiny(dtype=torch.float64):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(dtype)
 
 
 def spec(**options):
     return LowRankSpec.recipe("galore+", 8, update_proj_gap=4, residual_warmup=2, scale=1.0, **options)
-
-
-def batches(steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (2, 11), generator=gen) for _ in range(steps)]
-
-
-def train(model, opt, data):
-    for ids in data:
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def refresh_counts(opt):
