@@ -16,8 +16,8 @@ and ablations as issue 29's mechanisms land (:data:`METHODS`).
    64 and full, seed 0 (issue 29 item 6; the pre-training half has the same study).
 4. **Finals**: seeds 0, 1, 2 at the chosen rate on the test split (seed 0's final is the sweep's run),
    once every sweep of its round has closed (choices before confirmations; the sweeps in :data:`METHODS`'
-   order). Two rounds: the rows the targets are measured on (:data:`TARGET_ROWS`), sweeps then finals;
-   then the other peers' sweeps, then theirs.
+   order). In rounds (:data:`ROUNDS`), each to its finals before the next: the recipe against the old
+   one and LoRA; AdamW, the full-rank preset and DoRA; then the other peers.
 
 Runs are ``bench/finetune_table.py``'s (one fresh subprocess and one torch thread per run), driven by
 ``bench/harness.py``'s ``drive`` (each finished run recorded at once in
@@ -137,10 +137,11 @@ EXTENDS = {"plain lr x16": "plain lr x4"}
 #: unlike the preset's α 1 at AdamW's), after its sweep; the pre-training half has the same study
 RANK_ROW = "galore"
 RANKS = (8, 32, 64, "full")
-#: the rows issue 29's targets are measured on (GaLore+ against LoRA, DoRA and AdamW; the full-rank preset
-#: against AdamW; the recipe against the old one): :func:`plan` runs their sweeps and finals before the other
-#: peers' (Fira's package, GaLore and its ranks), added 2026-12-07 (session 36) as the grid heads past its budget
-TARGET_ROWS = ("lora", "galore+ (old recipe)", "galore+", "adamw", "galore+ (full rank)", "dora")
+#: :func:`plan`'s rounds, each run to its finals before the next starts (added 2026-12-07, session 36, as
+#: the grid heads past its budget): first the recipe against the old one and LoRA (which decides the
+#: command's GaLore+ default), then the rest of what issue 29's targets are measured on (AdamW, the full-rank
+#: preset, DoRA); the other peers (Fira's package, GaLore and its ranks) in a last round after them
+ROUNDS = (("lora", "galore+ (old recipe)", "galore+"), ("adamw", "galore+ (full rank)", "dora"))
 #: pairs reported with paired differences over the seeds (when both rows are final)
 PAIRS = (("galore+", "lora"), ("galore+", "dora"), ("galore+", "adamw"), ("galore+", "galore+ (old recipe)"),
          ("galore+ (old recipe)", "lora"), ("galore+ (old recipe)", "dora"), ("galore+ (old recipe)", "adamw"),
@@ -199,15 +200,15 @@ def sweep_state(proto, name, by_key):
 
 
 def plan(proto, by_key, names=None):
-    """Everything still to run, in order, in two rounds: first the rows issue 29's targets are measured on
-    (:data:`TARGET_ROWS`), then the other peers. In each round, each row's sweep (with, once its rate is
-    chosen, the ablation or the rank study it carries), row after row; then that round's chosen rows'
-    finals. Choices before confirmations within a round: a row's other seeds wait until the round's
-    sweeps have closed (as in pre-training); the targets' finals before the other peers' sweeps, since
-    they decide the command's defaults."""
+    """Everything still to run, in order, round by round (:data:`ROUNDS`, then every other row). In each
+    round, each row's sweep (with, once its rate is chosen, the ablation or the rank study it carries),
+    row after row; then that round's chosen rows' finals. Choices before confirmations within a round: a
+    row's other seeds wait until the round's sweeps have closed (as in pre-training); a round's finals
+    before the next round's sweeps, since the earlier rounds decide the command's defaults."""
     rows = [n for n in proto["methods"] if not names or n in names]
-    first = [n for n in rows if n in TARGET_ROWS]
-    return plan_round(proto, by_key, first) + plan_round(proto, by_key, [n for n in rows if n not in first])
+    rounds = [[n for n in rows if n in round_] for round_ in ROUNDS]
+    rounds.append([n for n in rows if not any(n in r for r in ROUNDS)])
+    return [j for round_ in rounds for j in plan_round(proto, by_key, round_)]
 
 
 def plan_round(proto, by_key, rows):

@@ -55,20 +55,23 @@ def test_the_sweep_brackets_the_winner_and_the_finals_follow(bench):
     finals = [j for j in bench.plan(proto, by_key, ["lora"]) if j["stage"] == "final"]
     assert [j["settings"]["seed"] for j in finals] == [1, 2]  # seed 0's final is the sweep's run
     assert all(j["settings"]["lr"] == 1e-2 for j in finals)
-    # the target rows' sweeps (AdamW's: issue 29's targets are measured against it) before any of their other
-    # seeds; their finals before the other peers' sweeps, and those before the peers' finals
+    # round by round (bench.ROUNDS, then the other peers): a round's sweeps before its rows' other seeds, its
+    # finals before the next round's sweeps
     todo = bench.plan(proto, {**base_runs, **by_key})
-    first = [i for i, j in enumerate(todo) if j["row"].split(" + ")[0] in bench.TARGET_ROWS]  # with the ablations
-    assert first == list(range(len(first))) and len(first) < len(todo)  # the targets' round comes first
-    targets, peers = todo[:len(first)], todo[len(first):]
-    for round_ in (targets, peers):
-        stages = [j["stage"] for j in round_]
-        assert "final" not in stages or stages.index("final") > max(i for i, s in enumerate(stages) if s == "sweep")
-    sweep_rows = list(dict.fromkeys(j["row"] for j in targets if j["stage"] == "sweep"))
-    assert sweep_rows[:2] == (["galore+", "adamw"] if bench.NEW_RECIPE else ["adamw", "galore+ (full rank)"])
-    assert {j["row"] for j in targets if j["stage"] == "final"} == {"lora", base}
-    assert {j["row"] for j in peers} == set(bench.METHODS) - set(bench.TARGET_ROWS)
-    assert not [j for j in peers if j["stage"] == "final"]  # no peer's rate is chosen yet
+    round_of = {n: i for i, r in enumerate(bench.ROUNDS) for n in r}
+    rounds = [round_of.get(j["row"].split(" + ")[0], len(bench.ROUNDS)) for j in todo]  # an ablation: its base's
+    assert rounds == sorted(rounds) and set(rounds) == set(range(len(bench.ROUNDS) + 1))
+    for i in set(rounds):
+        stages = [j["stage"] for j, r in zip(todo, rounds) if r == i]
+        assert "final" not in stages or stages.index("final") > max(k for k, s in enumerate(stages) if s == "sweep")
+    first = [j for j, r in zip(todo, rounds) if r == 0]
+    assert [j["row"] for j in first if j["stage"] == "sweep"][:1] == (["galore+"] if bench.NEW_RECIPE else [])
+    assert {j["row"] for j in first if j["stage"] == "final"} == {"lora", base}
+    second = [j for j, r in zip(todo, rounds) if r == 1]
+    assert list(dict.fromkeys(j["row"] for j in second)) == ["adamw", "galore+ (full rank)", "dora"]
+    peers = [j for j, r in zip(todo, rounds) if r == len(bench.ROUNDS)]
+    assert {j["row"] for j in peers} == set(bench.METHODS) - {n for r in bench.ROUNDS for n in r}
+    assert not [j for j in second + peers if j["stage"] == "final"]  # no rate chosen there yet
     # every rate diverging moves the sweep down the ladder
     curve, chosen = fill(bench, proto, "fira", {1e-5: 1.3, 3e-5: 1.2, 1e-4: None, 3e-4: None, 1e-3: None}, {})
     assert chosen == 3e-5 and math.isinf(curve[1e-3])
