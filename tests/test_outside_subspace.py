@@ -480,14 +480,25 @@ def test_bad_values_are_refused_in_one_line(options, message):
 
 
 def test_the_command():
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, projected_backward
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, outside_term, projected_backward
     from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
-    assert LEGACY_VALUES["outside"] == "off" == FinetuneConfig.outside
+    assert LEGACY_VALUES["outside"] == "off" and FinetuneConfig.outside is None  # runs before it: off
     config = FinetuneConfig(outside="fira")
     assert low_rank_spec(config).outside == "fira"
-    assert not projected_backward(config) and projected_backward(FinetuneConfig())
+    assert not projected_backward(config) and projected_backward(FinetuneConfig(outside="off"))
+    # the command's GaLore+ recipe (DESIGN.md, "The command's GaLore+ recipe"): Fira's term unless a choice
+    # it would undo was given; off for every other method; as given when given; resolved and recorded
+    assert outside_term(FinetuneConfig()) == "fira" and not projected_backward(FinetuneConfig())
+    for options in ({"method": "galore"}, {"method": "lora"}, {"method": "adamw"}, {"projected_backward": True},
+                    {"layerwise": True}, {"proj_type": "full"}, {"outside": "off"}):
+        assert outside_term(FinetuneConfig(**options)) == "off", options
+    assert outside_term(FinetuneConfig(method="galore", outside="fira")) == "fira"
+    assert outside_term(FinetuneConfig(refresh_policy="capture", eightbit=True)) == "fira"
+    assert validated(FinetuneConfig()).outside == "fira" and validated(FinetuneConfig(method="lora")).outside == "off"
+    assert low_rank_spec(FinetuneConfig()).outside == "fira"
+    assert validated(FinetuneConfig(projected_backward=True)).outside == "off"  # no clash with the flag given
     with pytest.raises(ConfigError, match="--outside fira with --projected-backward"):
         validated(FinetuneConfig(outside="fira", projected_backward=True))
     with pytest.raises(ConfigError, match="--outside fira needs --method galore or galore"):
