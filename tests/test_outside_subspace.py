@@ -505,3 +505,34 @@ def test_the_command():
         validated(FinetuneConfig(method="lora", outside="fira"))
     with pytest.raises(ConfigError, match="outside='bogus' is not one of"):
         validated(FinetuneConfig(outside="bogus"))
+
+
+def test_a_run_from_before_the_recipe_resumes_as_it_ran(tmp_path, monkeypatch):
+    """A run recorded with ``--outside off`` (every GaLore+ run of the command before its recipe took Fira's
+    term), resumed from Python with the option left out, continues without the term, bitwise the
+    uninterrupted run; a new run with it left out takes the term and records it, and trains differently."""
+    import json
+
+    from test_cli import TINY, assert_same_weights, crash_at
+
+    from galore_plus.app import finetune as finetune_module
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
+
+    quick = dict(TINY, max_steps=6, eval_before=False, generate=False)
+    full, run, new = tmp_path / "full", tmp_path / "interrupted", tmp_path / "new"
+    finetune(FinetuneConfig(**quick, outside="off", output_dir=str(full)))
+    assert json.loads((full / "run.json").read_text())["config"]["outside"] == "off"
+    real = crash_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneConfig(**quick, outside="off", save_every=3, output_dir=str(run)))
+    monkeypatch.setattr(finetune_module, "_forward_backward", real)
+    finetune(FinetuneConfig(**quick, save_every=3, output_dir=str(run)), resume=str(run))  # outside left out
+    assert json.loads((run / "run.json").read_text())["config"]["outside"] == "off"
+    assert_same_weights(full, run)
+    metrics = finetune(FinetuneConfig(**quick, output_dir=str(new)))
+    assert json.loads((new / "run.json").read_text())["config"]["outside"] == "fira"
+    assert metrics["projected_backward"] is False
+    losses = [[json.loads(line)["loss"] for line in (d / "log.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for d in (full, new)]
+    assert losses[0][0] == losses[1][0] and losses[0][-1] != losses[1][-1]  # same start, the term changes the run
