@@ -187,6 +187,11 @@ LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_thres
                  "canonical_signs", "proj_type", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
                  "warmup_ratio", "target_modules", "preset")
 
+#: options the command resolves per method when unset (``None``; ``--outside``: Fira's term for galore+ since
+#: the recipe changed, ``config.outside_term``): a benchmark run that leaves one unset runs it at its
+#: :data:`LEGACY_VALUES` value ("off"), as its recorded runs did, and names the mechanism where it wants it
+METHOD_DEFAULTS = ("outside",)
+
 
 def train_settings(options, rank):
     """A training run's settings (its key's content): every FinetuneConfig field that says what it
@@ -198,8 +203,8 @@ def train_settings(options, rank):
     for name in NOT_SETTINGS:
         config.pop(name)
     for name in LATER_OPTIONS:
-        if config[name] == LEGACY_VALUES[name]:
-            config.pop(name)
+        if config[name] == LEGACY_VALUES[name] or (config[name] is None and name in METHOD_DEFAULTS):
+            config.pop(name)  # so the run takes LEGACY_VALUES[name], as every recorded run did
     if rank is None:
         config["rank"] = None  # AdamW ignores it
     return {"kind": "train", **config}

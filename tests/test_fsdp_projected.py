@@ -193,7 +193,9 @@ def test_fsdp_uses_the_projected_backward_by_default():
     from galore_plus.app.cli import parse_config
     from galore_plus.app.config import FinetuneConfig, projected_backward
 
-    assert projected_backward(FinetuneConfig(model="tiny", distributed="fsdp"))
+    assert projected_backward(FinetuneConfig(model="tiny", distributed="fsdp", method="galore"))
+    assert projected_backward(FinetuneConfig(model="tiny", distributed="fsdp", outside="off"))  # galore+ without
+    assert not projected_backward(FinetuneConfig(model="tiny", distributed="fsdp"))  # its recipe's Fira term
     assert not projected_backward(FinetuneConfig(model="tiny", distributed="fsdp", projected_backward=False))
     config, _ = parse_config(["finetune", "--model", "tiny", "--projected-backward", "--distributed", "fsdp"])
     assert config.projected_backward and config.distributed == "fsdp"
@@ -213,7 +215,7 @@ def test_finetune_under_torchrun_with_fsdp_projects_and_equals_single_process(tm
     from galore_plus.app.config import FinetuneConfig
     from galore_plus.app.finetune import finetune
 
-    options = dict(model="tiny", data="arithmetic", method="galore+", rank=4, max_steps=4, batch_size=4, n_train=24,
+    options = dict(model="tiny", data="arithmetic", method="galore+", outside="off", rank=4, max_steps=4, batch_size=4, n_train=24,
                    n_test=4, max_length=64, max_new_tokens=4, eval_batch_size=4, warmup_steps=1, lr=1e-3,
                    update_proj_gap=4, residual_warmup=1, grad_accum=2, eval_before=False, gradient_checkpointing=True)
     # one refresh in 4 steps (float32: see test_distributed's command test); steps 2-4 are projected

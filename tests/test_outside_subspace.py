@@ -480,17 +480,59 @@ def test_bad_values_are_refused_in_one_line(options, message):
 
 
 def test_the_command():
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, projected_backward
+    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig, low_rank_spec, outside_term, projected_backward
     from galore_plus.app.validation import validated
     from galore_plus.app.errors import ConfigError
 
-    assert LEGACY_VALUES["outside"] == "off" == FinetuneConfig.outside
+    assert LEGACY_VALUES["outside"] == "off" and FinetuneConfig.outside is None  # runs before it: off
     config = FinetuneConfig(outside="fira")
     assert low_rank_spec(config).outside == "fira"
-    assert not projected_backward(config) and projected_backward(FinetuneConfig())
+    assert not projected_backward(config) and projected_backward(FinetuneConfig(outside="off"))
+    # the command's GaLore+ recipe (DESIGN.md, "The command's GaLore+ recipe"): Fira's term unless a choice
+    # it would undo was given; off for every other method; as given when given; resolved and recorded
+    assert outside_term(FinetuneConfig()) == "fira" and not projected_backward(FinetuneConfig())
+    for options in ({"method": "galore"}, {"method": "lora"}, {"method": "adamw"}, {"projected_backward": True},
+                    {"layerwise": True}, {"proj_type": "full"}, {"outside": "off"}):
+        assert outside_term(FinetuneConfig(**options)) == "off", options
+    assert outside_term(FinetuneConfig(method="galore", outside="fira")) == "fira"
+    assert outside_term(FinetuneConfig(refresh_policy="capture", eightbit=True)) == "fira"
+    assert validated(FinetuneConfig()).outside == "fira" and validated(FinetuneConfig(method="lora")).outside == "off"
+    assert low_rank_spec(FinetuneConfig()).outside == "fira"
+    assert validated(FinetuneConfig(projected_backward=True)).outside == "off"  # no clash with the flag given
     with pytest.raises(ConfigError, match="--outside fira with --projected-backward"):
         validated(FinetuneConfig(outside="fira", projected_backward=True))
     with pytest.raises(ConfigError, match="--outside fira needs --method galore or galore"):
         validated(FinetuneConfig(method="lora", outside="fira"))
     with pytest.raises(ConfigError, match="outside='bogus' is not one of"):
         validated(FinetuneConfig(outside="bogus"))
+
+
+def test_a_run_from_before_the_recipe_resumes_as_it_ran(tmp_path, monkeypatch):
+    """A run recorded with ``--outside off`` (every GaLore+ run of the command before its recipe took Fira's
+    term), resumed from Python with the option left out, continues without the term, bitwise the
+    uninterrupted run; a new run with it left out takes the term and records it, and trains differently."""
+    import json
+
+    from test_cli import TINY, assert_same_weights, crash_at
+
+    from galore_plus.app import finetune as finetune_module
+    from galore_plus.app.config import FinetuneConfig
+    from galore_plus.app.finetune import finetune
+
+    quick = dict(TINY, max_steps=6, eval_before=False, generate=False)
+    full, run, new = tmp_path / "full", tmp_path / "interrupted", tmp_path / "new"
+    finetune(FinetuneConfig(**quick, outside="off", output_dir=str(full)))
+    assert json.loads((full / "run.json").read_text())["config"]["outside"] == "off"
+    real = crash_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneConfig(**quick, outside="off", save_every=3, output_dir=str(run)))
+    monkeypatch.setattr(finetune_module, "_forward_backward", real)
+    finetune(FinetuneConfig(**quick, save_every=3, output_dir=str(run)), resume=str(run))  # outside left out
+    assert json.loads((run / "run.json").read_text())["config"]["outside"] == "off"
+    assert_same_weights(full, run)
+    metrics = finetune(FinetuneConfig(**quick, output_dir=str(new)))
+    assert json.loads((new / "run.json").read_text())["config"]["outside"] == "fira"
+    assert metrics["projected_backward"] is False
+    losses = [[json.loads(line)["loss"] for line in (d / "log.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for d in (full, new)]
+    assert losses[0][0] == losses[1][0] and losses[0][-1] != losses[1][-1]  # same start, the term changes the run

@@ -122,7 +122,7 @@ def test_eval_every_keeps_the_best_step_and_load_best_at_end_makes_final_from_it
     ``--load-best-at-end`` final/ and the metrics after training are those weights', while the
     checkpoint keeps the last step's (to extend the run)."""
     out = tmp_path / "run"
-    metrics = finetune(tiny_config(tmp_path, lr=0.1, max_steps=5, eval_every=2, n_validation=4, eval_before=False,
+    metrics = finetune(tiny_config(tmp_path, lr=0.1, max_steps=5, eval_every=2, n_validation=4, eval_before=False, outside="off",
                                    generate=False, load_best_at_end=True))
     evals = [r for r in log_records(out) if "eval_loss" in r]
     assert [(r["step"], r["split"], r["n"]) for r in evals] == [(2, "validation", 4), (4, "validation", 4),

@@ -91,7 +91,9 @@ def test_the_command_config_builds_its_spec_from_the_same_fields():
     from galore_plus.app.config import FinetuneConfig, low_rank_spec
 
     spec = low_rank_spec(FinetuneConfig(method="galore+", rank=16, scale=2.0))
-    assert spec == LowRankSpec.recipe("galore+", 16, scale=2.0, update_proj_gap=FinetuneConfig.update_proj_gap)
+    # the command's recipe adds Fira's term to the library's (DESIGN.md, "The command's GaLore+ recipe")
+    assert spec == LowRankSpec.recipe("galore+", 16, scale=2.0, update_proj_gap=FinetuneConfig.update_proj_gap,
+                                      outside="fira")
     assert FinetuneConfig.residual_warmup == GROUP_DEFAULTS["residual_warmup"]
     assert low_rank_spec(FinetuneConfig(method="galore", eightbit=True)).rule == "adamw8bit"
 

@@ -108,15 +108,17 @@ class FinetuneConfig:
                                 "the residual's rule: exact (exact moments) or paper (Algorithm 2, guarded)")
     residual_warmup: int = option(LOW_RANK_DEFAULTS["residual_warmup"], "steps before the residual's entries "
                                                                        "are chosen")
-    outside: str = option(LOW_RANK_DEFAULTS["outside"], "the gradient outside the subspace: dropped (off) or added "
-                                                        "as Fira does (fira; needs the full backward)",
-                          choices=OUTSIDE_MODES)
+    outside: str | None = option(None, "the gradient outside the subspace: dropped (off) or added as Fira does (fira; "
+                                       "needs the full backward)", choices=OUTSIDE_MODES,
+                                 shown="fira for galore+ (off with --projected-backward, --layerwise or --proj-type "
+                                       "full), off for galore")
     layerwise: bool = option(False, "update each parameter inside backward() (galore, galore+)")
     eightbit: bool = option(False, "8-bit optimizer states (galore, galore+; --method adamw8bit is 8-bit AdamW)",
                             flag="--8bit")
     projected_backward: bool | None = option(
         None, "backward computes the projected gradients between refreshes, not the m×n weight gradients (galore, "
-              "galore+: faster, less memory)", shown="on for galore and galore+, off with --outside fira or --refresh-policy capture")
+              "galore+: faster, less memory)", shown="on for galore, and for galore+ with --outside off; off with "
+                                                      "--outside fira or --refresh-policy capture")
     embeddings: str = option("full", "the input embedding and lm_head: trained in full (the published recipe), "
                                      "frozen, or low_rank (galore, galore+)", choices=EMBEDDINGS)
     dtype: str = option("auto", "the weights' dtype (galore, galore+ write bf16/fp16 weights with stochastic "
@@ -232,7 +234,7 @@ def low_rank_spec(config: FinetuneConfig, total_steps: int | None = None) -> Low
                               refresh=config.refresh_policy, capture_threshold=config.capture_threshold,
                               residual_warmup=config.residual_warmup, residual_mode=config.residual_mode,
                               plain_lr_ratio=config.plain_lr_ratio, moment_transport=config.moment_transport,
-                              canonical_signs=config.canonical_signs, outside=config.outside,
+                              canonical_signs=config.canonical_signs, outside=outside_term(config),
                               proj_type=config.proj_type,
                               rule="adamw8bit" if config.eightbit else "adamw", **residual)
 
@@ -243,6 +245,19 @@ def residual_ratio(config: FinetuneConfig) -> float:
     if config.residual_ratio is not None:
         return config.residual_ratio
     return PAPER_RESIDUAL_RATIO if config.method == "galore+" else LOW_RANK_DEFAULTS["residual_ratio"]
+
+
+def outside_term(config: FinetuneConfig) -> str:
+    """The run's ``--outside``: as given, else the command's GaLore+ recipe, Fira's term (issue 29: the
+    fine-tuning measurements' pick; DESIGN.md, "The command's GaLore+ recipe"), except where the user chose
+    what it would undo (``--projected-backward``: the term needs the full gradient; ``--layerwise``: it keeps
+    an ``m×n`` accumulator per matrix with accumulation; ``--proj-type full``: no column to scale by), and
+    off for every other method. ``validation.validated`` writes it into the config, so a run records it."""
+    if config.outside is not None:
+        return config.outside
+    if config.method == "galore+" and not (config.projected_backward or config.layerwise or config.proj_type == "full"):
+        return "fira"
+    return "off"
 
 
 def learning_rate(config: FinetuneConfig) -> float:
@@ -260,7 +275,7 @@ def projected_backward(config: FinetuneConfig) -> bool:
     whose term needs the full gradient at every step (the projected backward forms it at refreshes only)."""
     if config.projected_backward is not None:
         return config.projected_backward
-    return config.method in LOW_RANK_METHODS and config.refresh_policy != "capture" and config.outside == "off"
+    return config.method in LOW_RANK_METHODS and config.refresh_policy != "capture" and outside_term(config) == "off"
 
 
 def torch_dtype(name: str, device):

@@ -9,13 +9,18 @@ from .config import LOW_RANK_METHODS, FinetuneConfig, flag
 from .errors import ConfigError
 
 
+#: options whose default depends on the method (``None`` until ``validated`` resolves it): the value they take
+#: for a method that is neither galore nor galore+, which is not a use of the option
+DEFAULT_ELSEWHERE = {"outside": "off"}
+
+
 def check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
                 if getattr(c, name)]
         used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
                                    "refresh_policy", "capture_threshold", "moment_transport", "outside", "proj_type")
-                 if getattr(c, name) != getattr(FinetuneConfig, name)]  # moved from its default
+                 if getattr(c, name) not in (getattr(FinetuneConfig, name), DEFAULT_ELSEWHERE.get(name))]  # moved
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
