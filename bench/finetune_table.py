@@ -187,24 +187,22 @@ LATER_OPTIONS = ("plain_lr_ratio", "refreshes", "refresh_policy", "capture_thres
                  "canonical_signs", "proj_type", "outside", "packing", "chat_template", "load_best_at_end", "lr_scheduler",
                  "warmup_ratio", "target_modules", "preset")
 
-#: options the command resolves per method when unset (``None``; ``--outside``: Fira's term for galore+ since
-#: the recipe changed, ``config.outside_term``): a benchmark run that leaves one unset runs it at its
-#: :data:`LEGACY_VALUES` value ("off"), as its recorded runs did, and names the mechanism where it wants it
-METHOD_DEFAULTS = ("outside",)
-
 
 def train_settings(options, rank):
     """A training run's settings (its key's content): every FinetuneConfig field that says what it
     computes, from ``options`` and ``rank`` (``None`` for AdamW, which has none), less the
     :data:`LATER_OPTIONS` at their off values."""
-    from galore_plus.app.config import LEGACY_VALUES, FinetuneConfig
+    from galore_plus.app.config import LEGACY_VALUES, RESOLVED, FinetuneConfig
 
     config = dataclasses.asdict(FinetuneConfig(**options, **({} if rank is None else {"rank": rank})))
     for name in NOT_SETTINGS:
         config.pop(name)
     for name in LATER_OPTIONS:
-        if config[name] == LEGACY_VALUES[name] or (config[name] is None and name in METHOD_DEFAULTS):
-            config.pop(name)  # so the run takes LEGACY_VALUES[name], as every recorded run did
+        # an option the command resolves per method when unset (config.RESOLVED; --outside: Fira's term for
+        # galore+ since the recipe changed) runs at its legacy value, as the recorded runs did: a benchmark
+        # names the mechanism where it wants it
+        if config[name] == LEGACY_VALUES[name] or (config[name] is None and name in RESOLVED):
+            config.pop(name)  # so the run takes LEGACY_VALUES[name]
     if rank is None:
         config["rank"] = None  # AdamW ignores it
     return {"kind": "train", **config}

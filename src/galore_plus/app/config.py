@@ -269,6 +269,12 @@ def learning_rate(config: FinetuneConfig) -> float:
     return DEFAULT_LR[PRESET_LR.get(config.preset, config.method)]
 
 
+#: the options whose value when unset (``None``) depends on the run's other options, with their resolvers:
+#: ``validation.validated`` writes each into the config, so a run records it, and a resume with one unset
+#: keeps the run's recorded value, whatever the default is now (``resume.changes``)
+RESOLVED = {"lr": learning_rate, "outside": outside_term}
+
+
 def projected_backward(config: FinetuneConfig) -> bool:
     """Whether the run uses the projected backward: as given, or on for galore and galore+ (the faster
     path; under FSDP2 too since issue 26: DESIGN.md, "Distributed") except with ``--outside fira``,

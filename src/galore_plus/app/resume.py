@@ -52,11 +52,12 @@ def resumed(saved: FinetuneConfig, given: dict[str, Any], directory: str | os.Pa
 def changes(config: FinetuneConfig, saved: FinetuneConfig) -> dict[str, Any]:
     """The options where ``config`` differs from ``saved`` (what :func:`resumed` is given when
     ``finetune(config, resume=...)`` is called from Python), ``config`` with its ``--preset``'s values;
-    ``lr`` and ``outside`` None (the method's default) are the run's recorded values, whatever the default
-    is now."""
+    an option of ``config.RESOLVED`` left unset (``lr``, ``outside``: the method's default) is the run's
+    recorded value, whatever the default is now."""
+    from .config import RESOLVED
     from .presets import with_preset
 
-    defaulted = {name for name in ("lr", "outside") if getattr(config, name) is None}
+    defaulted = {name for name in RESOLVED if getattr(config, name) is None}
     config = with_preset(config)
     return {f.name: getattr(config, f.name) for f in fields(config)
             if getattr(config, f.name) != getattr(saved, f.name) and (f.name != "output_dir")

@@ -19,8 +19,7 @@ from dataclasses import fields
 
 from ..options import check_common, is_real
 from .checks import check_device, check_output_dir, check_types
-from .config import (METHODS, SEED_LIMIT, FinetuneConfig, absolute_data, flag, learning_rate, low_rank_spec,
-                     outside_term)
+from .config import METHODS, RESOLVED, SEED_LIMIT, FinetuneConfig, absolute_data, flag, low_rank_spec
 from .errors import ConfigError
 from .examples import DataError
 from .models import check_spec
@@ -46,8 +45,8 @@ def validated(config: FinetuneConfig) -> FinetuneConfig:
     if c.method not in METHODS:  # before its default rate is looked up
         raise ConfigError(f"{flag('method')} must be one of {', '.join(METHODS)}; got {c.method!r}")
     c = with_preset(c)  # --preset's values (DESIGN.md, "Presets")
-    c = dataclasses.replace(c, lr=learning_rate(c))  # recorded with the run (DESIGN.md, "Learning rate per method")
-    c = dataclasses.replace(c, outside=outside_term(c))  # and so is the recipe's term ("The command's GaLore+ recipe")
+    # recorded with the run (DESIGN.md, "Learning rate per method", "The command's GaLore+ recipe")
+    c = dataclasses.replace(c, **{name: resolve(c) for name, resolve in RESOLVED.items()})
     try:  # the values the library owns, with its messages: the spec checks its own
         low_rank_spec(c)
         check_common({"lr": c.lr, "weight_decay": c.weight_decay, "seed": c.seed}, "finetune")
