@@ -4,23 +4,22 @@ them after each value's own check."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..spec import is_int, is_real
-from .config import LOW_RANK_METHODS, FinetuneConfig, flag
+from .config import LOW_RANK_METHODS, RESOLVED, FinetuneConfig, flag
 from .errors import ConfigError
-
-
-#: options whose default depends on the method (``None`` until ``validated`` resolves it): the value they take
-#: for a method that is neither galore nor galore+, which is not a use of the option
-DEFAULT_ELSEWHERE = {"outside": "off"}
 
 
 def check_method(c: FinetuneConfig) -> None:
     if c.method not in LOW_RANK_METHODS:
         used = [name for name in ("layerwise", "eightbit", "residual_ratio", "projected_backward", "canonical_signs")
                 if getattr(c, name)]
+        # an option that validated() resolved per method (config.RESOLVED) is unused at what it resolves to unset
+        unset = {name: resolve(dataclasses.replace(c, **{name: None})) for name, resolve in RESOLVED.items()}
         used += [name for name in ("embeddings", "stochastic_rounding", "plain_lr_ratio", "refreshes",
                                    "refresh_policy", "capture_threshold", "moment_transport", "outside", "proj_type")
-                 if getattr(c, name) not in (getattr(FinetuneConfig, name), DEFAULT_ELSEWHERE.get(name))]  # moved
+                 if getattr(c, name) not in (getattr(FinetuneConfig, name), unset.get(name))]  # moved from its default
         if used == ["eightbit"]:
             raise ConfigError("--8bit applies to galore and galore+; use --method adamw8bit for 8-bit AdamW")
         if used:
