@@ -14,6 +14,10 @@ LoRA, DoRA, GaLore, GaLore+) at ranks 8 and 32 on each task:
    and, where the task's budget generates, accuracy). Seed 0's final is the sweep's run at that
    rate (the same settings: one run; the sweep's runs score the test split too, unseen by the choice).
 
+One row more on arithmetic (:data:`EXTRA_ROWS`): "galore+ (recipe)", the command's GaLore+ recipe since
+issue 29 (Fira's term, the full backward) at rank 32, the main job's settings: its chosen rate is
+``galore-plus finetune``'s default rate for GaLore+ (``config.DEFAULT_LR``).
+
 Runs are ``bench/finetune_table.py``'s (one fresh subprocess per run, its peak RSS its own, one
 torch thread), driven by ``bench/harness.py``: results appended at once to
 ``bench/results/lr_sweep.json`` keyed by the complete settings (an interrupted invocation resumes; a
@@ -53,6 +57,15 @@ START = {"adamw": (1e-5, 3e-5, 1e-4), "galore": (1e-5, 3e-5, 1e-4), "galore+": (
 #: (DoRA is LoRA with a magnitude vector) and GaLore+/GaLore 3e-4 (their full-rank parameters step at lr,
 #: as all of AdamW's do; AdamW chose 1e-4 on arithmetic)
 START_BY_TASK = {"gsm_symbolic": {"dora": (1e-3, 3e-3, 1e-2), "adamw": (3e-5, 1e-4, 3e-4)}}
+#: a row that is a method with options of its own (its name in METHODS or EXTRA_ROWS → the method and them):
+#: the command's GaLore+ recipe since issue 29, Fira's term and so the full backward (DESIGN.md, "The command's
+#: GaLore+ recipe"); "galore+" stays the recipe the grid was recorded with (the projected backward, no term)
+VARIANTS = {"galore+ (recipe)": ("galore+", {"outside": "fira"})}
+#: rows of one task only, after METHODS: the recipe on the main job's task and rank (arithmetic, r32: the
+#: command's defaults), whose chosen rate is the command's default rate for galore+ (config.DEFAULT_LR); it
+#: starts around the former recipe's choice there, 1e-4
+EXTRA_ROWS = {"arithmetic": (("galore+ (recipe)", 32),)}
+START["galore+ (recipe)"] = (3e-5, 1e-4, 3e-4)
 MAX_RUNGS = 6  # rates per method at most (3 to start, 3 extensions)
 SEEDS = (0, 1, 2)
 #: the order of the grid: the central comparison first
@@ -83,7 +96,8 @@ def mode_settings(mode):
                       eval_batch_size=4, warmup_steps=1, update_proj_gap=2, residual_warmup=1)
         tasks = {"arithmetic": dict(max_new_tokens=4, generate=True)}
         methods = (("galore+", 4), ("lora", 4))
-        start = {"galore+": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2)}
+        extra_rows = {"arithmetic": (("galore+ (recipe)", 4),)}
+        start = {"galore+": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2), "galore+ (recipe)": (1e-3, 3e-3, 1e-2)}
         seeds = (0, 1)
     else:
         # the command's defaults (150 steps, T 50, α 4, the projected backward, float32 on CPU), 200
@@ -95,17 +109,19 @@ def mode_settings(mode):
                  # ~15 min, and at 40 steps accuracy did not move (1% → 1%, finetune_table.md): the
                  # budget is shorter, and the finals are scored by answer loss (BENCHMARKS.md §8)
                  "gsm_symbolic": dict(max_new_tokens=256, max_steps=40, generate=False)}
-        methods, start, seeds = METHODS, START, SEEDS
+        methods, extra_rows, start, seeds = METHODS, EXTRA_ROWS, START, SEEDS
     start_by_task = {task: START_BY_TASK.get(task, {}) for task in tasks}
-    return {"mode": mode, "common": common, "tasks": tasks, "methods": methods, "start": start,
+    rows = {task: tuple(methods) + tuple(extra_rows.get(task, ())) for task in tasks}
+    return {"mode": mode, "common": common, "tasks": tasks, "methods": methods, "rows": rows, "start": start,
             "start_by_task": start_by_task, "seeds": seeds}
 
 
 def job(settings_of_mode, task, method, rank, lr, seed, stage, extra=None, name=None):
     """One run: its complete settings (the FinetuneConfig fields that say what it computes) and key;
-    ``extra`` options (a diagnosis, ``name``) on top of the grid's."""
-    options = dict(settings_of_mode["common"], **settings_of_mode["tasks"][task], data=task, method=method, seed=seed,
-                   lr=lr, eval_before=False, **(extra or {}))
+    ``extra`` options (a diagnosis, ``name``) on top of the grid's; ``method`` may name a :data:`VARIANTS` row."""
+    base, own = VARIANTS.get(method, (method, {}))
+    options = dict(settings_of_mode["common"], **settings_of_mode["tasks"][task], data=task, method=base, seed=seed,
+                   lr=lr, eval_before=False, **own, **(extra or {}))
     settings = ft.train_settings(options, rank)
     label = f"{label_of(method, rank)} lr{lr:g}" + (f" {name}" if name else "")
     return {"key": harness.settings_key(settings), "settings": settings, "tables": {stage: label}, "label": label,
@@ -149,7 +165,7 @@ def plan(settings_of_mode, by_key, tasks=None):
     for task in settings_of_mode["tasks"]:
         if tasks and task not in tasks:
             continue
-        for i, (method, rank) in enumerate(settings_of_mode["methods"]):
+        for i, (method, rank) in enumerate(settings_of_mode["rows"][task]):
             if i == DIAGNOSE_AFTER:
                 out += [j for j in diagnose_jobs(settings_of_mode, task, by_key) if j["key"] not in by_key]
             pending, _, chosen = sweep_state(settings_of_mode, task, method, rank, by_key)
@@ -163,7 +179,7 @@ def plan(settings_of_mode, by_key, tasks=None):
                 final = job(settings_of_mode, task, method, rank, chosen, seed, "final")
                 if final["key"] not in by_key:
                     out.append(final)
-        if len(settings_of_mode["methods"]) <= DIAGNOSE_AFTER:
+        if len(settings_of_mode["rows"][task]) <= DIAGNOSE_AFTER:
             out += [j for j in diagnose_jobs(settings_of_mode, task, by_key) if j["key"] not in by_key]
     return harness.dedupe(out)
 
@@ -192,7 +208,7 @@ def summary(settings_of_mode, by_key):
     out = {"mode": settings_of_mode["mode"], "common": settings_of_mode["common"],
            "tasks": settings_of_mode["tasks"], "rows": []}
     for task in settings_of_mode["tasks"]:
-        for method, rank in settings_of_mode["methods"]:
+        for method, rank in settings_of_mode["rows"][task]:
             pending, curve, chosen = sweep_state(settings_of_mode, task, method, rank, by_key)
             row = {"task": task, "method": method, "rank": rank, "label": label_of(method, rank),
                    "curve": [{"lr": lr, "validation_answer_loss": loss} for lr, loss in curve],
@@ -262,8 +278,8 @@ def render(table, command, path_md, path_png=None, machine=None):
              f"Settings: model {c['model']}, batch {c['batch_size']}, max_length {c['max_length']}, n_train "
              f"{c['n_train']}, {c['n_validation']} validation examples (held out of the training side), "
              f"{c['n_test']} test examples; otherwise `galore-plus finetune`'s defaults (cosine schedule with "
-             f"warm-up {c.get('warmup_steps', 10)}, weight decay 0, GaLore/GaLore+: α 4, T 50, the projected backward; LoRA/DoRA: α = 2r, "
-             "all linear layers). Per task: " + "; ".join(
+             f"warm-up {c.get('warmup_steps', 10)}, weight decay 0, GaLore/GaLore+: α 4, T 50, the projected backward; galore+ (recipe): "
+             "the command's GaLore+ recipe, Fira's term and the full backward; LoRA/DoRA: α = 2r, all linear layers). Per task: " + "; ".join(
                  f"{t} {o.get('max_steps', c['max_steps'])} steps, {'with' if o['generate'] else 'without'} generation "
                  "(accuracy)"
                  for t, o in table["tasks"].items()) + ".", "",
@@ -323,7 +339,8 @@ def plot(table, path):
     tasks = list(table["tasks"])
     ranks = sorted({r["rank"] for r in table["rows"] if r["rank"] is not None})
     fig, axes = plt.subplots(len(tasks), len(ranks), figsize=(5.5 * len(ranks), 4 * len(tasks)), squeeze=False)
-    colors = {"adamw": "k", "lora": "tab:blue", "dora": "tab:cyan", "galore": "tab:orange", "galore+": "tab:red"}
+    colors = {"adamw": "k", "lora": "tab:blue", "dora": "tab:cyan", "galore": "tab:orange", "galore+": "tab:red",
+              "galore+ (recipe)": "tab:purple"}
     for i, task in enumerate(tasks):
         for j, rank in enumerate(ranks):
             ax = axes[i][j]

@@ -99,14 +99,18 @@ def test_smoke(bench, tmp_path):
     table = bench.main(["--smoke", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     runs = json.loads((tmp_path / "lr_sweep.json").read_text())["runs"]
     rows = {r["label"]: r for r in table["rows"]}
-    assert set(rows) == {"galore+ r4", "lora r4"}
+    assert set(rows) == {"galore+ r4", "lora r4", "galore+ (recipe) r4"}
     for row in rows.values():
         assert row["chosen_lr"] == min(row["curve"], key=lambda p: p["validation_answer_loss"])["lr"]
         assert [f["seed"] for f in row["finals"]] == [0, 1]
         for final in row["finals"]:
             assert final["test"]["n"] == 4 and final["validation"]["n"] == 4 and "accuracy" in final["test"]
     sweep = [r for r in runs if r["stage"] == "sweep"]
-    assert len(sweep) == 6 and all(r["result"]["eval_validation"]["n"] == 4 for r in sweep)
+    assert len(sweep) >= 9 and all(r["result"]["eval_validation"]["n"] == 4 for r in sweep)
+    # the recipe's row: the command's GaLore+ recipe (Fira's term, the backward left to the command: full)
+    recipe = [r["settings"] for r in sweep if r["settings"].get("outside") == "fira"]
+    assert len(recipe) >= 3 and all(s["method"] == "galore+" and s["projected_backward"] is None for s in recipe)
+    assert len(sweep) == len(recipe) + 6
     md = (tmp_path / "lr_sweep.md").read_text()
     assert "| galore+ r4 |" in md and "at the chosen rate" in md
     assert json.loads((tmp_path / "tuned_table.json").read_text()) == json.loads(json.dumps(table))
@@ -154,11 +158,26 @@ def test_galore_plus_trailing_lora_gets_one_run_per_hypothesis(bench, tmp_path):
 
 
 def test_the_recorded_sweep_stays_reachable(bench):
-    """``bench/results/lr_sweep.json`` holds the whole grid: given its records, the plan has nothing
-    left to run (every job's key, derived from the settings, is recorded)."""
+    """``bench/results/lr_sweep.json`` holds the whole grid of :data:`METHODS`: given its records, the plan
+    has nothing left to run of it (every job's key, derived from the settings, is recorded); what it may
+    have left is the recipe's row (:data:`EXTRA_ROWS`), added after."""
     runs = json.loads((BENCH.parent / "results" / "lr_sweep.json").read_text())["runs"]
     settings = bench.mode_settings("full")
-    assert bench.plan(settings, {r["key"]: r for r in runs}) == []
+    left = bench.plan(settings, {r["key"]: r for r in runs})
+    assert all(j["label"].startswith("galore+ (recipe) r32 ") and j["task"] == "arithmetic" for j in left)
+    assert all(j["settings"]["outside"] == "fira" for j in left if j["stage"] != "before")
+
+
+def test_a_variant_row_is_its_method_with_its_options_on_its_task_only(bench):
+    settings = bench.mode_settings("full")
+    assert ("galore+ (recipe)", 32) in settings["rows"]["arithmetic"]
+    assert ("galore+ (recipe)", 32) not in settings["rows"]["gsm_symbolic"]
+    recipe = bench.job(settings, "arithmetic", "galore+ (recipe)", 32, 1e-4, 0, "sweep")
+    plain = bench.job(settings, "arithmetic", "galore+", 32, 1e-4, 0, "sweep")
+    assert recipe["settings"] == dict(plain["settings"], outside="fira") and recipe["key"] != plain["key"]
+    assert [j["settings"]["lr"] for j in bench.sweep_state(settings, "arithmetic", "galore+ (recipe)", 32, {})[0]] \
+        == [3e-5, 1e-4, 3e-4]
+    assert not [j for j in bench.plan(settings, {}, {"gsm_symbolic"}) if "recipe" in j["label"]]
 
 
 def test_every_option_added_since_the_grids_is_left_out_of_keys_when_off():
