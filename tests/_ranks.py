@@ -110,3 +110,27 @@ def single_ddp_fsdp(make_model, make_optimizer, train, rank: int, world: int) ->
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     out["fsdp"] = train(model, make_optimizer(model), rank)
     return out
+
+
+def per_method(methods, make_model, make_optimizer, train, rank: int, world: int) -> dict:
+    """:func:`single_ddp_fsdp` for each of ``methods``, with ``make_optimizer(model, method)``: the results by
+    ``(kind, method)``."""
+    return {(kind, method): result for method in methods
+            for kind, result in single_ddp_fsdp(make_model, lambda m: make_optimizer(m, method), train, rank,
+                                                world).items()}
+
+
+def mse_steps(model, optimizer, data, steps: int, rank, world: int, after_step=None) -> None:
+    """``steps`` optimizer steps of mean-squared error on ``data(step)``'s ``(x, y)``: the whole batch, or
+    rank ``rank``'s ``1/world`` of its rows; ``after_step(step)`` is called after each."""
+    import torch.nn.functional as F
+
+    for step in range(steps):
+        x, y = data(step)
+        if rank is not None:
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)

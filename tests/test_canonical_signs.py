@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 from _tiny_llama import CONFIG, micro_batches, tiny, train
-from _ranks import run_ranks, single_ddp_fsdp, whole
+from _ranks import full_params, mse_steps, per_method, run_ranks, whole
 from torch import nn
 
 from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer, projection
@@ -314,24 +314,17 @@ def run_net(model, optimizer, rank):
     """Train; return the parameters and the ``down`` basis at every refresh (whole)."""
     weight = next(p for n, p in model.named_parameters() if n.endswith("down.weight"))
     bases = []
-    for step in range(D_STEPS):
-        x, y = net_data(step)
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def keep_basis(step):
         if step % D_GAP == 0:
-            left = optimizer.state[weight]["proj_left"]
-            bases.append(whole(left))
-    params = {n.removeprefix("module."): whole(p) for n, p in model.named_parameters()}
-    return params, bases
+            bases.append(whole(optimizer.state[weight]["proj_left"]))
+
+    mse_steps(model, optimizer, net_data, D_STEPS, rank, WORLD, keep_basis)
+    return full_params(model), bases
 
 
 def _scenarios(rank):
-    return {(kind, method): result for method in METHODS
-            for kind, result in single_ddp_fsdp(make_net, lambda m: net_optimizer(m, method), run_net, rank,
-                                                WORLD).items()}
+    return per_method(METHODS, make_net, net_optimizer, run_net, rank, WORLD)
 
 
 @pytest.fixture(scope="module")

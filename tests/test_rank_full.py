@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 from _tiny_llama import CONFIG, micro_batches, tiny, train
-from _ranks import run_ranks, single_ddp_fsdp, whole
+from _ranks import full_params, mse_steps, per_method, run_ranks, whole
 from torch import nn
 
 from galore_plus import GaLoreAdamW, GaLorePlusAdamW, LowRankSpec, build_optimizer, projection
@@ -285,23 +285,15 @@ def net_data(step):
 
 
 def run_net(model, optimizer, rank):
-    for step in range(D_STEPS):
-        x, y = net_data(step)
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    mse_steps(model, optimizer, net_data, D_STEPS, rank, WORLD)
     shapes = {n.removeprefix("module."): {k: tuple(whole(v).shape) for k, v in optimizer.state[p].items()
                                           if k.startswith("proj_") and torch.is_tensor(v) and v.dim() == 2}
               for n, p in model.named_parameters() if n.endswith(("a.weight", "b.weight"))}
-    return {n.removeprefix("module."): whole(p) for n, p in model.named_parameters()}, shapes
+    return full_params(model), shapes
 
 
 def _scenarios(rank):
-    return {(kind, method): result for method in METHODS
-            for kind, result in single_ddp_fsdp(make_net, lambda m: net_optimizer(m, method), run_net, rank,
-                                                WORLD).items()}
+    return per_method(METHODS, make_net, net_optimizer, run_net, rank, WORLD)
 
 
 @pytest.fixture(scope="module")
