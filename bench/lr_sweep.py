@@ -66,6 +66,9 @@ VARIANTS = {"galore+ (recipe)": ("galore+", {"outside": "fira"})}
 #: starts around the former recipe's choice there, 1e-4
 EXTRA_ROWS = {"arithmetic": (("galore+ (recipe)", 32),)}
 START["galore+ (recipe)"] = (3e-5, 1e-4, 3e-4)
+#: paired test differences (a − b per seed at each one's chosen rate) in lr_sweep.md: the recipe's row
+#: against the former recipe, LoRA, DoRA (its rank) and AdamW
+PAIRS = tuple((("galore+ (recipe)", 32), b) for b in (("galore+", 32), ("lora", 32), ("dora", 32), ("adamw", None)))
 MAX_RUNGS = 6  # rates per method at most (3 to start, 3 extensions)
 SEEDS = (0, 1, 2)
 #: the order of the grid: the central comparison first
@@ -237,6 +240,22 @@ def summary(settings_of_mode, by_key):
                 ("before_accuracy", lambda f: f["before"].get("accuracy") if f["before"] else None))}
             out["rows"].append(row)
     out["diagnoses"] = diagnoses(settings_of_mode, by_key)
+    out["paired"] = paired(out["rows"], settings_of_mode["seeds"])
+    return out
+
+
+def paired(rows, seeds):
+    """Per task, each of :data:`PAIRS` whose rows both have every seed's final (not diverged): the test answer
+    loss differences a − b per seed, their mean and t (``harness.paired_t``)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by_row = {(r["method"], r["rank"]): {f["seed"]: f["test"]["answer_loss"] for f in r["finals"]
+                                             if not f["diverged"]} for r in rows if r["task"] == task}
+        for a, b in PAIRS:
+            if a in by_row and b in by_row and all(s in by_row[a] and s in by_row[b] for s in seeds):
+                d = [by_row[a][s] - by_row[b][s] for s in seeds]
+                mean, t = harness.paired_t(d)
+                out.append({"task": task, "a": label_of(*a), "b": label_of(*b), "differences": d, "mean": mean, "t": t})
     return out
 
 
@@ -317,6 +336,13 @@ def render(table, command, path_md, path_png=None, machine=None):
                          f"{fmt(m['test_answer_loss'], 3)} | {fmt(m['before_accuracy'], 1, 100)} → "
                          f"{fmt(m['test_accuracy'], 1, 100)} |")
         lines.append("")
+        pairs = [p for p in table.get("paired", []) if p["task"] == task]
+        if pairs:
+            lines += [f"## {task}: paired test answer loss differences (a − b per seed; negative: a better)", "",
+                      *harness.table_header("pair", "per seed", "mean", "t")]
+            lines += [f"| {p['a']} − {p['b']} | {', '.join(f'{x:+.3f}' for x in p['differences'])} | {p['mean']:+.3f} | "
+                      f"{p['t']:.1f} |" for p in pairs]
+            lines.append("")
         for entry in [d for d in table.get("diagnoses", []) if d["task"] == task]:
             lines += [f"## {task}: GaLore+ r{entry['rank']} trails LoRA r{entry['rank']}: one run per hypothesis "
                       "(seed 0)", "", "| run | lr | validation answer loss | test answer loss | test accuracy % | "

@@ -193,3 +193,23 @@ def test_every_option_added_since_the_grids_is_left_out_of_keys_when_off():
     settings = ft.train_settings(dict(model="tiny", plain_lr_ratio=1.0), 4)
     assert "plain_lr_ratio" not in settings
     assert ft.train_settings(dict(model="tiny", plain_lr_ratio=4.0), 4)["plain_lr_ratio"] == 4.0
+
+
+def test_the_recipe_row_is_paired_per_seed_with_the_rows_it_is_judged_against(bench, tmp_path):
+    def row(method, rank, losses, diverged=()):
+        return {"task": "arithmetic", "method": method, "rank": rank, "finals": [
+            {"seed": s, "diverged": s in diverged, "test": {"answer_loss": v}} for s, v in enumerate(losses)]}
+
+    rows = [row("galore+ (recipe)", 32, [1.0, 1.2, 1.1]), row("galore+", 32, [1.1, 1.25, 1.3]),
+            row("lora", 32, [0.9, 1.2, 1.2], diverged=(2,)), row("adamw", None, [1.0, 1.1])]
+    (pair,) = bench.paired(rows, (0, 1, 2))  # LoRA lacks a seed (diverged), AdamW seed 2, DoRA every seed
+    assert (pair["a"], pair["b"]) == ("galore+ (recipe) r32", "galore+ r32")
+    assert pair["differences"] == pytest.approx([-0.1, -0.05, -0.2])
+    d = [-0.1, -0.05, -0.2]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert pair["mean"] == pytest.approx(mean) and pair["t"] == pytest.approx(mean / (sd / math.sqrt(3)))
+    table = {"common": bench.mode_settings("full")["common"], "tasks": {"arithmetic": {"generate": True}},
+             "rows": [], "paired": [pair]}
+    bench.render(table, "cmd", tmp_path / "t.md")
+    assert "| galore+ (recipe) r32 − galore+ r32 | -0.100, -0.050, -0.200 | -0.117 |" in (tmp_path / "t.md").read_text()
