@@ -213,3 +213,14 @@ def test_the_recipe_row_is_paired_per_seed_with_the_rows_it_is_judged_against(be
              "rows": [], "paired": [pair]}
     bench.render(table, "cmd", tmp_path / "t.md")
     assert "| galore+ (recipe) r32 − galore+ r32 | -0.100, -0.050, -0.200 | -0.117 |" in (tmp_path / "t.md").read_text()
+
+
+def test_the_commands_galore_plus_rate_is_the_recipe_rows_choice(bench):
+    """``config.DEFAULT_LR["galore+"]`` is the rate the recorded sweep chose for the command's GaLore+ recipe on
+    the main job (arithmetic, r32): changing either without the other fails here."""
+    from galore_plus.app.config import DEFAULT_LR
+
+    runs = json.loads((BENCH.parent / "results" / "lr_sweep.json").read_text())["runs"]
+    _, curve, chosen = bench.sweep_state(bench.mode_settings("full"), "arithmetic", "galore+ (recipe)", 32,
+                                         {r["key"]: r for r in runs})
+    assert len(curve) >= 3 and chosen == DEFAULT_LR["galore+"]
