@@ -50,8 +50,9 @@ GIB = harness.GIB
 
 #: learning rates tried, ~3× apart; each method starts at three adjacent rungs
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: (the recipe's row, below: around the former recipe's choice on its task, 1e-4)
 START = {"adamw": (1e-5, 3e-5, 1e-4), "galore": (1e-5, 3e-5, 1e-4), "galore+": (1e-5, 3e-5, 1e-4),
-         "lora": (1e-4, 3e-4, 1e-3), "dora": (1e-4, 3e-4, 1e-3)}
+         "lora": (1e-4, 3e-4, 1e-3), "dora": (1e-4, 3e-4, 1e-3), "galore+ (recipe)": (3e-5, 1e-4, 3e-4)}
 #: per task, where a method starts instead, placed by what the grid had already chosen (the bracketing
 #: rule below still decides, so a start only saves runs): on gsm_symbolic LoRA chose 3e-3 at both ranks
 #: (DoRA is LoRA with a magnitude vector) and GaLore+/GaLore 3e-4 (their full-rank parameters step at lr,
@@ -62,10 +63,8 @@ START_BY_TASK = {"gsm_symbolic": {"dora": (1e-3, 3e-3, 1e-2), "adamw": (3e-5, 1e
 #: GaLore+ recipe"); "galore+" stays the recipe the grid was recorded with (the projected backward, no term)
 VARIANTS = {"galore+ (recipe)": ("galore+", {"outside": "fira"})}
 #: rows of one task only, after METHODS: the recipe on the main job's task and rank (arithmetic, r32: the
-#: command's defaults), whose chosen rate is the command's default rate for galore+ (config.DEFAULT_LR); it
-#: starts around the former recipe's choice there, 1e-4
+#: command's defaults), whose chosen rate is the command's default rate for galore+ (config.DEFAULT_LR)
 EXTRA_ROWS = {"arithmetic": (("galore+ (recipe)", 32),)}
-START["galore+ (recipe)"] = (3e-5, 1e-4, 3e-4)
 #: paired test differences (a − b per seed at each one's chosen rate) in lr_sweep.md: the recipe's row
 #: against the former recipe, LoRA, DoRA (its rank) and AdamW
 PAIRS = tuple((("galore+ (recipe)", 32), b) for b in (("galore+", 32), ("lora", 32), ("dora", 32), ("adamw", None)))
