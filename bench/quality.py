@@ -351,7 +351,9 @@ def target_lines(rows, pre_rows, seeds, pre_seeds):
             return f"- {what}: not measured yet (needs the finals of {a} and {b})"
         gap = m[a] - m[b]
         ok = gap < 0 if strict else gap <= 0
-        return f"- {what}: {'met' if ok else 'missed'} ({a} {m[a]:.3f} against {b} {m[b]:.3f}, {gap:+.3f})"
+        p = paired(rows if m is ft else pre_rows, a, b, seeds if m is ft else pre_seeds)
+        spread = "" if p is None else f"; paired per seed {', '.join(f'{x:+.3f}' for x in p[0])}, t {p[2]:.1f}"
+        return f"- {what}: {'met' if ok else 'missed'} ({a} {m[a]:.3f} against {b} {m[b]:.3f}, {gap:+.3f}){spread}"
 
     ft, pt = means(rows, seeds), means(pre_rows, pre_seeds)
     g, pg = row_name(ft), row_name(pt)

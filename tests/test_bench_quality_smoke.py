@@ -148,7 +148,8 @@ def test_the_targets_section_reads_the_finals(bench):
     assert "at or below fira (galore+ (old recipe) stands in: the new recipe's row has not run): not measured yet" in text
     # the new recipe's row, once it has every seed, replaces the stand-in
     text = "\n".join(bench.target_lines(rows + [row("galore+", [0.14, 0.14, 0.14])], pre, seeds, pre_seeds))
-    assert "GaLore+ below LoRA: met (galore+ 0.140 against lora 0.160, -0.020)" in text
+    assert "GaLore+ below LoRA: met (galore+ 0.140 against lora 0.160, -0.020); paired per seed -0.020, -0.030, " \
+           "-0.010, t -3.5" in text  # t = −0.02 / (0.01 / √3)
     # and it is planned right after the base row when set
     methods = bench.with_new_recipe(bench.METHODS, ({"plain_lr_ratio": 4.0}, (3e-4, 1e-3, 3e-3)))
     names = list(methods)
