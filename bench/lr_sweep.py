@@ -245,16 +245,16 @@ def summary(settings_of_mode, by_key):
 
 def paired(rows, seeds):
     """Per task, each of :data:`PAIRS` whose rows both have every seed's final (not diverged): the test answer
-    loss differences a − b per seed, their mean and t (``harness.paired_t``)."""
+    loss differences a − b per seed, their mean and t (``harness.paired_rows``)."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        by_row = {(r["method"], r["rank"]): {f["seed"]: f["test"]["answer_loss"] for f in r["finals"]
-                                             if not f["diverged"]} for r in rows if r["task"] == task}
+        losses = [{"method": (r["method"], r["rank"]), "test_loss": {
+            f["seed"]: f["test"]["answer_loss"] for f in r["finals"] if not f["diverged"]}} for r in rows if r["task"] == task]
         for a, b in PAIRS:
-            if a in by_row and b in by_row and all(s in by_row[a] and s in by_row[b] for s in seeds):
-                d = [by_row[a][s] - by_row[b][s] for s in seeds]
-                mean, t = harness.paired_t(d)
-                out.append({"task": task, "a": label_of(*a), "b": label_of(*b), "differences": d, "mean": mean, "t": t})
+            p = harness.paired_rows(losses, a, b, seeds)
+            if p is not None:
+                out.append({"task": task, "a": label_of(*a), "b": label_of(*b), "differences": p[0], "mean": p[1],
+                            "t": p[2]})
     return out
 
 

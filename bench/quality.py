@@ -346,20 +346,22 @@ def target_lines(rows, pre_rows, seeds, pre_seeds):
     def stand_in_note(m):
         return "" if TARGET_ROW in m else f" ({STAND_IN} stands in: the new recipe's row has not run)"
 
-    def below(m, a, b, what, strict=True):
+    def below(half, a, b, what, strict=True):
+        m, table, n_seeds = half
         if a not in m or b not in m:
             return f"- {what}: not measured yet (needs the finals of {a} and {b})"
         gap = m[a] - m[b]
         ok = gap < 0 if strict else gap <= 0
-        p = paired(rows if m is ft else pre_rows, a, b, seeds if m is ft else pre_seeds)
+        p = paired(table, a, b, n_seeds)
         spread = "" if p is None else f"; paired per seed {', '.join(f'{x:+.3f}' for x in p[0])}, t {p[2]:.1f}"
         return f"- {what}: {'met' if ok else 'missed'} ({a} {m[a]:.3f} against {b} {m[b]:.3f}, {gap:+.3f}){spread}"
 
     ft, pt = means(rows, seeds), means(pre_rows, pre_seeds)
     g, pg = row_name(ft), row_name(pt)
+    fine_tuning, pre_training = (ft, rows, seeds), (pt, pre_rows, pre_seeds)
     lines = ["## Issue 29's targets (means over every seed of the finals)", ""]
-    lines.append(below(ft, g, "lora", "Fine-tuning: GaLore+ below LoRA" + stand_in_note(ft)))
-    lines.append(below(ft, g, "dora", "Fine-tuning: GaLore+ below DoRA" + stand_in_note(ft)))
+    lines.append(below(fine_tuning, g, "lora", "Fine-tuning: GaLore+ below LoRA" + stand_in_note(ft)))
+    lines.append(below(fine_tuning, g, "dora", "Fine-tuning: GaLore+ below DoRA" + stand_in_note(ft)))
     if all(k in ft for k in (g, "lora", "adamw")):
         ours, lora = ft[g] - ft["adamw"], ft["lora"] - ft["adamw"]
         ok = ours <= 0.5 * lora
@@ -367,7 +369,7 @@ def target_lines(rows, pre_rows, seeds, pre_seeds):
                      f"{'met' if ok else 'missed'} ({ours:+.3f} against half of {lora:+.3f})")
     else:
         lines.append(f"- Fine-tuning: GaLore+'s gap to AdamW at most half LoRA's: not measured yet (needs {g}, lora, adamw)")
-    lines.append(below(ft, "galore+ (full rank)", "adamw", "Fine-tuning: the full-rank preset below AdamW"))
+    lines.append(below(fine_tuning, "galore+ (full rank)", "adamw", "Fine-tuning: the full-rank preset below AdamW"))
     peak = {r["method"]: statistics.mean(r["train_peak_rss"].values()) for r in rows if r.get("train_peak_rss")}
     if "galore+ (full rank)" in peak and "adamw" in peak:
         ratio = peak["galore+ (full rank)"] / peak["adamw"]
@@ -375,9 +377,9 @@ def target_lines(rows, pre_rows, seeds, pre_seeds):
                      f"{'met' if ratio <= 1.10 else 'missed'} ({ratio:.3f}× AdamW's)")
     else:
         lines.append("- The full-rank preset at AdamW's memory + ≤ 10%: not measured yet (needs both rows' finals)")
-    lines.append(below(pt, "galore+ (full rank)", "adamw", "Pre-training: the full-rank preset below AdamW"))
+    lines.append(below(pre_training, "galore+ (full rank)", "adamw", "Pre-training: the full-rank preset below AdamW"))
     for peer in ("adamw", "apollo", "fira"):
-        lines.append(below(pt, pg, peer, f"Pre-training: GaLore+ at or below {peer}" + stand_in_note(pt), strict=False))
+        lines.append(below(pre_training, pg, peer, f"Pre-training: GaLore+ at or below {peer}" + stand_in_note(pt), strict=False))
     return lines + [""]
 
 
