@@ -481,6 +481,36 @@ def plot(rows, by_key, proto, path, pretrain=None):
     harness.save_figure(fig, path)
 
 
+def runs_left(proto, by_key):
+    """Runs still to go: :func:`plan`'s, and those a row adds once its open sweep closes (seeds 1, 2 of its
+    finals, and the rank study of :data:`RANK_ROW`); a sweep that extends past its rungs adds more."""
+    later = 0
+    for name in proto["methods"]:
+        if sweep_state(proto, name, by_key)[2] is None:
+            later += len(proto["seeds"]) - 1 + (len(proto["ranks"]) if name == RANK_ROW else 0)
+    return len(plan(proto, by_key)) + later
+
+
+def cost_lines(halves):
+    """What the grid has cost so far and what its plan still holds: ``halves`` is ``(name, records, left)``
+    per half, ``left`` the runs still to go (:func:`runs_left`). One-thread hours are the runs' wall seconds
+    (each run takes one torch thread; training and evaluation), so they count CPU-hours."""
+    lines = ["## Cost (one-thread hours: each run's wall time, training and evaluation)", "",
+             *harness.table_header("half", "runs recorded", "hours", "hours per run", "runs left", "hours left (estimate)")]
+    total = left_total = 0.0
+    for name, records, left in halves:
+        hours = [r["result"]["wall_seconds"] / 3600 for r in records if r["result"].get("wall_seconds")]
+        per_run = statistics.median(hours) if hours else None
+        later = None if per_run is None else left * per_run
+        total += sum(hours)
+        left_total += later or 0.0
+        lines.append(f"| {name} | {len(records)} | {sum(hours):.1f} | {'—' if per_run is None else f'{per_run:.2f}'} | "
+                     f"{left} | {'—' if later is None else f'{later:.1f}'} |")
+    lines += ["", f"Total so far {total:.1f} hours; the runs still to go about {left_total:.1f} more at the median run's "
+              "time (a sweep that extends past its rungs adds runs)."]
+    return lines
+
+
 def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretrain_proto):
     """quality.json, .md and .png from both raw files: the fine-tuning runs (``json_path``) and the
     pre-training runs (``quality_pretrain_runs.json`` beside it, protocol ``pretrain_proto``), written
@@ -495,8 +525,10 @@ def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretr
         pre_rows, pre_records = qp.summary(pretrain_proto, pre_by_key)
         harness.write_json(results_dir / "quality.json",
                            {"runs": records + pre_records, "rows": rows, "pretrain_rows": pre_rows})
+        cost = cost_lines((("fine-tuning", list(by_key.values()), runs_left(proto, by_key)),
+                           ("pre-training", list(pre_by_key.values()), len(qp.plan(pretrain_proto, pre_by_key)))))
         render(proto, rows, results_dir / "quality.md", command, qp.render(pretrain_proto, pre_rows),
-               target_lines(rows, pre_rows, proto["seeds"], pretrain_proto["seeds"]))
+               [*target_lines(rows, pre_rows, proto["seeds"], pretrain_proto["seeds"]), "", *cost])
         if plot_too:
             plot(rows, by_key, proto, results_dir / "quality.png", (pre_rows, pre_by_key, pretrain_proto))
     return rows, records + pre_records

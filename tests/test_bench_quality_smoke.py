@@ -181,3 +181,20 @@ def test_smoke_writes_one_record_per_run_with_the_issue_fields(bench, tmp_path):
     ablation = [r for r in data["runs"] if r["stage"] == "ablation"]
     assert len(ablation) == 1 and ablation[0]["method"] == "galore+ (old recipe) + plain lr x4"
     assert [r for r in raw if r["stage"] == "ablation"][0]["settings"]["plain_lr_ratio"] == 4.0
+
+
+def test_runs_left_counts_the_finals_an_open_sweep_will_add_and_the_cost_table_sums_wall_time(bench):
+    proto = bench.protocol("smoke")  # two rows, seeds 0 and 1, no ranks
+    seeds = len(proto["seeds"])
+    by_key = {}
+    # nothing run: each row's three rungs, and one more final each once its sweep closes
+    assert bench.runs_left(proto, by_key) == 2 * 3 + 2 * (seeds - 1)
+    fill(bench, proto, "lora", {1e-3: 1.0, 3e-3: 0.9, 1e-2: 0.95}, by_key)
+    # LoRA's sweep closed at 3e-3: its seed-1 final is now in the plan; the other row is unchanged
+    assert bench.runs_left(proto, by_key) == (seeds - 1) + 3 + (seeds - 1)
+    records = [dict(r, result=dict(r["result"], wall_seconds=s)) for r, s in zip(by_key.values(), (3600, 1800, 7200))]
+    lines = bench.cost_lines((("fine-tuning", records, 4), ("pre-training", [], 0)))
+    # 3.5 hours over three runs, median 1 hour, so 4 runs left are about 4 hours; a half with no runs has no rate
+    assert "| fine-tuning | 3 | 3.5 | 1.00 | 4 | 4.0 |" in lines
+    assert "| pre-training | 0 | 0.0 | — | 0 | — |" in lines
+    assert lines[-1].startswith("Total so far 3.5 hours; the runs still to go about 4.0 more")
