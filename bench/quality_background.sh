@@ -10,7 +10,8 @@
 # run it is in, then stops (this script removes the file when it starts). To stop at once: each invocation
 # leads its own process group (setsid), with its fine-tuning workers in it: `kill -- -PID` (PID: its
 # bench/quality.py process). Killing only that process leaves its running worker going, whose result no
-# invocation then records.
+# invocation then records. A worker still loading its model finishes loading before its SIGTERM handler
+# (the command saves on SIGTERM) stops it; `kill -9 -- -PID` stops it at once (its unfinished run is lost).
 set -euo pipefail
 main=$(cd "$(dirname "$0")/.." && pwd)
 wt=${1:-$main}; shift || true
