@@ -329,9 +329,13 @@ paired = harness.paired_rows
 TARGET_ROW, STAND_IN = "galore+", "galore+ (old recipe)"
 
 
-def target_lines(rows, pre_rows, seeds, pre_seeds):
+def target_lines(rows, pre_rows, seeds, pre_seeds, preset_memory=None):
     """quality.md's "Targets" section: each of issue 29's targets met, missed (by how much) or not yet
-    measurable, from the finals' means over every seed (a row counts only with all its seeds)."""
+    measurable, from the finals' means over every seed (a row counts only with all its seeds).
+    ``preset_memory``: ``{allocator: the preset's peak / AdamW's}`` from ``bench/preset_memory.py``, whose
+    "live" ratio (RSS following the live tensors) decides the memory target when given; the grid's own
+    peaks are RSS under glibc's default allocator, which keeps freed tensors by an amount that differs
+    between optimizers (BENCHMARKS.md §9, session 38)."""
     def means(table, n_seeds):
         out = {}
         for r in table:
@@ -371,7 +375,15 @@ def target_lines(rows, pre_rows, seeds, pre_seeds):
         lines.append(f"- Fine-tuning: GaLore+'s gap to AdamW at most half LoRA's: not measured yet (needs {g}, lora, adamw)")
     lines.append(below(fine_tuning, "galore+ (full rank)", "adamw", "Fine-tuning: the full-rank preset below AdamW"))
     peak = {r["method"]: statistics.mean(r["train_peak_rss"].values()) for r in rows if r.get("train_peak_rss")}
-    if "galore+ (full rank)" in peak and "adamw" in peak:
+    live = (preset_memory or {}).get("live")
+    if live is not None:
+        grid = (f"; the grid's runs, glibc's default allocator: {peak['galore+ (full rank)'] / peak['adamw']:.3f}×"
+                if "galore+ (full rank)" in peak and "adamw" in peak else "")
+        others = "".join(f", {a} allocator {r:.3f}×" for a, r in preset_memory.items() if a != "live")
+        lines.append(f"- The full-rank preset at AdamW's memory + ≤ 10% (the command's training peak RSS with RSS "
+                     f"following the live tensors, bench/preset_memory.py): {'met' if live <= 1.10 else 'missed'} "
+                     f"({live:.3f}× AdamW's{others}{grid})")
+    elif "galore+ (full rank)" in peak and "adamw" in peak:
         ratio = peak["galore+ (full rank)"] / peak["adamw"]
         lines.append(f"- The full-rank preset at AdamW's memory + ≤ 10% (fine-tuning's training peak RSS): "
                      f"{'met' if ratio <= 1.10 else 'missed'} ({ratio:.3f}× AdamW's)")
@@ -511,6 +523,19 @@ def cost_lines(halves):
     return lines
 
 
+def preset_memory_ratios(path):
+    """``{allocator: the quality preset's peak / AdamW's}`` from ``bench/preset_memory.py``'s results at
+    ``path`` (its full runs, not a smoke run's), or None without them."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("smoke"):
+        return None
+    by = {(r["method"], r["allocator"]): r["peak_memory_bytes"] for r in data["runs"]}
+    return {a: by[("quality preset", a)] / by[("adamw", a)] for (m, a) in by if m == "adamw" and ("quality preset", a) in by}
+
+
 def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretrain_proto):
     """quality.json, .md and .png from both raw files: the fine-tuning runs (``json_path``) and the
     pre-training runs (``quality_pretrain_runs.json`` beside it, protocol ``pretrain_proto``), written
@@ -525,10 +550,11 @@ def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretr
         pre_rows, pre_records = qp.summary(pretrain_proto, pre_by_key)
         harness.write_json(results_dir / "quality.json",
                            {"runs": records + pre_records, "rows": rows, "pretrain_rows": pre_rows})
+        memory = preset_memory_ratios(results_dir / "preset_memory.json")
         cost = cost_lines((("fine-tuning", list(by_key.values()), runs_left(proto, by_key)),
                            ("pre-training", list(pre_by_key.values()), len(qp.plan(pretrain_proto, pre_by_key)))))
         render(proto, rows, results_dir / "quality.md", command, qp.render(pretrain_proto, pre_rows),
-               [*target_lines(rows, pre_rows, proto["seeds"], pretrain_proto["seeds"]), "", *cost])
+               [*target_lines(rows, pre_rows, proto["seeds"], pretrain_proto["seeds"], memory), "", *cost])
         if plot_too:
             plot(rows, by_key, proto, results_dir / "quality.png", (pre_rows, pre_by_key, pretrain_proto))
     return rows, records + pre_records

@@ -155,6 +155,24 @@ def test_the_targets_section_reads_the_finals(bench):
     names = list(methods)
     assert names[names.index(bench.ABLATION_BASE) + 1] == "galore+" and methods["galore+"][:2] == ("galore+", bench.RANK)
     assert bench.with_new_recipe(bench.METHODS, None) == bench.METHODS
+    # bench/preset_memory.py's live-allocator ratio decides the memory target, the grid's RSS shown beside it
+    text = "\n".join(bench.target_lines(rows, pre, seeds, pre_seeds, {"live": 1.04, "glibc": 1.12}))
+    assert "RSS following the live tensors, bench/preset_memory.py): met (1.040× AdamW's, glibc allocator 1.120×; " \
+           "the grid's runs, glibc's default allocator: 1.120×)" in text
+    text = "\n".join(bench.target_lines(rows, pre, seeds, pre_seeds, {"live": 1.15}))
+    assert "bench/preset_memory.py): missed (1.150× AdamW's; the grid's runs" in text
+
+
+def test_preset_memory_ratios_reads_the_full_runs_only(bench, tmp_path):
+    path = tmp_path / "preset_memory.json"
+    assert bench.preset_memory_ratios(path) is None
+    runs = [{"method": m, "allocator": a, "peak_memory_bytes": b}
+            for m, a, b in (("adamw", "live", 100), ("quality preset", "live", 104), ("adamw", "glibc", 100),
+                            ("quality preset", "glibc", 111))]
+    path.write_text(json.dumps({"smoke": False, "runs": runs}))
+    assert bench.preset_memory_ratios(path) == {"live": 1.04, "glibc": 1.11}
+    path.write_text(json.dumps({"smoke": True, "runs": runs}))
+    assert bench.preset_memory_ratios(path) is None
 
 
 def test_paired_differences_and_t(bench):
