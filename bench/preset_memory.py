@@ -12,7 +12,7 @@ steps, the first a refresh of every projector). Two allocators:
   grows with the allocation pattern over the first steps, by an amount that differs between
   optimizers (the quality grid's ``train_peak_memory_bytes`` are measured so).
 
-    python bench/preset_memory.py                      # 4 runs, ~10 min on one thread
+    python bench/preset_memory.py                      # 4 runs, ~16 min on one thread beside two others
     python bench/preset_memory.py --smoke --out /tmp/pm  # tiny model, arithmetic: the test's
 
 Writes ``preset_memory.json`` and ``preset_memory.md`` to ``--out`` (default ``bench/results``).
