@@ -33,7 +33,7 @@ import harness  # noqa: E402  (write_json, write_text, table_header)
 
 METHODS = {"adamw": ["--method", "adamw"], "quality preset": ["--preset", "quality"]}
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
-GIB = 2**30
+GIB = harness.GIB
 
 
 def command(smoke, steps, output_dir):
@@ -68,18 +68,23 @@ def run_one(method, allocator, smoke, steps):
             "train_seconds": metrics["train_seconds"]}
 
 
+def ratios(results):
+    """``{allocator: the quality preset's peak / AdamW's}``, for each allocator both ran under."""
+    by = {(r["method"], r["allocator"]): r["peak_memory_bytes"] for r in results}
+    return {a: by[("quality preset", a)] / by[("adamw", a)] for a in ALLOCATORS
+            if ("adamw", a) in by and ("quality preset", a) in by}
+
+
 def table(results, steps):
-    by = {(r["method"], r["allocator"]): r for r in results}
+    by = {(r["method"], r["allocator"]): r["peak_memory_bytes"] for r in results}
     lines = ["# The quality preset's training memory against AdamW's", "",
              f"`python bench/preset_memory.py`: `galore-plus finetune`, {steps} steps, peak RSS of the training "
              "(evaluation excluded), one fresh process per cell. live: `MALLOC_MMAP_THRESHOLD_=65536` (RSS follows "
              "the live tensors); glibc: the default allocator settings.", "",
              *harness.table_header("allocator", "AdamW GiB", "quality preset GiB", "× AdamW")]
-    for allocator in ALLOCATORS:
-        a, q = by.get(("adamw", allocator)), by.get(("quality preset", allocator))
-        if a and q:
-            lines.append(f"| {allocator} | {a['peak_memory_bytes'] / GIB:.2f} | {q['peak_memory_bytes'] / GIB:.2f} | "
-                         f"{q['peak_memory_bytes'] / a['peak_memory_bytes']:.3f} |")
+    for allocator, ratio in ratios(results).items():
+        lines.append(f"| {allocator} | {by[('adamw', allocator)] / GIB:.2f} | "
+                     f"{by[('quality preset', allocator)] / GIB:.2f} | {ratio:.3f} |")
     return lines
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_table as ft  # noqa: E402  (its runs: train_settings, run_or_diverged, smollm2_export)
 import harness  # noqa: E402  (results files, claims, drive, tables)
+import preset_memory as pm  # noqa: E402  (the preset's memory against AdamW's: its ratios)
 import quality_pretrain as qp  # noqa: E402  (the pre-training half: its protocol, plan, runs and report)
 
 LADDER = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -375,18 +376,17 @@ def target_lines(rows, pre_rows, seeds, pre_seeds, preset_memory=None):
         lines.append(f"- Fine-tuning: GaLore+'s gap to AdamW at most half LoRA's: not measured yet (needs {g}, lora, adamw)")
     lines.append(below(fine_tuning, "galore+ (full rank)", "adamw", "Fine-tuning: the full-rank preset below AdamW"))
     peak = {r["method"]: statistics.mean(r["train_peak_rss"].values()) for r in rows if r.get("train_peak_rss")}
+    grid = peak["galore+ (full rank)"] / peak["adamw"] if "galore+ (full rank)" in peak and "adamw" in peak else None
     live = (preset_memory or {}).get("live")
     if live is not None:
-        grid = (f"; the grid's runs, glibc's default allocator: {peak['galore+ (full rank)'] / peak['adamw']:.3f}×"
-                if "galore+ (full rank)" in peak and "adamw" in peak else "")
         others = "".join(f", {a} allocator {r:.3f}×" for a, r in preset_memory.items() if a != "live")
+        beside = "" if grid is None else f"; the grid's runs, glibc's default allocator: {grid:.3f}×"
         lines.append(f"- The full-rank preset at AdamW's memory + ≤ 10% (the command's training peak RSS with RSS "
                      f"following the live tensors, bench/preset_memory.py): {'met' if live <= 1.10 else 'missed'} "
-                     f"({live:.3f}× AdamW's{others}{grid})")
-    elif "galore+ (full rank)" in peak and "adamw" in peak:
-        ratio = peak["galore+ (full rank)"] / peak["adamw"]
+                     f"({live:.3f}× AdamW's{others}{beside})")
+    elif grid is not None:
         lines.append(f"- The full-rank preset at AdamW's memory + ≤ 10% (fine-tuning's training peak RSS): "
-                     f"{'met' if ratio <= 1.10 else 'missed'} ({ratio:.3f}× AdamW's)")
+                     f"{'met' if grid <= 1.10 else 'missed'} ({grid:.3f}× AdamW's)")
     else:
         lines.append("- The full-rank preset at AdamW's memory + ≤ 10%: not measured yet (needs both rows' finals)")
     lines.append(below(pre_training, "galore+ (full rank)", "adamw", "Pre-training: the full-rank preset below AdamW"))
@@ -530,10 +530,7 @@ def preset_memory_ratios(path):
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    if data.get("smoke"):
-        return None
-    by = {(r["method"], r["allocator"]): r["peak_memory_bytes"] for r in data["runs"]}
-    return {a: by[("quality preset", a)] / by[("adamw", a)] for (m, a) in by if m == "adamw" and ("quality preset", a) in by}
+    return None if data.get("smoke") else pm.ratios(data["runs"])
 
 
 def write_tables(proto, json_path, results_dir, command, plot_too=True, *, pretrain_proto):
